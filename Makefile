@@ -1,0 +1,61 @@
+# plankton: one-command setup. Every target installs what it needs, idempotently.
+#   make demo   - the main job on an embedded default dataset
+#   make test   - the whole test suite (what CI runs)
+#   make bench  - criterion benchmarks + Python baselines (see docs/BENCHMARKS.md)
+#   make GPU=1 ...  - GPU build mode (see README "GPU build")
+
+SHELL := /bin/bash
+PYTHON ?= python3
+TORCH_VERSION := 2.13.0
+LIBTORCH_DIR := .libtorch
+LIBTORCH_STAMP := $(LIBTORCH_DIR)/.installed-$(TORCH_VERSION)$(if $(GPU),-gpu,-cpu)
+PYENV_DIR := .pyenv-tools
+PYENV_STAMP := $(PYENV_DIR)/.installed-v1
+CARGO ?= cargo
+CARGO_FEATURES := $(if $(GPU),--features gpu,)
+DEMO_DIR ?= demo-out
+
+# CPU: libtorch_cpu needs only these two small CUDA runtime libraries (found via its rpath).
+# GPU: the full CUDA dependency set that the torch wheel declares.
+ifeq ($(GPU),)
+TORCH_PIP := --no-deps torch==$(TORCH_VERSION) nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+else
+TORCH_PIP := torch==$(TORCH_VERSION)
+endif
+
+.PHONY: all libtorch build release demo test bench pytools clean-demo
+
+all: build
+
+$(LIBTORCH_STAMP):
+	@echo ">> installing libtorch $(TORCH_VERSION) from PyPI into $(LIBTORCH_DIR) (once, ~1.2 GB)"
+	rm -rf $(LIBTORCH_DIR).tmp
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+		--target $(LIBTORCH_DIR).tmp $(TORCH_PIP)
+	rm -rf $(LIBTORCH_DIR) && mv $(LIBTORCH_DIR).tmp $(LIBTORCH_DIR)
+	touch $@
+
+libtorch: $(LIBTORCH_STAMP)
+
+build: libtorch
+	$(CARGO) build --release $(CARGO_FEATURES)
+
+# Python oracle/baseline tools (numpy, scikit-image, Pillow) for regenerating fixtures and benches.
+$(PYENV_STAMP):
+	$(PYTHON) -m venv $(PYENV_DIR)
+	$(PYENV_DIR)/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-tools.txt
+	touch $@
+
+pytools: $(PYENV_STAMP)
+
+demo: build
+	./target/release/plankton demo --out $(DEMO_DIR)
+
+test: libtorch
+	$(CARGO) test --release $(CARGO_FEATURES)
+
+bench: build pytools
+	PLANKTON_PYTHON=$(abspath $(PYENV_DIR))/bin/python scripts/bench.sh
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,3 @@
+//! plankton: plankton image classification as a streaming pipeline.
+pub mod rng;
+pub mod sources;

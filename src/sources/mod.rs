@@ -1,0 +1,2 @@
+//! Sources: stages that yield image records (id, path, label if any).
+pub mod synth;

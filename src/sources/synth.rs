@@ -1,0 +1,1 @@
+//! Synthetic plankton generator (placeholder, being written).
