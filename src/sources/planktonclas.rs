@@ -1,0 +1,1 @@
+//! Real plankton images from the planktonclas wheel (placeholder, being written).
