@@ -1,3 +1,9 @@
 //! plankton: plankton image classification as a streaming pipeline.
+pub mod config;
+pub mod imgproc;
 pub mod rng;
 pub mod sources;
+pub mod stages;
+pub mod telemetry;
+pub mod topology;
+pub mod split;

@@ -122,9 +122,24 @@ mod tests {
 
     #[test]
     fn streams_are_reproducible_and_distinct() {
-        let a: Vec<u64> = (0..4).map(|_| 0).scan(Stream::new(7, Purpose::Augment, 0, 3), |s, _: u64| Some(s.next_u64())).collect();
-        let b: Vec<u64> = (0..4).map(|_| 0).scan(Stream::new(7, Purpose::Augment, 0, 3), |s, _: u64| Some(s.next_u64())).collect();
-        let c: Vec<u64> = (0..4).map(|_| 0).scan(Stream::new(7, Purpose::Augment, 0, 4), |s, _: u64| Some(s.next_u64())).collect();
+        let a: Vec<u64> = (0..4)
+            .map(|_| 0)
+            .scan(Stream::new(7, Purpose::Augment, 0, 3), |s, _: u64| {
+                Some(s.next_u64())
+            })
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .map(|_| 0)
+            .scan(Stream::new(7, Purpose::Augment, 0, 3), |s, _: u64| {
+                Some(s.next_u64())
+            })
+            .collect();
+        let c: Vec<u64> = (0..4)
+            .map(|_| 0)
+            .scan(Stream::new(7, Purpose::Augment, 0, 4), |s, _: u64| {
+                Some(s.next_u64())
+            })
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

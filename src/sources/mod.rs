@@ -1,3 +1,6 @@
-//! Sources: stages that yield image records (id, path, label if any).
+//! Sources: where image records (id, path, label if any) come from.
+pub mod dataset;
 pub mod planktonclas;
 pub mod synth;
+
+pub use dataset::{Dataset, DatasetError, ImageRecord, LayoutProblem};

@@ -1,0 +1,266 @@
+//! The competition layout: `train/<class>/<file>`, `test/<file>`, optional `sampleSubmission.csv`
+//! (its header fixes the class order) and optional `test_labels.csv` (`image,class`, written by
+//! our synthetic and real-data sources so test predictions can be scored).
+//!
+//! Layout problems (a file directly in `train/`, a class folder the submission header does not
+//! know, a nested folder) do not abort the listing: each is reported with its path and reason
+//! and the rest of the dataset is used.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// One image to process: its id (the file name, as Kaggle's `image` column uses it), where it
+/// is, and its class index when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub id: String,
+    pub path: PathBuf,
+    pub label: Option<u32>,
+}
+
+/// Something in the folder that does not fit the layout and was left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutProblem {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl std::fmt::Display for LayoutProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{path}: not a dataset folder in the competition layout: {reason}")]
+    NotADataset { path: PathBuf, reason: String },
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: bad CSV: {reason}")]
+    BadCsv { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub class_names: Vec<String>,
+    /// Labelled images, sorted by (class, file name).
+    pub train: Vec<ImageRecord>,
+    /// Unlabelled images (labels attached from `test_labels.csv` when present), sorted by name.
+    pub test: Vec<ImageRecord>,
+    pub problems: Vec<LayoutProblem>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Sorted directory entries, skipping hidden files (e.g. `.DS_Store`, our own temp files).
+fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>, DatasetError> {
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let is_dir = std::fs::metadata(&path).map_err(io_err(&path))?.is_dir();
+        entries.push((name, path, is_dir));
+    }
+    entries.sort();
+    Ok(entries)
+}
+
+/// Reads the class order from a `sampleSubmission.csv` header: `image,<class 1>,...`.
+pub fn read_submission_classes(path: &Path) -> Result<Vec<String>, DatasetError> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut header = String::new();
+    std::io::BufReader::new(file)
+        .read_line(&mut header)
+        .map_err(io_err(path))?;
+    let mut cols = header
+        .trim_end_matches(['\r', '\n'])
+        .trim_start_matches('\u{feff}')
+        .split(',');
+    let bad = |reason: &str| DatasetError::BadCsv {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    };
+    if cols.next() != Some("image") {
+        return Err(bad("header must start with `image`"));
+    }
+    let classes: Vec<String> = cols.map(|c| c.trim().to_string()).collect();
+    if classes.is_empty() || classes.iter().any(|c| c.is_empty()) {
+        return Err(bad("header must list class names after `image`"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = classes.iter().find(|c| !seen.insert(c.as_str())) {
+        return Err(bad(&format!("class `{dup}` appears twice in the header")));
+    }
+    Ok(classes)
+}
+
+/// Reads `image,class` rows.
+pub fn read_labels_csv(path: &Path) -> Result<Vec<(String, String)>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let mut lines = text.lines();
+    let bad = |reason: String| DatasetError::BadCsv {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match lines
+        .next()
+        .map(|h| h.trim_start_matches('\u{feff}').trim())
+    {
+        Some("image,class") => {}
+        other => {
+            return Err(bad(format!(
+                "expected header `image,class`, found {other:?}"
+            )))
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let (image, class) = line
+            .split_once(',')
+            .ok_or_else(|| bad(format!("line {}: expected `image,class`", i + 2)))?;
+        rows.push((image.trim().to_string(), class.trim().to_string()));
+    }
+    Ok(rows)
+}
+
+impl Dataset {
+    /// Lists a dataset folder. Fails only when the folder is not a dataset at all.
+    pub fn open(root: &Path) -> Result<Dataset, DatasetError> {
+        let not = |reason: &str| DatasetError::NotADataset {
+            path: root.to_path_buf(),
+            reason: reason.into(),
+        };
+        if !root.is_dir() {
+            return Err(not("no such folder"));
+        }
+        let (train_dir, test_dir) = (root.join("train"), root.join("test"));
+        if !train_dir.is_dir() && !test_dir.is_dir() {
+            return Err(not("expected a `train/<class>/` and/or a `test/` folder"));
+        }
+        let mut problems = Vec::new();
+        let submission = root.join("sampleSubmission.csv");
+        let class_folders = if train_dir.is_dir() {
+            list_dir(&train_dir)?
+        } else {
+            Vec::new()
+        };
+        let class_names = if submission.is_file() {
+            read_submission_classes(&submission)?
+        } else {
+            class_folders
+                .iter()
+                .filter(|(_, _, d)| *d)
+                .map(|(n, _, _)| n.clone())
+                .collect()
+        };
+        if class_names.is_empty() {
+            return Err(not(
+                "no classes: `train/` has no class folders and there is no sampleSubmission.csv",
+            ));
+        }
+        let index: HashMap<&str, u32> = class_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i as u32))
+            .collect();
+
+        let mut train = Vec::new();
+        for (name, path, is_dir) in class_folders {
+            if !is_dir {
+                problems.push(LayoutProblem {
+                    path,
+                    reason: "file directly in train/ (expected train/<class>/<file>)".into(),
+                });
+                continue;
+            }
+            let Some(&label) = index.get(name.as_str()) else {
+                let n = list_dir(&path)?.len();
+                problems.push(LayoutProblem {
+                    path,
+                    reason: format!("unknown class folder `{name}` (not in sampleSubmission.csv); its {n} entries are skipped"),
+                });
+                continue;
+            };
+            for (file, fpath, is_dir) in list_dir(&path)? {
+                if is_dir {
+                    problems.push(LayoutProblem {
+                        path: fpath,
+                        reason: "nested folder inside a class folder".into(),
+                    });
+                } else {
+                    train.push(ImageRecord {
+                        id: file,
+                        path: fpath,
+                        label: Some(label),
+                    });
+                }
+            }
+        }
+
+        let mut test = Vec::new();
+        if test_dir.is_dir() {
+            for (file, path, is_dir) in list_dir(&test_dir)? {
+                if is_dir {
+                    problems.push(LayoutProblem {
+                        path,
+                        reason: "folder inside test/ (expected test/<file>)".into(),
+                    });
+                } else {
+                    test.push(ImageRecord {
+                        id: file,
+                        path,
+                        label: None,
+                    });
+                }
+            }
+        }
+        let labels_path = root.join("test_labels.csv");
+        if labels_path.is_file() {
+            let labels: HashMap<String, String> =
+                read_labels_csv(&labels_path)?.into_iter().collect();
+            for rec in &mut test {
+                match labels.get(&rec.id).map(|c| (c, index.get(c.as_str()))) {
+                    Some((_, Some(&l))) => rec.label = Some(l),
+                    Some((c, None)) => problems.push(LayoutProblem {
+                        path: labels_path.clone(),
+                        reason: format!("label `{c}` of {} is not a known class", rec.id),
+                    }),
+                    None => {}
+                }
+            }
+        }
+        Ok(Dataset {
+            root: root.to_path_buf(),
+            class_names,
+            train,
+            test,
+            problems,
+        })
+    }
+
+    /// Per-class counts of the labelled images.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.class_names.len()];
+        for r in &self.train {
+            if let Some(l) = r.label {
+                counts[l as usize] += 1;
+            }
+        }
+        counts
+    }
+}

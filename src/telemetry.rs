@@ -1,0 +1,133 @@
+//! Metric names in one place, and the per-stage meters every stage uses.
+//!
+//! Every stage emits the same family (received / sent / errors / busy time), labelled only by
+//! stage (and error reason): low cardinality, never per image. Meters also keep their own
+//! atomic totals so that `loader-bench` can print per-stage rates without a metrics exporter.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub const STAGE_RECEIVED: &str = "plankton_stage_received_total";
+pub const STAGE_SENT: &str = "plankton_stage_sent_total";
+pub const STAGE_ERRORS: &str = "plankton_stage_errors_total";
+/// Microseconds because `metrics` counters are integers; seconds would round busy time away.
+pub const STAGE_BUSY_MICROSECONDS: &str = "plankton_stage_busy_microseconds_total";
+pub const QUEUE_DEPTH: &str = "plankton_queue_depth";
+pub const QUEUE_CAPACITY: &str = "plankton_queue_capacity";
+/// How long the consumer (the model) waited for each batch: the "is the accelerator starved?"
+/// histogram.
+pub const BATCH_WAIT_SECONDS: &str = "plankton_batch_wait_seconds";
+pub const LAYOUT_PROBLEMS: &str = "plankton_layout_problems_total";
+
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(STAGE_RECEIVED, "Items a stage took from its input");
+    describe_counter!(STAGE_SENT, "Items a stage passed on");
+    describe_counter!(STAGE_ERRORS, "Items a stage set aside, by reason");
+    describe_counter!(
+        STAGE_BUSY_MICROSECONDS,
+        Unit::Microseconds,
+        "Time a stage spent working (summed over its workers)"
+    );
+    describe_gauge!(QUEUE_DEPTH, "Items waiting in a bounded channel");
+    describe_gauge!(QUEUE_CAPACITY, "Capacity of a bounded channel");
+    describe_histogram!(
+        BATCH_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time the consumer waited for each batch"
+    );
+    describe_counter!(
+        LAYOUT_PROBLEMS,
+        "Dataset entries skipped because they do not fit the layout"
+    );
+}
+
+/// Counters of one stage.
+#[derive(Debug)]
+pub struct StageMeter {
+    pub name: &'static str,
+    received: AtomicU64,
+    sent: AtomicU64,
+    errors: AtomicU64,
+    busy_ns: AtomicU64,
+    m_received: metrics::Counter,
+    m_sent: metrics::Counter,
+    m_busy: metrics::Counter,
+}
+
+/// A point-in-time copy of a meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StageTotals {
+    pub received: u64,
+    pub sent: u64,
+    pub errors: u64,
+    pub busy: Duration,
+}
+
+impl StageMeter {
+    pub fn new(name: &'static str) -> Self {
+        StageMeter {
+            name,
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            m_received: metrics::counter!(STAGE_RECEIVED, "stage" => name),
+            m_sent: metrics::counter!(STAGE_SENT, "stage" => name),
+            m_busy: metrics::counter!(STAGE_BUSY_MICROSECONDS, "stage" => name),
+        }
+    }
+
+    pub fn received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+        self.m_received.increment(n);
+    }
+
+    pub fn sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+        self.m_sent.increment(n);
+    }
+
+    pub fn error(&self, reason: &'static str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(STAGE_ERRORS, "stage" => self.name, "reason" => reason).increment(1);
+    }
+
+    pub fn busy(&self, d: Duration) {
+        let before = self
+            .busy_ns
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        let after = before + d.as_nanos() as u64;
+        self.m_busy.increment(after / 1000 - before / 1000);
+    }
+
+    pub fn totals(&self) -> StageTotals {
+        StageTotals {
+            received: self.received.load(Ordering::Relaxed),
+            sent: self.sent.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            busy: Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+/// Current resident set size in bytes (Linux `VmRSS`), if known.
+pub fn current_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+fn proc_status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
