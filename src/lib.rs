@@ -7,3 +7,4 @@ pub mod stages;
 pub mod telemetry;
 pub mod topology;
 pub mod split;
+pub mod npy;
