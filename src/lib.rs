@@ -8,3 +8,5 @@ pub mod telemetry;
 pub mod topology;
 pub mod split;
 pub mod npy;
+pub mod sinks;
+pub mod data_path;

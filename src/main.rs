@@ -1,1 +1,414 @@
-fn main() {}
+//! `plankton` command line: parse, load config, call the library.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use plankton::config::PipelineConfig;
+use plankton::imgproc::Augmentation;
+use plankton::sinks::preview::{pick_spread, render_preview, PreviewOptions};
+use plankton::sources::{planktonclas, synth, Dataset};
+
+#[derive(Parser)]
+#[command(name = "plankton", version, about = "Plankton image classification as a streaming pipeline (NDSB 2015 recipe)")]
+struct Cli {
+    /// Log as JSON lines (for daemons and log collectors).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the main job on an embedded default dataset (what `make demo` runs).
+    Demo(DemoArgs),
+    /// Write a synthetic plankton dataset in the competition layout.
+    Synth(SynthArgs),
+    /// Obtain a real dataset.
+    Data {
+        #[command(subcommand)]
+        which: DataCommand,
+    },
+    /// Grid of original images beside augmented patches (PNG).
+    Preview(PreviewArgs),
+    /// Write the float32 patch the pipeline makes for exact parameters (before ZMUV) as .npy.
+    Warp(WarpArgs),
+    /// Run the data path alone (no model): images/s overall and per stage, peak memory.
+    LoaderBench(LoaderBenchArgs),
+    /// Write a stratified train/validation split (and bagging splits) of a dataset.
+    Split(SplitArgs),
+    /// Estimate the global ZMUV mean/std on augmented training patches.
+    Zmuv(ZmuvArgs),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// The 105 labelled plankton images of the `planktonclas` PyPI package, in competition layout.
+    Planktonclas {
+        #[arg(long)]
+        out: PathBuf,
+        /// Where the downloaded wheel is kept.
+        #[arg(long, default_value = "data-cache")]
+        cache: PathBuf,
+        #[arg(long, default_value = planktonclas::DEFAULT_PYTHON)]
+        python: String,
+    },
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 121)]
+    classes: usize,
+    #[arg(long, default_value_t = 250)]
+    per_class: usize,
+    #[arg(long, default_value_t = 1000)]
+    test: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct PipelineArg {
+    /// Pipeline TOML (default: the built-in reference pipeline, see pipelines/default.toml).
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+}
+
+impl PipelineArg {
+    fn load(&self) -> Result<PipelineConfig> {
+        match &self.pipeline {
+            Some(p) => Ok(PipelineConfig::load(p)?),
+            None => Ok(PipelineConfig::reference_default()),
+        }
+    }
+}
+
+#[derive(Args)]
+struct PreviewArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    pipeline: PipelineArg,
+    #[arg(long, default_value_t = 8)]
+    images: usize,
+    #[arg(long, default_value_t = 7)]
+    augmentations: usize,
+}
+
+#[derive(Args)]
+struct WarpArgs {
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Patch size (square); with the default size-normalised mode the organism fills size-10 px.
+    #[arg(long, default_value_t = 95)]
+    size: usize,
+    /// Fixed-scale mode with this downscale factor instead of size normalisation.
+    #[arg(long)]
+    ds: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    rotation: f64,
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    shift_x: f64,
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    shift_y: f64,
+    #[arg(long, default_value_t = 1.0)]
+    zoom: f64,
+    #[arg(long, default_value_t = 1.0)]
+    stretch: f64,
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    shear: f64,
+    #[arg(long)]
+    flip: bool,
+    /// Fill outside the source with the image's border median instead of 0.
+    #[arg(long)]
+    border_fill: bool,
+}
+
+#[derive(Args)]
+struct LoaderBenchArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    pipeline: PipelineArg,
+    #[arg(long, default_value_t = 2)]
+    epochs: u64,
+    /// Worker threads (default: the pipeline's, 0 = one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Args)]
+struct SplitArgs {
+    #[arg(long)]
+    data: PathBuf,
+    /// Output CSV; bagging splits go beside it as <stem>-bag<k>.csv.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    pipeline: PipelineArg,
+    /// Validation fraction (default: the pipeline's split.valid_fraction).
+    #[arg(long)]
+    valid_fraction: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Number of extra bagging splits (default: the pipeline's split.bagging).
+    #[arg(long)]
+    bagging: Option<usize>,
+}
+
+#[derive(Args)]
+struct ZmuvArgs {
+    #[arg(long)]
+    data: PathBuf,
+    /// Output JSON (a run keeps it as zmuv.json).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    pipeline: PipelineArg,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where all demo outputs go.
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// Synthetic classes for the loader part.
+    #[arg(long, default_value_t = 24)]
+    classes: usize,
+    #[arg(long, default_value_t = 60)]
+    per_class: usize,
+    /// Skip downloading the real planktonclas images (offline machines).
+    #[arg(long)]
+    no_real_data: bool,
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+fn open_dataset(dir: &Path) -> Result<Dataset> {
+    let ds = Dataset::open(dir)?;
+    for p in &ds.problems {
+        tracing::warn!(path = %p.path.display(), reason = %p.reason, "layout problem: skipped");
+        metrics::counter!(plankton::telemetry::LAYOUT_PROBLEMS).increment(1);
+    }
+    Ok(ds)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Command::Demo(a) => demo(a).await,
+        Command::Synth(a) => {
+            let opts = synth::SynthOptions { classes: a.classes, per_class: a.per_class, test: a.test, seed: a.seed, threads: a.threads };
+            let t0 = std::time::Instant::now();
+            let s = tokio::task::spawn_blocking(move || synth::generate(&opts, &a.out).map(|s| (s, a.out))).await??;
+            println!(
+                "wrote {} train images in {} classes and {} test images to {} in {:.1} s",
+                s.0.train_images, s.0.class_names.len(), s.0.test_images, s.1.display(), t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Data { which: DataCommand::Planktonclas { out, cache, python } } => {
+            let s = planktonclas::fetch(&planktonclas::PlanktonclasOptions { out: out.clone(), cache_dir: cache, python })?;
+            println!(
+                "planktonclas {}: {} train + {} test images in {} classes at {}{} (package split: {})",
+                planktonclas::PLANKTONCLAS_VERSION, s.train_images, s.test_images, s.class_names.len(), out.display(),
+                if s.from_cache { " (cached)" } else { "" }, out.join(planktonclas::SPLIT_FILE).display()
+            );
+            Ok(())
+        }
+        Command::Preview(a) => {
+            let cfg = a.pipeline.load()?;
+            let ds = open_dataset(&a.data)?;
+            let records = if ds.train.is_empty() { &ds.test } else { &ds.train };
+            let order = pick_spread(records, records.len());
+            let picked: Vec<_> = order.iter().map(|&i| records[i].clone()).collect();
+            let opts = PreviewOptions { images: a.images, augmentations: a.augmentations, ..Default::default() };
+            let s = render_preview(&cfg, &picked, &a.out, &opts)?;
+            for (p, why) in &s.skipped {
+                tracing::warn!(path = %p.display(), reason = %why, "not previewed");
+            }
+            println!("wrote {} ({}x{} px, {} images x {} augmentations)", a.out.display(), s.width, s.height, s.shown.len(), a.augmentations);
+            Ok(())
+        }
+        Command::Warp(a) => warp_one(a),
+        Command::LoaderBench(a) => {
+            let mut cfg = a.pipeline.load()?;
+            if let Some(w) = a.workers {
+                cfg.loader.workers = w;
+            }
+            let ds = open_dataset(&a.data)?;
+            let records = if ds.train.is_empty() { ds.test } else { ds.train };
+            let report = run_loader_bench(&cfg, records, a.epochs).await?;
+            print!("{}", report.render());
+            Ok(())
+        }
+        Command::Split(a) => {
+            let cfg = a.pipeline.load()?;
+            let ds = open_dataset(&a.data)?;
+            write_splits(&ds, &a.out, a.valid_fraction.unwrap_or(cfg.split.valid_fraction), a.seed.unwrap_or(cfg.seed), a.bagging.unwrap_or(cfg.split.bagging))
+        }
+        Command::Zmuv(a) => {
+            let cfg = a.pipeline.load()?;
+            let ds = open_dataset(&a.data)?;
+            zmuv(&cfg, &ds, &a.out).await
+        }
+    }
+}
+
+fn warp_one(a: WarpArgs) -> Result<()> {
+    use plankton::config::{Fill, PatchConfig};
+    let img = plankton::stages::decode::decode_file(&a.input, &Default::default())?;
+    let mut patch = match a.ds {
+        Some(ds) => PatchConfig::fixed_scale(a.size, ds),
+        None => PatchConfig::size_normalised(a.size, a.size as f64 - 10.0),
+    };
+    if a.border_fill {
+        patch.fill = Fill::BorderMedian;
+    }
+    let aug = Augmentation {
+        rotation_deg: a.rotation,
+        shift_x: a.shift_x,
+        shift_y: a.shift_y,
+        zoom: a.zoom,
+        stretch: a.stretch,
+        shear_deg: a.shear,
+        flip: a.flip,
+    };
+    if !(aug.zoom > 0.0 && aug.stretch > 0.0) {
+        bail!("--zoom and --stretch must be > 0");
+    }
+    let mut out = vec![0.0f32; patch.pixels()];
+    plankton::stages::warp::make_patch(&img, &patch, &aug, &mut out);
+    plankton::npy::write_f32(&a.out, &[patch.rows, patch.cols], &out)?;
+    println!("wrote {} ({}x{} float32, source {}x{}, ds {:.4})", a.out.display(), patch.rows, patch.cols, img.height(), img.width(), patch.ds(img.height() as usize, img.width() as usize));
+    Ok(())
+}
+
+fn progress(total: u64, what: &str) -> ProgressBar {
+    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}").unwrap().progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+async fn run_loader_bench(cfg: &PipelineConfig, records: Vec<plankton::sources::ImageRecord>, epochs: u64) -> Result<plankton::data_path::LoaderBenchReport> {
+    if records.is_empty() {
+        bail!("no images to load");
+    }
+    let pb = progress(records.len() as u64 * epochs, "loading");
+    let report = plankton::data_path::loader_bench(cfg, Arc::new(records), epochs, |_, n| pb.inc(n as u64)).await?;
+    pb.finish_and_clear();
+    Ok(report)
+}
+
+fn write_splits(ds: &Dataset, out: &Path, valid_fraction: f64, seed: u64, bagging: usize) -> Result<()> {
+    let labels: Vec<u32> = ds.train.iter().map(|r| r.label.expect("train records are labelled")).collect();
+    let splits = plankton::split::stratified_with_bagging(&labels, valid_fraction, seed, bagging)?;
+    for (k, s) in splits.iter().enumerate() {
+        let path = if k == 0 {
+            out.to_path_buf()
+        } else {
+            let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "split".into());
+            out.with_file_name(format!("{stem}-bag{k}.csv"))
+        };
+        s.save(ds, &path)?;
+        println!("wrote {} ({} train / {} valid)", path.display(), s.train.len(), s.valid.len());
+    }
+    Ok(())
+}
+
+async fn zmuv(cfg: &PipelineConfig, ds: &Dataset, out: &Path) -> Result<()> {
+    if ds.train.is_empty() {
+        bail!("{}: no labelled training images to estimate ZMUV on", ds.root.display());
+    }
+    let (stats, summary) = plankton::data_path::estimate_zmuv(cfg, Arc::new(ds.train.clone())).await?;
+    for f in &summary.failures {
+        tracing::warn!(reason = %f.reason, "set aside");
+    }
+    stats.save(out).with_context(|| format!("saving {}", out.display()))?;
+    for (k, z) in stats.inputs.iter().enumerate() {
+        println!("input {k}: mean {:.5} std {:.5} over {} augmented patches -> {}", z.mean, z.std, stats.samples, out.display());
+    }
+    Ok(())
+}
+
+async fn demo(a: DemoArgs) -> Result<()> {
+    let out = a.out;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let cfg = PipelineConfig::reference_default();
+    println!("== plankton demo: the data path (decode -> warp/augment -> ZMUV -> batch) ==");
+
+    // 1. Synthetic competition-layout data.
+    let synth_dir = out.join("synth");
+    let opts = synth::SynthOptions { classes: a.classes, per_class: a.per_class, test: a.classes * 5, seed: 42, threads: 0 };
+    let t0 = std::time::Instant::now();
+    let sdir = synth_dir.clone();
+    let s = tokio::task::spawn_blocking(move || synth::generate(&opts, &sdir)).await??;
+    println!("[1/5] synthetic data: {} train / {} test images, {} classes -> {} ({:.1} s)", s.train_images, s.test_images, s.class_names.len(), synth_dir.display(), t0.elapsed().as_secs_f64());
+
+    // 2. Real plankton images (optional: needs PyPI).
+    let real_dir = out.join("planktonclas");
+    let real = if a.no_real_data {
+        None
+    } else {
+        match planktonclas::fetch(&planktonclas::PlanktonclasOptions::new(&real_dir, out.join("cache"))) {
+            Ok(s) => {
+                println!("[2/5] real data: planktonclas {} images in {} classes -> {}", s.train_images + s.test_images, s.class_names.len(), real_dir.display());
+                Some(real_dir.clone())
+            }
+            Err(e) => {
+                println!("[2/5] real data skipped: {e}");
+                None
+            }
+        }
+    };
+
+    // 3. Augmentation previews.
+    for (name, dir) in [("synth", Some(synth_dir.clone())), ("planktonclas", real.clone())] {
+        let Some(dir) = dir else { continue };
+        let ds = open_dataset(&dir)?;
+        let order = pick_spread(&ds.train, ds.train.len());
+        let picked: Vec<_> = order.iter().map(|&i| ds.train[i].clone()).collect();
+        let png = out.join(format!("preview-{name}.png"));
+        render_preview(&cfg, &picked, &png, &PreviewOptions::default())?;
+        println!("[3/5] augmentation preview -> {}", png.display());
+    }
+
+    // 4. Split + ZMUV on the synthetic set.
+    let ds = open_dataset(&synth_dir)?;
+    write_splits(&ds, &out.join("split.csv"), cfg.split.valid_fraction, cfg.seed, 2)?;
+    zmuv(&cfg, &ds, &out.join("zmuv.json")).await?;
+    println!("[4/5] split and ZMUV stats written to {}", out.display());
+
+    // 5. The data path alone, as loader-bench runs it.
+    let report = run_loader_bench(&cfg, ds.train.clone(), 2).await?;
+    println!("[5/5] data path:");
+    print!("{}", report.render());
+    println!("outputs: {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,2 @@
+//! Sinks: what the pipeline writes for people and downstream tools.
+pub mod preview;
