@@ -360,7 +360,7 @@ async fn zmuv(cfg: &PipelineConfig, ds: &Dataset, out: &Path) -> Result<()> {
 async fn demo(a: DemoArgs) -> Result<()> {
     let out = a.out;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let cfg = PipelineConfig::reference_default();
+    let cfg = PipelineConfig::embedded_demo();
     println!("== plankton demo: the data path (decode -> warp/augment -> ZMUV -> batch) ==");
 
     // 1. Synthetic competition-layout data.
@@ -401,7 +401,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
 
     // 4. Split + ZMUV on the synthetic set.
     let ds = open_dataset(&synth_dir)?;
-    write_splits(&ds, &out.join("split.csv"), cfg.split.valid_fraction, cfg.seed, 2)?;
+    write_splits(&ds, &out.join("split.csv"), cfg.split.valid_fraction, cfg.seed, cfg.split.bagging)?;
     zmuv(&cfg, &ds, &out.join("zmuv.json")).await?;
     println!("[4/5] split and ZMUV stats written to {}", out.display());
 

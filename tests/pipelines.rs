@@ -1,0 +1,43 @@
+//! Every pipeline file in pipelines/ parses, and default.toml states exactly the built-in
+//! defaults (so the documentation by example cannot drift from the code).
+
+use std::path::Path;
+
+use plankton::config::PipelineConfig;
+
+#[test]
+fn every_pipeline_file_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            PipelineConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "expected the documented pipelines, found {n}");
+}
+
+#[test]
+fn default_toml_spells_out_the_builtin_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/default.toml");
+    let from_file = PipelineConfig::load(&path).unwrap();
+    assert_eq!(from_file, PipelineConfig::reference_default());
+}
+
+#[test]
+fn embedded_demo_pipeline_loads() {
+    let demo = PipelineConfig::embedded_demo();
+    assert_eq!(demo.name, "demo");
+    assert_eq!(demo.patches.len(), 1);
+}
+
+#[test]
+fn a_typo_names_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("typo.toml");
+    std::fs::write(&p, "[batch]\nsiez = 3\n").unwrap();
+    let msg = PipelineConfig::load(&p).unwrap_err().to_string();
+    assert!(msg.contains("typo.toml") && msg.contains("siez"), "{msg}");
+}
