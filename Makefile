@@ -9,6 +9,7 @@ PYTHON ?= python3
 TORCH_VERSION := 2.13.0
 LIBTORCH_DIR := .libtorch
 LIBTORCH_STAMP := $(LIBTORCH_DIR)/.installed-$(TORCH_VERSION)$(if $(GPU),-gpu,-cpu)
+PIP_FLAGS ?=
 PYENV_DIR := .pyenv-tools
 PYENV_STAMP := $(PYENV_DIR)/.installed-v1
 CARGO ?= cargo
@@ -23,7 +24,7 @@ else
 TORCH_PIP := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: all libtorch build release demo test bench pytools clean-demo
+.PHONY: all libtorch build demo test bench pytools fixtures clean-demo
 
 all: build
 
@@ -31,7 +32,7 @@ $(LIBTORCH_STAMP):
 	@echo ">> installing libtorch $(TORCH_VERSION) from PyPI into $(LIBTORCH_DIR) (once, ~1.2 GB)"
 	rm -rf $(LIBTORCH_DIR).tmp
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
-		--target $(LIBTORCH_DIR).tmp $(TORCH_PIP)
+		$(PIP_FLAGS) --target $(LIBTORCH_DIR).tmp $(TORCH_PIP)
 	rm -rf $(LIBTORCH_DIR) && mv $(LIBTORCH_DIR).tmp $(LIBTORCH_DIR)
 	touch $@
 
@@ -53,9 +54,15 @@ demo: build
 
 test: libtorch
 	$(CARGO) test --release $(CARGO_FEATURES)
+	$(CARGO) bench --no-run $(CARGO_FEATURES)
 
 bench: build pytools
 	PLANKTON_PYTHON=$(abspath $(PYENV_DIR))/bin/python scripts/bench.sh
+
+# Regenerate the golden fixtures from the Python oracles (scikit-image, Pillow).
+fixtures: pytools
+	$(PYENV_DIR)/bin/python tests/fixtures/warp/gen_warp_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/decode/gen_decode_fixtures.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
