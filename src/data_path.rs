@@ -31,6 +31,12 @@ pub async fn estimate_zmuv(cfg: &PipelineConfig, train: Arc<Vec<ImageRecord>>) -
     Ok((stats, summary))
 }
 
+/// 95x95 training patches per second that the reference network (convroll4, batch of 32, fp32)
+/// consumes on one NVIDIA H200, measured with scripts/gpu_consumption.py (PyTorch 2.11), and the
+/// fastest variant measured (batch 128, bf16 autocast). See docs/BENCHMARKS.md.
+pub const GPU_CONSUMPTION_REFERENCE: f64 = 1977.0;
+pub const GPU_CONSUMPTION_FASTEST: f64 = 6446.0;
+
 /// Results of `loader-bench`.
 #[derive(Debug, Clone)]
 pub struct LoaderBenchReport {
@@ -72,6 +78,13 @@ impl LoaderBenchReport {
             out += &format!("  {q} {mean:.1}/{cap}");
         }
         out += &format!("\n  consumer waited {:.3} s in total for batches\n", s.consumer_wait.as_secs_f64());
+        let rate = self.images_per_second();
+        out += &format!(
+            "  GPU feed: the reference convroll4 trains on ~{GPU_CONSUMPTION_REFERENCE:.0} (fp32, batch 32) to ~{GPU_CONSUMPTION_FASTEST:.0} (bf16, batch 128) \
+             95x95 patches/s on one H200; this loader makes {:.1}x / {:.1}x that\n",
+            rate / GPU_CONSUMPTION_REFERENCE,
+            rate / GPU_CONSUMPTION_FASTEST
+        );
         if let Some(p) = self.peak_rss {
             out += &format!("  peak memory (RSS high-water mark): {:.1} MiB\n", mb(p));
         }

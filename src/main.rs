@@ -406,7 +406,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
     println!("[4/5] split and ZMUV stats written to {}", out.display());
 
     // 5. The data path alone, as loader-bench runs it.
-    let report = run_loader_bench(&cfg, ds.train.clone(), 2).await?;
+    let report = run_loader_bench(&cfg, ds.train.clone(), 5).await?;
     println!("[5/5] data path:");
     print!("{}", report.render());
     println!("outputs: {}", out.display());
