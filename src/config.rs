@@ -331,13 +331,13 @@ impl PipelineConfig {
             ("shear", a.shear),
             ("zoom", a.zoom),
         ] {
-            if !(lo <= hi) || !lo.is_finite() || !hi.is_finite() {
+            if !lo.is_finite() || !hi.is_finite() || lo > hi {
                 return bad(format!(
                     "augment.{name}: range [{lo}, {hi}] must be finite with low <= high"
                 ));
             }
         }
-        if !(a.zoom[0] > 0.0) {
+        if a.zoom[0] <= 0.0 {
             return bad(format!("augment.zoom: must be > 0, got {:?}", a.zoom));
         }
         if !(a.stretch >= 1.0 && a.stretch.is_finite()) {

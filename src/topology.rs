@@ -406,7 +406,7 @@ async fn run_source(
     stats: Arc<LoaderStats>,
 ) -> Result<u64, LoaderError> {
     let n = spec.records.len();
-    let mut items: Box<dyn Iterator<Item = (u64, usize, u64)> + Send> = match spec.plan {
+    let items: Box<dyn Iterator<Item = (u64, usize, u64)> + Send> = match spec.plan {
         SamplePlan::Ordered { epochs } | SamplePlan::Shuffled { epochs } => {
             let plan = spec.plan;
             Box::new(
@@ -423,7 +423,7 @@ async fn run_source(
         }
     };
     let mut seq = 0u64;
-    while let Some((epoch, record, aug_index)) = items.next() {
+    for (epoch, record, aug_index) in items {
         let Ok(permit) = window.acquire().await else {
             break;
         };
@@ -572,7 +572,7 @@ async fn run_batcher(mut ctx: BatcherCtx) -> Result<u64, LoaderError> {
             stats.batch.received(1);
             if epoch != Some(d.epoch) {
                 if let Some(b) = current.take() {
-                    if b.len > 0 && !(ctx.drop_last && !b.is_full()) {
+                    if b.len > 0 && (!ctx.drop_last || b.is_full()) {
                         if !emit(&ctx, b, &stats).await {
                             break 'outer;
                         }
@@ -619,7 +619,7 @@ async fn run_batcher(mut ctx: BatcherCtx) -> Result<u64, LoaderError> {
         });
     }
     if let Some(b) = current.take() {
-        if b.len > 0 && !(ctx.drop_last && !b.is_full()) && emit(&ctx, b, &stats).await {
+        if b.len > 0 && (!ctx.drop_last || b.is_full()) && emit(&ctx, b, &stats).await {
             sent_batches += 1;
         }
     }
