@@ -481,14 +481,15 @@ impl WorkerCtx {
             stats.queues[0].observe(self.records.len());
             stats.decode.received(1);
             let t0 = Instant::now();
-            let decoded = self.decode(item.record);
+            let path = &self.spec.records[item.record].path;
+            let decoded = guarded(path, "decode", || self.decode(item.record));
             stats.decode.busy(t0.elapsed());
             let result = match decoded {
                 Err(f) => {
                     stats.decode.error(f.kind);
                     Err(f)
                 }
-                Ok(img) => {
+                Ok(img) => guarded(path, "warp", || {
                     stats.decode.sent(1);
                     stats.warp.received(1);
                     let t1 = Instant::now();
@@ -515,7 +516,8 @@ impl WorkerCtx {
                     stats.warp.busy(t1.elapsed());
                     stats.warp.sent(1);
                     Ok(patches)
-                }
+                })
+                .inspect_err(|f| stats.warp.error(f.kind)),
             };
             let done = Done {
                 seq: item.seq,
@@ -529,6 +531,18 @@ impl WorkerCtx {
             stats.queues[1].observe(self.samples.len());
         }
     }
+}
+
+/// Runs one item's work, turning a panic (a decoder bug on hostile input, say) into a Failure of
+/// that item: a worker that died would leave a hole in the sequence and stall the pipeline.
+fn guarded<T>(path: &std::path::Path, stage: &str, work: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|p| {
+        Err(Failure {
+            path: path.to_path_buf(),
+            kind: "panic",
+            reason: format!("{}: {stage} stage panicked: {}", path.display(), panic_message(p)),
+        })
+    })
 }
 
 struct BatcherCtx {
@@ -624,4 +638,30 @@ async fn run_batcher(mut ctx: BatcherCtx) -> Result<u64, LoaderError> {
         }
     }
     Ok(sent_batches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_item_becomes_a_named_failure() {
+        let r: Result<(), Failure> = guarded(std::path::Path::new("/data/x.jpg"), "decode", || panic!("bad huffman table"));
+        let f = r.unwrap_err();
+        assert_eq!(f.kind, "panic");
+        assert!(f.reason.contains("/data/x.jpg") && f.reason.contains("bad huffman table"), "{}", f.reason);
+        let ok: Result<u8, Failure> = guarded(std::path::Path::new("y"), "warp", || Ok(3));
+        assert_eq!(ok.unwrap(), 3);
+    }
+
+    #[test]
+    fn shuffled_epochs_are_permutations_and_differ() {
+        let plan = SamplePlan::Shuffled { epochs: 2 };
+        let (a, b) = (epoch_order(plan, 1, 0, 50), epoch_order(plan, 1, 1, 50));
+        assert_ne!(a, b);
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..50).collect::<Vec<_>>());
+        assert_eq!(epoch_order(SamplePlan::Ordered { epochs: 1 }, 1, 3, 4), vec![0, 1, 2, 3]);
+    }
 }
