@@ -223,10 +223,17 @@ async fn main() -> Result<()> {
         Command::Synth(a) => {
             let opts = synth::SynthOptions { classes: a.classes, per_class: a.per_class, test: a.test, seed: a.seed, threads: a.threads };
             let t0 = std::time::Instant::now();
+            let total = (opts.classes * opts.per_class + opts.test) as u64;
+            let pb = spinner(&format!("synthesising {total} images"));
             let s = tokio::task::spawn_blocking(move || synth::generate(&opts, &a.out).map(|s| (s, a.out))).await??;
+            pb.finish_and_clear();
             println!(
                 "wrote {} train images in {} classes and {} test images to {} in {:.1} s",
-                s.0.train_images, s.0.class_names.len(), s.0.test_images, s.1.display(), t0.elapsed().as_secs_f64()
+                s.0.train_images,
+                s.0.class_names.len(),
+                s.0.test_images,
+                s.1.display(),
+                t0.elapsed().as_secs_f64()
             );
             Ok(())
         }
@@ -305,6 +312,14 @@ fn warp_one(a: WarpArgs) -> Result<()> {
     plankton::npy::write_f32(&a.out, &[patch.rows, patch.cols], &out)?;
     println!("wrote {} ({}x{} float32, source {}x{}, ds {:.4})", a.out.display(), patch.rows, patch.cols, img.height(), img.width(), patch.ds(img.height() as usize, img.width() as usize));
     Ok(())
+}
+
+/// A spinner for jobs without a known count (hidden when stderr is not a terminal).
+fn spinner(what: &str) -> ProgressBar {
+    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+    pb.set_message(what.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
 }
 
 fn progress(total: u64, what: &str) -> ProgressBar {
