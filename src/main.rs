@@ -412,6 +412,15 @@ async fn demo(a: DemoArgs) -> Result<()> {
         let png = out.join(format!("preview-{name}.png"));
         render_preview(&cfg, &picked, &png, &PreviewOptions::default())?;
         println!("[3/5] augmentation preview -> {}", png.display());
+        if name == "planktonclas" {
+            // Grey-background images: the reference's fill of 0 frames every rotated patch;
+            // show the border-median fill beside it.
+            let mut border = cfg.clone();
+            border.patches[0].fill = plankton::config::Fill::BorderMedian;
+            let png = out.join("preview-planktonclas-border-fill.png");
+            render_preview(&border, &picked, &png, &PreviewOptions::default())?;
+            println!("[3/5] same with fill = \"border_median\" -> {}", png.display());
+        }
     }
 
     // 4. Split + ZMUV on the synthetic set.
