@@ -52,9 +52,11 @@ pytools: $(PYENV_STAMP)
 demo: build
 	./target/release/plankton demo --out $(DEMO_DIR)
 
+# Benches are compiled too (so they cannot rot); the last line totals every test binary.
 test: libtorch
-	$(CARGO) test --release $(CARGO_FEATURES)
 	$(CARGO) bench --no-run $(CARGO_FEATURES)
+	set -o pipefail; $(CARGO) test --release $(CARGO_FEATURES) 2>&1 | tee target/test-output.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test-output.log
 
 bench: build pytools
 	PLANKTON_PYTHON=$(abspath $(PYENV_DIR))/bin/python scripts/bench.sh
