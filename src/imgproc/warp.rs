@@ -84,54 +84,125 @@ fn sample_general(src: &GrayView, x: f64, y: f64, fill: f32) -> f32 {
     (1.0 - dy) * top + dy * bottom
 }
 
-/// Columns `[lo, hi)` of one output row whose sample point satisfies `inside`, given that the
-/// sample coordinates are linear (hence monotone) in the column and that `inside` means
-/// `xlo <= x < xhi && ylo <= y < yhi` (with `open_low`, `xlo < x`). The analytic bounds are
-/// widened by a column and then tightened with the exact test, using the same arithmetic as
-/// the loops, so the span is exact despite rounding.
-#[allow(clippy::too_many_arguments)]
+/// The real interval `[from, to]` of columns `col` for which `g0 + s * col` lies in `[lo, hi]`
+/// (`inv_s = 1 / s`), ignoring rounding and open/closed ends; callers widen or verify it.
+/// For `s == 0` the interval is everything or nothing (NaN coordinates give nothing).
 #[inline(always)]
-fn span(
-    x0: f64,
-    dx: f64,
-    y0: f64,
-    dy: f64,
-    (xlo, xhi): (f64, f64),
-    (ylo, yhi): (f64, f64),
-    open_low: bool,
-    n: usize,
-) -> (usize, usize) {
-    let test = |g: f64, lo: f64, hi: f64| (if open_low { g > lo } else { g >= lo }) && g < hi;
-    let inside = |col: usize| {
-        let c = col as f64;
-        test(x0 + dx * c, xlo, xhi) && test(y0 + dy * c, ylo, yhi)
-    };
-    let mut lo = 0f64;
-    let mut hi = n as f64;
-    for (g0, s, glo, ghi) in [(x0, dx, xlo, xhi), (y0, dy, ylo, yhi)] {
-        if s == 0.0 {
-            if !test(g0, glo, ghi) {
-                return (0, 0);
-            }
+fn col_interval(g0: f64, s: f64, inv_s: f64, lo: f64, hi: f64) -> (f64, f64) {
+    if s == 0.0 {
+        return if g0 >= lo && g0 <= hi {
+            (f64::NEG_INFINITY, f64::INFINITY)
         } else {
-            let (a, b) = ((glo - g0) / s, (ghi - g0) / s);
-            let (from, to) = if s > 0.0 { (a, b) } else { (b, a) };
-            // Truncation is within one of floor/ceil; the slack and the exact fix-up cover it.
-            lo = lo.max((from as i64 - 2) as f64);
-            hi = hi.min((to as i64 + 3) as f64);
+            (f64::INFINITY, f64::NEG_INFINITY)
+        };
+    }
+    let (a, b) = ((lo - g0) * inv_s, (hi - g0) * inv_s);
+    if s > 0.0 {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// The per-row column spans of one output row: `[tlo, thi)` may touch the source (everything
+/// outside it is plain fill), `[ilo, ihi)` is interior (all four neighbours inside).
+struct RowSpans {
+    tlo: usize,
+    thi: usize,
+    ilo: usize,
+    ihi: usize,
+}
+
+/// Geometry shared by every row of one warp: the column step of the sample point and its
+/// reciprocals, so that a row's spans cost a few multiplications rather than divisions.
+struct SpanGeom {
+    a: f64,
+    d: f64,
+    inv_a: f64,
+    inv_d: f64,
+    cols: f64,
+    rows: f64,
+    n: usize,
+}
+
+impl SpanGeom {
+    /// Spans of the row whose sample point is `(x0 + a col, y0 + d col)`.
+    ///
+    /// The touch span is the analytic interval rounded outwards, unchecked. A column it wrongly
+    /// includes is still sampled exactly (as `fill`); a column it could wrongly exclude lies
+    /// within rounding (~1e-13 px for any sane geometry) of the open edge `-1` or `cols`,
+    /// where every inside neighbour's weight is that rounding and the exact value is `fill`.
+    ///
+    /// The interior span must under-approximate, with exactly the arithmetic of the interior
+    /// loops (`x0 + a * col as f64`), because they skip the per-neighbour test: the analytic
+    /// interval is rounded inwards and its two ends are checked (and, rarely, moved inwards)
+    /// with the exact test. The coordinates are monotone in the column (rounding is monotone),
+    /// so two inside ends put every column between them inside.
+    #[inline(always)]
+    fn row(&self, x0: f64, y0: f64) -> RowSpans {
+        let n = self.n;
+        let nf = n as f64;
+        let empty = RowSpans {
+            tlo: 0,
+            thi: 0,
+            ilo: 0,
+            ihi: 0,
+        };
+        // Touch: -1 < x < cols and -1 < y < rows.
+        let (fx, tx) = col_interval(x0, self.a, self.inv_a, -1.0, self.cols);
+        let (fy, ty) = col_interval(y0, self.d, self.inv_d, -1.0, self.rows);
+        let (from, to) = (fx.max(fy), tx.min(ty));
+        if from.is_nan() || to.is_nan() || from > to || to < -1.0 || from > nf + 1.0 {
+            return empty;
+        }
+        let tlo = from.ceil().clamp(0.0, nf) as usize;
+        let thi = (to.floor() + 1.0).clamp(0.0, nf) as usize;
+        // Interior: 0 <= x < cols - 1 and 0 <= y < rows - 1.
+        let (xhi, yhi) = (self.cols - 1.0, self.rows - 1.0);
+        let (fx, tx) = col_interval(x0, self.a, self.inv_a, 0.0, xhi);
+        let (fy, ty) = col_interval(y0, self.d, self.inv_d, 0.0, yhi);
+        let (from, to) = (fx.max(fy), tx.min(ty));
+        let (mut ilo, mut ihi) = (0usize, 0usize);
+        if from <= to && to >= 0.0 && from < nf {
+            ilo = from.ceil().clamp(0.0, nf) as usize;
+            ihi = (to.floor() + 1.0).clamp(0.0, nf) as usize;
+            let inside = |col: usize| {
+                let c = col as f64;
+                let (x, y) = (x0 + self.a * c, y0 + self.d * c);
+                x >= 0.0 && x < xhi && y >= 0.0 && y < yhi
+            };
+            while ilo < ihi && !inside(ilo) {
+                ilo += 1;
+            }
+            while ihi > ilo && !inside(ihi - 1) {
+                ihi -= 1;
+            }
+        }
+        if ilo >= ihi {
+            // No interior: park the empty span at the end of the touch span.
+            return RowSpans {
+                tlo,
+                thi,
+                ilo: thi,
+                ihi: thi,
+            };
+        }
+        RowSpans {
+            tlo: tlo.min(ilo),
+            thi: thi.max(ihi),
+            ilo,
+            ihi,
         }
     }
-    if !(lo < hi) || hi <= 0.0 || lo >= n as f64 {
-        return (0, 0);
-    }
-    let (mut lo, mut hi) = (lo.max(0.0) as usize, (hi.min(n as f64)) as usize);
-    while lo < hi && !inside(lo) {
-        lo += 1;
-    }
-    while hi > lo && !inside(hi - 1) {
-        hi -= 1;
-    }
-    (lo, hi)
+}
+
+/// Which interior kernel a warp runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)]
+enum Level {
+    Scalar,
+    Avx2,
+    Avx512,
 }
 
 /// Warps `src` into `out` (`out_rows x out_cols`, row-major), producing `1 - v/255` samples
@@ -148,21 +219,24 @@ pub fn warp_inverted(
     out_cols: usize,
     fill: f32,
 ) {
-    assert_eq!(out.len(), out_rows * out_cols, "warp: output buffer size");
-    #[cfg(target_arch = "x86_64")]
-    {
-        if simd::available() {
-            // SAFETY: AVX2 and FMA were detected at run time.
-            return unsafe { simd::warp_avx2(src, m, out, out_rows, out_cols, fill) };
-        }
-    }
-    warp_body::<false>(src, m, out, out_rows, out_cols, fill)
+    warp_at(best_level(), src, m, out, out_rows, out_cols, fill)
 }
 
-/// The whole warp, inlined into each instruction-set variant (so that e.g. `floor` compiles to
-/// one instruction under AVX2 instead of a libm call).
-#[inline(always)]
-fn warp_body<const SIMD: bool>(
+/// The fastest kernel this CPU runs (`PLANKTON_NO_SIMD` forces scalar, `PLANKTON_NO_AVX512`
+/// at most AVX2).
+fn best_level() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd::level()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Level::Scalar
+    }
+}
+
+fn warp_at(
+    level: Level,
     src: &GrayView,
     m: &Affine,
     out: &mut [f32],
@@ -170,33 +244,84 @@ fn warp_body<const SIMD: bool>(
     out_cols: usize,
     fill: f32,
 ) {
+    assert_eq!(out.len(), out_rows * out_cols, "warp: output buffer size");
+    #[cfg(target_arch = "x86_64")]
+    {
+        match level {
+            // SAFETY: `simd::level` only reports a level whose features were detected at run
+            // time (and callers in tests only pass levels at or below it).
+            Level::Avx512 => {
+                return unsafe { simd::warp_avx512(src, m, out, out_rows, out_cols, fill) }
+            }
+            // SAFETY: as above.
+            Level::Avx2 => {
+                return unsafe { simd::warp_avx2(src, m, out, out_rows, out_cols, fill) }
+            }
+            Level::Scalar => {}
+        }
+    }
+    let _ = level;
+    warp_body::<0>(src, m, out, out_rows, out_cols, fill)
+}
+
+/// The whole warp, inlined into each instruction-set variant (so that e.g. `floor` compiles to
+/// one instruction under AVX2 instead of a libm call). `K`: 0 scalar, 1 AVX2, 2 AVX-512; it
+/// must only be non-zero inside a function compiled with (and called after detecting) those
+/// features.
+#[inline(always)]
+fn warp_body<const K: u8>(
+    src: &GrayView,
+    m: &Affine,
+    out: &mut [f32],
+    out_rows: usize,
+    out_cols: usize,
+    fill: f32,
+) {
+    debug_assert_eq!(out.len(), out_rows * out_cols);
     let [[a, b, c], [d, e, f]] = m.m;
-    if src.rows == 0 || src.cols == 0 {
+    if src.rows == 0 || src.cols == 0 || out_cols == 0 {
         out.fill(fill);
         return;
     }
-    let (rows, cols) = (src.rows as f64, src.cols as f64);
+    let geom = SpanGeom {
+        a,
+        d,
+        inv_a: 1.0 / a,
+        inv_d: 1.0 / d,
+        cols: src.cols as f64,
+        rows: src.rows as f64,
+        n: out_cols,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let simd_ok = K != 0 && simd::supports(src);
     for (r, row) in out.chunks_exact_mut(out_cols).enumerate() {
         let x0 = b * r as f64 + c;
         let y0 = e * r as f64 + f;
-        // Samples with any neighbour inside: -1 < x < cols and -1 < y < rows.
-        let (tlo, thi) = span(x0, a, y0, d, (-1.0, cols), (-1.0, rows), true, out_cols);
-        // Samples with all four neighbours inside: 0 <= x < cols-1 and 0 <= y < rows-1.
-        let (ilo, ihi) = span(x0, a, y0, d, (0.0, cols - 1.0), (0.0, rows - 1.0), false, out_cols);
-        let (ilo, ihi) = if ilo < ihi { (ilo, ihi) } else { (thi, thi) };
+        let RowSpans { tlo, thi, ilo, ihi } = geom.row(x0, y0);
         row[..tlo].fill(fill);
         row[thi..].fill(fill);
-        for col in (tlo..ilo).chain(ihi..thi) {
-            row[col] = sample_general(src, x0 + a * col as f64, y0 + d * col as f64, fill);
+        let (left, rest) = row[..thi].split_at_mut(ilo);
+        let (interior, right) = rest.split_at_mut(ihi - ilo);
+        for (i, o) in left[tlo..].iter_mut().enumerate() {
+            let col = (tlo + i) as f64;
+            *o = sample_general(src, x0 + a * col, y0 + d * col, fill);
         }
-        let interior = &mut row[ilo..ihi];
+        for (i, o) in right.iter_mut().enumerate() {
+            let col = (ihi + i) as f64;
+            *o = sample_general(src, x0 + a * col, y0 + d * col, fill);
+        }
         #[cfg(target_arch = "x86_64")]
         {
-            if SIMD && interior.len() >= 8 {
-                // SAFETY: only instantiated with SIMD = true inside the AVX2+FMA variant; the
-                // span is interior.
-                let done = unsafe { simd::interior_row_avx2(src, x0, a, y0, d, interior, ilo) };
-                interior_row_scalar(src, x0, a, y0, d, &mut interior[done..], ilo + done);
+            if simd_ok && K == 2 {
+                // SAFETY: K == 2 is only instantiated inside the AVX-512 variant; `supports`
+                // holds; the kernel is memory-safe for any coordinates.
+                unsafe { simd::interior_row_avx512(src, x0, a, y0, d, interior, ilo) };
+                continue;
+            }
+            if simd_ok && K == 1 && interior.len() >= 8 {
+                // SAFETY: K == 1 is only instantiated inside the AVX2 variant (and K == 2's
+                // features include AVX2); `supports` holds.
+                unsafe { simd::interior_row_avx2(src, x0, a, y0, d, interior, ilo) };
                 continue;
             }
         }
@@ -206,7 +331,15 @@ fn warp_body<const SIMD: bool>(
 
 /// The scalar hot loop: every sample has its four neighbours inside the source.
 #[inline(always)]
-fn interior_row_scalar(src: &GrayView, x0: f64, dx: f64, y0: f64, dy: f64, out: &mut [f32], first: usize) {
+fn interior_row_scalar(
+    src: &GrayView,
+    x0: f64,
+    dx: f64,
+    y0: f64,
+    dy: f64,
+    out: &mut [f32],
+    first: usize,
+) {
     let data = src.data;
     let cols = src.cols;
     for (i, o) in out.iter_mut().enumerate() {
@@ -218,8 +351,10 @@ fn interior_row_scalar(src: &GrayView, x0: f64, dx: f64, y0: f64, dy: f64, out: 
         let (fx, fy) = ((x - ix as f64) as f32, (y - iy as f64) as f32);
         let idx = iy * cols + ix;
         debug_assert!(ix + 1 < cols && iy + 1 < src.rows);
-        // SAFETY: the interior span guarantees 0 <= ix < cols-1 and 0 <= iy < rows-1, so all
-        // four neighbours idx, idx+1, idx+cols, idx+cols+1 are within data (len rows*cols).
+        // SAFETY: `out` is an interior span of `SpanGeom::row`, whose ends were checked with
+        // exactly this arithmetic and whose coordinates are monotone in the column, so
+        // 0 <= x < cols-1 and 0 <= y < rows-1 here: all four neighbours idx, idx+1, idx+cols,
+        // idx+cols+1 are within data (len rows*cols).
         let (p00, p01, p10, p11) = unsafe {
             (
                 *data.get_unchecked(idx) as f32,
@@ -236,94 +371,228 @@ fn interior_row_scalar(src: &GrayView, x0: f64, dx: f64, y0: f64, dy: f64, out: 
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::GrayView;
+    use super::{GrayView, Level};
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn warp_avx2(src: &GrayView, m: &super::Affine, out: &mut [f32], out_rows: usize, out_cols: usize, fill: f32) {
-        super::warp_body::<true>(src, m, out, out_rows, out_cols, fill)
+    pub unsafe fn warp_avx2(
+        src: &GrayView,
+        m: &super::Affine,
+        out: &mut [f32],
+        out_rows: usize,
+        out_cols: usize,
+        fill: f32,
+    ) {
+        super::warp_body::<1>(src, m, out, out_rows, out_cols, fill)
     }
 
-    pub fn available() -> bool {
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        *AVX2.get_or_init(|| {
-            std::env::var_os("PLANKTON_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn warp_avx512(
+        src: &GrayView,
+        m: &super::Affine,
+        out: &mut [f32],
+        out_rows: usize,
+        out_cols: usize,
+        fill: f32,
+    ) {
+        super::warp_body::<2>(src, m, out, out_rows, out_cols, fill)
+    }
+
+    pub fn level() -> Level {
+        static LEVEL: OnceLock<Level> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if std::env::var_os("PLANKTON_NO_SIMD").is_some()
+                || !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+            {
+                Level::Scalar
+            } else if std::env::var_os("PLANKTON_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+            {
+                Level::Avx512
+            } else {
+                Level::Avx2
+            }
         })
     }
 
-    /// Eight samples at a time: each chunk's origin in f64, the eight offsets from it in f32
-    /// lanes (exact enough that results match the scalar path to ~1e-6), neighbours fetched with two 32-bit gathers per eight
-    /// samples (bytes `p00 p01` at `idx`, `p10 p11` at `idx + cols`). A gather reads four bytes,
-    /// two more than needed, so chunks whose reads could pass the end of the image are left
-    /// to the scalar loop. Returns how many leading samples were written.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn interior_row_avx2(src: &GrayView, x0: f64, dx: f64, y0: f64, dy: f64, out: &mut [f32], first: usize) -> usize {
-        let len = src.data.len();
+    /// Whether the vector kernels handle this source: at least 2x2 (so that an interior exists
+    /// and the clamp range `[0, cols-2] x [0, rows-2]` is non-empty), dimensions exact in f32,
+    /// and every byte offset (plus a gather's slack) fits in an i32.
+    #[inline(always)]
+    pub fn supports(src: &GrayView) -> bool {
+        src.rows >= 2
+            && src.cols >= 2
+            && src.rows < (1 << 24)
+            && src.cols < (1 << 24)
+            && src.data.len() < (i32::MAX as usize) - 4
+    }
+
+    // Both kernels: the chunk's origin in f64 (the same arithmetic as the spans), split into an
+    // integer pixel (bx, by) and a fraction; the lane offsets from it are small, so f32 keeps
+    // them to ~1e-6 px. Memory safety does not rest on the spans: each lane's integer cell
+    // (bx + flx, by + fly) is clamped to [0, cols-2] x [0, rows-2] (NaN goes to the lower
+    // bound: `max_ps(v, lo)` returns `lo` when `v` is NaN), so with idx = cell index,
+    //   top gather    reads bytes idx .. idx+3          <= (rows-1)*cols + 1 <= len - 1,
+    //   bottom gather reads bytes idx+cols-2 .. idx+cols+1 <= rows*cols - 1 = len - 1,
+    // and both start at >= 0 (cols >= 2). The bottom pair is bytes 2 and 3 of its word. Where a
+    // lane's coordinate rounds onto the cell edge, the clamp moves the cell and the fraction
+    // (computed from the clamped cell) becomes 1 (or ~-1e-6), so the value stays right.
+
+    /// Sixteen samples per step; the last partial step is a masked store (its other lanes read
+    /// clamped, in-bounds cells and are discarded).
+    ///
+    /// # Safety
+    /// AVX-512F, AVX2 and FMA must be available, and `supports(src)` must hold.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn interior_row_avx512(
+        src: &GrayView,
+        x0: f64,
+        dx: f64,
+        y0: f64,
+        dy: f64,
+        out: &mut [f32],
+        first: usize,
+    ) {
         let cols = src.cols;
-        if len + cols + 8 >= i32::MAX as usize {
-            return 0;
+        let base = src.data.as_ptr() as *const i32;
+        let steps = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        let (vdx, vdy) = (_mm512_set1_ps(dx as f32), _mm512_set1_ps(dy as f32));
+        let vcols = _mm512_set1_epi32(cols as i32);
+        let vbot = _mm512_set1_epi32(cols as i32 - 2);
+        let mask = _mm512_set1_epi32(0xFF);
+        let inv255 = _mm512_set1_ps(1.0 / 255.0);
+        let one = _mm512_set1_ps(1.0);
+        let (xmax, ymax) = ((cols - 2) as f64, (src.rows - 2) as f64);
+        let n = out.len();
+        let mut i = 0;
+        while i < n {
+            let col = (first + i) as f64;
+            let (xs, ys) = (x0 + dx * col, y0 + dy * col);
+            // f64::max/min return the non-NaN operand, so bx, by are in range even for NaN.
+            let bx = xs.floor().max(0.0).min(xmax);
+            let by = ys.floor().max(0.0).min(ymax);
+            let vx = _mm512_fmadd_ps(vdx, steps, _mm512_set1_ps((xs - bx) as f32));
+            let vy = _mm512_fmadd_ps(vdy, steps, _mm512_set1_ps((ys - by) as f32));
+            let flx = _mm512_min_ps(
+                _mm512_max_ps(
+                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(vx),
+                    _mm512_set1_ps(-bx as f32),
+                ),
+                _mm512_set1_ps((xmax - bx) as f32),
+            );
+            let fly = _mm512_min_ps(
+                _mm512_max_ps(
+                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(vy),
+                    _mm512_set1_ps(-by as f32),
+                ),
+                _mm512_set1_ps((ymax - by) as f32),
+            );
+            let (fx, fy) = (_mm512_sub_ps(vx, flx), _mm512_sub_ps(vy, fly));
+            let origin = _mm512_set1_epi32((by as usize * cols + bx as usize) as i32);
+            let idx = _mm512_add_epi32(
+                origin,
+                _mm512_add_epi32(
+                    _mm512_mullo_epi32(_mm512_cvtps_epi32(fly), vcols),
+                    _mm512_cvtps_epi32(flx),
+                ),
+            );
+            // SAFETY: idx is a clamped cell index; see the bounds argument above.
+            let top = _mm512_i32gather_epi32::<1>(idx, base);
+            let bot = _mm512_i32gather_epi32::<1>(_mm512_add_epi32(idx, vbot), base);
+            let p00 = _mm512_cvtepi32_ps(_mm512_and_si512(top, mask));
+            let p01 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32::<8>(top), mask));
+            let p10 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32::<16>(bot), mask));
+            let p11 = _mm512_cvtepi32_ps(_mm512_srli_epi32::<24>(bot));
+            let t = _mm512_fmadd_ps(fx, _mm512_sub_ps(p01, p00), p00);
+            let b = _mm512_fmadd_ps(fx, _mm512_sub_ps(p11, p10), p10);
+            let v = _mm512_fmadd_ps(fy, _mm512_sub_ps(b, t), t);
+            let res = _mm512_fnmadd_ps(v, inv255, one);
+            // SAFETY: i < n, so out[i..i+16] (full step) or its first n-i lanes (masked store)
+            // are within `out`.
+            if i + 16 <= n {
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), res);
+            } else {
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), ((1u32 << (n - i)) - 1) as u16, res);
+            }
+            i += 16;
         }
+    }
+
+    /// Eight samples per step; the last partial step redoes the last eight (the row has at
+    /// least eight).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available, `supports(src)` must hold, and `out.len() >= 8`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn interior_row_avx2(
+        src: &GrayView,
+        x0: f64,
+        dx: f64,
+        y0: f64,
+        dy: f64,
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let n = out.len();
+        assert!(n >= 8);
+        let cols = src.cols;
         let base = src.data.as_ptr() as *const i32;
         let steps = _mm256_set_ps(7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0);
         let (vdx, vdy) = (_mm256_set1_ps(dx as f32), _mm256_set1_ps(dy as f32));
         let vcols = _mm256_set1_epi32(cols as i32);
+        let vbot = _mm256_set1_epi32(cols as i32 - 2);
         let mask = _mm256_set1_epi32(0xFF);
         let inv255 = _mm256_set1_ps(1.0 / 255.0);
         let one = _mm256_set1_ps(1.0);
-        // Reads reach idx + cols + 3 at most. Coordinates are monotone along the row, so the
-        // ends of a run bound its largest index: check the whole row once, else per chunk.
-        let max_index = |c0: f64, c1: f64| {
-            let (xa, xb) = ((x0 + dx * c0) as usize, (x0 + dx * c1) as usize);
-            let (ya, yb) = ((y0 + dy * c0) as usize, (y0 + dy * c1) as usize);
-            ya.max(yb) * cols + xa.max(xb) + cols + 3
-        };
-        let n = out.len();
-        let row_safe = max_index(first as f64, (first + n - 1) as f64) < len;
+        let (xmax, ymax) = ((cols - 2) as f64, (src.rows - 2) as f64);
         let mut i = 0;
         loop {
             if i + 8 > n {
-                // Redo the last eight (overlapping) rather than leave a scalar tail.
-                if i == n || n < 8 {
+                if i == n {
                     break;
                 }
                 i = n - 8;
             }
             let col = (first + i) as f64;
-            if !row_safe && max_index(col, col + 7.0) >= len {
-                break;
-            }
-            // Chunk origin in f64, split into an integer pixel and a fraction; the eight
-            // offsets from it are small, so f32 keeps them to ~1e-5 px.
             let (xs, ys) = (x0 + dx * col, y0 + dy * col);
-            let (bx, by) = (xs.floor(), ys.floor());
+            let bx = xs.floor().max(0.0).min(xmax);
+            let by = ys.floor().max(0.0).min(ymax);
             let vx = _mm256_fmadd_ps(vdx, steps, _mm256_set1_ps((xs - bx) as f32));
             let vy = _mm256_fmadd_ps(vdy, steps, _mm256_set1_ps((ys - by) as f32));
-            let (flx, fly) = (_mm256_floor_ps(vx), _mm256_floor_ps(vy));
+            let flx = _mm256_min_ps(
+                _mm256_max_ps(_mm256_floor_ps(vx), _mm256_set1_ps(-bx as f32)),
+                _mm256_set1_ps((xmax - bx) as f32),
+            );
+            let fly = _mm256_min_ps(
+                _mm256_max_ps(_mm256_floor_ps(vy), _mm256_set1_ps(-by as f32)),
+                _mm256_set1_ps((ymax - by) as f32),
+            );
             let (fx, fy) = (_mm256_sub_ps(vx, flx), _mm256_sub_ps(vy, fly));
             let origin = _mm256_set1_epi32((by as usize * cols + bx as usize) as i32);
             let idx = _mm256_add_epi32(
                 origin,
-                _mm256_add_epi32(_mm256_mullo_epi32(_mm256_cvtps_epi32(fly), vcols), _mm256_cvtps_epi32(flx)),
+                _mm256_add_epi32(
+                    _mm256_mullo_epi32(_mm256_cvtps_epi32(fly), vcols),
+                    _mm256_cvtps_epi32(flx),
+                ),
             );
+            // SAFETY: idx is a clamped cell index; see the bounds argument above.
             let top = _mm256_i32gather_epi32::<1>(base, idx);
-            let bot = _mm256_i32gather_epi32::<1>(base, _mm256_add_epi32(idx, vcols));
+            let bot = _mm256_i32gather_epi32::<1>(base, _mm256_add_epi32(idx, vbot));
             let p00 = _mm256_cvtepi32_ps(_mm256_and_si256(top, mask));
             let p01 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32::<8>(top), mask));
-            let p10 = _mm256_cvtepi32_ps(_mm256_and_si256(bot, mask));
-            let p11 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32::<8>(bot), mask));
+            let p10 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32::<16>(bot), mask));
+            let p11 = _mm256_cvtepi32_ps(_mm256_srli_epi32::<24>(bot));
             let t = _mm256_fmadd_ps(fx, _mm256_sub_ps(p01, p00), p00);
             let b = _mm256_fmadd_ps(fx, _mm256_sub_ps(p11, p10), p10);
             let v = _mm256_fmadd_ps(fy, _mm256_sub_ps(b, t), t);
+            // SAFETY: i + 8 <= n.
             _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_fnmadd_ps(v, inv255, one));
             i += 8;
-            if i == n {
-                break;
-            }
         }
-        i.min(n)
     }
 }
 
@@ -384,6 +653,179 @@ mod tests {
             for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() < 2e-6, "case {k} pixel {i}: {a} vs {b}");
             }
+        }
+    }
+
+    /// Every kernel level this CPU runs (scalar always).
+    fn levels() -> Vec<Level> {
+        let mut v = vec![Level::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Level::Avx2);
+                if is_x86_feature_detected!("avx512f") {
+                    v.push(Level::Avx512);
+                }
+            }
+        }
+        v
+    }
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> f64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn range(&mut self, lo: f64, hi: f64) -> f64 {
+            lo + (hi - lo) * self.next()
+        }
+    }
+
+    fn check_all_levels(
+        src: &GrayView,
+        m: &Affine,
+        rows: usize,
+        cols: usize,
+        fill: f32,
+        tol: f32,
+        what: &str,
+    ) {
+        let want = reference(src, m, rows, cols, fill);
+        for level in levels() {
+            let mut out = vec![f32::NAN; rows * cols];
+            warp_at(level, src, m, &mut out, rows, cols, fill);
+            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= tol,
+                    "{what} {level:?} pixel ({}, {}): {a} vs {b} (m = {m:?})",
+                    i / cols,
+                    i % cols
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_matches_the_general_path_on_random_transforms() {
+        let mut rng = Lcg(7);
+        for case in 0..400 {
+            let rows = 2 + (rng.next() * 70.0) as usize;
+            let cols = 2 + (rng.next() * 70.0) as usize;
+            let data = test_image(rows, cols);
+            let src = GrayView::new(&data, rows, cols);
+            let (out_rows, out_cols) = (
+                1 + (rng.next() * 60.0) as usize,
+                1 + (rng.next() * 60.0) as usize,
+            );
+            let scale = rng.range(0.2, 4.0);
+            let rot = rng.range(0.0, std::f64::consts::TAU);
+            let shear = rng.range(-0.4, 0.4);
+            let stretch = rng.range(0.7, 1.4);
+            let mut m = Affine::skimage(scale * stretch, scale / stretch, rot, shear, 0.0, 0.0);
+            // Centre the patch on a random point in (and a little around) the source.
+            let (cx, cy) = (
+                rng.range(-3.0, cols as f64 + 3.0),
+                rng.range(-3.0, rows as f64 + 3.0),
+            );
+            let (px, py) = m.apply(out_cols as f64 / 2.0, out_rows as f64 / 2.0);
+            m.m[0][2] = cx - px;
+            m.m[1][2] = cy - py;
+            if case % 5 == 0 {
+                // Axis-aligned steps (a zero column step in x or y) are a special case of the spans.
+                m = Affine {
+                    m: [[scale, 0.0, m.m[0][2]], [0.0, scale / stretch, m.m[1][2]]],
+                };
+            }
+            let fill = if case % 2 == 0 { 0.0 } else { 0.37 };
+            check_all_levels(
+                &src,
+                &m,
+                out_rows,
+                out_cols,
+                fill,
+                2e-6 * scale.max(1.0) as f32,
+                &format!("case {case}"),
+            );
+        }
+    }
+
+    #[test]
+    fn samples_at_the_last_row_and_column_stay_in_bounds_and_exact() {
+        // The source is the front of a larger buffer whose tail is 255s; the image's last row
+        // and column are 0 and 200, so reading the wrong byte near the end would show.
+        for (rows, cols) in [(2, 2), (2, 9), (9, 2), (5, 7), (17, 33)] {
+            let mut buf = test_image(rows, cols);
+            for c in 0..cols {
+                buf[(rows - 1) * cols + c] = 0;
+            }
+            for r in 0..rows {
+                buf[r * cols + cols - 1] = 200;
+            }
+            buf.extend(std::iter::repeat_n(255u8, 64));
+            let src = GrayView::new(&buf[..rows * cols], rows, cols);
+            let (xe, ye) = ((cols - 1) as f64, (rows - 1) as f64);
+            for eps in [0.0, 1e-12, 1e-9, 1e-7, 3e-6, 0.25] {
+                // Rows of samples running along the bottom edge, the right edge, and towards the
+                // bottom-right corner, just inside the interior bound (and exactly on it).
+                for m in [
+                    Affine {
+                        m: [[0.05, 0.0, 0.0], [0.0, 0.0, ye - eps]],
+                    },
+                    Affine {
+                        m: [[0.0, 0.0, xe - eps], [0.05, 0.0, 0.0]],
+                    },
+                    Affine {
+                        m: [[0.01, 0.0, xe - eps - 0.4], [0.01, 0.0, ye - eps - 0.4]],
+                    },
+                    Affine {
+                        m: [[-0.01, 0.0, xe - eps], [-0.01, 0.0, ye - eps]],
+                    },
+                ] {
+                    check_all_levels(
+                        &src,
+                        &m,
+                        3,
+                        40,
+                        0.5,
+                        2e-6,
+                        &format!("{rows}x{cols} eps {eps}"),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn degenerate_shapes() {
+        let data = test_image(1, 5);
+        let m = Affine {
+            m: [[0.3, 0.1, -0.5], [0.2, 0.3, -0.4]],
+        };
+        check_all_levels(&GrayView::new(&data, 1, 5), &m, 6, 7, 0.1, 2e-6, "1x5");
+        check_all_levels(&GrayView::new(&data, 5, 1), &m, 6, 7, 0.1, 2e-6, "5x1");
+        let mut out = vec![0.0; 12];
+        warp_inverted(&GrayView::new(&[], 0, 0), &m, &mut out, 3, 4, 0.25);
+        assert!(out.iter().all(|&v| v == 0.25));
+        warp_inverted(&GrayView::new(&data, 1, 5), &m, &mut [], 0, 0, 0.25);
+        let nan = Affine {
+            m: [[f64::NAN, 0.0, 1.0], [0.0, 1.0, 1.0]],
+        };
+        for level in levels() {
+            let mut out = vec![0.0; 12];
+            warp_at(
+                level,
+                &GrayView::new(&data, 1, 5),
+                &nan,
+                &mut out,
+                3,
+                4,
+                0.25,
+            );
+            assert!(out.iter().all(|&v| v == 0.25), "{level:?}");
         }
     }
 
