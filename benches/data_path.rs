@@ -13,10 +13,24 @@ use plankton::topology::{Loader, LoaderSpec, SamplePlan};
 
 fn bench_data_path(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    synth::generate(&synth::SynthOptions { classes: 20, per_class: 50, test: 0, seed: 1, threads: 0 }, dir.path()).unwrap();
+    synth::generate(
+        &synth::SynthOptions {
+            classes: 20,
+            per_class: 50,
+            test: 0,
+            seed: 1,
+            threads: 0,
+        },
+        dir.path(),
+    )
+    .unwrap();
     let ds = Dataset::open(dir.path()).unwrap();
     let records = Arc::new(ds.train);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let mut group = c.benchmark_group("data_path");
     for cache in [true, false] {
         // The cache only pays from the second epoch on: the cached run does 4 epochs in one
@@ -25,7 +39,11 @@ fn bench_data_path(c: &mut Criterion) {
         group.throughput(Throughput::Elements(epochs * records.len() as u64));
         let mut cfg = PipelineConfig::reference_default();
         cfg.loader.cache_decoded = cache;
-        let name = if cache { "epoch_95x95_cached_decode" } else { "epoch_95x95_decode_every_file" };
+        let name = if cache {
+            "epoch_95x95_cached_decode"
+        } else {
+            "epoch_95x95_decode_every_file"
+        };
         group.bench_function(name, |b| {
             b.iter(|| {
                 rt.block_on(async {
@@ -33,7 +51,10 @@ fn bench_data_path(c: &mut Criterion) {
                         records: records.clone(),
                         plan: SamplePlan::Shuffled { epochs },
                         augment: true,
-                        zmuv: Some(vec![Zmuv { mean: 0.2, std: 0.3 }]),
+                        zmuv: Some(vec![Zmuv {
+                            mean: 0.2,
+                            std: 0.3,
+                        }]),
                         first_epoch: 0,
                     };
                     let mut loader = Loader::spawn(&cfg, spec).unwrap();

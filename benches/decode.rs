@@ -8,9 +8,16 @@ use plankton::stages::decode::{decode_bytes, DecodeLimits};
 
 fn bench_decode(c: &mut Criterion) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
     files.sort();
-    let blobs: Vec<(std::path::PathBuf, Vec<u8>)> = files.iter().map(|p| (p.clone(), std::fs::read(p).unwrap())).collect();
+    let blobs: Vec<(std::path::PathBuf, Vec<u8>)> = files
+        .iter()
+        .map(|p| (p.clone(), std::fs::read(p).unwrap()))
+        .collect();
     let limits = DecodeLimits::default();
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(blobs.len() as u64));

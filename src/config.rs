@@ -282,8 +282,11 @@ impl PipelineConfig {
 
     /// The pipeline `plankton demo` runs (`pipelines/demo.toml`, embedded in the binary).
     pub fn embedded_demo() -> Self {
-        Self::from_toml_str(include_str!("../pipelines/demo.toml"), Path::new("pipelines/demo.toml"))
-            .expect("embedded demo pipeline is valid (tested)")
+        Self::from_toml_str(
+            include_str!("../pipelines/demo.toml"),
+            Path::new("pipelines/demo.toml"),
+        )
+        .expect("embedded demo pipeline is valid (tested)")
     }
 
     /// The built-in default pipeline (what `pipelines/default.toml` spells out).

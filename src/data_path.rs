@@ -11,10 +11,15 @@ use crate::topology::{Loader, LoaderError, LoaderSpec, LoaderSummary, SamplePlan
 
 /// Estimates the global mean/std per network input on `cfg.zmuv.samples` augmented training
 /// patches drawn with replacement (the reference's chunk), through the same loader as training.
-pub async fn estimate_zmuv(cfg: &PipelineConfig, train: Arc<Vec<ImageRecord>>) -> Result<(ZmuvStats, LoaderSummary), LoaderError> {
+pub async fn estimate_zmuv(
+    cfg: &PipelineConfig,
+    train: Arc<Vec<ImageRecord>>,
+) -> Result<(ZmuvStats, LoaderSummary), LoaderError> {
     let spec = LoaderSpec {
         records: train,
-        plan: SamplePlan::Random { count: cfg.zmuv.samples as u64 },
+        plan: SamplePlan::Random {
+            count: cfg.zmuv.samples as u64,
+        },
         augment: true,
         zmuv: None,
         first_epoch: 0,
@@ -27,7 +32,11 @@ pub async fn estimate_zmuv(cfg: &PipelineConfig, train: Arc<Vec<ImageRecord>>) -
         }
     }
     let summary = loader.finish().await?;
-    let stats = ZmuvStats { inputs: acc.iter().map(|a| a.finish()).collect(), samples: summary.samples as usize, seed: cfg.seed };
+    let stats = ZmuvStats {
+        inputs: acc.iter().map(|a| a.finish()).collect(),
+        samples: summary.samples as usize,
+        seed: cfg.seed,
+    };
     Ok((stats, summary))
 }
 
@@ -59,25 +68,54 @@ impl LoaderBenchReport {
         let s = &self.summary;
         let mut out = String::new();
         let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
-        out += &format!(
+        out +=
+            &format!(
             "loader-bench: {} samples in {} batches over {} epoch(s), {} worker(s), {:.2} s wall\n",
             s.samples, s.batches, self.epochs, s.workers, s.wall.as_secs_f64()
         );
-        out += &format!("  overall: {:.0} images/s ({:.0} images/s per worker)\n", self.images_per_second(), self.images_per_second() / s.workers as f64);
+        out += &format!(
+            "  overall: {:.0} images/s ({:.0} images/s per worker)\n",
+            self.images_per_second(),
+            self.images_per_second() / s.workers as f64
+        );
         for (i, t) in self.epoch_times.iter().enumerate() {
-            let rss = self.rss_after_epoch.get(i).map(|&b| format!(", RSS after {:.1} MiB", mb(b))).unwrap_or_default();
+            let rss = self
+                .rss_after_epoch
+                .get(i)
+                .map(|&b| format!(", RSS after {:.1} MiB", mb(b)))
+                .unwrap_or_default();
             out += &format!("  epoch {i}: {:.2} s{rss}\n", t.as_secs_f64());
         }
-        out += "  per stage (items, errors, busy time summed over workers, items/s per busy core):\n";
-        for (name, StageTotals { received: _, sent, errors, busy }) in &s.stages {
-            let rate = if busy.as_secs_f64() > 0.0 { format!("{:.0}/s", *sent as f64 / busy.as_secs_f64()) } else { "-".into() };
-            out += &format!("    {name:<7} sent {sent:>8}  errors {errors:>5}  busy {:>8.3} s  {rate}\n", busy.as_secs_f64());
+        out +=
+            "  per stage (items, errors, busy time summed over workers, items/s per busy core):\n";
+        for (
+            name,
+            StageTotals {
+                received: _,
+                sent,
+                errors,
+                busy,
+            },
+        ) in &s.stages
+        {
+            let rate = if busy.as_secs_f64() > 0.0 {
+                format!("{:.0}/s", *sent as f64 / busy.as_secs_f64())
+            } else {
+                "-".into()
+            };
+            out += &format!(
+                "    {name:<7} sent {sent:>8}  errors {errors:>5}  busy {:>8.3} s  {rate}\n",
+                busy.as_secs_f64()
+            );
         }
         out += "  queues (mean depth / capacity):";
         for (q, mean, cap) in &s.queues {
             out += &format!("  {q} {mean:.1}/{cap}");
         }
-        out += &format!("\n  consumer waited {:.3} s in total for batches\n", s.consumer_wait.as_secs_f64());
+        out += &format!(
+            "\n  consumer waited {:.3} s in total for batches\n",
+            s.consumer_wait.as_secs_f64()
+        );
         let rate = self.images_per_second();
         out += &format!(
             "  GPU feed: the reference convroll4 trains on ~{GPU_CONSUMPTION_REFERENCE:.0} (fp32, batch 32) to ~{GPU_CONSUMPTION_FASTEST:.0} (bf16, batch 128) \
@@ -106,7 +144,13 @@ pub async fn loader_bench(
     epochs: u64,
     mut on_batch: impl FnMut(u64, usize),
 ) -> Result<LoaderBenchReport, LoaderError> {
-    let spec = LoaderSpec { records, plan: SamplePlan::Shuffled { epochs }, augment: true, zmuv: None, first_epoch: 0 };
+    let spec = LoaderSpec {
+        records,
+        plan: SamplePlan::Shuffled { epochs },
+        augment: true,
+        zmuv: None,
+        first_epoch: 0,
+    };
     let mut loader = Loader::spawn(cfg, spec)?;
     let mut epoch_times = Vec::new();
     let mut rss_after_epoch = Vec::new();
@@ -130,5 +174,11 @@ pub async fn loader_bench(
     rss_after_epoch.extend(telemetry::current_rss_bytes());
     std::hint::black_box(checksum);
     let summary = loader.finish().await?;
-    Ok(LoaderBenchReport { summary, epochs, epoch_times, rss_after_epoch, peak_rss: telemetry::peak_rss_bytes() })
+    Ok(LoaderBenchReport {
+        summary,
+        epochs,
+        epoch_times,
+        rss_after_epoch,
+        peak_rss: telemetry::peak_rss_bytes(),
+    })
 }

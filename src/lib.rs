@@ -1,12 +1,12 @@
 //! plankton: plankton image classification as a streaming pipeline.
 pub mod config;
+pub mod data_path;
 pub mod imgproc;
+pub mod npy;
 pub mod rng;
+pub mod sinks;
 pub mod sources;
+pub mod split;
 pub mod stages;
 pub mod telemetry;
 pub mod topology;
-pub mod split;
-pub mod npy;
-pub mod sinks;
-pub mod data_path;

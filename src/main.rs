@@ -12,7 +12,11 @@ use plankton::sinks::preview::{pick_spread, render_preview, PreviewOptions};
 use plankton::sources::{planktonclas, synth, Dataset};
 
 #[derive(Parser)]
-#[command(name = "plankton", version, about = "Plankton image classification as a streaming pipeline (NDSB 2015 recipe)")]
+#[command(
+    name = "plankton",
+    version,
+    about = "Plankton image classification as a streaming pipeline (NDSB 2015 recipe)"
+)]
 struct Cli {
     /// Log as JSON lines (for daemons and log collectors).
     #[arg(long, global = true)]
@@ -197,7 +201,9 @@ struct DemoArgs {
 fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -221,11 +227,20 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Demo(a) => demo(a).await,
         Command::Synth(a) => {
-            let opts = synth::SynthOptions { classes: a.classes, per_class: a.per_class, test: a.test, seed: a.seed, threads: a.threads };
+            let opts = synth::SynthOptions {
+                classes: a.classes,
+                per_class: a.per_class,
+                test: a.test,
+                seed: a.seed,
+                threads: a.threads,
+            };
             let t0 = std::time::Instant::now();
             let total = (opts.classes * opts.per_class + opts.test) as u64;
             let pb = spinner(&format!("synthesising {total} images"));
-            let s = tokio::task::spawn_blocking(move || synth::generate(&opts, &a.out).map(|s| (s, a.out))).await??;
+            let s = tokio::task::spawn_blocking(move || {
+                synth::generate(&opts, &a.out).map(|s| (s, a.out))
+            })
+            .await??;
             pb.finish_and_clear();
             println!(
                 "wrote {} train images in {} classes and {} test images to {} in {:.1} s",
@@ -237,8 +252,14 @@ async fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Data { which: DataCommand::Planktonclas { out, cache, python } } => {
-            let s = planktonclas::fetch(&planktonclas::PlanktonclasOptions { out: out.clone(), cache_dir: cache, python })?;
+        Command::Data {
+            which: DataCommand::Planktonclas { out, cache, python },
+        } => {
+            let s = planktonclas::fetch(&planktonclas::PlanktonclasOptions {
+                out: out.clone(),
+                cache_dir: cache,
+                python,
+            })?;
             println!(
                 "planktonclas {}: {} train + {} test images in {} classes at {}{} (package split: {})",
                 planktonclas::PLANKTONCLAS_VERSION, s.train_images, s.test_images, s.class_names.len(), out.display(),
@@ -249,15 +270,30 @@ async fn main() -> Result<()> {
         Command::Preview(a) => {
             let cfg = a.pipeline.load()?;
             let ds = open_dataset(&a.data)?;
-            let records = if ds.train.is_empty() { &ds.test } else { &ds.train };
+            let records = if ds.train.is_empty() {
+                &ds.test
+            } else {
+                &ds.train
+            };
             let order = pick_spread(records, records.len());
             let picked: Vec<_> = order.iter().map(|&i| records[i].clone()).collect();
-            let opts = PreviewOptions { images: a.images, augmentations: a.augmentations, ..Default::default() };
+            let opts = PreviewOptions {
+                images: a.images,
+                augmentations: a.augmentations,
+                ..Default::default()
+            };
             let s = render_preview(&cfg, &picked, &a.out, &opts)?;
             for (p, why) in &s.skipped {
                 tracing::warn!(path = %p.display(), reason = %why, "not previewed");
             }
-            println!("wrote {} ({}x{} px, {} images x {} augmentations)", a.out.display(), s.width, s.height, s.shown.len(), a.augmentations);
+            println!(
+                "wrote {} ({}x{} px, {} images x {} augmentations)",
+                a.out.display(),
+                s.width,
+                s.height,
+                s.shown.len(),
+                a.augmentations
+            );
             Ok(())
         }
         Command::Warp(a) => warp_one(a),
@@ -267,7 +303,11 @@ async fn main() -> Result<()> {
                 cfg.loader.workers = w;
             }
             let ds = open_dataset(&a.data)?;
-            let records = if ds.train.is_empty() { ds.test } else { ds.train };
+            let records = if ds.train.is_empty() {
+                ds.test
+            } else {
+                ds.train
+            };
             let report = run_loader_bench(&cfg, records, a.epochs).await?;
             print!("{}", report.render());
             Ok(())
@@ -275,7 +315,13 @@ async fn main() -> Result<()> {
         Command::Split(a) => {
             let cfg = a.pipeline.load()?;
             let ds = open_dataset(&a.data)?;
-            write_splits(&ds, &a.out, a.valid_fraction.unwrap_or(cfg.split.valid_fraction), a.seed.unwrap_or(cfg.seed), a.bagging.unwrap_or(cfg.split.bagging))
+            write_splits(
+                &ds,
+                &a.out,
+                a.valid_fraction.unwrap_or(cfg.split.valid_fraction),
+                a.seed.unwrap_or(cfg.seed),
+                a.bagging.unwrap_or(cfg.split.bagging),
+            )
         }
         Command::Zmuv(a) => {
             let cfg = a.pipeline.load()?;
@@ -310,64 +356,118 @@ fn warp_one(a: WarpArgs) -> Result<()> {
     let mut out = vec![0.0f32; patch.pixels()];
     plankton::stages::warp::make_patch(&img, &patch, &aug, &mut out);
     plankton::npy::write_f32(&a.out, &[patch.rows, patch.cols], &out)?;
-    println!("wrote {} ({}x{} float32, source {}x{}, ds {:.4})", a.out.display(), patch.rows, patch.cols, img.height(), img.width(), patch.ds(img.height() as usize, img.width() as usize));
+    println!(
+        "wrote {} ({}x{} float32, source {}x{}, ds {:.4})",
+        a.out.display(),
+        patch.rows,
+        patch.cols,
+        img.height(),
+        img.width(),
+        patch.ds(img.height() as usize, img.width() as usize)
+    );
     Ok(())
 }
 
 /// A spinner for jobs without a known count (hidden when stderr is not a terminal).
 fn spinner(what: &str) -> ProgressBar {
-    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
     pb.set_message(what.to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     pb
 }
 
 fn progress(total: u64, what: &str) -> ProgressBar {
-    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}").unwrap().progress_chars("=> "),
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
+            .unwrap()
+            .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
 }
 
-async fn run_loader_bench(cfg: &PipelineConfig, records: Vec<plankton::sources::ImageRecord>, epochs: u64) -> Result<plankton::data_path::LoaderBenchReport> {
+async fn run_loader_bench(
+    cfg: &PipelineConfig,
+    records: Vec<plankton::sources::ImageRecord>,
+    epochs: u64,
+) -> Result<plankton::data_path::LoaderBenchReport> {
     if records.is_empty() {
         bail!("no images to load");
     }
     let pb = progress(records.len() as u64 * epochs, "loading");
-    let report = plankton::data_path::loader_bench(cfg, Arc::new(records), epochs, |_, n| pb.inc(n as u64)).await?;
+    let report =
+        plankton::data_path::loader_bench(cfg, Arc::new(records), epochs, |_, n| pb.inc(n as u64))
+            .await?;
     pb.finish_and_clear();
     Ok(report)
 }
 
-fn write_splits(ds: &Dataset, out: &Path, valid_fraction: f64, seed: u64, bagging: usize) -> Result<()> {
-    let labels: Vec<u32> = ds.train.iter().map(|r| r.label.expect("train records are labelled")).collect();
+fn write_splits(
+    ds: &Dataset,
+    out: &Path,
+    valid_fraction: f64,
+    seed: u64,
+    bagging: usize,
+) -> Result<()> {
+    let labels: Vec<u32> = ds
+        .train
+        .iter()
+        .map(|r| r.label.expect("train records are labelled"))
+        .collect();
     let splits = plankton::split::stratified_with_bagging(&labels, valid_fraction, seed, bagging)?;
     for (k, s) in splits.iter().enumerate() {
         let path = if k == 0 {
             out.to_path_buf()
         } else {
-            let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "split".into());
+            let stem = out
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "split".into());
             out.with_file_name(format!("{stem}-bag{k}.csv"))
         };
         s.save(ds, &path)?;
-        println!("wrote {} ({} train / {} valid)", path.display(), s.train.len(), s.valid.len());
+        println!(
+            "wrote {} ({} train / {} valid)",
+            path.display(),
+            s.train.len(),
+            s.valid.len()
+        );
     }
     Ok(())
 }
 
 async fn zmuv(cfg: &PipelineConfig, ds: &Dataset, out: &Path) -> Result<()> {
     if ds.train.is_empty() {
-        bail!("{}: no labelled training images to estimate ZMUV on", ds.root.display());
+        bail!(
+            "{}: no labelled training images to estimate ZMUV on",
+            ds.root.display()
+        );
     }
-    let (stats, summary) = plankton::data_path::estimate_zmuv(cfg, Arc::new(ds.train.clone())).await?;
+    let (stats, summary) =
+        plankton::data_path::estimate_zmuv(cfg, Arc::new(ds.train.clone())).await?;
     for f in &summary.failures {
         tracing::warn!(reason = %f.reason, "set aside");
     }
-    stats.save(out).with_context(|| format!("saving {}", out.display()))?;
+    stats
+        .save(out)
+        .with_context(|| format!("saving {}", out.display()))?;
     for (k, z) in stats.inputs.iter().enumerate() {
-        println!("input {k}: mean {:.5} std {:.5} over {} augmented patches -> {}", z.mean, z.std, stats.samples, out.display());
+        println!(
+            "input {k}: mean {:.5} std {:.5} over {} augmented patches -> {}",
+            z.mean,
+            z.std,
+            stats.samples,
+            out.display()
+        );
     }
     Ok(())
 }
@@ -380,20 +480,41 @@ async fn demo(a: DemoArgs) -> Result<()> {
 
     // 1. Synthetic competition-layout data.
     let synth_dir = out.join("synth");
-    let opts = synth::SynthOptions { classes: a.classes, per_class: a.per_class, test: a.classes * 5, seed: 42, threads: 0 };
+    let opts = synth::SynthOptions {
+        classes: a.classes,
+        per_class: a.per_class,
+        test: a.classes * 5,
+        seed: 42,
+        threads: 0,
+    };
     let t0 = std::time::Instant::now();
     let sdir = synth_dir.clone();
     let s = tokio::task::spawn_blocking(move || synth::generate(&opts, &sdir)).await??;
-    println!("[1/5] synthetic data: {} train / {} test images, {} classes -> {} ({:.1} s)", s.train_images, s.test_images, s.class_names.len(), synth_dir.display(), t0.elapsed().as_secs_f64());
+    println!(
+        "[1/5] synthetic data: {} train / {} test images, {} classes -> {} ({:.1} s)",
+        s.train_images,
+        s.test_images,
+        s.class_names.len(),
+        synth_dir.display(),
+        t0.elapsed().as_secs_f64()
+    );
 
     // 2. Real plankton images (optional: needs PyPI).
     let real_dir = out.join("planktonclas");
     let real = if a.no_real_data {
         None
     } else {
-        match planktonclas::fetch(&planktonclas::PlanktonclasOptions::new(&real_dir, out.join("cache"))) {
+        match planktonclas::fetch(&planktonclas::PlanktonclasOptions::new(
+            &real_dir,
+            out.join("cache"),
+        )) {
             Ok(s) => {
-                println!("[2/5] real data: planktonclas {} images in {} classes -> {}", s.train_images + s.test_images, s.class_names.len(), real_dir.display());
+                println!(
+                    "[2/5] real data: planktonclas {} images in {} classes -> {}",
+                    s.train_images + s.test_images,
+                    s.class_names.len(),
+                    real_dir.display()
+                );
                 Some(real_dir.clone())
             }
             Err(e) => {
@@ -404,7 +525,10 @@ async fn demo(a: DemoArgs) -> Result<()> {
     };
 
     // 3. Augmentation previews.
-    for (name, dir) in [("synth", Some(synth_dir.clone())), ("planktonclas", real.clone())] {
+    for (name, dir) in [
+        ("synth", Some(synth_dir.clone())),
+        ("planktonclas", real.clone()),
+    ] {
         let Some(dir) = dir else { continue };
         let ds = open_dataset(&dir)?;
         let order = pick_spread(&ds.train, ds.train.len());
@@ -419,13 +543,22 @@ async fn demo(a: DemoArgs) -> Result<()> {
             border.patches[0].fill = plankton::config::Fill::BorderMedian;
             let png = out.join("preview-planktonclas-border-fill.png");
             render_preview(&border, &picked, &png, &PreviewOptions::default())?;
-            println!("[3/5] same with fill = \"border_median\" -> {}", png.display());
+            println!(
+                "[3/5] same with fill = \"border_median\" -> {}",
+                png.display()
+            );
         }
     }
 
     // 4. Split + ZMUV on the synthetic set.
     let ds = open_dataset(&synth_dir)?;
-    write_splits(&ds, &out.join("split.csv"), cfg.split.valid_fraction, cfg.seed, cfg.split.bagging)?;
+    write_splits(
+        &ds,
+        &out.join("split.csv"),
+        cfg.split.valid_fraction,
+        cfg.seed,
+        cfg.split.bagging,
+    )?;
     zmuv(&cfg, &ds, &out.join("zmuv.json")).await?;
     println!("[4/5] split and ZMUV stats written to {}", out.display());
 

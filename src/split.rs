@@ -13,7 +13,10 @@ use crate::sources::Dataset;
 #[derive(Debug, thiserror::Error)]
 pub enum SplitError {
     #[error("{path}: cannot read/write split file: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid split file: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("valid fraction must be in [0, 1), got {0}")]
@@ -30,7 +33,12 @@ pub struct Split {
 /// Holds out `valid_fraction` of every class (rounded; at least one image of any class with two
 /// or more, so every class is validated). `key` selects independent splits from one seed
 /// (0 = the main split, 1.. = bagging splits).
-pub fn stratified(labels: &[u32], valid_fraction: f64, seed: u64, key: u64) -> Result<Split, SplitError> {
+pub fn stratified(
+    labels: &[u32],
+    valid_fraction: f64,
+    seed: u64,
+    key: u64,
+) -> Result<Split, SplitError> {
     if !(0.0..1.0).contains(&valid_fraction) {
         return Err(SplitError::BadFraction(valid_fraction));
     }
@@ -65,12 +73,17 @@ pub fn stratified_with_bagging(
     seed: u64,
     bagging: usize,
 ) -> Result<Vec<Split>, SplitError> {
-    (0..=bagging as u64).map(|k| stratified(labels, valid_fraction, seed, k)).collect()
+    (0..=bagging as u64)
+        .map(|k| stratified(labels, valid_fraction, seed, k))
+        .collect()
 }
 
 fn relative(ds: &Dataset, i: usize) -> String {
     let p = &ds.train[i].path;
-    p.strip_prefix(&ds.root).unwrap_or(p).to_string_lossy().replace('\\', "/")
+    p.strip_prefix(&ds.root)
+        .unwrap_or(p)
+        .to_string_lossy()
+        .replace('\\', "/")
 }
 
 impl Split {
@@ -80,10 +93,16 @@ impl Split {
         rows.sort();
         let mut text = String::from("path,class,subset\n");
         for (i, subset) in rows {
-            let class = ds.train[i].label.map(|l| ds.class_names[l as usize].as_str()).unwrap_or("");
+            let class = ds.train[i]
+                .label
+                .map(|l| ds.class_names[l as usize].as_str())
+                .unwrap_or("");
             text.push_str(&format!("{},{},{}\n", relative(ds, i), class, subset));
         }
-        let io = |source| SplitError::Io { path: path.to_path_buf(), source };
+        let io = |source| SplitError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
@@ -94,24 +113,41 @@ impl Split {
 
     /// Loads a split for `ds`; every listed path must exist in the dataset.
     pub fn load(ds: &Dataset, path: &Path) -> Result<Split, SplitError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SplitError::Io { path: path.to_path_buf(), source })?;
-        let invalid = |reason: String| SplitError::Invalid { path: path.to_path_buf(), reason };
-        let index: HashMap<String, usize> = (0..ds.train.len()).map(|i| (relative(ds, i), i)).collect();
+        let text = std::fs::read_to_string(path).map_err(|source| SplitError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |reason: String| SplitError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let index: HashMap<String, usize> =
+            (0..ds.train.len()).map(|i| (relative(ds, i), i)).collect();
         let mut lines = text.lines();
         if lines.next().map(str::trim) != Some("path,class,subset") {
             return Err(invalid("expected header `path,class,subset`".into()));
         }
-        let mut split = Split { train: Vec::new(), valid: Vec::new() };
+        let mut split = Split {
+            train: Vec::new(),
+            valid: Vec::new(),
+        };
         for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let cols: Vec<&str> = line.split(',').collect();
             let [p, _class, subset] = cols[..] else {
                 return Err(invalid(format!("line {}: expected 3 columns", n + 2)));
             };
-            let &i = index.get(p).ok_or_else(|| invalid(format!("line {}: `{p}` is not in the dataset", n + 2)))?;
+            let &i = index
+                .get(p)
+                .ok_or_else(|| invalid(format!("line {}: `{p}` is not in the dataset", n + 2)))?;
             match subset {
                 "train" => split.train.push(i),
                 "valid" => split.valid.push(i),
-                s => return Err(invalid(format!("line {}: subset `{s}` is not train/valid", n + 2))),
+                s => {
+                    return Err(invalid(format!(
+                        "line {}: subset `{s}` is not train/valid",
+                        n + 2
+                    )))
+                }
             }
         }
         split.train.sort_unstable();
@@ -125,7 +161,17 @@ mod tests {
     use super::*;
 
     fn labels() -> Vec<u32> {
-        (0..300u32).map(|i| if i < 200 { 0 } else if i < 290 { 1 } else { 2 }).collect()
+        (0..300u32)
+            .map(|i| {
+                if i < 200 {
+                    0
+                } else if i < 290 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect()
     }
 
     #[test]
@@ -133,7 +179,10 @@ mod tests {
         let l = labels();
         let s = stratified(&l, 0.1, 7, 0).unwrap();
         let count = |v: &[usize], c| v.iter().filter(|&&i| l[i] == c).count();
-        assert_eq!((count(&s.valid, 0), count(&s.valid, 1), count(&s.valid, 2)), (20, 9, 1));
+        assert_eq!(
+            (count(&s.valid, 0), count(&s.valid, 1), count(&s.valid, 2)),
+            (20, 9, 1)
+        );
         assert_eq!(s.train.len() + s.valid.len(), 300);
         let mut all: Vec<usize> = s.train.iter().chain(&s.valid).copied().collect();
         all.sort();
@@ -144,7 +193,10 @@ mod tests {
     #[test]
     fn seeded_and_distinct_per_key() {
         let l = labels();
-        assert_eq!(stratified(&l, 0.1, 7, 0).unwrap(), stratified(&l, 0.1, 7, 0).unwrap());
+        assert_eq!(
+            stratified(&l, 0.1, 7, 0).unwrap(),
+            stratified(&l, 0.1, 7, 0).unwrap()
+        );
         let bags = stratified_with_bagging(&l, 0.1, 7, 3).unwrap();
         assert_eq!(bags.len(), 4);
         assert_ne!(bags[0].valid, bags[1].valid);

@@ -535,12 +535,20 @@ impl WorkerCtx {
 
 /// Runs one item's work, turning a panic (a decoder bug on hostile input, say) into a Failure of
 /// that item: a worker that died would leave a hole in the sequence and stall the pipeline.
-fn guarded<T>(path: &std::path::Path, stage: &str, work: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
+fn guarded<T>(
+    path: &std::path::Path,
+    stage: &str,
+    work: impl FnOnce() -> Result<T, Failure>,
+) -> Result<T, Failure> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|p| {
         Err(Failure {
             path: path.to_path_buf(),
             kind: "panic",
-            reason: format!("{}: {stage} stage panicked: {}", path.display(), panic_message(p)),
+            reason: format!(
+                "{}: {stage} stage panicked: {}",
+                path.display(),
+                panic_message(p)
+            ),
         })
     })
 }
@@ -646,10 +654,16 @@ mod tests {
 
     #[test]
     fn a_panicking_item_becomes_a_named_failure() {
-        let r: Result<(), Failure> = guarded(std::path::Path::new("/data/x.jpg"), "decode", || panic!("bad huffman table"));
+        let r: Result<(), Failure> = guarded(std::path::Path::new("/data/x.jpg"), "decode", || {
+            panic!("bad huffman table")
+        });
         let f = r.unwrap_err();
         assert_eq!(f.kind, "panic");
-        assert!(f.reason.contains("/data/x.jpg") && f.reason.contains("bad huffman table"), "{}", f.reason);
+        assert!(
+            f.reason.contains("/data/x.jpg") && f.reason.contains("bad huffman table"),
+            "{}",
+            f.reason
+        );
         let ok: Result<u8, Failure> = guarded(std::path::Path::new("y"), "warp", || Ok(3));
         assert_eq!(ok.unwrap(), 3);
     }
@@ -662,6 +676,9 @@ mod tests {
         let mut s = a.clone();
         s.sort();
         assert_eq!(s, (0..50).collect::<Vec<_>>());
-        assert_eq!(epoch_order(SamplePlan::Ordered { epochs: 1 }, 1, 3, 4), vec![0, 1, 2, 3]);
+        assert_eq!(
+            epoch_order(SamplePlan::Ordered { epochs: 1 }, 1, 3, 4),
+            vec![0, 1, 2, 3]
+        );
     }
 }

@@ -16,7 +16,8 @@ fn root() -> PathBuf {
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
@@ -25,23 +26,39 @@ fn run_ok(cmd: &mut Command) -> String {
 /// difference allowed is our JPEG decoder's rounding (at most one grey level, 1/255).
 #[test]
 fn warp_command_matches_scikit_image_cases() {
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/warp/cases.json")).unwrap()).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_slice(
+        &std::fs::read(root().join("tests/fixtures/warp/cases.json")).unwrap(),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut checked = 0;
     for case in cases.iter().filter(|c| c["out_rows"] == c["out_cols"]) {
         let name = case["name"].as_str().unwrap();
         let size = case["out_rows"].as_u64().unwrap();
-        let stem = case["source"].as_str().unwrap().trim_end_matches(".src.npy");
+        let stem = case["source"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches(".src.npy");
         let ds = case["ds"].as_f64().unwrap();
         let out = dir.path().join(format!("{name}.npy"));
         let mut cmd = bin();
-        cmd.arg("warp").arg("--input").arg(root().join(format!("tests/fixtures/images/{stem}.jpg"))).arg("--out").arg(&out);
+        cmd.arg("warp")
+            .arg("--input")
+            .arg(root().join(format!("tests/fixtures/images/{stem}.jpg")))
+            .arg("--out")
+            .arg(&out);
         cmd.args(["--size", &size.to_string()]);
         if name.starts_with("fix") {
             cmd.args(["--ds", &ds.to_string()]);
         }
-        for (flag, key) in [("--rotation", "rotation_deg"), ("--shift-x", "shift_x"), ("--shift-y", "shift_y"), ("--zoom", "zoom"), ("--stretch", "stretch"), ("--shear", "shear_deg")] {
+        for (flag, key) in [
+            ("--rotation", "rotation_deg"),
+            ("--shift-x", "shift_x"),
+            ("--shift-y", "shift_y"),
+            ("--zoom", "zoom"),
+            ("--stretch", "stretch"),
+            ("--shear", "shear_deg"),
+        ] {
             cmd.args([flag, &case[key].as_f64().unwrap().to_string()]);
         }
         if case["flip"].as_bool().unwrap() {
@@ -49,10 +66,20 @@ fn warp_command_matches_scikit_image_cases() {
         }
         run_ok(&mut cmd);
         let ours = npy::read(&out).unwrap();
-        let want = npy::read(&root().join("tests/fixtures/warp").join(case["expected"].as_str().unwrap())).unwrap();
+        let want = npy::read(
+            &root()
+                .join("tests/fixtures/warp")
+                .join(case["expected"].as_str().unwrap()),
+        )
+        .unwrap();
         assert_eq!(ours.dtype, "<f4");
         assert_eq!(ours.shape, want.shape, "{name}");
-        let max = ours.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let max = ours
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         assert!(max <= 1.0 / 255.0 + 1e-6, "{name}: max difference {max}");
         checked += 1;
     }
@@ -63,21 +90,57 @@ fn warp_command_matches_scikit_image_cases() {
 fn synth_split_preview_and_zmuv_commands() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let text = run_ok(bin().args(["synth", "--classes", "5", "--per-class", "12", "--test", "7", "--seed", "3", "--out"]).arg(&data));
-    assert!(text.contains("60 train images in 5 classes and 7 test images"), "{text}");
+    let text = run_ok(
+        bin()
+            .args([
+                "synth",
+                "--classes",
+                "5",
+                "--per-class",
+                "12",
+                "--test",
+                "7",
+                "--seed",
+                "3",
+                "--out",
+            ])
+            .arg(&data),
+    );
+    assert!(
+        text.contains("60 train images in 5 classes and 7 test images"),
+        "{text}"
+    );
 
     let split = dir.path().join("split.csv");
-    run_ok(bin().args(["split", "--bagging", "2", "--data"]).arg(&data).arg("--out").arg(&split));
+    run_ok(
+        bin()
+            .args(["split", "--bagging", "2", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&split),
+    );
     let rows = std::fs::read_to_string(&split).unwrap();
     assert_eq!(rows.lines().count(), 61);
-    assert_eq!(rows.lines().filter(|l| l.ends_with(",valid")).count(), 5, "one per class at 10% of 12");
-    assert!(dir.path().join("split-bag1.csv").is_file() && dir.path().join("split-bag2.csv").is_file());
+    assert_eq!(
+        rows.lines().filter(|l| l.ends_with(",valid")).count(),
+        5,
+        "one per class at 10% of 12"
+    );
+    assert!(
+        dir.path().join("split-bag1.csv").is_file() && dir.path().join("split-bag2.csv").is_file()
+    );
     let ds = plankton::sources::Dataset::open(&data).unwrap();
     let loaded = plankton::split::Split::load(&ds, &split).unwrap();
     assert_eq!(loaded.valid.len(), 5);
 
     let png = dir.path().join("preview.png");
-    run_ok(bin().args(["preview", "--images", "4", "--augmentations", "3", "--data"]).arg(&data).arg("--out").arg(&png));
+    run_ok(
+        bin()
+            .args(["preview", "--images", "4", "--augmentations", "3", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&png),
+    );
     let img = image::open(&png).unwrap();
     assert_eq!(img.height(), 4 * (96 + 4) + 4);
     assert_eq!(img.width(), 4 * 96 + 5 * 4 + 8);
@@ -85,7 +148,15 @@ fn synth_split_preview_and_zmuv_commands() {
     let zmuv = dir.path().join("zmuv.json");
     let pipeline = dir.path().join("p.toml");
     std::fs::write(&pipeline, "[zmuv]\nsamples = 100\n").unwrap();
-    run_ok(bin().args(["zmuv", "--data"]).arg(&data).arg("--out").arg(&zmuv).arg("--pipeline").arg(&pipeline));
+    run_ok(
+        bin()
+            .args(["zmuv", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&zmuv)
+            .arg("--pipeline")
+            .arg(&pipeline),
+    );
     let stats = plankton::stages::normalise::ZmuvStats::load(&zmuv).unwrap();
     assert_eq!(stats.samples, 100);
     assert!(stats.inputs[0].mean > 0.0 && stats.inputs[0].std > 0.0);
@@ -93,19 +164,41 @@ fn synth_split_preview_and_zmuv_commands() {
 
 #[test]
 fn bad_arguments_get_clear_errors() {
-    let out = bin().args(["loader-bench", "--data", "/nonexistent/plankton"]).output().unwrap();
+    let out = bin()
+        .args(["loader-bench", "--data", "/nonexistent/plankton"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/plankton") && err.contains("no such folder"), "{err}");
+    assert!(
+        err.contains("/nonexistent/plankton") && err.contains("no such folder"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
     std::fs::write(&p, "[augment]\nzoom = [0.0, 2.0]\n").unwrap();
-    let out = bin().args(["loader-bench", "--data", "."]).arg("--pipeline").arg(&p).output().unwrap();
+    let out = bin()
+        .args(["loader-bench", "--data", "."])
+        .arg("--pipeline")
+        .arg(&p)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("bad.toml") && err.contains("zoom"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("bad.toml") && err.contains("zoom"),
+        "{err}"
+    );
 
-    let out = bin().args(["warp", "--input"]).arg(dir.path().join("missing.jpg")).args(["--out", "x.npy"]).output().unwrap();
+    let out = bin()
+        .args(["warp", "--input"])
+        .arg(dir.path().join("missing.jpg"))
+        .args(["--out", "x.npy"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("missing.jpg"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("missing.jpg"),
+        "{err}"
+    );
 }

@@ -9,7 +9,13 @@ use plankton::topology::{Loader, LoaderSpec, SamplePlan};
 
 fn dataset(classes: usize, per_class: usize) -> (tempfile::TempDir, Dataset) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = synth::SynthOptions { classes, per_class, test: 0, seed: 5, threads: 0 };
+    let opts = synth::SynthOptions {
+        classes,
+        per_class,
+        test: 0,
+        seed: 5,
+        threads: 0,
+    };
     synth::generate(&opts, dir.path()).unwrap();
     let ds = Dataset::open(dir.path()).unwrap();
     (dir, ds)
@@ -30,13 +36,32 @@ fn small_cfg(workers: usize) -> PipelineConfig {
 /// (epoch, number, labels, record indices, raw bits of every input) per batch.
 type Snapshot = Vec<(u64, u64, Vec<i64>, Vec<usize>, Vec<Vec<u32>>)>;
 
-async fn run(cfg: &PipelineConfig, records: Arc<Vec<ImageRecord>>, plan: SamplePlan, augment: bool) -> Snapshot {
-    let spec = LoaderSpec { records, plan, augment, zmuv: None, first_epoch: 0 };
+async fn run(
+    cfg: &PipelineConfig,
+    records: Arc<Vec<ImageRecord>>,
+    plan: SamplePlan,
+    augment: bool,
+) -> Snapshot {
+    let spec = LoaderSpec {
+        records,
+        plan,
+        augment,
+        zmuv: None,
+        first_epoch: 0,
+    };
     let mut loader = Loader::spawn(cfg, spec).unwrap();
     let mut out = Vec::new();
     while let Some(b) = loader.next_batch().await {
-        let inputs = (0..b.shapes.len()).map(|k| b.input(k).iter().map(|v| v.to_bits()).collect()).collect();
-        out.push((b.epoch, b.number, b.labels.clone(), b.record_indices.clone(), inputs));
+        let inputs = (0..b.shapes.len())
+            .map(|k| b.input(k).iter().map(|v| v.to_bits()).collect())
+            .collect();
+        out.push((
+            b.epoch,
+            b.number,
+            b.labels.clone(),
+            b.record_indices.clone(),
+            inputs,
+        ));
     }
     let summary = loader.finish().await.unwrap();
     assert!(summary.failures.is_empty(), "{:?}", summary.failures);
@@ -52,32 +77,62 @@ async fn batches_are_identical_for_any_worker_count() {
     let two = run(&small_cfg(2), records.clone(), plan, true).await;
     let five = run(&small_cfg(5), records.clone(), plan, true).await;
     assert_eq!(one.len(), 2 * 36usize.div_ceil(8));
-    assert!(one == two && two == five, "worker count changed the batches");
+    assert!(
+        one == two && two == five,
+        "worker count changed the batches"
+    );
     // Epochs differ in order and augmentation.
-    let e0: Vec<usize> = one.iter().filter(|b| b.0 == 0).flat_map(|b| b.3.clone()).collect();
-    let e1: Vec<usize> = one.iter().filter(|b| b.0 == 1).flat_map(|b| b.3.clone()).collect();
+    let e0: Vec<usize> = one
+        .iter()
+        .filter(|b| b.0 == 0)
+        .flat_map(|b| b.3.clone())
+        .collect();
+    let e1: Vec<usize> = one
+        .iter()
+        .filter(|b| b.0 == 1)
+        .flat_map(|b| b.3.clone())
+        .collect();
     assert_ne!(e0, e1);
     let mut sorted = e0.clone();
     sorted.sort();
-    assert_eq!(sorted, (0..36).collect::<Vec<_>>(), "each record once per epoch");
+    assert_eq!(
+        sorted,
+        (0..36).collect::<Vec<_>>(),
+        "each record once per epoch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordered_plan_preserves_listing_order_and_handles_the_partial_batch() {
     let (_dir, ds) = dataset(2, 5);
     let records = Arc::new(ds.train.clone());
-    let batches = run(&small_cfg(3), records.clone(), SamplePlan::Ordered { epochs: 1 }, false).await;
+    let batches = run(
+        &small_cfg(3),
+        records.clone(),
+        SamplePlan::Ordered { epochs: 1 },
+        false,
+    )
+    .await;
     let sizes: Vec<usize> = batches.iter().map(|b| b.3.len()).collect();
     assert_eq!(sizes, vec![8, 2]);
     let order: Vec<usize> = batches.iter().flat_map(|b| b.3.clone()).collect();
     assert_eq!(order, (0..10).collect::<Vec<_>>());
     let labels: Vec<i64> = batches.iter().flat_map(|b| b.2.clone()).collect();
-    assert_eq!(labels, records.iter().map(|r| r.label.unwrap() as i64).collect::<Vec<_>>());
+    assert_eq!(
+        labels,
+        records
+            .iter()
+            .map(|r| r.label.unwrap() as i64)
+            .collect::<Vec<_>>()
+    );
 
     let mut cfg = small_cfg(2);
     cfg.batch.drop_last = true;
     let dropped = run(&cfg, records, SamplePlan::Ordered { epochs: 1 }, false).await;
-    assert_eq!(dropped.iter().map(|b| b.3.len()).collect::<Vec<_>>(), vec![8]);
+    assert_eq!(
+        dropped.iter().map(|b| b.3.len()).collect::<Vec<_>>(),
+        vec![8]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,11 +141,19 @@ async fn zmuv_estimate_normalises_augmented_batches() {
     let mut cfg = small_cfg(2);
     cfg.zmuv.samples = 200;
     let records = Arc::new(ds.train.clone());
-    let (stats, summary) = plankton::data_path::estimate_zmuv(&cfg, records.clone()).await.unwrap();
+    let (stats, summary) = plankton::data_path::estimate_zmuv(&cfg, records.clone())
+        .await
+        .unwrap();
     assert_eq!(summary.samples, 200);
     let z = stats.inputs[0];
     assert!(z.mean > 0.0 && z.mean < 1.0 && z.std > 0.0, "{z:?}");
-    let spec = LoaderSpec { records, plan: SamplePlan::Shuffled { epochs: 3 }, augment: true, zmuv: Some(stats.inputs.clone()), first_epoch: 7 };
+    let spec = LoaderSpec {
+        records,
+        plan: SamplePlan::Shuffled { epochs: 3 },
+        augment: true,
+        zmuv: Some(stats.inputs.clone()),
+        first_epoch: 7,
+    };
     let mut loader = Loader::spawn(&cfg, spec).unwrap();
     let (mut n, mut sum, mut sumsq) = (0f64, 0f64, 0f64);
     while let Some(b) = loader.next_batch().await {
@@ -103,19 +166,31 @@ async fn zmuv_estimate_normalises_augmented_batches() {
     loader.finish().await.unwrap();
     let mean = sum / n;
     let std = (sumsq / n - mean * mean).sqrt();
-    assert!(mean.abs() < 0.1 && (std - 1.0).abs() < 0.1, "normalised mean {mean} std {std}");
+    assert!(
+        mean.abs() < 0.1 && (std - 1.0).abs() < 0.1,
+        "normalised mean {mean} std {std}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_may_stop_early_without_hanging() {
     let (_dir, ds) = dataset(2, 20);
     let cfg = small_cfg(2);
-    let spec = LoaderSpec { records: Arc::new(ds.train.clone()), plan: SamplePlan::Shuffled { epochs: 50 }, augment: true, zmuv: None, first_epoch: 0 };
+    let spec = LoaderSpec {
+        records: Arc::new(ds.train.clone()),
+        plan: SamplePlan::Shuffled { epochs: 50 },
+        augment: true,
+        zmuv: None,
+        first_epoch: 0,
+    };
     let mut loader = Loader::spawn(&cfg, spec).unwrap();
     let first = loader.next_batch().await.unwrap();
     assert_eq!(first.len, 8);
     drop(first);
-    let summary = tokio::time::timeout(std::time::Duration::from_secs(20), loader.finish()).await.expect("finish hung").unwrap();
+    let summary = tokio::time::timeout(std::time::Duration::from_secs(20), loader.finish())
+        .await
+        .expect("finish hung")
+        .unwrap();
     assert!(summary.samples < 50 * 40, "pipeline stopped early");
 }
 
@@ -123,8 +198,17 @@ async fn consumer_may_stop_early_without_hanging() {
 async fn multiscale_batches_carry_one_tensor_per_input() {
     let (_dir, ds) = dataset(2, 4);
     let mut cfg = small_cfg(2);
-    cfg.patches = vec![PatchConfig::size_normalised(95, 85.0), PatchConfig::fixed_scale(47, 5.0)];
-    let spec = LoaderSpec { records: Arc::new(ds.train.clone()), plan: SamplePlan::Ordered { epochs: 1 }, augment: true, zmuv: None, first_epoch: 0 };
+    cfg.patches = vec![
+        PatchConfig::size_normalised(95, 85.0),
+        PatchConfig::fixed_scale(47, 5.0),
+    ];
+    let spec = LoaderSpec {
+        records: Arc::new(ds.train.clone()),
+        plan: SamplePlan::Ordered { epochs: 1 },
+        augment: true,
+        zmuv: None,
+        first_epoch: 0,
+    };
     let mut loader = Loader::spawn(&cfg, spec).unwrap();
     let b = loader.next_batch().await.unwrap();
     assert_eq!(b.input_tensor(0).size(), vec![8, 1, 95, 95]);

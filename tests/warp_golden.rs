@@ -16,7 +16,11 @@ fn fixtures() -> PathBuf {
 fn load_u8(path: &Path) -> (Vec<u8>, usize, usize) {
     let a = npy::read(path).unwrap();
     assert_eq!(a.dtype, "|u1", "{}", path.display());
-    (a.data.iter().map(|&v| v as u8).collect(), a.shape[0], a.shape[1])
+    (
+        a.data.iter().map(|&v| v as u8).collect(),
+        a.shape[0],
+        a.shape[1],
+    )
 }
 
 #[test]
@@ -45,16 +49,32 @@ fn matches_scikit_image_on_real_plankton() {
         for r in 0..2 {
             for c in 0..3 {
                 let w = want_m[r][c].as_f64().unwrap();
-                assert!((m.m[r][c] - w).abs() < 1e-9, "{name}: matrix[{r}][{c}] {} vs {w}", m.m[r][c]);
+                assert!(
+                    (m.m[r][c] - w).abs() < 1e-9,
+                    "{name}: matrix[{r}][{c}] {} vs {w}",
+                    m.m[r][c]
+                );
             }
         }
         let mut out = vec![f32::NAN; out_rows * out_cols];
-        warp_inverted(&GrayView::new(&src, rows, cols), &m, &mut out, out_rows, out_cols, 0.0);
+        warp_inverted(
+            &GrayView::new(&src, rows, cols),
+            &m,
+            &mut out,
+            out_rows,
+            out_cols,
+            0.0,
+        );
         let want = npy::read(&fixtures().join(case["expected"].as_str().unwrap())).unwrap();
         assert_eq!(want.shape, vec![out_rows, out_cols], "{name}");
         for (i, (&a, &b)) in out.iter().zip(&want.data).enumerate() {
             let d = (a as f64 - b).abs();
-            assert!(d < 1e-5, "{name}: pixel ({}, {}) ours {a} skimage {b}", i / out_cols, i % out_cols);
+            assert!(
+                d < 1e-5,
+                "{name}: pixel ({}, {}) ours {a} skimage {b}",
+                i / out_cols,
+                i % out_cols
+            );
             if d > worst.0 {
                 worst = (d, name.to_string());
             }
@@ -69,7 +89,14 @@ fn identity_transform_reproduces_the_inverted_image() {
     let m = patch_transform(rows, cols, rows, cols, 1.0, &Augmentation::IDENTITY);
     assert_eq!(m, Affine::IDENTITY);
     let mut out = vec![0.0; rows * cols];
-    warp_inverted(&GrayView::new(&src, rows, cols), &m, &mut out, rows, cols, 0.0);
+    warp_inverted(
+        &GrayView::new(&src, rows, cols),
+        &m,
+        &mut out,
+        rows,
+        cols,
+        0.0,
+    );
     for (o, &s) in out.iter().zip(&src) {
         assert!((o - (1.0 - s as f32 / 255.0)).abs() < 1e-6);
     }
@@ -77,7 +104,9 @@ fn identity_transform_reproduces_the_inverted_image() {
 
 /// numpy's rot90 (counter-clockwise): out[r][c] = in[c][W-1-r].
 fn rot90(src: &[u8], n: usize) -> Vec<u8> {
-    (0..n * n).map(|i| src[(i % n) * n + (n - 1 - i / n)]).collect()
+    (0..n * n)
+        .map(|i| src[(i % n) * n + (n - 1 - i / n)])
+        .collect()
 }
 
 #[test]
@@ -88,18 +117,32 @@ fn rotation_by_90_degrees_is_exact_array_rotation() {
     let mut expect = square.clone();
     for quarter in 1..=3 {
         expect = rot90(&expect, n);
-        let aug = Augmentation { rotation_deg: 90.0 * quarter as f64, ..Augmentation::IDENTITY };
+        let aug = Augmentation {
+            rotation_deg: 90.0 * quarter as f64,
+            ..Augmentation::IDENTITY
+        };
         let m = patch_transform(n, n, n, n, 1.0, &aug);
         let mut out = vec![0.0; n * n];
         warp_inverted(&GrayView::new(&square, n, n), &m, &mut out, n, n, 0.0);
         for (i, (o, &e)) in out.iter().zip(&expect).enumerate() {
-            assert!((o - (1.0 - e as f32 / 255.0)).abs() < 1e-5, "rot {quarter}x90 pixel {i}: {o} vs {e}");
+            assert!(
+                (o - (1.0 - e as f32 / 255.0)).abs() < 1e-5,
+                "rot {quarter}x90 pixel {i}: {o} vs {e}"
+            );
         }
     }
 }
 
 /// Independent naive sampler: four neighbours, each `fill` when outside.
-fn naive(src: &[u8], rows: usize, cols: usize, m: &Affine, out_rows: usize, out_cols: usize, fill: f64) -> Vec<f64> {
+fn naive(
+    src: &[u8],
+    rows: usize,
+    cols: usize,
+    m: &Affine,
+    out_rows: usize,
+    out_cols: usize,
+    fill: f64,
+) -> Vec<f64> {
     let px = |r: f64, c: f64| {
         if r < 0.0 || c < 0.0 || r >= rows as f64 || c >= cols as f64 {
             fill

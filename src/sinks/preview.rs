@@ -37,7 +37,11 @@ pub struct PreviewOptions {
 
 impl Default for PreviewOptions {
     fn default() -> Self {
-        PreviewOptions { images: 8, augmentations: 7, cell: 96 }
+        PreviewOptions {
+            images: 8,
+            augmentations: 7,
+            cell: 96,
+        }
     }
 }
 
@@ -89,8 +93,14 @@ pub fn render_preview(
         }
     }
     if rows.is_empty() {
-        let first = skipped.first().map(|(_, e)| e.clone()).unwrap_or_else(|| "no images".into());
-        return Err(PreviewError::NothingToShow { tried: skipped.len(), first });
+        let first = skipped
+            .first()
+            .map(|(_, e)| e.clone())
+            .unwrap_or_else(|| "no images".into());
+        return Err(PreviewError::NothingToShow {
+            tried: skipped.len(),
+            first,
+        });
     }
     let patch = &cfg.patches[0];
     let gap = 4u32;
@@ -102,7 +112,8 @@ pub fn render_preview(
     {
         let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
         let draw_err = |e: &dyn std::fmt::Display| PreviewError::Draw(e.to_string());
-        root.fill(&RGBColor(236, 236, 236)).map_err(|e| draw_err(&e))?;
+        root.fill(&RGBColor(236, 236, 236))
+            .map_err(|e| draw_err(&e))?;
         for (row, (index, img)) in rows.iter().enumerate() {
             let y0 = gap + row as u32 * (cell + gap);
             // Original, scaled to fit the cell (nearest neighbour: the preview shows pixels).
@@ -115,21 +126,29 @@ pub fn render_preview(
                     let sx = ((x as f64 / scale) as u32).min(w - 1);
                     let sy = ((y as f64 / scale) as u32).min(h - 1);
                     let v = img.get_pixel(sx, sy).0[0];
-                    root.draw_pixel(((ox + x) as i32, (oy + y) as i32), &RGBColor(v, v, v)).map_err(|e| draw_err(&e))?;
+                    root.draw_pixel(((ox + x) as i32, (oy + y) as i32), &RGBColor(v, v, v))
+                        .map_err(|e| draw_err(&e))?;
                 }
             }
             // Augmented patches, drawn at the cell size.
             let mut patch_buf = vec![0.0f32; patch.pixels()];
             for k in 0..opts.augmentations {
-                let aug = augmentation_for(&cfg.augment, cfg.seed, 0, (*index * opts.augmentations + k) as u64);
+                let aug = augmentation_for(
+                    &cfg.augment,
+                    cfg.seed,
+                    0,
+                    (*index * opts.augmentations + k) as u64,
+                );
                 make_patch(img, patch, &aug, &mut patch_buf);
                 let x0 = 3 * gap + (k as u32 + 1) * (cell + gap);
                 for y in 0..cell {
                     for x in 0..cell {
                         let pr = (y as usize * patch.rows) / cell as usize;
                         let pc = (x as usize * patch.cols) / cell as usize;
-                        let v = ((1.0 - patch_buf[pr * patch.cols + pc]).clamp(0.0, 1.0) * 255.0).round() as u8;
-                        root.draw_pixel(((x0 + x) as i32, (y0 + y) as i32), &RGBColor(v, v, v)).map_err(|e| draw_err(&e))?;
+                        let v = ((1.0 - patch_buf[pr * patch.cols + pc]).clamp(0.0, 1.0) * 255.0)
+                            .round() as u8;
+                        root.draw_pixel(((x0 + x) as i32, (y0 + y) as i32), &RGBColor(v, v, v))
+                            .map_err(|e| draw_err(&e))?;
                     }
                 }
             }
@@ -138,9 +157,20 @@ pub fn render_preview(
     }
     let img = image::RgbImage::from_raw(width, height, buf).expect("buffer size");
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| PreviewError::Write { path: out.to_path_buf(), reason: e.to_string() })?;
+        std::fs::create_dir_all(dir).map_err(|e| PreviewError::Write {
+            path: out.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     }
     img.save_with_format(out, image::ImageFormat::Png)
-        .map_err(|e| PreviewError::Write { path: out.to_path_buf(), reason: e.to_string() })?;
-    Ok(PreviewSummary { shown: rows.iter().map(|(i, _)| records[*i].path.clone()).collect(), skipped, width, height })
+        .map_err(|e| PreviewError::Write {
+            path: out.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(PreviewSummary {
+        shown: rows.iter().map(|(i, _)| records[*i].path.clone()).collect(),
+        skipped,
+        width,
+        height,
+    })
 }
