@@ -3,11 +3,38 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::path::{Path, PathBuf};
+
 use crate::config::PipelineConfig;
+use crate::sources::Dataset;
 use crate::sources::ImageRecord;
-use crate::stages::normalise::{ZmuvAccumulator, ZmuvStats};
+use crate::stages::normalise::{NormaliseError, ZmuvAccumulator, ZmuvStats};
 use crate::telemetry::{self, StageTotals};
 use crate::topology::{Loader, LoaderError, LoaderSpec, LoaderSummary, SamplePlan};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPathError {
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Normalise(#[from] NormaliseError),
+    #[error("{0}: no labelled training images to estimate ZMUV on")]
+    NoTrainingImages(PathBuf),
+}
+
+/// Estimates ZMUV on the training images of `ds` and saves the stats to `out`.
+pub async fn estimate_and_save_zmuv(
+    cfg: &PipelineConfig,
+    ds: &Dataset,
+    out: &Path,
+) -> Result<(ZmuvStats, LoaderSummary), DataPathError> {
+    if ds.train.is_empty() {
+        return Err(DataPathError::NoTrainingImages(ds.root.clone()));
+    }
+    let (stats, summary) = estimate_zmuv(cfg, Arc::new(ds.train.clone())).await?;
+    stats.save(out)?;
+    Ok((stats, summary))
+}
 
 /// Estimates the global mean/std per network input on `cfg.zmuv.samples` augmented training
 /// patches drawn with replacement (the reference's chunk), through the same loader as training.

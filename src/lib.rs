@@ -1,6 +1,7 @@
 //! plankton: plankton image classification as a streaming pipeline.
 pub mod config;
 pub mod data_path;
+pub mod demo;
 pub mod imgproc;
 pub mod npy;
 pub mod rng;

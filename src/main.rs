@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use plankton::config::PipelineConfig;
@@ -418,48 +418,23 @@ fn write_splits(
     seed: u64,
     bagging: usize,
 ) -> Result<()> {
-    let labels: Vec<u32> = ds
-        .train
-        .iter()
-        .map(|r| r.label.expect("train records are labelled"))
-        .collect();
-    let splits = plankton::split::stratified_with_bagging(&labels, valid_fraction, seed, bagging)?;
-    for (k, s) in splits.iter().enumerate() {
-        let path = if k == 0 {
-            out.to_path_buf()
-        } else {
-            let stem = out
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "split".into());
-            out.with_file_name(format!("{stem}-bag{k}.csv"))
-        };
-        s.save(ds, &path)?;
+    for (path, split) in plankton::split::write_split_files(ds, out, valid_fraction, seed, bagging)?
+    {
         println!(
             "wrote {} ({} train / {} valid)",
             path.display(),
-            s.train.len(),
-            s.valid.len()
+            split.train.len(),
+            split.valid.len()
         );
     }
     Ok(())
 }
 
 async fn zmuv(cfg: &PipelineConfig, ds: &Dataset, out: &Path) -> Result<()> {
-    if ds.train.is_empty() {
-        bail!(
-            "{}: no labelled training images to estimate ZMUV on",
-            ds.root.display()
-        );
-    }
-    let (stats, summary) =
-        plankton::data_path::estimate_zmuv(cfg, Arc::new(ds.train.clone())).await?;
+    let (stats, summary) = plankton::data_path::estimate_and_save_zmuv(cfg, ds, out).await?;
     for f in &summary.failures {
         tracing::warn!(reason = %f.reason, "set aside");
     }
-    stats
-        .save(out)
-        .with_context(|| format!("saving {}", out.display()))?;
     for (k, z) in stats.inputs.iter().enumerate() {
         println!(
             "input {k}: mean {:.5} std {:.5} over {} augmented patches -> {}",
@@ -473,99 +448,23 @@ async fn zmuv(cfg: &PipelineConfig, ds: &Dataset, out: &Path) -> Result<()> {
 }
 
 async fn demo(a: DemoArgs) -> Result<()> {
-    let out = a.out;
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let cfg = PipelineConfig::embedded_demo();
-    println!("== plankton demo: the data path (decode -> warp/augment -> ZMUV -> batch) ==");
-
-    // 1. Synthetic competition-layout data.
-    let synth_dir = out.join("synth");
-    let opts = synth::SynthOptions {
+    let opts = plankton::demo::DemoOptions {
+        out: a.out,
         classes: a.classes,
         per_class: a.per_class,
-        test: a.classes * 5,
-        seed: 42,
-        threads: 0,
+        real_data: !a.no_real_data,
+        epochs: 5,
     };
-    let t0 = std::time::Instant::now();
-    let sdir = synth_dir.clone();
-    let s = tokio::task::spawn_blocking(move || synth::generate(&opts, &sdir)).await??;
-    println!(
-        "[1/5] synthetic data: {} train / {} test images, {} classes -> {} ({:.1} s)",
-        s.train_images,
-        s.test_images,
-        s.class_names.len(),
-        synth_dir.display(),
-        t0.elapsed().as_secs_f64()
+    let pb = progress(
+        (opts.classes * opts.per_class) as u64 * opts.epochs,
+        "loading",
     );
-
-    // 2. Real plankton images (optional: needs PyPI).
-    let real_dir = out.join("planktonclas");
-    let real = if a.no_real_data {
-        None
-    } else {
-        match planktonclas::fetch(&planktonclas::PlanktonclasOptions::new(
-            &real_dir,
-            out.join("cache"),
-        )) {
-            Ok(s) => {
-                println!(
-                    "[2/5] real data: planktonclas {} images in {} classes -> {}",
-                    s.train_images + s.test_images,
-                    s.class_names.len(),
-                    real_dir.display()
-                );
-                Some(real_dir.clone())
-            }
-            Err(e) => {
-                println!("[2/5] real data skipped: {e}");
-                None
-            }
-        }
-    };
-
-    // 3. Augmentation previews.
-    for (name, dir) in [
-        ("synth", Some(synth_dir.clone())),
-        ("planktonclas", real.clone()),
-    ] {
-        let Some(dir) = dir else { continue };
-        let ds = open_dataset(&dir)?;
-        let order = pick_spread(&ds.train, ds.train.len());
-        let picked: Vec<_> = order.iter().map(|&i| ds.train[i].clone()).collect();
-        let png = out.join(format!("preview-{name}.png"));
-        render_preview(&cfg, &picked, &png, &PreviewOptions::default())?;
-        println!("[3/5] augmentation preview -> {}", png.display());
-        if name == "planktonclas" {
-            // Grey-background images: the reference's fill of 0 frames every rotated patch;
-            // show the border-median fill beside it.
-            let mut border = cfg.clone();
-            border.patches[0].fill = plankton::config::Fill::BorderMedian;
-            let png = out.join("preview-planktonclas-border-fill.png");
-            render_preview(&border, &picked, &png, &PreviewOptions::default())?;
-            println!(
-                "[3/5] same with fill = \"border_median\" -> {}",
-                png.display()
-            );
-        }
-    }
-
-    // 4. Split + ZMUV on the synthetic set.
-    let ds = open_dataset(&synth_dir)?;
-    write_splits(
-        &ds,
-        &out.join("split.csv"),
-        cfg.split.valid_fraction,
-        cfg.seed,
-        cfg.split.bagging,
-    )?;
-    zmuv(&cfg, &ds, &out.join("zmuv.json")).await?;
-    println!("[4/5] split and ZMUV stats written to {}", out.display());
-
-    // 5. The data path alone, as loader-bench runs it.
-    let report = run_loader_bench(&cfg, ds.train.clone(), 5).await?;
-    println!("[5/5] data path:");
-    print!("{}", report.render());
-    println!("outputs: {}", out.display());
+    plankton::demo::run(
+        &opts,
+        |line| pb.suspend(|| println!("{}", line.trim_end())),
+        |_, n| pb.inc(n as u64),
+    )
+    .await?;
+    pb.finish_and_clear();
     Ok(())
 }

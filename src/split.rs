@@ -78,6 +78,39 @@ pub fn stratified_with_bagging(
         .collect()
 }
 
+/// Computes the main split and `bagging` bagging splits of `ds` and writes them: the main one
+/// to `out`, bagging split k beside it as `<stem>-bag<k>.csv`.
+pub fn write_split_files(
+    ds: &Dataset,
+    out: &Path,
+    valid_fraction: f64,
+    seed: u64,
+    bagging: usize,
+) -> Result<Vec<(PathBuf, Split)>, SplitError> {
+    // Dataset::open labels every train record.
+    let labels: Vec<u32> = ds
+        .train
+        .iter()
+        .map(|r| r.label.unwrap_or(u32::MAX))
+        .collect();
+    let splits = stratified_with_bagging(&labels, valid_fraction, seed, bagging)?;
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "split".into());
+    let mut written = Vec::with_capacity(splits.len());
+    for (k, split) in splits.into_iter().enumerate() {
+        let path = if k == 0 {
+            out.to_path_buf()
+        } else {
+            out.with_file_name(format!("{stem}-bag{k}.csv"))
+        };
+        split.save(ds, &path)?;
+        written.push((path, split));
+    }
+    Ok(written)
+}
+
 fn relative(ds: &Dataset, i: usize) -> String {
     let p = &ds.train[i].path;
     p.strip_prefix(&ds.root)

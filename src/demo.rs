@@ -1,0 +1,169 @@
+//! The main job on an embedded default dataset (`plankton demo`, `make demo`): synthetic and
+//! real data, augmentation previews, split, ZMUV, and the data path measured. Later issues add
+//! training, prediction and evaluation to it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::{Fill, PipelineConfig};
+use crate::data_path::{self, DataPathError, LoaderBenchReport};
+use crate::sinks::preview::{pick_spread, render_preview, PreviewError, PreviewOptions};
+use crate::sources::{planktonclas, synth, Dataset, DatasetError};
+use crate::split::SplitError;
+use crate::topology::LoaderError;
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub out: PathBuf,
+    /// Synthetic classes and images per class.
+    pub classes: usize,
+    pub per_class: usize,
+    /// Fetch the real planktonclas images (needs PyPI).
+    pub real_data: bool,
+    /// Loader epochs to measure.
+    pub epochs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{path}: cannot create output folder: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Synth(#[from] synth::SynthError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Preview(#[from] PreviewError),
+    #[error(transparent)]
+    Split(#[from] SplitError),
+    #[error(transparent)]
+    DataPath(#[from] DataPathError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error("synthetic data generation stopped: {0}")]
+    Join(String),
+}
+
+/// Runs the demo; `say` receives one line per step, `on_batch` each loaded batch (progress).
+pub async fn run(
+    opts: &DemoOptions,
+    mut say: impl FnMut(String),
+    on_batch: impl FnMut(u64, usize),
+) -> Result<LoaderBenchReport, DemoError> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out).map_err(|source| DemoError::Io {
+        path: out.clone(),
+        source,
+    })?;
+    let cfg = PipelineConfig::embedded_demo();
+    say("== plankton demo: the data path (decode -> warp/augment -> ZMUV -> batch) ==".into());
+
+    // 1. Synthetic competition-layout data.
+    let synth_dir = out.join("synth");
+    let synth_opts = synth::SynthOptions {
+        classes: opts.classes,
+        per_class: opts.per_class,
+        test: opts.classes * 5,
+        seed: cfg.seed,
+        threads: 0,
+    };
+    let t0 = std::time::Instant::now();
+    let dir = synth_dir.clone();
+    let s = tokio::task::spawn_blocking(move || synth::generate(&synth_opts, &dir))
+        .await
+        .map_err(|e| DemoError::Join(e.to_string()))??;
+    say(format!(
+        "[1/5] synthetic data: {} train / {} test images, {} classes -> {} ({:.1} s)",
+        s.train_images,
+        s.test_images,
+        s.class_names.len(),
+        synth_dir.display(),
+        t0.elapsed().as_secs_f64()
+    ));
+
+    // 2. Real plankton images (optional: needs PyPI).
+    let real_dir = out.join("planktonclas");
+    let real = if !opts.real_data {
+        None
+    } else {
+        match planktonclas::fetch(&planktonclas::PlanktonclasOptions::new(
+            &real_dir,
+            out.join("cache"),
+        )) {
+            Ok(s) => {
+                say(format!(
+                    "[2/5] real data: planktonclas {} images in {} classes -> {}",
+                    s.train_images + s.test_images,
+                    s.class_names.len(),
+                    real_dir.display()
+                ));
+                Some(real_dir)
+            }
+            Err(e) => {
+                say(format!("[2/5] real data skipped: {e}"));
+                None
+            }
+        }
+    };
+
+    // 3. Augmentation previews.
+    for (name, dir) in [("synth", Some(synth_dir.clone())), ("planktonclas", real)] {
+        let Some(dir) = dir else { continue };
+        let ds = Dataset::open(&dir)?;
+        let picked: Vec<_> = pick_spread(&ds.train, ds.train.len())
+            .iter()
+            .map(|&i| ds.train[i].clone())
+            .collect();
+        let png = out.join(format!("preview-{name}.png"));
+        render_preview(&cfg, &picked, &png, &PreviewOptions::default())?;
+        say(format!("[3/5] augmentation preview -> {}", png.display()));
+        if name == "planktonclas" {
+            // Grey-background images: the reference's fill of 0 frames every rotated patch;
+            // show the border-median fill beside it.
+            let mut border = cfg.clone();
+            border.patches[0].fill = Fill::BorderMedian;
+            let png = out.join("preview-planktonclas-border-fill.png");
+            render_preview(&border, &picked, &png, &PreviewOptions::default())?;
+            say(format!(
+                "[3/5] same with fill = \"border_median\" -> {}",
+                png.display()
+            ));
+        }
+    }
+
+    // 4. Split + ZMUV on the synthetic set.
+    let ds = Dataset::open(&synth_dir)?;
+    for (path, split) in crate::split::write_split_files(
+        &ds,
+        &out.join("split.csv"),
+        cfg.split.valid_fraction,
+        cfg.seed,
+        cfg.split.bagging,
+    )? {
+        say(format!(
+            "wrote {} ({} train / {} valid)",
+            path.display(),
+            split.train.len(),
+            split.valid.len()
+        ));
+    }
+    let zmuv_path = out.join("zmuv.json");
+    let (stats, _) = data_path::estimate_and_save_zmuv(&cfg, &ds, &zmuv_path).await?;
+    say(format!(
+        "[4/5] split files and ZMUV (mean {:.4}, std {:.4} over {} augmented patches) -> {}",
+        stats.inputs[0].mean,
+        stats.inputs[0].std,
+        stats.samples,
+        zmuv_path.display()
+    ));
+
+    // 5. The data path alone, as loader-bench runs it.
+    let report = data_path::loader_bench(&cfg, Arc::new(ds.train), opts.epochs, on_batch).await?;
+    say("[5/5] data path:".into());
+    say(report.render());
+    say(format!("outputs: {}", out.display()));
+    Ok(report)
+}
