@@ -481,14 +481,25 @@ mod simd {
         if !(minx.is_finite() && maxx.is_finite() && miny.is_finite() && maxy.is_finite()) {
             return false;
         }
+        // A fill that is (to f32 rounding) `1 - v/255` for a byte `v` can be stored in the copy
+        // itself: every position outside the image holds `v`, and the kernel needs no
+        // per-neighbour masks (the value `1 - (Σ w v)/255` differs from `fill` by the rounding
+        // of `fill`, ~3e-8). The border-median fill and the usual 0 and 1 are such fills.
+        let pad_f = 255.0 * (1.0 - fill as f64);
+        let padded = (0.0..=255.0).contains(&pad_f.round())
+            && (1.0 - pad_f.round() / 255.0 - fill as f64).abs() <= 1e-7;
+        let pad = if padded { pad_f.round() as u8 } else { 0 };
         // Cells of the sample points (the patch is the image of a rectangle, so its corners
         // bound it), one cell of margin for rounding, cut to the cells with any neighbour
-        // inside. Clamping in f64 first keeps the casts exact.
+        // inside; the padded copy keeps one more ring of cells (all fill), so that the cell of
+        // every sample of a touch span (which may lie up to rounding outside [-1, cols)) is in
+        // the copy without a per-lane clamp. Clamping in f64 first keeps the casts exact.
+        let m1 = if padded { 1 } else { 0 };
         let cell = |v: f64, lo: i64, hi: i64| v.floor().clamp(lo as f64, hi as f64) as i64;
-        let gx0 = cell(minx - 1.0, -1, cols - 1);
-        let gx1 = cell(maxx + 1.0, -1, cols - 1);
-        let gy0 = cell(miny - 1.0, -1, rows - 1);
-        let gy1 = cell(maxy + 1.0, -1, rows - 1);
+        let gx0 = cell(minx - 1.0, -1 - m1, cols - 1 + m1);
+        let gx1 = cell(maxx + 1.0, -1 - m1, cols - 1 + m1);
+        let gy0 = cell(miny - 1.0, -1 - m1, rows - 1 + m1);
+        let gy1 = cell(maxy + 1.0, -1 - m1, rows - 1 + m1);
         let stride = (gx1 - gx0 + 2) as usize;
         let prow = (gy1 - gy0 + 1) as usize;
         // An entry of the copy costs a small fraction of the gathered element it saves per
@@ -497,8 +508,9 @@ mod simd {
         if prow * stride > 3 * out_rows * out_cols {
             return false;
         }
-        // The kernel forms cy * stride + cx in f32, which must stay exact.
-        if (gy1 + 1) * stride as i64 + gx1 + 1 >= 1 << 24 {
+        // The kernels form entry indices (absolute, or relative to a step's origin) in f32,
+        // which must stay exact.
+        if (gy1 + 2) * stride as i64 + gx1 + 2 >= 1 << 23 || prow * stride >= 1 << 23 {
             return false;
         }
         PAIRS.with(|buf| {
@@ -508,32 +520,41 @@ mod simd {
             }
             let buf = &mut buf[..prow * stride];
             let (ucols, data) = (src.cols, src.data);
-            // Image columns the copy holds: gx0 ..= gx1 + 1, of which these are inside.
+            // Image columns the copy holds: gx0 ..= gx1 + 1, of which c0 ..= c1 are inside
+            // (none where c1 < c0: a patch wholly beside the image).
             let (c0, c1) = (gx0.max(0), (gx1 + 1).min(cols - 1));
-            let (k0, width) = ((c0 - gx0) as usize, (c1 - c0 + 1) as usize);
+            let k0 = (c0 - gx0).clamp(0, stride as i64) as usize;
+            let width = if c1 < c0 { 0 } else { (c1 - c0 + 1) as usize };
+            let pp = pad as u16 * 0x101;
             for (j, dst) in buf.chunks_exact_mut(stride).enumerate() {
                 let r = gy0 + j as i64;
-                let dst = &mut dst[k0..k0 + width];
                 let row = |r: i64| {
-                    let at = r as usize * ucols + c0 as usize;
-                    &data[at..at + width]
+                    (r >= 0 && r < rows).then(|| {
+                        let at = r as usize * ucols + c0 as usize;
+                        &data[at..at + width]
+                    })
                 };
-                match (r >= 0, r + 1 < rows) {
-                    (true, true) => {
-                        for ((d, &t), &b) in dst.iter_mut().zip(row(r)).zip(row(r + 1)) {
+                let (left, rest) = dst.split_at_mut(k0);
+                let (mid, right) = rest.split_at_mut(width);
+                left.fill(pp);
+                right.fill(pp);
+                match (row(r), row(r + 1)) {
+                    (Some(t), Some(b)) => {
+                        for ((d, &t), &b) in mid.iter_mut().zip(t).zip(b) {
                             *d = t as u16 | (b as u16) << 8;
                         }
                     }
-                    (true, false) => {
-                        for (d, &t) in dst.iter_mut().zip(row(r)) {
-                            *d = t as u16;
+                    (Some(t), None) => {
+                        for (d, &t) in mid.iter_mut().zip(t) {
+                            *d = t as u16 | pp & 0xFF00;
                         }
                     }
-                    (false, _) => {
-                        for (d, &b) in dst.iter_mut().zip(row(r + 1)) {
-                            *d = (b as u16) << 8;
+                    (None, Some(b)) => {
+                        for (d, &b) in mid.iter_mut().zip(b) {
+                            *d = (b as u16) << 8 | pp & 0xFF;
                         }
                     }
+                    (None, None) => mid.fill(pp),
                 }
             }
             let pairs = Pairs {
@@ -565,8 +586,13 @@ mod simd {
                 };
                 row[..tlo].fill(fill);
                 row[thi..].fill(fill);
+                let row = &mut row[tlo..thi];
                 // SAFETY: the features are enabled in this function.
-                unsafe { pairs_row_avx512(&pairs, x0, a, y0, d, &mut row[tlo..thi], tlo, fill) };
+                if padded {
+                    unsafe { pairs_row_padded_avx512(&pairs, x0, a, y0, d, row, tlo) };
+                } else {
+                    unsafe { pairs_row_avx512(&pairs, x0, a, y0, d, row, tlo, fill) };
+                }
             }
         });
         true
@@ -583,6 +609,89 @@ mod simd {
     // (up to rounding) with the bilinear weights summing to one. Samples the touch span
     // wrongly includes lie within rounding of the edge -1 / cols, so their cell clamps by at
     // most one and the fraction, taken from the clamped cell, stays within rounding of 0 or 1.
+
+    // The padded kernel's bounds and values: a sample of a touch span lies within rounding
+    // of [-1, cols) x [-1, rows), and within rounding of the corners' bounding box, so its cell
+    // is in [gx0, gx1] x [gy0, gy1] (the padded copy's cell range: the box plus one cell of
+    // margin, cut to [-2, cols] x [-2, rows]); a lane's f32 coordinate is off by ~1e-5 px at
+    // most, so where its floor is off by one at a cell edge the cell is still in that range
+    // and the fraction (taken from that cell) is within rounding of 0 or 1. Its entry index
+    // (cy - gy0) * stride + (cx - gx0) is then in [0, prow * stride - 2] and the 32-bit read
+    // covers that entry and the next. Memory safety does not rest on this: the index is
+    // clamped to that range in the lanes (NaN or out-of-range coordinates convert to
+    // i32::MIN and wrap arbitrarily, then clamp), so any coordinate reads inside the copy.
+    // Every neighbour outside the image reads the pad byte, so the value is the bilinear mix
+    // of pixels and pad bytes, exactly the per-neighbour fill.
+
+    /// One row's touch span through the padded pair copy; sixteen samples per step, the last
+    /// partial step a masked store.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX2 and FMA must be available.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn pairs_row_padded_avx512(
+        p: &Pairs,
+        x0: f64,
+        dx: f64,
+        y0: f64,
+        dy: f64,
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let base = p.data.as_ptr() as *const i32;
+        let steps = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        let (vdx, vdy) = (_mm512_set1_ps(dx as f32), _mm512_set1_ps(dy as f32));
+        let vstride = _mm512_set1_ps(p.stride as f32);
+        let stride = p.stride as i64;
+        let last = _mm512_set1_epi32((p.data.len() - 2) as i32);
+        let zero = _mm512_setzero_si512();
+        let mask = _mm512_set1_epi32(0xFF);
+        let inv255 = _mm512_set1_ps(1.0 / 255.0);
+        let one = _mm512_set1_ps(1.0);
+        let n = out.len();
+        let mut i = 0;
+        while i < n {
+            let col = (first + i) as f64;
+            let (xs, ys) = (x0 + dx * col, y0 + dy * col);
+            // The step's origin cell; `as` saturates (NaN gives 0), and the wrapping index
+            // below is only trusted for samples in the copy's range (the lanes clamp it).
+            let (bx, by) = (xs.floor(), ys.floor());
+            let origin = ((by as i64).wrapping_sub(p.gy0).wrapping_mul(stride))
+                .wrapping_add((bx as i64).wrapping_sub(p.gx0)) as i32;
+            let vx = _mm512_fmadd_ps(vdx, steps, _mm512_set1_ps((xs - bx) as f32));
+            let vy = _mm512_fmadd_ps(vdy, steps, _mm512_set1_ps((ys - by) as f32));
+            let flx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(vx);
+            let fly = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(vy);
+            let fx = _mm512_sub_ps(vx, flx);
+            let fy = _mm512_sub_ps(vy, fly);
+            let rel = _mm512_cvtps_epi32(_mm512_fmadd_ps(fly, vstride, flx));
+            let idx = _mm512_min_epi32(
+                _mm512_max_epi32(_mm512_add_epi32(rel, _mm512_set1_epi32(origin)), zero),
+                last,
+            );
+            // SAFETY: 0 <= idx <= len - 2 entries of 2 bytes: the 4 bytes read are in the copy.
+            let cell = _mm512_i32gather_epi32::<2>(idx, base);
+            let p00 = _mm512_cvtepi32_ps(_mm512_and_si512(cell, mask));
+            let p10 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32::<8>(cell), mask));
+            let p01 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32::<16>(cell), mask));
+            let p11 = _mm512_cvtepi32_ps(_mm512_srli_epi32::<24>(cell));
+            let t = _mm512_fmadd_ps(fx, _mm512_sub_ps(p01, p00), p00);
+            let b = _mm512_fmadd_ps(fx, _mm512_sub_ps(p11, p10), p10);
+            let v = _mm512_fmadd_ps(fy, _mm512_sub_ps(b, t), t);
+            let res = _mm512_fnmadd_ps(v, inv255, one);
+            // SAFETY: i < n, so out[i..i+16] (full step) or its first n-i lanes (masked store)
+            // are within `out`.
+            if i + 16 <= n {
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), res);
+            } else {
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), ((1u32 << (n - i)) - 1) as u16, res);
+            }
+            i += 16;
+        }
+    }
 
     /// One row's touch span through the pair copy; sixteen samples per step, the last partial
     /// step a masked store. Inlined into the row loop, so its constants are hoisted out of it.
@@ -1135,22 +1244,33 @@ mod tests {
         let far = Affine {
             m: [[7.2, 2.4, 10.0], [-2.4, 7.2, 80.0]],
         };
-        for (rows, cols, m, used) in [
-            (20, 30, m, true),
-            (2, 2, m, true),
-            (400, 400, m, true),
-            (400, 400, far, false),
-        ] {
-            let data = test_image(rows, cols);
-            let src = GrayView::new(&data, rows, cols);
-            let mut out = vec![f32::NAN; 24 * 26];
-            // SAFETY: Avx512 is among the detected levels.
-            let took = unsafe { simd::warp_pairs_avx512(&src, &m, &mut out, 24, 26, 0.3) };
-            assert_eq!(took, used, "{rows}x{cols}");
-            if took {
-                let want = reference(&src, &m, 24, 26, 0.3);
-                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 2e-6, "{rows}x{cols} pixel {i}: {a} vs {b}");
+        // Wholly beside the image (the padded copy then holds no pixel).
+        let beside = Affine {
+            m: [[0.1, 0.02, -9.0], [-0.02, 0.1, -6.0]],
+        };
+        // 0.3 is no byte's inverse (the masked kernel); the others are (the padded one).
+        for fill in [0.3, 0.0, 1.0 - 100.0 / 255.0, 1.0] {
+            for (rows, cols, m, used) in [
+                (20, 30, m, true),
+                (2, 2, m, true),
+                (400, 400, m, true),
+                (400, 400, far, false),
+                (20, 30, beside, true),
+            ] {
+                let data = test_image(rows, cols);
+                let src = GrayView::new(&data, rows, cols);
+                let mut out = vec![f32::NAN; 24 * 26];
+                // SAFETY: Avx512 is among the detected levels.
+                let took = unsafe { simd::warp_pairs_avx512(&src, &m, &mut out, 24, 26, fill) };
+                assert_eq!(took, used, "{rows}x{cols}");
+                if took {
+                    let want = reference(&src, &m, 24, 26, fill);
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 2e-6,
+                            "{rows}x{cols} fill {fill} pixel {i}: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }
