@@ -220,9 +220,10 @@ enum Level {
 ///
 /// Per output row the columns fall into three kinds of span: samples with all four neighbours
 /// inside (the vectorised hot loop), samples whose footprint straddles the edge (the general
-/// per-neighbour path), and samples entirely outside (plain fill). With AVX-512, a patch whose
-/// source region is small goes instead through a row-pair copy of that region, one vector pass
-/// per row's touch span with the per-neighbour fill done in the lanes.
+/// per-neighbour path), and samples entirely outside (plain fill). With AVX-512, one vector
+/// pass covers a row's whole touch span instead, with the per-neighbour fill done in the
+/// lanes: through a row-pair copy of the touched source region where that is small (one
+/// gather per sample), else straight from the source (two gathers).
 pub fn warp_inverted(
     src: &GrayView,
     m: &Affine,
@@ -272,6 +273,9 @@ fn warp_at(
                 if pairs
                     && unsafe { simd::warp_pairs_avx512(src, m, out, out_rows, out_cols, fill) }
                 {
+                    return;
+                }
+                if unsafe { simd::warp_touch_avx512(src, m, out, out_rows, out_cols, fill) } {
                     return;
                 }
                 return unsafe { simd::warp_avx512(src, m, out, out_rows, out_cols, fill) };
@@ -335,15 +339,9 @@ fn warp_body<const K: u8>(
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if simd_ok && K == 2 {
-                // SAFETY: K == 2 is only instantiated inside the AVX-512 variant; `supports`
-                // holds; the kernel is memory-safe for any coordinates.
-                unsafe { simd::interior_row_avx512(src, x0, a, y0, d, interior, ilo) };
-                continue;
-            }
             if simd_ok && K == 1 && interior.len() >= 8 {
-                // SAFETY: K == 1 is only instantiated inside the AVX2 variant (and K == 2's
-                // features include AVX2); `supports` holds.
+                // SAFETY: K == 1 is only instantiated inside the AVX2 variant; `supports` holds.
+                // (The AVX-512 variant only runs here for sources `supports` rejects.)
                 unsafe { simd::interior_row_avx2(src, x0, a, y0, d, interior, ilo) };
                 continue;
             }
@@ -645,7 +643,7 @@ mod simd {
         );
         let (vdx, vdy) = (_mm512_set1_ps(dx as f32), _mm512_set1_ps(dy as f32));
         let vstride = _mm512_set1_ps(p.stride as f32);
-        let stride = p.stride as i64;
+        let (stride, gx0, gy0) = (p.stride as f64, p.gx0 as f64, p.gy0 as f64);
         let last = _mm512_set1_epi32((p.data.len() - 2) as i32);
         let zero = _mm512_setzero_si512();
         let mask = _mm512_set1_epi32(0xFF);
@@ -656,11 +654,11 @@ mod simd {
         while i < n {
             let col = (first + i) as f64;
             let (xs, ys) = (x0 + dx * col, y0 + dy * col);
-            // The step's origin cell; `as` saturates (NaN gives 0), and the wrapping index
-            // below is only trusted for samples in the copy's range (the lanes clamp it).
+            // The step's origin cell's entry, exact in f64 for any cell in the copy's range
+            // (the only case the result is trusted in: the lanes clamp the index); the
+            // conversion gives i32::MIN for NaN or out-of-range values, without branches.
             let (bx, by) = (xs.floor(), ys.floor());
-            let origin = ((by as i64).wrapping_sub(p.gy0).wrapping_mul(stride))
-                .wrapping_add((bx as i64).wrapping_sub(p.gx0)) as i32;
+            let origin = _mm_cvttsd_si32(_mm_set_sd((by - gy0) * stride + (bx - gx0)));
             let vx = _mm512_fmadd_ps(vdx, steps, _mm512_set1_ps((xs - bx) as f32));
             let vy = _mm512_fmadd_ps(vdy, steps, _mm512_set1_ps((ys - by) as f32));
             let flx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(vx);
@@ -796,6 +794,163 @@ mod simd {
         }
     }
 
+    /// Warps a source the row-pair copy declines (large ones): one vector pass per row's
+    /// touch span straight from the source, two gathers per sixteen samples, the neighbours
+    /// outside the source replaced by `fill` in the lanes. Returns false (having written
+    /// nothing) where `supports(src)` fails.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX2 and FMA must be available.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn warp_touch_avx512(
+        src: &GrayView,
+        m: &super::Affine,
+        out: &mut [f32],
+        out_rows: usize,
+        out_cols: usize,
+        fill: f32,
+    ) -> bool {
+        if !supports(src) || out_cols == 0 {
+            return false;
+        }
+        debug_assert_eq!(out.len(), out_rows * out_cols);
+        let [[a, b, c], [d, e, f]] = m.m;
+        let geom = super::SpanGeom {
+            a,
+            d,
+            inv_a: 1.0 / a,
+            inv_d: 1.0 / d,
+            cols: src.cols as f64,
+            rows: src.rows as f64,
+            n: out_cols,
+        };
+        for (r, row) in out.chunks_exact_mut(out_cols).enumerate() {
+            let x0 = b * r as f64 + c;
+            let y0 = e * r as f64 + f;
+            let Some((tlo, thi)) = geom.touch(x0, y0) else {
+                row.fill(fill);
+                continue;
+            };
+            row[..tlo].fill(fill);
+            row[thi..].fill(fill);
+            // SAFETY: the features are enabled in this function; `supports` holds.
+            unsafe { touch_row_avx512(src, x0, a, y0, d, &mut row[tlo..thi], tlo, fill) };
+        }
+        true
+    }
+
+    // The touch kernel: like `interior_row_avx2` (same clamped cells, so the same bounds
+    // argument, given below), but each lane's real cell (cx, cy) may differ from its clamped cell
+    // (ccx, ccy) in [0, cols-2] x [0, rows-2]. The lane's four bytes, [top pair, bottom pair]
+    // of the clamped cell (t0 t1 b0 b1, low byte first), are rotated left by
+    // 8 (ccx - cx) + 16 (ccy - cy) bits: where the real cell is one left of (above) the clamped
+    // one, its right column (bottom row) is the clamped cell's left column (top row), and
+    // vice versa; every byte that rotation brings in from elsewhere belongs to a neighbour
+    // outside the source, and every neighbour outside is masked to `fill` (raw 255 (1 - fill)):
+    // with d = cx - ccx, the left column is inside iff d is 0 or 1, i.e. d (d - 1) == 0, the
+    // right iff d (d + 1) == 0 (likewise rows); these are exact small-integer f32 products
+    // (huge or NaN ones compare unequal to 0, i.e. outside). The fraction is the real cell's.
+
+    /// # Safety
+    /// AVX-512F, AVX2 and FMA must be available, and `supports(src)` must hold.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn touch_row_avx512(
+        src: &GrayView,
+        x0: f64,
+        dx: f64,
+        y0: f64,
+        dy: f64,
+        out: &mut [f32],
+        first: usize,
+        fill: f32,
+    ) {
+        let cols = src.cols;
+        let base = src.data.as_ptr() as *const i32;
+        let steps = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        let (vdx, vdy) = (_mm512_set1_ps(dx as f32), _mm512_set1_ps(dy as f32));
+        let vcols = _mm512_set1_epi32(cols as i32);
+        let vbot = _mm512_set1_epi32(cols as i32 - 2);
+        let mask = _mm512_set1_epi32(0xFF);
+        let inv255 = _mm512_set1_ps(1.0 / 255.0);
+        let one = _mm512_set1_ps(1.0);
+        let (eight, sixteen) = (_mm512_set1_ps(8.0), _mm512_set1_ps(16.0));
+        let zero = _mm512_setzero_ps();
+        let vfill = _mm512_set1_ps(255.0 * (1.0 - fill));
+        let (xmax, ymax) = ((cols - 2) as f64, (src.rows - 2) as f64);
+        let n = out.len();
+        let mut i = 0;
+        while i < n {
+            let col = (first + i) as f64;
+            let (xs, ys) = (x0 + dx * col, y0 + dy * col);
+            // f64::max/min return the non-NaN operand, so bx, by are in range even for NaN.
+            let bx = xs.floor().max(0.0).min(xmax);
+            let by = ys.floor().max(0.0).min(ymax);
+            let vx = _mm512_fmadd_ps(vdx, steps, _mm512_set1_ps((xs - bx) as f32));
+            let vy = _mm512_fmadd_ps(vdy, steps, _mm512_set1_ps((ys - by) as f32));
+            let rx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(vx);
+            let ry = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(vy);
+            // max_ps(v, lo) returns lo for a NaN v.
+            let flx = _mm512_min_ps(
+                _mm512_max_ps(rx, _mm512_set1_ps(-bx as f32)),
+                _mm512_set1_ps((xmax - bx) as f32),
+            );
+            let fly = _mm512_min_ps(
+                _mm512_max_ps(ry, _mm512_set1_ps(-by as f32)),
+                _mm512_set1_ps((ymax - by) as f32),
+            );
+            let (fx, fy) = (_mm512_sub_ps(vx, rx), _mm512_sub_ps(vy, ry));
+            // d = cx - ccx, e = cy - ccy.
+            let (dd, de) = (_mm512_sub_ps(rx, flx), _mm512_sub_ps(ry, fly));
+            let origin = _mm512_set1_epi32((by as usize * cols + bx as usize) as i32);
+            let idx = _mm512_add_epi32(
+                origin,
+                _mm512_add_epi32(
+                    _mm512_mullo_epi32(_mm512_cvtps_epi32(fly), vcols),
+                    _mm512_cvtps_epi32(flx),
+                ),
+            );
+            // SAFETY: idx is a clamped cell index; see the bounds argument above.
+            let top = _mm512_i32gather_epi32::<1>(idx, base);
+            let bot = _mm512_i32gather_epi32::<1>(_mm512_add_epi32(idx, vbot), base);
+            // t0 t1 b0 b1: the low half of `top`, the high half of `bot`.
+            let quad = _mm512_ternarylogic_epi32::<0xCA>(
+                _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+                bot,
+                top,
+            );
+            // Rotate left by -(8 d + 16 e) (mod 32; vprolvd takes the count mod 32).
+            let rot = _mm512_cvtps_epi32(_mm512_fmadd_ps(de, sixteen, _mm512_mul_ps(dd, eight)));
+            let quad = _mm512_rolv_epi32(quad, _mm512_sub_epi32(_mm512_setzero_si512(), rot));
+            let p00 = _mm512_cvtepi32_ps(_mm512_and_si512(quad, mask));
+            let p01 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32::<8>(quad), mask));
+            let p10 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32::<16>(quad), mask));
+            let p11 = _mm512_cvtepi32_ps(_mm512_srli_epi32::<24>(quad));
+            let left = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_fmsub_ps(dd, dd, dd), zero);
+            let right = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_fmadd_ps(dd, dd, dd), zero);
+            let up = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_fmsub_ps(de, de, de), zero);
+            let down = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_fmadd_ps(de, de, de), zero);
+            let p00 = _mm512_mask_mov_ps(p00, left | up, vfill);
+            let p01 = _mm512_mask_mov_ps(p01, right | up, vfill);
+            let p10 = _mm512_mask_mov_ps(p10, left | down, vfill);
+            let p11 = _mm512_mask_mov_ps(p11, right | down, vfill);
+            let t = _mm512_fmadd_ps(fx, _mm512_sub_ps(p01, p00), p00);
+            let b = _mm512_fmadd_ps(fx, _mm512_sub_ps(p11, p10), p10);
+            let v = _mm512_fmadd_ps(fy, _mm512_sub_ps(b, t), t);
+            let res = _mm512_fnmadd_ps(v, inv255, one);
+            // SAFETY: i < n, so out[i..i+16] (full step) or its first n-i lanes (masked store)
+            // are within `out`.
+            if i + 16 <= n {
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), res);
+            } else {
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), ((1u32 << (n - i)) - 1) as u16, res);
+            }
+            i += 16;
+        }
+    }
+
     pub fn level() -> Level {
         static LEVEL: OnceLock<Level> = OnceLock::new();
         *LEVEL.get_or_init(|| {
@@ -825,8 +980,9 @@ mod simd {
             && src.data.len() < (i32::MAX as usize) - 4
     }
 
-    // Both kernels: the chunk's origin in f64 (the same arithmetic as the spans), split into an
-    // integer pixel (bx, by) and a fraction; the lane offsets from it are small, so f32 keeps
+    // Both kernels (`interior_row_avx2`, `touch_row_avx512`): the chunk's origin in f64 (the
+    // same arithmetic as the spans), clamped to an integer pixel (bx, by) of the cell range,
+    // and a fraction; the lane offsets from it are small, so f32 keeps
     // them to ~1e-6 px. Memory safety does not rest on the spans: each lane's integer cell
     // (bx + flx, by + fly) is clamped to [0, cols-2] x [0, rows-2] (NaN goes to the lower
     // bound: `max_ps(v, lo)` returns `lo` when `v` is NaN), so with idx = cell index,
@@ -835,88 +991,6 @@ mod simd {
     // and both start at >= 0 (cols >= 2). The bottom pair is bytes 2 and 3 of its word. Where a
     // lane's coordinate rounds onto the cell edge, the clamp moves the cell and the fraction
     // (computed from the clamped cell) becomes 1 (or ~-1e-6), so the value stays right.
-
-    /// Sixteen samples per step; the last partial step is a masked store (its other lanes read
-    /// clamped, in-bounds cells and are discarded).
-    ///
-    /// # Safety
-    /// AVX-512F, AVX2 and FMA must be available, and `supports(src)` must hold.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn interior_row_avx512(
-        src: &GrayView,
-        x0: f64,
-        dx: f64,
-        y0: f64,
-        dy: f64,
-        out: &mut [f32],
-        first: usize,
-    ) {
-        let cols = src.cols;
-        let base = src.data.as_ptr() as *const i32;
-        let steps = _mm512_setr_ps(
-            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-        );
-        let (vdx, vdy) = (_mm512_set1_ps(dx as f32), _mm512_set1_ps(dy as f32));
-        let vcols = _mm512_set1_epi32(cols as i32);
-        let vbot = _mm512_set1_epi32(cols as i32 - 2);
-        let mask = _mm512_set1_epi32(0xFF);
-        let inv255 = _mm512_set1_ps(1.0 / 255.0);
-        let one = _mm512_set1_ps(1.0);
-        let (xmax, ymax) = ((cols - 2) as f64, (src.rows - 2) as f64);
-        let n = out.len();
-        let mut i = 0;
-        while i < n {
-            let col = (first + i) as f64;
-            let (xs, ys) = (x0 + dx * col, y0 + dy * col);
-            // f64::max/min return the non-NaN operand, so bx, by are in range even for NaN.
-            let bx = xs.floor().max(0.0).min(xmax);
-            let by = ys.floor().max(0.0).min(ymax);
-            let vx = _mm512_fmadd_ps(vdx, steps, _mm512_set1_ps((xs - bx) as f32));
-            let vy = _mm512_fmadd_ps(vdy, steps, _mm512_set1_ps((ys - by) as f32));
-            let flx = _mm512_min_ps(
-                _mm512_max_ps(
-                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(vx),
-                    _mm512_set1_ps(-bx as f32),
-                ),
-                _mm512_set1_ps((xmax - bx) as f32),
-            );
-            let fly = _mm512_min_ps(
-                _mm512_max_ps(
-                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(vy),
-                    _mm512_set1_ps(-by as f32),
-                ),
-                _mm512_set1_ps((ymax - by) as f32),
-            );
-            let (fx, fy) = (_mm512_sub_ps(vx, flx), _mm512_sub_ps(vy, fly));
-            let origin = _mm512_set1_epi32((by as usize * cols + bx as usize) as i32);
-            let idx = _mm512_add_epi32(
-                origin,
-                _mm512_add_epi32(
-                    _mm512_mullo_epi32(_mm512_cvtps_epi32(fly), vcols),
-                    _mm512_cvtps_epi32(flx),
-                ),
-            );
-            // SAFETY: idx is a clamped cell index; see the bounds argument above.
-            let top = _mm512_i32gather_epi32::<1>(idx, base);
-            let bot = _mm512_i32gather_epi32::<1>(_mm512_add_epi32(idx, vbot), base);
-            let p00 = _mm512_cvtepi32_ps(_mm512_and_si512(top, mask));
-            let p01 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32::<8>(top), mask));
-            let p10 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32::<16>(bot), mask));
-            let p11 = _mm512_cvtepi32_ps(_mm512_srli_epi32::<24>(bot));
-            let t = _mm512_fmadd_ps(fx, _mm512_sub_ps(p01, p00), p00);
-            let b = _mm512_fmadd_ps(fx, _mm512_sub_ps(p11, p10), p10);
-            let v = _mm512_fmadd_ps(fy, _mm512_sub_ps(b, t), t);
-            let res = _mm512_fnmadd_ps(v, inv255, one);
-            // SAFETY: i < n, so out[i..i+16] (full step) or its first n-i lanes (masked store)
-            // are within `out`.
-            if i + 16 <= n {
-                _mm512_storeu_ps(out.as_mut_ptr().add(i), res);
-            } else {
-                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), ((1u32 << (n - i)) - 1) as u16, res);
-            }
-            i += 16;
-        }
-    }
 
     /// Eight samples per step; the last partial step redoes the last eight (the row has at
     /// least eight).
@@ -1263,11 +1337,17 @@ mod tests {
                 // SAFETY: Avx512 is among the detected levels.
                 let took = unsafe { simd::warp_pairs_avx512(&src, &m, &mut out, 24, 26, fill) };
                 assert_eq!(took, used, "{rows}x{cols}");
-                if took {
+                if !took {
+                    // The declined case goes straight to the source. SAFETY: as above.
+                    assert!(unsafe { simd::warp_touch_avx512(&src, &m, &mut out, 24, 26, fill) });
+                }
+                {
+                    // The far transform's scale (~7.6) scales the lanes' f32 position error.
+                    let tol = if took { 2e-6 } else { 2e-5 };
                     let want = reference(&src, &m, 24, 26, fill);
                     for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                         assert!(
-                            (a - b).abs() <= 2e-6,
+                            (a - b).abs() <= tol,
                             "{rows}x{cols} fill {fill} pixel {i}: {a} vs {b}"
                         );
                     }
