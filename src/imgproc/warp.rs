@@ -578,12 +578,13 @@ mod simd {
             for (r, row) in out.chunks_exact_mut(out_cols).enumerate() {
                 let x0 = b * r as f64 + c;
                 let y0 = e * r as f64 + f;
+                // SAFETY (the fills): the features are enabled in this function.
                 let Some((tlo, thi)) = geom.touch(x0, y0) else {
-                    row.fill(fill);
+                    fill_avx512(row, fill);
                     continue;
                 };
-                row[..tlo].fill(fill);
-                row[thi..].fill(fill);
+                fill_avx512(&mut row[..tlo], fill);
+                fill_avx512(&mut row[thi..], fill);
                 let row = &mut row[tlo..thi];
                 // SAFETY: the features are enabled in this function.
                 if padded {
@@ -827,12 +828,13 @@ mod simd {
         for (r, row) in out.chunks_exact_mut(out_cols).enumerate() {
             let x0 = b * r as f64 + c;
             let y0 = e * r as f64 + f;
+            // SAFETY (the fills): the features are enabled in this function.
             let Some((tlo, thi)) = geom.touch(x0, y0) else {
-                row.fill(fill);
+                fill_avx512(row, fill);
                 continue;
             };
-            row[..tlo].fill(fill);
-            row[thi..].fill(fill);
+            fill_avx512(&mut row[..tlo], fill);
+            fill_avx512(&mut row[thi..], fill);
             // SAFETY: the features are enabled in this function; `supports` holds.
             unsafe { touch_row_avx512(src, x0, a, y0, d, &mut row[tlo..thi], tlo, fill) };
         }
@@ -948,6 +950,27 @@ mod simd {
                 _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), ((1u32 << (n - i)) - 1) as u16, res);
             }
             i += 16;
+        }
+    }
+
+    /// `dst.fill(v)` in whole and one masked sixteen-lane store: the fill spans are short
+    /// and of varying length, where the generic loop's scalar tail dominates.
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
+    #[inline(always)]
+    unsafe fn fill_avx512(dst: &mut [f32], v: f32) {
+        let v = _mm512_set1_ps(v);
+        let n = dst.len();
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n.
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), v);
+            i += 16;
+        }
+        if i < n {
+            // SAFETY: the first n - i (< 16) lanes from i are within `dst`.
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), ((1u32 << (n - i)) - 1) as u16, v);
         }
     }
 
