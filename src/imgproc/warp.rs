@@ -126,18 +126,21 @@ struct SpanGeom {
 }
 
 impl SpanGeom {
-    /// Spans of the row whose sample point is `(x0 + a col, y0 + d col)`.
-    ///
-    /// The touch span is the analytic interval rounded outwards, unchecked. A column it wrongly
-    /// includes is still sampled exactly (as `fill`); a column it could wrongly exclude lies
-    /// within rounding (~1e-13 px for any sane geometry) of the open edge `-1` or `cols`,
-    /// where every inside neighbour's weight is that rounding and the exact value is `fill`.
-    ///
-    /// The interior span must under-approximate, with exactly the arithmetic of the interior
-    /// loops (`x0 + a * col as f64`), because they skip the per-neighbour test: the analytic
-    /// interval is rounded inwards and its two ends are checked (and, rarely, moved inwards)
-    /// with the exact test. The coordinates are monotone in the column (rounding is monotone),
-    /// so two inside ends put every column between them inside.
+    /// The geometry of warping `src` through `m` into rows of `n` columns.
+    #[inline(always)]
+    fn new(m: &Affine, src: &GrayView, n: usize) -> Self {
+        let (a, d) = (m.m[0][0], m.m[1][0]);
+        SpanGeom {
+            a,
+            d,
+            inv_a: 1.0 / a,
+            inv_d: 1.0 / d,
+            cols: src.cols as f64,
+            rows: src.rows as f64,
+            n,
+        }
+    }
+
     /// The touch span alone (`None`: empty), as described for [`SpanGeom::row`].
     #[inline(always)]
     fn touch(&self, x0: f64, y0: f64) -> Option<(usize, usize)> {
@@ -154,6 +157,18 @@ impl SpanGeom {
         Some((tlo, thi))
     }
 
+    /// Spans of the row whose sample point is `(x0 + a col, y0 + d col)`.
+    ///
+    /// The touch span is the analytic interval rounded outwards, unchecked. A column it wrongly
+    /// includes is still sampled exactly (as `fill`); a column it could wrongly exclude lies
+    /// within rounding (~1e-13 px for any sane geometry) of the open edge `-1` or `cols`,
+    /// where every inside neighbour's weight is that rounding and the exact value is `fill`.
+    ///
+    /// The interior span must under-approximate, with exactly the arithmetic of the interior
+    /// loops (`x0 + a * col as f64`), because they skip the per-neighbour test: the analytic
+    /// interval is rounded inwards and its two ends are checked (and, rarely, moved inwards)
+    /// with the exact test. The coordinates are monotone in the column (rounding is monotone),
+    /// so two inside ends put every column between them inside.
     #[inline(always)]
     fn row(&self, x0: f64, y0: f64) -> RowSpans {
         let n = self.n;
@@ -310,15 +325,7 @@ fn warp_body<const K: u8>(
         out.fill(fill);
         return;
     }
-    let geom = SpanGeom {
-        a,
-        d,
-        inv_a: 1.0 / a,
-        inv_d: 1.0 / d,
-        cols: src.cols as f64,
-        rows: src.rows as f64,
-        n: out_cols,
-    };
+    let geom = SpanGeom::new(m, src, out_cols);
     #[cfg(target_arch = "x86_64")]
     let simd_ok = K != 0 && simd::supports(src);
     for (r, row) in out.chunks_exact_mut(out_cols).enumerate() {
@@ -565,34 +572,15 @@ mod simd {
                 cols,
                 rows,
             };
-            let [[a, b, c], [d, e, f]] = m.m;
-            let geom = super::SpanGeom {
-                a,
-                d,
-                inv_a: 1.0 / a,
-                inv_d: 1.0 / d,
-                cols: src.cols as f64,
-                rows: src.rows as f64,
-                n: out_cols,
-            };
-            for (r, row) in out.chunks_exact_mut(out_cols).enumerate() {
-                let x0 = b * r as f64 + c;
-                let y0 = e * r as f64 + f;
-                // SAFETY (the fills): the features are enabled in this function.
-                let Some((tlo, thi)) = geom.touch(x0, y0) else {
-                    fill_avx512(row, fill);
-                    continue;
-                };
-                fill_avx512(&mut row[..tlo], fill);
-                fill_avx512(&mut row[thi..], fill);
-                let row = &mut row[tlo..thi];
-                // SAFETY: the features are enabled in this function.
+            let (a, d) = (m.m[0][0], m.m[1][0]);
+            // SAFETY: the features are enabled in this function.
+            for_each_touch_span(m, src, out, out_cols, fill, |row, x0, y0, tlo| {
                 if padded {
                     unsafe { pairs_row_padded_avx512(&pairs, x0, a, y0, d, row, tlo) };
                 } else {
                     unsafe { pairs_row_avx512(&pairs, x0, a, y0, d, row, tlo, fill) };
                 }
-            }
+            });
         });
         true
     }
@@ -815,30 +803,45 @@ mod simd {
             return false;
         }
         debug_assert_eq!(out.len(), out_rows * out_cols);
-        let [[a, b, c], [d, e, f]] = m.m;
-        let geom = super::SpanGeom {
-            a,
-            d,
-            inv_a: 1.0 / a,
-            inv_d: 1.0 / d,
-            cols: src.cols as f64,
-            rows: src.rows as f64,
-            n: out_cols,
-        };
+        let (a, d) = (m.m[0][0], m.m[1][0]);
+        // SAFETY: the features are enabled in this function; `supports` holds.
+        for_each_touch_span(m, src, out, out_cols, fill, |row, x0, y0, tlo| unsafe {
+            touch_row_avx512(src, x0, a, y0, d, row, tlo, fill)
+        });
+        true
+    }
+
+    /// The row walk of the AVX-512 one-pass kernels: fills each output row outside its touch
+    /// span and hands the span to `kernel(span, x0, y0, first column)`, where the row's sample
+    /// point is `(x0 + a col, y0 + d col)`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available (the fills use it).
+    #[inline(always)]
+    unsafe fn for_each_touch_span(
+        m: &super::Affine,
+        src: &GrayView,
+        out: &mut [f32],
+        out_cols: usize,
+        fill: f32,
+        mut kernel: impl FnMut(&mut [f32], f64, f64, usize),
+    ) {
+        let [[_, b, c], [_, e, f]] = m.m;
+        let geom = super::SpanGeom::new(m, src, out_cols);
         for (r, row) in out.chunks_exact_mut(out_cols).enumerate() {
             let x0 = b * r as f64 + c;
             let y0 = e * r as f64 + f;
-            // SAFETY (the fills): the features are enabled in this function.
+            // SAFETY (the fills): the caller guarantees AVX-512F.
             let Some((tlo, thi)) = geom.touch(x0, y0) else {
-                fill_avx512(row, fill);
+                unsafe { fill_avx512(row, fill) };
                 continue;
             };
-            fill_avx512(&mut row[..tlo], fill);
-            fill_avx512(&mut row[thi..], fill);
-            // SAFETY: the features are enabled in this function; `supports` holds.
-            unsafe { touch_row_avx512(src, x0, a, y0, d, &mut row[tlo..thi], tlo, fill) };
+            unsafe {
+                fill_avx512(&mut row[..tlo], fill);
+                fill_avx512(&mut row[thi..], fill);
+            }
+            kernel(&mut row[tlo..thi], x0, y0, tlo);
         }
-        true
     }
 
     // The touch kernel: like `interior_row_avx2` (same clamped cells, so the same bounds
