@@ -110,9 +110,13 @@ pub async fn run(
     };
 
     // 3. Augmentation previews.
-    for (name, dir) in [("synth", Some(synth_dir.clone())), ("planktonclas", real)] {
-        let Some(dir) = dir else { continue };
-        let ds = Dataset::open(&dir)?;
+    let synth_ds = Dataset::open(&synth_dir)?;
+    let real_ds = real.map(|dir| Dataset::open(&dir)).transpose()?;
+    for (name, ds) in [
+        ("synth", Some(&synth_ds)),
+        ("planktonclas", real_ds.as_ref()),
+    ] {
+        let Some(ds) = ds else { continue };
         let picked: Vec<_> = pick_spread(&ds.train, ds.train.len())
             .iter()
             .map(|&i| ds.train[i].clone())
@@ -135,7 +139,7 @@ pub async fn run(
     }
 
     // 4. Split + ZMUV on the synthetic set.
-    let ds = Dataset::open(&synth_dir)?;
+    let ds = synth_ds;
     for (path, split) in crate::split::write_split_files(
         &ds,
         &out.join("split.csv"),

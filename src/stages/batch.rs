@@ -28,10 +28,7 @@ impl Batch {
     /// An empty batch with freshly allocated buffers.
     pub fn new(capacity: usize, patches: &[PatchConfig]) -> Self {
         let shapes: Vec<(usize, usize)> = patches.iter().map(|p| (p.rows, p.cols)).collect();
-        let inputs = shapes
-            .iter()
-            .map(|(r, c)| vec![0.0; capacity * r * c])
-            .collect();
+        let inputs = allocate_inputs(capacity, &shapes);
         Batch::with_buffers(capacity, shapes, inputs, None)
     }
 
@@ -97,6 +94,14 @@ impl Drop for Batch {
     }
 }
 
+/// One zeroed `capacity * rows * cols` buffer per network input.
+fn allocate_inputs(capacity: usize, shapes: &[(usize, usize)]) -> Vec<Vec<f32>> {
+    shapes
+        .iter()
+        .map(|(r, c)| vec![0.0; capacity * r * c])
+        .collect()
+}
+
 /// Hands out batches whose buffers come back when the batch is dropped.
 #[derive(Debug)]
 pub struct BatchPool {
@@ -125,10 +130,7 @@ impl BatchPool {
             Ok(bufs) => bufs,
             Err(_) => {
                 self.allocated += 1;
-                self.shapes
-                    .iter()
-                    .map(|(r, c)| vec![0.0; self.capacity * r * c])
-                    .collect()
+                allocate_inputs(self.capacity, &self.shapes)
             }
         };
         Batch::with_buffers(
