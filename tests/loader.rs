@@ -81,6 +81,10 @@ async fn batches_are_identical_for_any_worker_count() {
         one == two && two == five,
         "worker count changed the batches"
     );
+    let mut uncached = small_cfg(2);
+    uncached.loader.cache_decoded = false;
+    let without_cache = run(&uncached, records.clone(), plan, true).await;
+    assert!(without_cache == one, "the decode cache changed the batches");
     // Epochs differ in order and augmentation.
     let e0: Vec<usize> = one
         .iter()
