@@ -1,2 +1,4 @@
 //! Sinks: what the pipeline writes for people and downstream tools.
+pub mod font5x7;
+pub mod plot;
 pub mod preview;
