@@ -38,6 +38,8 @@ pub struct PipelineConfig {
     pub batch: BatchConfig,
     pub channels: ChannelConfig,
     pub split: SplitConfig,
+    pub model: crate::model::ModelConfig,
+    pub train: crate::train::TrainConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -46,6 +46,10 @@ enum Command {
     Split(SplitArgs),
     /// Estimate the global ZMUV mean/std on augmented training patches.
     Zmuv(ZmuvArgs),
+    /// Train a network (or resume a run) on a dataset in the competition layout.
+    Train(TrainArgs),
+    /// Print a pipeline's network: layers, shapes, parameters, multiply-accumulates.
+    Model(ModelArgs),
 }
 
 #[derive(Subcommand)]
@@ -170,6 +174,41 @@ struct SplitArgs {
     /// Number of extra bagging splits (default: the pipeline's split.bagging).
     #[arg(long)]
     bagging: Option<usize>,
+    /// Write K cross-validation folds (<stem>-fold<k>.csv) instead.
+    #[arg(long)]
+    folds: Option<usize>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    pipeline: PipelineArg,
+    #[arg(long)]
+    data: PathBuf,
+    /// The run directory (config, split, ZMUV, checkpoints, weights, history, learning curve).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its last checkpoint, with its own pipeline.toml.
+    #[arg(long)]
+    resume: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Use this split file (path,class,subset; see `plankton split`) instead of a fresh one.
+    #[arg(long)]
+    split: Option<PathBuf>,
+    /// Override train.steps.
+    #[arg(long)]
+    steps: Option<u64>,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    #[command(flatten)]
+    pipeline: PipelineArg,
+    /// Number of classes (121 in the competition).
+    #[arg(long, default_value_t = 121)]
+    classes: usize,
 }
 
 #[derive(Args)]
@@ -312,6 +351,11 @@ async fn main() -> Result<()> {
             print!("{}", report.render());
             Ok(())
         }
+        Command::Split(a) if a.folds.is_some() => {
+            let cfg = a.pipeline.load()?;
+            let ds = open_dataset(&a.data)?;
+            write_folds(&ds, &a.out, a.folds.unwrap_or(5), a.seed.unwrap_or(cfg.seed))
+        }
         Command::Split(a) => {
             let cfg = a.pipeline.load()?;
             let ds = open_dataset(&a.data)?;
@@ -328,7 +372,121 @@ async fn main() -> Result<()> {
             let ds = open_dataset(&a.data)?;
             zmuv(&cfg, &ds, &a.out).await
         }
+        Command::Train(a) => train(a).await,
+        Command::Model(a) => {
+            let cfg = a.pipeline.load()?;
+            let sizes = plankton::train::patch_sizes(&cfg)?;
+            let net = plankton::model::Network::new(&cfg.model, &sizes, a.classes, tch::Device::Cpu)?;
+            print!("{}", net.describe());
+            Ok(())
+        }
     }
+}
+
+fn parse_device(s: &str) -> Result<tch::Device> {
+    match s {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(tch::Device::Cuda(i)),
+            _ => bail!("--device {s}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+async fn train(a: TrainArgs) -> Result<()> {
+    use plankton::train::{self, TrainEvent, TrainOptions};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut config = a.pipeline.load()?;
+    if let Some(steps) = a.steps {
+        config.train.steps = steps;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::warn!("interrupted: stopping after this step and writing a checkpoint");
+                stop.store(true, Ordering::Relaxed);
+            }
+        });
+    }
+    let opts = TrainOptions {
+        config,
+        data: a.data,
+        out: a.out,
+        resume: a.resume,
+        device: parse_device(&a.device)?,
+        split_file: a.split,
+        stop: Some(stop),
+    };
+    let handle = tokio::runtime::Handle::current();
+    let summary = tokio::task::spawn_blocking(move || {
+        let log_every = opts.config.train.log_every;
+        let mut pb: Option<ProgressBar> = None;
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut on_event = |e: TrainEvent| match e {
+            TrainEvent::Started { start_step, total_steps, train_images, valid_images, parameters } => {
+                tracing::info!(start_step, total_steps, train_images, valid_images, parameters, "training");
+                if terminal {
+                    let bar = progress(total_steps, "train");
+                    bar.set_style(
+                        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                            .unwrap()
+                            .progress_chars("=> "),
+                    );
+                    bar.set_position(start_step);
+                    bar.reset_eta();
+                    pb = Some(bar);
+                }
+            }
+            TrainEvent::Step { step, total_steps, loss, learning_rate, images_per_second, epoch } => {
+                if let Some(bar) = &pb {
+                    bar.set_position(step);
+                    bar.set_prefix(format!("epoch {epoch}"));
+                    bar.set_message(format!("loss {loss:.4} lr {learning_rate:.2e} {images_per_second:.0} img/s"));
+                } else if step % log_every == 0 || step == total_steps {
+                    tracing::info!(step, total_steps, epoch, loss, learning_rate, images_per_second, "step");
+                }
+            }
+            TrainEvent::Validated(r) => {
+                let line = format!(
+                    "step {}: train loss {:.4}, valid log loss {:.4}, top-1 {:.3}, top-5 {:.3}, {:.0} img/s, waited for data {:.1}% of the time",
+                    r.step, r.train_loss, r.valid_loss, r.valid_top1, r.valid_top5, r.images_per_second, 100.0 * r.batch_wait_fraction
+                );
+                match &pb {
+                    Some(bar) => bar.println(line),
+                    None => tracing::info!(step = r.step, train_loss = r.train_loss, valid_loss = r.valid_loss, valid_top1 = r.valid_top1, valid_top5 = r.valid_top5, images_per_second = r.images_per_second, batch_wait_fraction = r.batch_wait_fraction, "validated"),
+                }
+            }
+            TrainEvent::Checkpointed { step, path } => {
+                tracing::debug!(step, path = %path.display(), "checkpoint");
+            }
+        };
+        let r = train::run(&opts, &handle, &mut on_event);
+        if let Some(bar) = pb {
+            bar.finish_and_clear();
+        }
+        r
+    })
+    .await??;
+    for f in &summary.failures {
+        tracing::warn!(path = %f.path.display(), reason = %f.reason, "set aside");
+    }
+    println!(
+        "{} at step {} in {}: best valid log loss {} (step {}), {:.0} images/s, data wait {:.1}% of the loop",
+        if summary.stopped_early { "stopped" } else { "trained" },
+        summary.steps,
+        summary.run_dir.display(),
+        summary.best_valid_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.best_step.map_or("-".into(), |s| s.to_string()),
+        summary.images_per_second,
+        100.0 * summary.batch_wait_fraction
+    );
+    if let Some(s) = summary.final_scores {
+        println!("final weights on {} validation images: log loss {:.4}, top-1 {:.3}, top-5 {:.3}", s.n, s.log_loss, s.top1, s.top5);
+    }
+    Ok(())
 }
 
 fn warp_one(a: WarpArgs) -> Result<()> {
@@ -409,6 +567,17 @@ async fn run_loader_bench(
             .await?;
     pb.finish_and_clear();
     Ok(report)
+}
+
+fn write_folds(ds: &Dataset, out: &Path, folds: usize, seed: u64) -> Result<()> {
+    let labels: Vec<u32> = ds.train.iter().map(|r| r.label.unwrap_or(u32::MAX)).collect();
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "split".into());
+    for (k, split) in plankton::split::stratified_folds(&labels, folds, seed)?.into_iter().enumerate() {
+        let path = out.with_file_name(format!("{stem}-fold{k}.csv"));
+        split.save(ds, &path)?;
+        println!("wrote {} ({} train / {} valid)", path.display(), split.train.len(), split.valid.len());
+    }
+    Ok(())
 }
 
 fn write_splits(

@@ -21,6 +21,8 @@ pub enum SplitError {
     Invalid { path: PathBuf, reason: String },
     #[error("valid fraction must be in [0, 1), got {0}")]
     BadFraction(f64),
+    #[error("cross-validation needs at least 2 folds, got {0}")]
+    BadFolds(usize),
 }
 
 /// Indices into `Dataset::train`.
@@ -64,6 +66,36 @@ pub fn stratified(
     train.sort_unstable();
     valid.sort_unstable();
     Ok(Split { train, valid })
+}
+
+/// `folds` stratified folds for cross-validation: each class's images are shuffled and dealt
+/// round-robin to the folds; split k validates on fold k and trains on the others.
+pub fn stratified_folds(labels: &[u32], folds: usize, seed: u64) -> Result<Vec<Split>, SplitError> {
+    if folds < 2 {
+        return Err(SplitError::BadFolds(folds));
+    }
+    let mut by_class: HashMap<u32, Vec<usize>> = HashMap::new();
+    for (i, &l) in labels.iter().enumerate() {
+        by_class.entry(l).or_default().push(i);
+    }
+    let mut classes: Vec<_> = by_class.into_iter().collect();
+    classes.sort();
+    let mut fold_of = vec![0usize; labels.len()];
+    // A running offset spreads the classes' remainders over the folds.
+    let mut offset = 0;
+    for (class, mut idx) in classes {
+        Stream::new(seed, Purpose::Split, u64::MAX, class as u64).shuffle(&mut idx);
+        for (j, &i) in idx.iter().enumerate() {
+            fold_of[i] = (offset + j) % folds;
+        }
+        offset += idx.len();
+    }
+    Ok((0..folds)
+        .map(|k| Split {
+            train: (0..labels.len()).filter(|&i| fold_of[i] != k).collect(),
+            valid: (0..labels.len()).filter(|&i| fold_of[i] == k).collect(),
+        })
+        .collect())
 }
 
 /// The main split (key 0) and `bagging` more (keys 1..=bagging).
@@ -192,6 +224,26 @@ impl Split {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folds_partition_every_class_evenly() {
+        let labels: Vec<u32> = (0..103u32).map(|i| i % 3 + (i / 60)).collect();
+        let folds = stratified_folds(&labels, 5, 7).unwrap();
+        let mut seen = vec![0; labels.len()];
+        for f in &folds {
+            for &i in &f.valid {
+                seen[i] += 1;
+            }
+            assert_eq!(f.train.len() + f.valid.len(), labels.len());
+            for class in 0..4u32 {
+                let n = labels.iter().filter(|&&l| l == class).count();
+                let v = f.valid.iter().filter(|&&i| labels[i] == class).count();
+                assert!(v == n / 5 || v == n / 5 + 1, "class {class}: {v} of {n}");
+            }
+        }
+        assert!(seen.iter().all(|&s| s == 1), "every image validated exactly once");
+        assert!(stratified_folds(&labels, 1, 7).is_err());
+    }
 
     fn labels() -> Vec<u32> {
         (0..300u32)

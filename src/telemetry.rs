@@ -36,6 +36,13 @@ pub fn describe() {
         Unit::Seconds,
         "Time the consumer waited for each batch"
     );
+    describe_histogram!(TRAIN_STEP_SECONDS, Unit::Seconds, "Model compute time per training step");
+    describe_counter!(TRAIN_IMAGES, "Images trained on");
+    describe_gauge!(TRAIN_IMAGES_PER_SECOND, "Training throughput (moving average)");
+    describe_gauge!(TRAIN_LOSS, "Training loss of the last step");
+    describe_gauge!(TRAIN_LEARNING_RATE, "Current learning rate");
+    describe_gauge!(VALID_LOG_LOSS, "Validation log loss (Kaggle clipping) at the last validation");
+    describe_gauge!(VALID_TOP1, "Validation top-1 accuracy at the last validation");
     describe_counter!(
         LAYOUT_PROBLEMS,
         "Dataset entries skipped because they do not fit the layout"
@@ -131,3 +138,11 @@ fn proc_status_kib(key: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+pub const TRAIN_STEP_SECONDS: &str = "plankton_train_step_seconds";
+pub const TRAIN_IMAGES: &str = "plankton_train_images_total";
+pub const TRAIN_IMAGES_PER_SECOND: &str = "plankton_train_images_per_second";
+pub const TRAIN_LOSS: &str = "plankton_train_loss";
+pub const TRAIN_LEARNING_RATE: &str = "plankton_train_learning_rate";
+pub const VALID_LOG_LOSS: &str = "plankton_valid_log_loss";
+pub const VALID_TOP1: &str = "plankton_valid_top1_accuracy";

@@ -1,0 +1,434 @@
+//! A network built from `ModelConfig`: branches of layers (one per input patch) whose features
+//! are concatenated, then dropout and a linear classifier (softmax lives in the loss and in
+//! prediction). Parameters are plain named tensors so the trainer owns their optimiser state
+//! and checkpoints them with safetensors.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::config::{Activation, BranchConfig, LayerSpec, ModelConfig};
+use super::cyclic::{self, PoolFunction};
+use super::ModelError;
+
+/// A trainable tensor. `decay` marks the weights that get L2 weight decay (not biases).
+#[derive(Debug)]
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    pub decay: bool,
+}
+
+#[derive(Debug)]
+enum Layer {
+    Slice,
+    Slice8,
+    Conv { w: usize, b: usize, untied: bool, act: Activation },
+    Pool,
+    ConvRoll,
+    Dropout(f64),
+    Dense { w: usize, b: usize, act: Activation, maxout: i64, flatten: bool },
+    DenseRoll,
+    CyclicPool { views: i64, function: PoolFunction },
+}
+
+/// What one layer does to one image, for `plankton model` summaries and compute matching.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerInfo {
+    pub branch: usize,
+    pub name: String,
+    /// Output shape per view: [C, H, W] or [F].
+    pub shape: Vec<usize>,
+    /// Views per image after the layer (1, 4 or 8).
+    pub views: usize,
+    pub params: usize,
+    /// Multiply-accumulates per image (all views).
+    pub macs: u64,
+}
+
+#[derive(Debug)]
+struct Branch {
+    input: usize,
+    layers: Vec<Layer>,
+}
+
+#[derive(Debug)]
+pub struct Network {
+    pub params: Vec<Param>,
+    branches: Vec<Branch>,
+    classifier: (usize, usize),
+    classifier_dropout: f64,
+    leaky_slope: Tensor,
+    pub num_classes: usize,
+    pub device: Device,
+    pub summary: Vec<LayerInfo>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    Map { c: usize, h: usize, w: usize },
+    Flat(usize),
+}
+
+impl Shape {
+    fn numel(self) -> usize {
+        match self {
+            Shape::Map { c, h, w } => c * h * w,
+            Shape::Flat(f) => f,
+        }
+    }
+    fn dims(self) -> Vec<usize> {
+        match self {
+            Shape::Map { c, h, w } => vec![c, h, w],
+            Shape::Flat(f) => vec![f],
+        }
+    }
+}
+
+/// An orthogonal matrix of the given shape (rows x cols), as the reference draws it: the U or
+/// V of the SVD of a standard normal matrix, whichever has that shape.
+pub fn orthogonal(rows: usize, cols: usize, gain: f64) -> Tensor {
+    let a = Tensor::randn([rows as i64, cols as i64], (Kind::Double, Device::Cpu));
+    // `svd` rather than `linalg_svd`: tch always passes linalg_svd a driver, which CPU rejects.
+    let (u, _, v) = a.svd(true, true);
+    let q = if u.size() == [rows as i64, cols as i64] { u } else { v.tr() };
+    (q * gain).to_kind(Kind::Float).contiguous()
+}
+
+struct Builder<'a> {
+    params: &'a mut Vec<Param>,
+    device: Device,
+}
+
+impl Builder<'_> {
+    fn add(&mut self, name: String, t: Tensor, decay: bool) -> usize {
+        let t = t.to_device(self.device).set_requires_grad(true);
+        self.params.push(Param { name, tensor: t, decay });
+        self.params.len() - 1
+    }
+}
+
+impl Network {
+    /// Builds the network for `num_classes` classes and square patches of `patch_sizes`.
+    /// Initial weights come from torch's global generator: seed it (`tch::manual_seed`) first
+    /// for a reproducible initialisation.
+    pub fn new(
+        cfg: &ModelConfig,
+        patch_sizes: &[usize],
+        num_classes: usize,
+        device: Device,
+    ) -> Result<Network, ModelError> {
+        let branches_cfg = cfg.branches(patch_sizes);
+        if branches_cfg.is_empty() {
+            return Err(ModelError::Invalid("the model has no branch (preset = \"custom\" needs [[model.branch]])".into()));
+        }
+        if !(cfg.leaky_slope.is_finite() && (0.0..1.0).contains(&cfg.leaky_slope)) {
+            return Err(ModelError::Invalid(format!("leaky_slope must be in [0, 1), got {}", cfg.leaky_slope)));
+        }
+        if !(0.0..1.0).contains(&cfg.dropout) {
+            return Err(ModelError::Invalid(format!("dropout must be in [0, 1), got {}", cfg.dropout)));
+        }
+        if !(cfg.width > 0.0 && cfg.width.is_finite()) {
+            return Err(ModelError::Invalid(format!("width must be > 0, got {}", cfg.width)));
+        }
+        if cfg.stages > 4 {
+            return Err(ModelError::Invalid(format!("stages: the presets have at most 4, got {}", cfg.stages)));
+        }
+        if cfg.views != 4 && cfg.views != 8 {
+            return Err(ModelError::Invalid(format!("views must be 4 or 8, got {}", cfg.views)));
+        }
+        let mut params = Vec::new();
+        let mut summary = Vec::new();
+        let mut branches = Vec::new();
+        let mut features = 0;
+        let _guard = tch::no_grad_guard();
+        for (bi, bc) in branches_cfg.iter().enumerate() {
+            let size = *patch_sizes.get(bc.input).ok_or_else(|| {
+                ModelError::Invalid(format!(
+                    "branch {bi} reads input {} but the pipeline has {} [[patch]] entries",
+                    bc.input,
+                    patch_sizes.len()
+                ))
+            })?;
+            let mut b = Builder { params: &mut params, device };
+            let (branch, out) = build_branch(cfg, bi, bc, size, &mut b, &mut summary)?;
+            features += out;
+            branches.push(branch);
+        }
+        let mut b = Builder { params: &mut params, device };
+        let w = b.add("classifier.weight".into(), orthogonal(num_classes, features, 1.0), true);
+        let bias = b.add("classifier.bias".into(), Tensor::zeros([num_classes as i64], (Kind::Float, Device::Cpu)), false);
+        summary.push(LayerInfo {
+            branch: usize::MAX,
+            name: "classifier".into(),
+            shape: vec![num_classes],
+            views: 1,
+            params: features * num_classes + num_classes,
+            macs: (features * num_classes) as u64,
+        });
+        Ok(Network {
+            params,
+            branches,
+            classifier: (w, bias),
+            classifier_dropout: cfg.dropout,
+            leaky_slope: Tensor::from_slice(&[cfg.leaky_slope as f32]).to_device(device),
+            num_classes,
+            device,
+            summary,
+        })
+    }
+
+    /// Logits (B x classes) for one batch: `inputs[k]` is B x 1 x H x W for patch k.
+    pub fn forward_t(&self, inputs: &[Tensor], train: bool) -> Tensor {
+        let feats: Vec<Tensor> = self
+            .branches
+            .iter()
+            .map(|b| {
+                let mut x = inputs[b.input].shallow_clone();
+                for layer in &b.layers {
+                    x = self.apply(layer, &x, train);
+                }
+                // A branch may end on a conv map: the classifier reads flat features.
+                if x.dim() > 2 {
+                    x.flatten(1, -1)
+                } else {
+                    x
+                }
+            })
+            .collect();
+        let x = if feats.len() == 1 { feats.into_iter().next().unwrap() } else { Tensor::cat(&feats, 1) };
+        let x = x.dropout(self.classifier_dropout, train);
+        let (w, b) = self.classifier;
+        x.linear(&self.params[w].tensor, Some(&self.params[b].tensor))
+    }
+
+    fn activate(&self, x: Tensor, act: Activation) -> Tensor {
+        match act {
+            Activation::Leaky => x.prelu(&self.leaky_slope),
+            Activation::Relu => x.relu(),
+            Activation::Linear => x,
+        }
+    }
+
+    fn apply(&self, layer: &Layer, x: &Tensor, train: bool) -> Tensor {
+        let p = |i: usize| &self.params[i].tensor;
+        match *layer {
+            Layer::Slice => cyclic::slice(x),
+            Layer::Slice8 => cyclic::slice(&cyclic::stack_rotated_45(x)),
+            Layer::Conv { w, b, untied, act } => {
+                let y = if untied {
+                    x.conv2d(p(w), None::<Tensor>, [1, 1], [1, 1], [1, 1], 1) + p(b)
+                } else {
+                    x.conv2d(p(w), Some(p(b)), [1, 1], [1, 1], [1, 1], 1)
+                };
+                self.activate(y, act)
+            }
+            Layer::Pool => x.max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], false),
+            Layer::ConvRoll => cyclic::conv_roll(x),
+            Layer::Dropout(q) => x.dropout(q, train),
+            Layer::Dense { w, b, act, maxout, flatten } => {
+                let x = if flatten { x.flatten(1, -1) } else { x.shallow_clone() };
+                let y = x.linear(p(w), Some(p(b)));
+                let y = if maxout > 1 {
+                    let n = y.size()[0];
+                    y.view([n, -1, maxout]).amax(2, false)
+                } else {
+                    y
+                };
+                self.activate(y, act)
+            }
+            Layer::DenseRoll => cyclic::dense_roll(x),
+            Layer::CyclicPool { views, function } => cyclic::pool(x, views, function),
+        }
+    }
+
+    /// Multiply-accumulates per image for one forward pass.
+    pub fn macs_per_image(&self) -> u64 {
+        self.summary.iter().map(|l| l.macs).sum()
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.params.iter().map(|p| p.tensor.numel()).sum()
+    }
+
+    /// A text table of the layers (shape per view, views, parameters, MACs).
+    pub fn describe(&self) -> String {
+        let mut s = format!("{:<6} {:<22} {:>14} {:>5} {:>10} {:>14}\n", "branch", "layer", "shape", "views", "params", "MACs/image");
+        for l in &self.summary {
+            let shape = l.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+            let branch = if l.branch == usize::MAX { "-".into() } else { l.branch.to_string() };
+            s += &format!("{branch:<6} {:<22} {shape:>14} {:>5} {:>10} {:>14}\n", l.name, l.views, l.params, l.macs);
+        }
+        s += &format!("total: {} parameters, {:.1} MMACs per image\n", self.parameter_count(), self.macs_per_image() as f64 / 1e6);
+        s
+    }
+
+    /// Writes all parameters to a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        let named: Vec<(&str, Tensor)> = self.params.iter().map(|p| (p.name.as_str(), p.tensor.to_device(Device::Cpu).contiguous())).collect();
+        Tensor::write_safetensors(&named, path).map_err(|e| ModelError::Io { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// Loads parameters saved by `save`; every name and shape must match this network.
+    pub fn load(&mut self, path: &Path) -> Result<(), ModelError> {
+        let err = |message: String| ModelError::Io { path: path.to_path_buf(), message };
+        let stored = Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?;
+        let mut by_name: std::collections::HashMap<String, Tensor> = stored.into_iter().collect();
+        // Check everything before copying anything, so a failed load leaves the network as it was.
+        let mut matched = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let t = by_name.remove(&p.name).ok_or_else(|| err(format!("no tensor named {}", p.name)))?;
+            if t.size() != p.tensor.size() {
+                return Err(err(format!("{}: stored shape {:?}, network has {:?}", p.name, t.size(), p.tensor.size())));
+            }
+            matched.push(t);
+        }
+        if let Some(extra) = by_name.keys().next() {
+            return Err(err(format!("tensor {extra} does not belong to this network")));
+        }
+        let _guard = tch::no_grad_guard();
+        for (p, t) in self.params.iter_mut().zip(matched) {
+            p.tensor.copy_(&t);
+        }
+        Ok(())
+    }
+}
+
+fn build_branch(
+    cfg: &ModelConfig,
+    bi: usize,
+    bc: &BranchConfig,
+    size: usize,
+    b: &mut Builder,
+    summary: &mut Vec<LayerInfo>,
+) -> Result<(Branch, usize), ModelError> {
+    let mut shape = Shape::Map { c: 1, h: size, w: size };
+    let mut views = 1usize;
+    let mut layers = Vec::new();
+    for (li, spec) in bc.layers.iter().enumerate() {
+        let invalid = |why: String| ModelError::Invalid(format!("branch {bi}, layer {li} ({}): {why}", layer_name(spec)));
+        let mut params = 0;
+        let mut macs = 0u64;
+        let prefix = format!("b{bi}.l{li}");
+        let layer = match *spec {
+            LayerSpec::Slice {} | LayerSpec::Slice8 {} => {
+                if views != 1 {
+                    return Err(invalid("the batch is already sliced".into()));
+                }
+                match shape {
+                    Shape::Map { h, w, .. } if h == w => {}
+                    _ => return Err(invalid("needs a square input map".into())),
+                }
+                if matches!(spec, LayerSpec::Slice8 {}) {
+                    views = 8;
+                    Layer::Slice8
+                } else {
+                    views = 4;
+                    Layer::Slice
+                }
+            }
+            LayerSpec::Conv { filters, activation, untied_biases } => {
+                let Shape::Map { c, h, w } = shape else {
+                    return Err(invalid("needs a conv map, got dense features".into()));
+                };
+                if filters == 0 {
+                    return Err(invalid("filters must be > 0".into()));
+                }
+                let untied = untied_biases.unwrap_or(cfg.untied_biases);
+                let weight = orthogonal(filters, c * 9, 1.0).view([filters as i64, c as i64, 3, 3]);
+                let wi = b.add(format!("{prefix}.conv.weight"), weight, true);
+                let bias_shape: Vec<i64> = if untied { vec![filters as i64, h as i64, w as i64] } else { vec![filters as i64] };
+                let bi_ = b.add(format!("{prefix}.conv.bias"), Tensor::full(bias_shape.as_slice(), 0.1, (Kind::Float, Device::Cpu)), false);
+                params = filters * c * 9 + if untied { filters * h * w } else { filters };
+                macs = (views * filters * c * 9 * h * w) as u64;
+                shape = Shape::Map { c: filters, h, w };
+                Layer::Conv { w: wi, b: bi_, untied, act: activation }
+            }
+            LayerSpec::Pool {} => {
+                let Shape::Map { c, h, w } = shape else {
+                    return Err(invalid("needs a conv map".into()));
+                };
+                if h < 3 || w < 3 {
+                    return Err(invalid(format!("map {h}x{w} is smaller than the 3x3 pool")));
+                }
+                shape = Shape::Map { c, h: (h - 3) / 2 + 1, w: (w - 3) / 2 + 1 };
+                Layer::Pool
+            }
+            LayerSpec::ConvRoll {} => {
+                let Shape::Map { c, h, w } = shape else {
+                    return Err(invalid("needs a conv map".into()));
+                };
+                if views < 4 {
+                    return Err(invalid("needs a sliced batch (add `slice` first)".into()));
+                }
+                if h != w {
+                    return Err(invalid(format!("only defined for square maps, got {h}x{w}")));
+                }
+                if h % 2 == 0 {
+                    tracing::warn!(branch = bi, layer = li, size = h, "conv roll on an even-sized map: the rolled views are not pixel-aligned (keep map sizes odd)");
+                }
+                shape = Shape::Map { c: 4 * c, h, w };
+                Layer::ConvRoll
+            }
+            LayerSpec::Dropout { p } => {
+                if !(0.0..1.0).contains(&p) {
+                    return Err(invalid(format!("p must be in [0, 1), got {p}")));
+                }
+                Layer::Dropout(p)
+            }
+            LayerSpec::Dense { units, activation, maxout } => {
+                if units == 0 || maxout == 0 {
+                    return Err(invalid("units and maxout must be > 0".into()));
+                }
+                let fan_in = shape.numel();
+                let outputs = units * maxout;
+                let wi = b.add(format!("{prefix}.dense.weight"), orthogonal(outputs, fan_in, 1.0), true);
+                let bi_ = b.add(format!("{prefix}.dense.bias"), Tensor::full([outputs as i64], 0.1, (Kind::Float, Device::Cpu)), false);
+                params = fan_in * outputs + outputs;
+                macs = (views * fan_in * outputs) as u64;
+                let flatten = matches!(shape, Shape::Map { .. });
+                shape = Shape::Flat(units);
+                Layer::Dense { w: wi, b: bi_, act: activation, maxout: maxout as i64, flatten }
+            }
+            LayerSpec::DenseRoll {} => {
+                let Shape::Flat(f) = shape else {
+                    return Err(invalid("needs dense features (put a dense layer first)".into()));
+                };
+                if views < 4 {
+                    return Err(invalid("needs a sliced batch".into()));
+                }
+                shape = Shape::Flat(4 * f);
+                Layer::DenseRoll
+            }
+            LayerSpec::CyclicPool { function } => {
+                if views == 1 {
+                    return Err(invalid("needs a sliced batch".into()));
+                }
+                let pooled = views;
+                views = 1;
+                Layer::CyclicPool { views: pooled as i64, function }
+            }
+        };
+        summary.push(LayerInfo { branch: bi, name: layer_name(spec).into(), shape: shape.dims(), views, params, macs });
+        layers.push(layer);
+    }
+    if views != 1 {
+        return Err(ModelError::Invalid(format!("branch {bi} ends with {views} views per image: end it with `cyclic_pool`")));
+    }
+    let out = shape.numel();
+    Ok((Branch { input: bc.input, layers }, out))
+}
+
+fn layer_name(spec: &LayerSpec) -> &'static str {
+    match spec {
+        LayerSpec::Slice {} => "slice",
+        LayerSpec::Slice8 {} => "slice8",
+        LayerSpec::Conv { .. } => "conv",
+        LayerSpec::Pool {} => "pool",
+        LayerSpec::ConvRoll {} => "conv_roll",
+        LayerSpec::Dropout { .. } => "dropout",
+        LayerSpec::Dense { .. } => "dense",
+        LayerSpec::DenseRoll {} => "dense_roll",
+        LayerSpec::CyclicPool { .. } => "cyclic_pool",
+    }
+}

@@ -1,0 +1,515 @@
+//! Training: the loop that pulls batches from the data path (bounded channel, so the next
+//! batches are prepared while the model computes), the optimiser, validation, checkpoints and
+//! the run directory.
+
+pub mod config;
+pub mod optimizer;
+pub mod run_dir;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+pub use config::{OptimizerKind, TrainConfig};
+pub use optimizer::Optimizer;
+pub use run_dir::{HistoryRow, RunDir, TrainState};
+
+use crate::config::PipelineConfig;
+use crate::model::{ModelError, Network};
+use crate::rng::mix64;
+use crate::scoring::{self, Scores};
+use crate::sources::{Dataset, ImageRecord};
+use crate::split::Split;
+use crate::stages::batch::Batch;
+use crate::stages::normalise::{Zmuv, ZmuvStats};
+use crate::telemetry;
+use crate::topology::{Failure, Loader, LoaderSpec, SamplePlan};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{path}: bad checkpoint: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Dataset(#[from] crate::sources::dataset::DatasetError),
+    #[error(transparent)]
+    Split(#[from] crate::split::SplitError),
+    #[error(transparent)]
+    Normalise(#[from] crate::stages::normalise::NormaliseError),
+    #[error("data path: {0}")]
+    Loader(#[from] crate::topology::LoaderError),
+    #[error("training diverged at step {step}: loss is {loss} (lower the learning rate; the last checkpoint is intact)")]
+    Diverged { step: u64, loss: f64 },
+    #[error("device {0}: {1}")]
+    Device(String, String),
+}
+
+impl TrainError {
+    pub fn io(path: &Path, e: impl std::fmt::Display) -> Self {
+        TrainError::Io { path: path.to_path_buf(), message: e.to_string() }
+    }
+}
+
+/// What `plankton train` asks for.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The pipeline (ignored on resume, where the run's own `pipeline.toml` is used).
+    pub config: PipelineConfig,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub device: Device,
+    /// A split file (`path,class,subset`) instead of a fresh stratified split.
+    pub split_file: Option<PathBuf>,
+    /// Set to stop after the current step; the run writes a checkpoint and returns.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// Progress reported while training.
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    Started { start_step: u64, total_steps: u64, train_images: usize, valid_images: usize, parameters: usize },
+    Step { step: u64, total_steps: u64, loss: f64, learning_rate: f64, images_per_second: f64, epoch: u64 },
+    Validated(HistoryRow),
+    Checkpointed { step: u64, path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub stopped_early: bool,
+    pub best_valid_loss: Option<f64>,
+    pub best_step: Option<u64>,
+    /// Scores of the final weights on the validation set.
+    pub final_scores: Option<Scores>,
+    pub history: Vec<HistoryRow>,
+    pub images_per_second: f64,
+    /// Fraction of the loop's wall time spent waiting for batches.
+    pub batch_wait_fraction: f64,
+    pub failures: Vec<Failure>,
+}
+
+/// Checks that the device exists in this build (a CPU-only build has no CUDA).
+pub fn check_device(device: Device) -> Result<(), TrainError> {
+    if let Device::Cuda(i) = device {
+        let n = tch::Cuda::device_count();
+        if (i as i64) >= n {
+            return Err(TrainError::Device(
+                format!("cuda:{i}"),
+                format!("{n} CUDA device(s) visible to libtorch (a GPU run needs the GPU build: `make GPU=1 build`, see README)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Square patch sizes of the pipeline (the cyclic layers rotate by 90 degrees).
+pub fn patch_sizes(cfg: &PipelineConfig) -> Result<Vec<usize>, TrainError> {
+    cfg.patches
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if p.rows == p.cols {
+                Ok(p.rows)
+            } else {
+                Err(TrainError::Config(format!("patch[{i}] is {}x{}: the networks need square patches", p.rows, p.cols)))
+            }
+        })
+        .collect()
+}
+
+/// Validation log loss and accuracy of `net` on `records` (no augmentation).
+pub fn evaluate(
+    net: &Network,
+    cfg: &PipelineConfig,
+    records: Arc<Vec<ImageRecord>>,
+    zmuv: &[Zmuv],
+    rt: &tokio::runtime::Handle,
+) -> Result<(Scores, Vec<Failure>), TrainError> {
+    let (probs, labels, failures) = predict_probabilities(net, cfg, records, zmuv, rt)?;
+    let labels: Vec<usize> = labels.into_iter().map(|l| l as usize).collect();
+    Ok((scoring::score(&probs, &labels, net.num_classes), failures))
+}
+
+/// Class probabilities (row-major) and labels of every record that decoded, in record order.
+pub fn predict_probabilities(
+    net: &Network,
+    cfg: &PipelineConfig,
+    records: Arc<Vec<ImageRecord>>,
+    zmuv: &[Zmuv],
+    rt: &tokio::runtime::Handle,
+) -> Result<(Vec<f32>, Vec<i64>, Vec<Failure>), TrainError> {
+    let _enter = rt.enter();
+    let spec = LoaderSpec { records, plan: SamplePlan::Ordered { epochs: 1 }, augment: false, zmuv: Some(zmuv.to_vec()), first_epoch: 0 };
+    let mut loader = Loader::spawn(cfg, spec)?;
+    let mut probs = Vec::new();
+    let mut labels = Vec::new();
+    let _guard = tch::no_grad_guard();
+    while let Some(batch) = rt.block_on(loader.next_batch()) {
+        let inputs = batch_inputs(&batch, net.device);
+        let p = net.forward_t(&inputs, false).softmax(-1, Kind::Float).to_device(Device::Cpu);
+        let flat: Vec<f32> = Vec::try_from(p.flatten(0, -1)).expect("float tensor");
+        probs.extend_from_slice(&flat);
+        labels.extend_from_slice(&batch.labels[..batch.len]);
+    }
+    let summary = rt.block_on(loader.finish())?;
+    Ok((probs, labels, summary.failures))
+}
+
+fn batch_inputs(batch: &Batch, device: Device) -> Vec<Tensor> {
+    (0..batch.inputs.len()).map(|k| batch.input_tensor(k).to_device(device)).collect()
+}
+
+fn subset(ds: &Dataset, idx: &[usize]) -> Arc<Vec<ImageRecord>> {
+    Arc::new(idx.iter().map(|&i| ds.train[i].clone()).collect())
+}
+
+/// Everything a run needs before its first step.
+struct Prepared {
+    cfg: PipelineConfig,
+    train: Arc<Vec<ImageRecord>>,
+    valid: Arc<Vec<ImageRecord>>,
+    zmuv: Vec<Zmuv>,
+    net: Network,
+    optimizer: Optimizer,
+    state: TrainState,
+    history: Vec<HistoryRow>,
+}
+
+fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Result<Prepared, TrainError> {
+    check_device(opts.device)?;
+    let ds = Dataset::open(&opts.data)?;
+    for p in &ds.problems {
+        tracing::warn!(path = %p.path.display(), reason = %p.reason, "layout problem: skipped");
+        metrics::counter!(telemetry::LAYOUT_PROBLEMS).increment(1);
+    }
+    if ds.train.is_empty() {
+        return Err(TrainError::Config(format!("{}: no labelled training images (train/<class>/...)", opts.data.display())));
+    }
+    let checkpoint = if opts.resume { run.latest_checkpoint()? } else { None };
+    let cfg = if opts.resume {
+        let path = run.pipeline();
+        let cfg = PipelineConfig::load(&path).map_err(|e| TrainError::Config(e.to_string()))?;
+        if cfg != opts.config {
+            tracing::warn!(run = %path.display(), "resuming with the run's own pipeline.toml (it differs from --pipeline)");
+        }
+        cfg
+    } else {
+        if run.checkpoints().exists() || run.history().exists() {
+            return Err(TrainError::Config(format!(
+                "{}: already holds a run; pass --resume to continue it or choose another --out",
+                run.root.display()
+            )));
+        }
+        std::fs::create_dir_all(&run.root).map_err(|e| TrainError::io(&run.root, e))?;
+        let text = toml::to_string_pretty(&opts.config).map_err(|e| TrainError::Config(e.to_string()))?;
+        run_dir::write_atomic(&run.pipeline(), text.as_bytes())?;
+        opts.config.clone()
+    };
+    cfg.train.validate().map_err(|e| TrainError::Config(format!("{}: {e}", run.pipeline().display())))?;
+    let sizes = patch_sizes(&cfg)?;
+
+    let classes = ds.class_names.join("\n") + "\n";
+    if opts.resume {
+        let stored = std::fs::read_to_string(run.classes()).map_err(|e| TrainError::io(&run.classes(), e))?;
+        if stored != classes {
+            return Err(TrainError::Config(format!("{}: the dataset's classes differ from the run's", run.classes().display())));
+        }
+    } else {
+        run_dir::write_atomic(&run.classes(), classes.as_bytes())?;
+    }
+
+    let split = if opts.resume {
+        Split::load(&ds, &run.split())?
+    } else {
+        let split = match &opts.split_file {
+            Some(f) => Split::load(&ds, f)?,
+            None => {
+                let labels: Vec<u32> = ds.train.iter().map(|r| r.label.unwrap_or(u32::MAX)).collect();
+                crate::split::stratified(&labels, cfg.split.valid_fraction, cfg.seed, 0)?
+            }
+        };
+        split.save(&ds, &run.split())?;
+        split
+    };
+    if split.train.is_empty() {
+        return Err(TrainError::Config("the split leaves no training images".into()));
+    }
+    let train = subset(&ds, &split.train);
+    let valid = subset(&ds, &split.valid);
+
+    let zmuv = if opts.resume {
+        ZmuvStats::load(&run.zmuv())?
+    } else {
+        let (stats, _) = rt.block_on(crate::data_path::estimate_zmuv(&cfg, train.clone()))?;
+        stats.save(&run.zmuv())?;
+        stats
+    };
+    if zmuv.inputs.len() != cfg.patches.len() {
+        return Err(TrainError::Config(format!("{}: {} inputs, the pipeline has {}", run.zmuv().display(), zmuv.inputs.len(), cfg.patches.len())));
+    }
+
+    tch::manual_seed(mix64(cfg.seed) as i64);
+    let mut net = Network::new(&cfg.model, &sizes, ds.class_names.len(), opts.device)?;
+    let mut optimizer = Optimizer::new(&cfg.train, &net.params);
+    let mut state = TrainState {
+        step: 0,
+        epoch: 0,
+        batches_in_epoch: 0,
+        optimizer_updates: 0,
+        best_valid_loss: None,
+        best_step: None,
+        elapsed_seconds: 0.0,
+        images_seen: 0,
+    };
+    let mut history = Vec::new();
+    if let Some(dir) = checkpoint {
+        state = RunDir::load_state(&dir)?;
+        net.load(&dir.join("model.safetensors"))?;
+        optimizer.load(&net.params, &dir.join("optimizer.safetensors"), state.optimizer_updates)?;
+        history = run_dir::read_history(&dir.join("history.csv"))?;
+        tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
+    } else if opts.resume {
+        tracing::warn!(run = %run.root.display(), "no checkpoint yet: starting from step 0");
+    }
+    Ok(Prepared { cfg, train, valid, zmuv: zmuv.inputs, net, optimizer, state, history })
+}
+
+/// Spawns the training loader at `epoch`, skipping the `skip` batches of that epoch already
+/// consumed (the loader is deterministic per (seed, epoch, index), so this resumes exactly).
+fn spawn_train_loader(
+    cfg: &PipelineConfig,
+    records: &Arc<Vec<ImageRecord>>,
+    zmuv: &[Zmuv],
+    epoch: u64,
+    skip: u64,
+    remaining_steps: u64,
+    rt: &tokio::runtime::Handle,
+) -> Result<Loader, TrainError> {
+    let per_epoch = (records.len() / cfg.batch.size).max(1) as u64;
+    let epochs = (remaining_steps + skip) / per_epoch + 2;
+    let _enter = rt.enter();
+    let mut loader = Loader::spawn(
+        cfg,
+        LoaderSpec { records: records.clone(), plan: SamplePlan::Shuffled { epochs }, augment: cfg.augment.enabled, zmuv: Some(zmuv.to_vec()), first_epoch: epoch },
+    )?;
+    for _ in 0..skip {
+        match rt.block_on(loader.next_batch()) {
+            Some(b) if b.epoch == epoch => {}
+            _ => break,
+        }
+    }
+    Ok(loader)
+}
+
+/// Trains (or resumes) a run. Blocking: call it from a thread that may block (not from inside
+/// an async task), with a handle to the runtime the data path should run on.
+pub fn run(
+    opts: &TrainOptions,
+    rt: &tokio::runtime::Handle,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<TrainSummary, TrainError> {
+    let run = RunDir::new(&opts.out);
+    let Prepared { cfg, train, valid, zmuv, mut net, mut optimizer, mut state, mut history } = prepare(opts, &run, rt)?;
+    let tc = &cfg.train;
+    if tc.threads > 0 {
+        tch::set_num_threads(tc.threads as i32);
+    }
+    telemetry::describe();
+    on_event(TrainEvent::Started {
+        start_step: state.step,
+        total_steps: tc.steps,
+        train_images: train.len(),
+        valid_images: valid.len(),
+        parameters: net.parameter_count(),
+    });
+
+    let step_seconds = metrics::histogram!(telemetry::TRAIN_STEP_SECONDS);
+    let images_total = metrics::counter!(telemetry::TRAIN_IMAGES);
+    let mut failures: Vec<Failure> = Vec::new();
+    let mut loader = spawn_train_loader(&cfg, &train, &zmuv, state.epoch, state.batches_in_epoch, tc.steps - state.step.min(tc.steps), rt)?;
+    let run_started = Instant::now();
+    let elapsed_before = state.elapsed_seconds;
+    let mut window = Window::default();
+    let mut total_wait = Duration::ZERO;
+    let mut stopped_early = false;
+    let mut ema_rate: Option<f64> = None;
+    let mut last_scores: Option<(u64, Scores)> = None;
+
+    while state.step < tc.steps {
+        let t_wait = Instant::now();
+        let batch = match rt.block_on(loader.next_batch()) {
+            Some(b) => b,
+            None => {
+                // Plan exhausted (bad images made epochs shorter than planned): go on with the
+                // next epoch.
+                let s = rt.block_on(loader.finish())?;
+                merge_failures(&mut failures, s.failures);
+                loader = spawn_train_loader(&cfg, &train, &zmuv, state.epoch + 1, 0, tc.steps - state.step, rt)?;
+                continue;
+            }
+        };
+        let waited = t_wait.elapsed();
+        let t_step = Instant::now();
+        if batch.epoch != state.epoch {
+            state.epoch = batch.epoch;
+            state.batches_in_epoch = 0;
+        }
+        let lr = tc.learning_rate_at(state.step);
+        // Dropout masks depend only on (seed, step), so a resumed run draws the same ones.
+        tch::manual_seed((mix64(cfg.seed ^ mix64(state.step.wrapping_add(1))) >> 1) as i64);
+        let inputs = batch_inputs(&batch, net.device);
+        let labels = batch.labels_tensor().to_device(net.device);
+        let logits = net.forward_t(&inputs, true);
+        let loss = logits.cross_entropy_for_logits(&labels);
+        loss.backward();
+        let loss_value = loss.double_value(&[]);
+        if !loss_value.is_finite() {
+            return Err(TrainError::Diverged { step: state.step, loss: loss_value });
+        }
+        optimizer.step(&mut net.params, lr);
+        state.step += 1;
+        state.batches_in_epoch += 1;
+        state.images_seen += batch.len as u64;
+        state.optimizer_updates = optimizer.updates;
+        let step_time = t_step.elapsed();
+        let images = batch.len as u64;
+        drop(batch);
+
+        total_wait += waited;
+        window.add(loss_value, images, waited, waited + step_time);
+        step_seconds.record(step_time.as_secs_f64());
+        images_total.increment(images);
+        metrics::gauge!(telemetry::TRAIN_LOSS).set(loss_value);
+        metrics::gauge!(telemetry::TRAIN_LEARNING_RATE).set(lr);
+        let rate = images as f64 / (waited + step_time).as_secs_f64().max(1e-9);
+        let ema = ema_rate.map_or(rate, |e| 0.9 * e + 0.1 * rate);
+        ema_rate = Some(ema);
+        metrics::gauge!(telemetry::TRAIN_IMAGES_PER_SECOND).set(ema);
+        on_event(TrainEvent::Step { step: state.step, total_steps: tc.steps, loss: loss_value, learning_rate: lr, images_per_second: ema, epoch: state.epoch });
+
+        let stop = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+        let last = state.step == tc.steps;
+        state.elapsed_seconds = elapsed_before + run_started.elapsed().as_secs_f64();
+        if state.step % tc.validate_every == 0 || last {
+            let (scores, bad) = if valid.is_empty() {
+                (Scores { log_loss: f64::NAN, top1: f64::NAN, top5: f64::NAN, n: 0 }, Vec::new())
+            } else {
+                evaluate(&net, &cfg, valid.clone(), &zmuv, rt)?
+            };
+            merge_failures(&mut failures, bad);
+            let row = window.row(state.step, state.epoch, lr, &scores, state.elapsed_seconds);
+            window = Window::default();
+            if scores.n > 0 {
+                metrics::gauge!(telemetry::VALID_LOG_LOSS).set(scores.log_loss);
+                metrics::gauge!(telemetry::VALID_TOP1).set(scores.top1);
+            }
+            let better = scores.n > 0 && state.best_valid_loss.is_none_or(|b| scores.log_loss < b);
+            if better {
+                state.best_valid_loss = Some(scores.log_loss);
+                state.best_step = Some(state.step);
+                let tmp = run.root.join("best.safetensors.tmp");
+                net.save(&tmp)?;
+                std::fs::rename(&tmp, run.best_weights()).map_err(|e| TrainError::io(&run.best_weights(), e))?;
+                let info = serde_json::json!({ "step": state.step, "valid": scores });
+                run_dir::write_atomic(&run.best_info(), serde_json::to_string_pretty(&info).unwrap().as_bytes())?;
+            }
+            history.push(row.clone());
+            run_dir::write_history(&run.history(), &history)?;
+            last_scores = Some((state.step, scores));
+            on_event(TrainEvent::Validated(row));
+        }
+        if state.step % tc.checkpoint_every == 0 || last || stop {
+            let path = run.save_checkpoint(&state, tc.keep_checkpoints, |dir| {
+                net.save(&dir.join("model.safetensors"))?;
+                optimizer.save(&net.params, &dir.join("optimizer.safetensors"))?;
+                run_dir::write_history(&dir.join("history.csv"), &history)
+            })?;
+            on_event(TrainEvent::Checkpointed { step: state.step, path });
+        }
+        if stop && !last {
+            stopped_early = true;
+            break;
+        }
+    }
+    let summary = rt.block_on(loader.finish())?;
+    merge_failures(&mut failures, summary.failures);
+    if !stopped_early {
+        let tmp = run.root.join("model.safetensors.tmp");
+        net.save(&tmp)?;
+        std::fs::rename(&tmp, run.final_weights()).map_err(|e| TrainError::io(&run.final_weights(), e))?;
+        if valid.is_empty() {
+            // Without validation the final weights are the best we know.
+            std::fs::copy(run.final_weights(), run.best_weights()).map_err(|e| TrainError::io(&run.best_weights(), e))?;
+        }
+    }
+    for f in &failures {
+        tracing::warn!(path = %f.path.display(), kind = f.kind, reason = %f.reason, "image set aside");
+    }
+    let wall = run_started.elapsed().as_secs_f64().max(1e-9);
+    Ok(TrainSummary {
+        run_dir: run.root.clone(),
+        steps: state.step,
+        stopped_early,
+        best_valid_loss: state.best_valid_loss,
+        best_step: state.best_step,
+        final_scores: last_scores.filter(|(s, sc)| *s == state.step && sc.n > 0).map(|(_, s)| s),
+        history,
+        images_per_second: state.images_seen as f64 / (elapsed_before + wall).max(1e-9),
+        batch_wait_fraction: total_wait.as_secs_f64() / wall,
+        failures,
+    })
+}
+
+fn merge_failures(into: &mut Vec<Failure>, new: Vec<Failure>) {
+    for f in new {
+        if !into.iter().any(|g| g.path == f.path) {
+            into.push(f);
+        }
+    }
+}
+
+/// Training statistics between two history rows.
+#[derive(Default)]
+struct Window {
+    loss_sum: f64,
+    steps: u64,
+    images: u64,
+    wait: Duration,
+    wall: Duration,
+}
+
+impl Window {
+    fn add(&mut self, loss: f64, images: u64, wait: Duration, wall: Duration) {
+        self.loss_sum += loss;
+        self.steps += 1;
+        self.images += images;
+        self.wait += wait;
+        self.wall += wall;
+    }
+
+    fn row(&self, step: u64, epoch: u64, lr: f64, s: &Scores, elapsed: f64) -> HistoryRow {
+        let wall = self.wall.as_secs_f64().max(1e-9);
+        HistoryRow {
+            step,
+            epoch,
+            learning_rate: lr,
+            train_loss: self.loss_sum / self.steps.max(1) as f64,
+            valid_loss: s.log_loss,
+            valid_top1: s.top1,
+            valid_top5: s.top5,
+            images_per_second: self.images as f64 / wall,
+            batch_wait_fraction: self.wait.as_secs_f64() / wall,
+            elapsed_seconds: elapsed,
+        }
+    }
+}
