@@ -165,6 +165,19 @@ pub fn predict_probabilities(
     Ok((probs, labels, summary.failures))
 }
 
+/// One optimisation step on one batch (forward in training mode, cross-entropy on the logits,
+/// backward, update); returns the batch's mean loss. A non-finite loss skips the update.
+pub fn train_step(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor], labels: &Tensor, lr: f64) -> f64 {
+    let logits = net.forward_t(inputs, true);
+    let loss = logits.cross_entropy_for_logits(labels);
+    loss.backward();
+    let value = loss.double_value(&[]);
+    if value.is_finite() {
+        optimizer.step(&mut net.params, lr);
+    }
+    value
+}
+
 fn batch_inputs(batch: &Batch, device: Device) -> Vec<Tensor> {
     (0..batch.inputs.len()).map(|k| batch.input_tensor(k).to_device(device)).collect()
 }
@@ -369,14 +382,10 @@ pub fn run(
         tch::manual_seed((mix64(cfg.seed ^ mix64(state.step.wrapping_add(1))) >> 1) as i64);
         let inputs = batch_inputs(&batch, net.device);
         let labels = batch.labels_tensor().to_device(net.device);
-        let logits = net.forward_t(&inputs, true);
-        let loss = logits.cross_entropy_for_logits(&labels);
-        loss.backward();
-        let loss_value = loss.double_value(&[]);
+        let loss_value = train_step(&mut net, &mut optimizer, &inputs, &labels, lr);
         if !loss_value.is_finite() {
             return Err(TrainError::Diverged { step: state.step, loss: loss_value });
         }
-        optimizer.step(&mut net.params, lr);
         state.step += 1;
         state.batches_in_epoch += 1;
         state.images_seen += batch.len as u64;
