@@ -367,6 +367,12 @@ impl PipelineConfig {
         if self.decode.max_pixels == 0 || self.decode.max_bytes == 0 {
             return bad("decode limits must be > 0".into());
         }
+        if let Err(message) = self.model.validate().and_then(|_| self.train.validate()) {
+            return bad(message);
+        }
+        if self.model.preset == crate::model::Preset::Multiscale && self.patches.len() < 2 {
+            return bad("model.preset = \"multiscale\" needs two [[patch]] entries".into());
+        }
         Ok(())
     }
 

@@ -147,6 +147,35 @@ fn auto_stages(size: usize) -> usize {
 }
 
 impl ModelConfig {
+    /// Checks of the scalar settings (the layer lists are checked when the network is built).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.width > 0.0 && self.width.is_finite()) {
+            return Err(format!("model.width must be > 0, got {}", self.width));
+        }
+        if self.stages > CONVROLL4_STAGES.len() {
+            return Err(format!("model.stages: the presets have at most {}, got {}", CONVROLL4_STAGES.len(), self.stages));
+        }
+        if !(self.leaky_slope.is_finite() && (0.0..1.0).contains(&self.leaky_slope)) {
+            return Err(format!("model.leaky_slope must be in [0, 1), got {}", self.leaky_slope));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("model.dropout must be in [0, 1), got {}", self.dropout));
+        }
+        if self.views != 4 && self.views != 8 {
+            return Err(format!("model.views must be 4 or 8, got {}", self.views));
+        }
+        if self.dense_units == 0 || self.maxout == 0 {
+            return Err("model.dense_units and model.maxout must be > 0".into());
+        }
+        if self.preset == Preset::Custom && self.branches.is_empty() {
+            return Err("model.preset = \"custom\" needs [[model.branch]] layer lists".into());
+        }
+        if self.preset != Preset::Custom && !self.branches.is_empty() {
+            return Err("[[model.branch]] layer lists need model.preset = \"custom\"".into());
+        }
+        Ok(())
+    }
+
     fn scaled(&self, n: usize, width: f64) -> usize {
         ((n as f64 * width).round() as usize).max(1)
     }

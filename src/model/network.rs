@@ -122,21 +122,7 @@ impl Network {
         if branches_cfg.is_empty() {
             return Err(ModelError::Invalid("the model has no branch (preset = \"custom\" needs [[model.branch]])".into()));
         }
-        if !(cfg.leaky_slope.is_finite() && (0.0..1.0).contains(&cfg.leaky_slope)) {
-            return Err(ModelError::Invalid(format!("leaky_slope must be in [0, 1), got {}", cfg.leaky_slope)));
-        }
-        if !(0.0..1.0).contains(&cfg.dropout) {
-            return Err(ModelError::Invalid(format!("dropout must be in [0, 1), got {}", cfg.dropout)));
-        }
-        if !(cfg.width > 0.0 && cfg.width.is_finite()) {
-            return Err(ModelError::Invalid(format!("width must be > 0, got {}", cfg.width)));
-        }
-        if cfg.stages > 4 {
-            return Err(ModelError::Invalid(format!("stages: the presets have at most 4, got {}", cfg.stages)));
-        }
-        if cfg.views != 4 && cfg.views != 8 {
-            return Err(ModelError::Invalid(format!("views must be 4 or 8, got {}", cfg.views)));
-        }
+        cfg.validate().map_err(ModelError::Invalid)?;
         let mut params = Vec::new();
         let mut summary = Vec::new();
         let mut branches = Vec::new();

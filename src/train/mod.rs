@@ -3,6 +3,7 @@
 //! the run directory.
 
 pub mod config;
+pub mod curve;
 pub mod optimizer;
 pub mod run_dir;
 
@@ -434,6 +435,10 @@ pub fn run(
             }
             history.push(row.clone());
             run_dir::write_history(&run.history(), &history)?;
+            if let Err(e) = curve::render_learning_curve(&run.learning_curve(), &cfg.name, &history) {
+                // A picture is not worth stopping a run for.
+                tracing::warn!(error = %e, "learning curve not drawn");
+            }
             last_scores = Some((state.step, scores));
             on_event(TrainEvent::Validated(row));
         }
