@@ -631,6 +631,8 @@ async fn run_batcher(mut ctx: BatcherCtx) -> Result<u64, LoaderError> {
             }
         }
     }
+    // The source may be parked on the reorder window: wake it so it sees the pipeline ending.
+    ctx.window.close();
     if ctx.batches.is_closed() {
         return Ok(sent_batches); // consumer stopped early
     }

@@ -176,6 +176,31 @@ async fn zmuv_estimate_normalises_augmented_batches() {
     );
 }
 
+/// With a long plan the source runs ahead until the reorder window is full and parks there; a
+/// consumer that stops must still be able to finish (a trainer stops after its last step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_may_stop_early_while_the_source_waits_on_the_window() {
+    let (_dir, ds) = dataset(2, 20);
+    let mut cfg = small_cfg(2);
+    cfg.loader.reorder_window = 4;
+    let spec = LoaderSpec {
+        records: Arc::new(ds.train.clone()),
+        plan: SamplePlan::Shuffled { epochs: 1_000_000 },
+        augment: true,
+        zmuv: None,
+        first_epoch: 0,
+    };
+    let mut loader = Loader::spawn(&cfg, spec).unwrap();
+    for _ in 0..3 {
+        loader.next_batch().await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    tokio::time::timeout(std::time::Duration::from_secs(20), loader.finish())
+        .await
+        .expect("finish hung")
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_may_stop_early_without_hanging() {
     let (_dir, ds) = dataset(2, 20);
