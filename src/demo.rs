@@ -1,6 +1,6 @@
 //! The main job on an embedded default dataset (`plankton demo`, `make demo`): synthetic and
-//! real data, augmentation previews, split, ZMUV, and the data path measured. Later issues add
-//! training, prediction and evaluation to it.
+//! real data, augmentation previews, split, ZMUV, the data path measured, and a short training
+//! run with its learning curve. Later issues add prediction and evaluation to it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +22,8 @@ pub struct DemoOptions {
     pub real_data: bool,
     /// Loader epochs to measure.
     pub epochs: u64,
+    /// Training steps of the last part (0 = the embedded demo-train pipeline's).
+    pub train_steps: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,14 @@ pub enum DemoError {
     Loader(#[from] LoaderError),
     #[error("synthetic data generation stopped: {0}")]
     Join(String),
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+}
+
+/// The pipeline the demo trains with (`pipelines/demo-train.toml`, embedded).
+pub fn embedded_train_pipeline() -> PipelineConfig {
+    PipelineConfig::from_toml_str(include_str!("../pipelines/demo-train.toml"), std::path::Path::new("pipelines/demo-train.toml"))
+        .expect("embedded demo-train pipeline is valid (tested)")
 }
 
 /// Runs the demo; `say` receives one line per step, `on_batch` each loaded batch (progress).
@@ -76,7 +86,7 @@ pub async fn run(
         .await
         .map_err(|e| DemoError::Join(e.to_string()))??;
     say(format!(
-        "[1/5] synthetic data: {} train / {} test images, {} classes -> {} ({:.1} s)",
+        "[1/6] synthetic data: {} train / {} test images, {} classes -> {} ({:.1} s)",
         s.train_images,
         s.test_images,
         s.class_names.len(),
@@ -95,7 +105,7 @@ pub async fn run(
         )) {
             Ok(s) => {
                 say(format!(
-                    "[2/5] real data: planktonclas {} images in {} classes -> {}",
+                    "[2/6] real data: planktonclas {} images in {} classes -> {}",
                     s.train_images + s.test_images,
                     s.class_names.len(),
                     real_dir.display()
@@ -103,7 +113,7 @@ pub async fn run(
                 Some(real_dir)
             }
             Err(e) => {
-                say(format!("[2/5] real data skipped: {e}"));
+                say(format!("[2/6] real data skipped: {e}"));
                 None
             }
         }
@@ -123,7 +133,7 @@ pub async fn run(
             .collect();
         let png = out.join(format!("preview-{name}.png"));
         render_preview(&cfg, &picked, &png, &PreviewOptions::default())?;
-        say(format!("[3/5] augmentation preview -> {}", png.display()));
+        say(format!("[3/6] augmentation preview -> {}", png.display()));
         if name == "planktonclas" {
             // Grey-background images: the reference's fill of 0 frames every rotated patch;
             // show the border-median fill beside it.
@@ -132,7 +142,7 @@ pub async fn run(
             let png = out.join("preview-planktonclas-border-fill.png");
             render_preview(&border, &picked, &png, &PreviewOptions::default())?;
             say(format!(
-                "[3/5] same with fill = \"border_median\" -> {}",
+                "[3/6] same with fill = \"border_median\" -> {}",
                 png.display()
             ));
         }
@@ -157,7 +167,7 @@ pub async fn run(
     let zmuv_path = out.join("zmuv.json");
     let (stats, _) = data_path::estimate_and_save_zmuv(&cfg, &ds, &zmuv_path).await?;
     say(format!(
-        "[4/5] split files and ZMUV (mean {:.4}, std {:.4} over {} augmented patches) -> {}",
+        "[4/6] split files and ZMUV (mean {:.4}, std {:.4} over {} augmented patches) -> {}",
         stats.inputs[0].mean,
         stats.inputs[0].std,
         stats.samples,
@@ -165,9 +175,64 @@ pub async fn run(
     ));
 
     // 5. The data path alone, as loader-bench runs it.
-    let report = data_path::loader_bench(&cfg, Arc::new(ds.train), opts.epochs, on_batch).await?;
-    say("[5/5] data path:".into());
+    let report = data_path::loader_bench(&cfg, Arc::new(ds.train.clone()), opts.epochs, on_batch).await?;
+    say("[5/6] data path:".into());
     say(report.render());
+
+    // 6. A short training run: the real images when we have them, else the synthetic set.
+    let mut train_cfg = embedded_train_pipeline();
+    if opts.train_steps > 0 {
+        train_cfg.train.steps = opts.train_steps;
+        train_cfg.train.validate_every = train_cfg.train.validate_every.min(opts.train_steps);
+    }
+    let (data, which) = match &real_ds {
+        Some(real) => (real.root.clone(), "planktonclas"),
+        None => (ds.root.clone(), "synthetic"),
+    };
+    let run_dir = out.join(format!("run-{which}"));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    say(format!(
+        "[6/6] training a quarter-width cyclic convroll4 on the {which} images for {} steps -> {}",
+        train_cfg.train.steps,
+        run_dir.display()
+    ));
+    let train_opts = crate::train::TrainOptions {
+        config: train_cfg,
+        data,
+        out: run_dir.clone(),
+        resume: false,
+        device: tch::Device::Cpu,
+        split_file: None,
+        stop: None,
+    };
+    let handle = tokio::runtime::Handle::current();
+    let (summary, lines) = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        let r = crate::train::run(&train_opts, &handle, &mut |e| {
+            if let crate::train::TrainEvent::Validated(r) = e {
+                lines.push(format!(
+                    "  step {:>4}: train loss {:.3}, valid log loss {:.3}, top-1 {:.2}, {:.0} img/s, waited for data {:.1}%",
+                    r.step, r.train_loss, r.valid_loss, r.valid_top1, r.images_per_second, 100.0 * r.batch_wait_fraction
+                ));
+            }
+        });
+        r.map(|s| (s, lines))
+    })
+    .await
+    .map_err(|e| DemoError::Join(e.to_string()))??;
+    for l in lines {
+        say(l);
+    }
+    if let Some(s) = summary.final_scores {
+        say(format!(
+            "  final: log loss {:.3}, top-1 {:.2}, top-5 {:.2} on {} validation images; learning curve -> {}",
+            s.log_loss,
+            s.top1,
+            s.top5,
+            s.n,
+            run_dir.join("learning_curve.png").display()
+        ));
+    }
     say(format!("outputs: {}", out.display()));
     Ok(report)
 }

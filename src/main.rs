@@ -623,6 +623,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         per_class: a.per_class,
         real_data: !a.no_real_data,
         epochs: 5,
+        train_steps: 0,
     };
     let pb = progress(
         (opts.classes * opts.per_class) as u64 * opts.epochs,

@@ -9,6 +9,7 @@ async fn demo_writes_every_output() {
         per_class: 10,
         real_data: false,
         epochs: 2,
+        train_steps: 20,
     };
     let mut lines = Vec::new();
     let report = plankton::demo::run(&opts, |l| lines.push(l), |_, _| {})
@@ -32,9 +33,12 @@ async fn demo_writes_every_output() {
     );
     let text = lines.join("\n");
     assert!(
-        text.contains("[5/5] data path") && text.contains("GPU feed"),
+        text.contains("[5/6] data path") && text.contains("GPU feed") && text.contains("[6/6] training"),
         "{text}"
     );
+    for f in ["run-synthetic/learning_curve.png", "run-synthetic/best.safetensors", "run-synthetic/history.csv"] {
+        assert!(opts.out.join(f).is_file(), "{f} missing");
+    }
     let z = plankton::stages::normalise::ZmuvStats::load(&opts.out.join("zmuv.json")).unwrap();
     assert_eq!(z.samples, 2048);
 }

@@ -31,6 +31,9 @@ fn embedded_demo_pipeline_loads() {
     let demo = PipelineConfig::embedded_demo();
     assert_eq!(demo.name, "demo");
     assert_eq!(demo.patches.len(), 1);
+    let train = plankton::demo::embedded_train_pipeline();
+    assert_eq!(train.name, "demo-train");
+    assert!(train.train.steps > 0 && train.model.width < 1.0);
 }
 
 #[test]

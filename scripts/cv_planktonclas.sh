@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# 5-fold stratified cross-validation on the 105 labelled planktonclas images: the small cyclic
+# net against the plain net of the same compute (pipelines/planktonclas-{cyclic,plain}.toml).
+# Reports the FINAL weights' validation scores (not the best checkpoint, which would be chosen on
+# the very fold it is scored on). Usage: scripts/cv_planktonclas.sh [WORK_DIR] [FOLDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-cv-work}
+FOLDS=${2:-5}
+BIN=./target/release/plankton
+NETS=${NETS:-"cyclic plain"}
+mkdir -p "$WORK/runs"
+
+# All 105 labelled images in train/ (the package puts 8 of them in test/, labels in
+# test_labels.csv): cross-validation folds then cover every image once.
+if [ ! -f "$WORK/data/.complete" ]; then
+  rm -rf "$WORK/pc" "$WORK/data"
+  $BIN data planktonclas --out "$WORK/pc"
+  cp -r "$WORK/pc" "$WORK/data"
+  tail -n +2 "$WORK/data/test_labels.csv" | while IFS=, read -r img cls; do
+    mv "$WORK/data/test/$img" "$WORK/data/train/$cls/"
+  done
+  rm "$WORK/data/test_labels.csv"
+  head -1 "$WORK/pc/sampleSubmission.csv" > "$WORK/data/sampleSubmission.csv"
+  touch "$WORK/data/.complete"
+fi
+$BIN split --data "$WORK/data" --folds "$FOLDS" --out "$WORK/data/splits/cv.csv"
+
+for k in $(seq 0 $((FOLDS - 1))); do
+  for net in $NETS; do
+    run="$WORK/runs/$net-fold$k"
+    if [ -f "$run/model.safetensors" ]; then continue; fi
+    if [ -d "$run/checkpoints" ]; then resume=--resume; else resume=; rm -rf "$run"; fi
+    /usr/bin/time -f "%e" -o "$run.time" $BIN train --pipeline "pipelines/planktonclas-$net.toml" \
+      --data "$WORK/data" --split "$WORK/data/splits/cv-fold$k.csv" --out "$run" $resume \
+      > "$run.log" 2>&1
+    echo "$net fold $k: $(tail -1 "$run.log") ($(cat "$run.time") s)"
+  done
+done
+python3 scripts/cv_summary.py "$WORK/runs" $NETS
