@@ -44,12 +44,7 @@ pub fn stratified(
     if !(0.0..1.0).contains(&valid_fraction) {
         return Err(SplitError::BadFraction(valid_fraction));
     }
-    let mut by_class: HashMap<u32, Vec<usize>> = HashMap::new();
-    for (i, &l) in labels.iter().enumerate() {
-        by_class.entry(l).or_default().push(i);
-    }
-    let mut classes: Vec<_> = by_class.into_iter().collect();
-    classes.sort();
+    let classes = indices_by_class(labels);
     let (mut train, mut valid) = (Vec::new(), Vec::new());
     for (class, mut idx) in classes {
         Stream::new(seed, Purpose::Split, key, class as u64).shuffle(&mut idx);
@@ -68,18 +63,24 @@ pub fn stratified(
     Ok(Split { train, valid })
 }
 
-/// `folds` stratified folds for cross-validation: each class's images are shuffled and dealt
-/// round-robin to the folds; split k validates on fold k and trains on the others.
-pub fn stratified_folds(labels: &[u32], folds: usize, seed: u64) -> Result<Vec<Split>, SplitError> {
-    if folds < 2 {
-        return Err(SplitError::BadFolds(folds));
-    }
+/// Record indices per class, classes in label order.
+fn indices_by_class(labels: &[u32]) -> Vec<(u32, Vec<usize>)> {
     let mut by_class: HashMap<u32, Vec<usize>> = HashMap::new();
     for (i, &l) in labels.iter().enumerate() {
         by_class.entry(l).or_default().push(i);
     }
     let mut classes: Vec<_> = by_class.into_iter().collect();
     classes.sort();
+    classes
+}
+
+/// `folds` stratified folds for cross-validation: each class's images are shuffled and dealt
+/// round-robin to the folds; split k validates on fold k and trains on the others.
+pub fn stratified_folds(labels: &[u32], folds: usize, seed: u64) -> Result<Vec<Split>, SplitError> {
+    if folds < 2 {
+        return Err(SplitError::BadFolds(folds));
+    }
+    let classes = indices_by_class(labels);
     let mut fold_of = vec![0usize; labels.len()];
     // A running offset spreads the classes' remainders over the folds.
     let mut offset = 0;
