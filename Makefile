@@ -2,6 +2,7 @@
 #   make demo   - the main job on an embedded default dataset
 #   make test   - the whole test suite (what CI runs)
 #   make bench  - criterion benchmarks + Python baselines (see docs/BENCHMARKS.md)
+#   make bench-train - a training step, ours vs the same network in PyTorch (docs/BENCHMARKS.md)
 #   make GPU=1 ...  - GPU build mode (see README "GPU build")
 
 SHELL := /bin/bash
@@ -12,6 +13,8 @@ LIBTORCH_STAMP := $(LIBTORCH_DIR)/.installed-$(TORCH_VERSION)$(if $(GPU),-gpu,-c
 PIP_FLAGS ?=
 PYENV_DIR := .pyenv-tools
 PYENV_STAMP := $(PYENV_DIR)/.installed-v1
+PYENV_TORCH_DIR := .pyenv-torch
+PYENV_TORCH_STAMP := $(PYENV_TORCH_DIR)/.installed-v1
 CARGO ?= cargo
 CARGO_FEATURES := $(if $(GPU),--features gpu,)
 DEMO_DIR ?= demo-out
@@ -24,7 +27,7 @@ else
 TORCH_PIP := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: all libtorch build demo test bench pytools fixtures clean-demo
+.PHONY: all libtorch build demo test bench bench-train pytools pytorch fixtures clean-demo
 
 all: build
 
@@ -49,6 +52,14 @@ $(PYENV_STAMP):
 
 pytools: $(PYENV_STAMP)
 
+# PyTorch (the same version as our libtorch) for the training-step baseline only (~4.7 GB).
+$(PYENV_TORCH_STAMP):
+	$(PYTHON) -m venv $(PYENV_TORCH_DIR)
+	$(PYENV_TORCH_DIR)/bin/pip install --quiet --disable-pip-version-check $(PIP_FLAGS) -r scripts/requirements-torch.txt
+	touch $@
+
+pytorch: $(PYENV_TORCH_STAMP)
+
 demo: build
 	./target/release/plankton demo --out $(DEMO_DIR)
 
@@ -60,6 +71,10 @@ test: libtorch
 
 bench: build pytools
 	PLANKTON_PYTHON=$(abspath $(PYENV_DIR))/bin/python scripts/bench.sh
+
+# A training step of convroll4 (full, 1/4 and 1/2 width), ours vs PyTorch, alternating runs.
+bench-train: build pytorch
+	PLANKTON_TORCH_PYTHON=$(abspath $(PYENV_TORCH_DIR))/bin/python scripts/train_step_compare.sh
 
 # Regenerate the golden fixtures from the Python oracles (scikit-image, Pillow).
 fixtures: pytools
