@@ -26,15 +26,20 @@ if [ ! -f "$WORK/data/.complete" ]; then
 fi
 $BIN split --data "$WORK/data" --folds "$FOLDS" --out "$WORK/data/splits/cv.csv"
 
+# One torch thread per run and the runs of a fold side by side (one core each): two processes
+# with two OpenMP threads each on two cores would spin against each other.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+train_one() {
+  local net=$1 k=$2 run="$WORK/runs/$1-fold$2" resume=
+  if [ -f "$run/model.safetensors" ]; then return; fi
+  if [ -d "$run/checkpoints" ]; then resume=--resume; else rm -rf "$run"; fi
+  /usr/bin/time -f "%e" -o "$run.time" $BIN train --pipeline "pipelines/planktonclas-$net.toml" \
+    --data "$WORK/data" --split "$WORK/data/splits/cv-fold$k.csv" --out "$run" $resume \
+    > "$run.log" 2>&1
+  echo "$net fold $k: $(tail -1 "$run.log") ($(cat "$run.time") s)"
+}
 for k in $(seq 0 $((FOLDS - 1))); do
-  for net in $NETS; do
-    run="$WORK/runs/$net-fold$k"
-    if [ -f "$run/model.safetensors" ]; then continue; fi
-    if [ -d "$run/checkpoints" ]; then resume=--resume; else resume=; rm -rf "$run"; fi
-    /usr/bin/time -f "%e" -o "$run.time" $BIN train --pipeline "pipelines/planktonclas-$net.toml" \
-      --data "$WORK/data" --split "$WORK/data/splits/cv-fold$k.csv" --out "$run" $resume \
-      > "$run.log" 2>&1
-    echo "$net fold $k: $(tail -1 "$run.log") ($(cat "$run.time") s)"
-  done
+  for net in $NETS; do train_one "$net" "$k" & done
+  wait
 done
 python3 scripts/cv_summary.py "$WORK/runs" $NETS
