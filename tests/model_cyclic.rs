@@ -1734,3 +1734,24 @@ fn summary_shapes_match_parameters() {
     let logits = tch::no_grad(|| net.forward_t(&[randn(&[2, 1, 95, 95])], false));
     assert_eq!(logits.size(), vec![2, 10]);
 }
+
+/// The leaky ReLU shim (csrc/leaky_relu.cpp): max(x, s*x) forward, 1 or s backward.
+#[test]
+fn leaky_relu_shim_matches_its_definition() {
+    use plankton::model::cyclic::leaky_relu;
+    let x = Tensor::from_slice(&[-3.0f64, -0.5, 0.0, 0.25, 2.0]).set_requires_grad(true);
+    let y = leaky_relu(&x, 1.0 / 3.0);
+    let got: Vec<f64> = Vec::try_from(&y).unwrap();
+    let want = [-1.0, -0.5 / 3.0, 0.0, 0.25, 2.0];
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-12, "{got:?}");
+    }
+    y.sum(Kind::Double).backward();
+    let grad: Vec<f64> = Vec::try_from(&x.grad()).unwrap();
+    assert_eq!(grad[0], 1.0 / 3.0);
+    assert_eq!(grad[4], 1.0);
+    // f32 and a 4-d map take the same kernel.
+    let m = Tensor::randn([2, 3, 5, 5], (Kind::Float, tch::Device::Cpu));
+    let diff = (leaky_relu(&m, 0.2) - m.maximum(&(&m * 0.2))).abs().max().double_value(&[]);
+    assert!(diff < 1e-7);
+}

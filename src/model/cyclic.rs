@@ -92,3 +92,19 @@ pub fn pool(x: &Tensor, views: i64, function: PoolFunction) -> Tensor {
         PoolFunction::Max => v.amax(0, false),
     }
 }
+
+extern "C" {
+    fn plankton_leaky_relu(x: *const std::ffi::c_void, slope: f64) -> *mut std::ffi::c_void;
+}
+
+/// Leaky ReLU max(x, slope * x) for slope in [0, 1), as one ATen kernel forward and backward
+/// (the C++ shim in csrc/; tch's own `leaky_relu` has a fixed slope of 0.01).
+pub fn leaky_relu(x: &Tensor, slope: f64) -> Tensor {
+    // SAFETY: the shim takes a tch tensor handle (an at::Tensor*) and returns a new handle that
+    // we own, or null when ATen threw.
+    unsafe {
+        let out = plankton_leaky_relu(x.as_ptr() as *const std::ffi::c_void, slope);
+        assert!(!out.is_null(), "at::leaky_relu failed on a {:?} tensor of {:?}", x.size(), x.kind());
+        Tensor::from_ptr(out as *mut _)
+    }
+}

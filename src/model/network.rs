@@ -58,7 +58,7 @@ pub struct Network {
     branches: Vec<Branch>,
     classifier: (usize, usize),
     classifier_dropout: f64,
-    leaky_slope: Tensor,
+    leaky_slope: f64,
     pub num_classes: usize,
     pub device: Device,
     pub summary: Vec<LayerInfo>,
@@ -157,7 +157,7 @@ impl Network {
             branches,
             classifier: (w, bias),
             classifier_dropout: cfg.dropout,
-            leaky_slope: Tensor::from_slice(&[cfg.leaky_slope as f32]).to_device(device),
+            leaky_slope: cfg.leaky_slope,
             num_classes,
             device,
             summary,
@@ -190,7 +190,7 @@ impl Network {
 
     fn activate(&self, x: Tensor, act: Activation) -> Tensor {
         match act {
-            Activation::Leaky => x.prelu(&self.leaky_slope),
+            Activation::Leaky => cyclic::leaky_relu(&x, self.leaky_slope),
             Activation::Relu => x.relu(),
             Activation::Linear => x,
         }

@@ -54,11 +54,10 @@ impl Optimizer {
             }
             match self.kind {
                 OptimizerKind::Nesterov => {
+                    let step = &grad * lr;
                     let v = &mut self.first[i];
-                    let _ = v.g_mul_scalar_(self.momentum);
-                    let _ = v.g_sub_(&(&grad * lr));
-                    let update = &*v * self.momentum - &grad * lr;
-                    let _ = p.tensor.g_add_(&update);
+                    let _ = v.g_mul_scalar_(self.momentum).g_sub_(&step);
+                    let _ = p.tensor.g_add_(&(&*v * self.momentum)).g_sub_(&step);
                 }
                 OptimizerKind::Adam => {
                     let (b1, b2) = self.betas;
