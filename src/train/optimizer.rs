@@ -57,7 +57,8 @@ impl Optimizer {
                     let step = &grad * lr;
                     let v = &mut self.first[i];
                     let _ = v.g_mul_scalar_(self.momentum).g_sub_(&step);
-                    let _ = p.tensor.g_add_(&(&*v * self.momentum)).g_sub_(&step);
+                    // One addition into the weights: rounding then stays below the update's.
+                    let _ = p.tensor.g_add_(&(&*v * self.momentum - &step));
                 }
                 OptimizerKind::Adam => {
                     let (b1, b2) = self.betas;
