@@ -113,3 +113,92 @@ impl Optimizer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// One parameter w with loss 0.5 * sum(w^2) (gradient w), optionally decayed.
+    fn param(values: &[f32], decay: bool) -> Vec<Param> {
+        let t = Tensor::from_slice(values).set_requires_grad(true);
+        vec![Param { name: "w".into(), tensor: t, decay }]
+    }
+
+    fn backward(params: &[Param]) {
+        (params[0].tensor.square().sum(Kind::Float) * 0.5).backward();
+    }
+
+    fn values(params: &[Param]) -> Vec<f32> {
+        Vec::try_from(&params[0].tensor.detach()).unwrap()
+    }
+
+    #[test]
+    fn nesterov_follows_lasagnes_update() {
+        let cfg = TrainConfig { momentum: 0.9, weight_decay: 0.0, ..Default::default() };
+        let mut p = param(&[1.0, -2.0], false);
+        let mut opt = Optimizer::new(&cfg, &p);
+        // Step 1 from v = 0: v = -lr g; w += mu v - lr g = -(1 + mu) lr g.
+        backward(&p);
+        opt.step(&mut p, 0.1);
+        let w1 = values(&p);
+        assert!((w1[0] - (1.0 - 1.9 * 0.1)).abs() < 1e-6, "{w1:?}");
+        // Step 2: g = w1, v = mu (-lr g0) - lr g1; w += mu v - lr g1.
+        backward(&p);
+        opt.step(&mut p, 0.1);
+        let v = 0.9 * (-0.1 * 1.0) - 0.1 * w1[0];
+        let expected = w1[0] + 0.9 * v - 0.1 * w1[0];
+        assert!((values(&p)[0] - expected).abs() < 1e-6);
+        assert_eq!(opt.updates, 2);
+    }
+
+    #[test]
+    fn weight_decay_applies_to_weights_only() {
+        let cfg = TrainConfig { momentum: 0.0, weight_decay: 0.5, ..Default::default() };
+        for (decay, expected) in [(true, 1.0 - 0.1 * (1.0 + 2.0 * 0.5)), (false, 1.0 - 0.1)] {
+            let mut p = param(&[1.0], decay);
+            let mut opt = Optimizer::new(&cfg, &p);
+            backward(&p);
+            opt.step(&mut p, 0.1);
+            assert!((values(&p)[0] - expected as f32).abs() < 1e-6, "decay {decay}");
+        }
+    }
+
+    #[test]
+    fn adam_first_step_moves_each_weight_by_the_learning_rate() {
+        let cfg = TrainConfig { optimizer: OptimizerKind::Adam, ..Default::default() };
+        let mut p = param(&[3.0, -0.001], false);
+        let mut opt = Optimizer::new(&cfg, &p);
+        backward(&p);
+        opt.step(&mut p, 0.01);
+        // Bias-corrected m/sqrt(v) = g/|g| on the first step, whatever the gradient's size.
+        let w = values(&p);
+        assert!((w[0] - 2.99).abs() < 1e-5 && (w[1] - 0.009).abs() < 1e-5, "{w:?}");
+    }
+
+    #[test]
+    fn state_round_trips_through_safetensors() {
+        let cfg = TrainConfig { optimizer: OptimizerKind::Adam, ..Default::default() };
+        let mut p = param(&[1.0, 2.0], true);
+        let mut opt = Optimizer::new(&cfg, &p);
+        backward(&p);
+        opt.step(&mut p, 0.01);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("opt.safetensors");
+        opt.save(&p, &path).unwrap();
+        let mut restored = Optimizer::new(&cfg, &p);
+        restored.load(&p, &path, opt.updates).unwrap();
+        let mut q = param(&values(&p), true);
+        backward(&p);
+        opt.step(&mut p, 0.01);
+        backward(&q);
+        restored.step(&mut q, 0.01);
+        assert_eq!(values(&p), values(&q));
+        // Nesterov state has no second moment: loading Adam's file into it is fine, the
+        // reverse names the missing tensor.
+        let nesterov = Optimizer::new(&TrainConfig::default(), &p);
+        nesterov.save(&p, &path).unwrap();
+        let err = restored.load(&p, &path, 1).unwrap_err().to_string();
+        assert!(err.contains("second.w"), "{err}");
+    }
+}
