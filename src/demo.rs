@@ -210,10 +210,7 @@ pub async fn run(
         let mut lines = Vec::new();
         let r = crate::train::run(&train_opts, &handle, &mut |e| {
             if let crate::train::TrainEvent::Validated(r) = e {
-                lines.push(format!(
-                    "  step {:>4}: train loss {:.3}, valid log loss {:.3}, top-1 {:.2}, {:.0} img/s, waited for data {:.1}%",
-                    r.step, r.train_loss, r.valid_loss, r.valid_top1, r.images_per_second, 100.0 * r.batch_wait_fraction
-                ));
+                lines.push(format!("  {}", r.summary()));
             }
         });
         r.map(|s| (s, lines))

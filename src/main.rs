@@ -450,12 +450,8 @@ async fn train(a: TrainArgs) -> Result<()> {
                 }
             }
             TrainEvent::Validated(r) => {
-                let line = format!(
-                    "step {}: train loss {:.4}, valid log loss {:.4}, top-1 {:.3}, top-5 {:.3}, {:.0} img/s, waited for data {:.1}% of the time",
-                    r.step, r.train_loss, r.valid_loss, r.valid_top1, r.valid_top5, r.images_per_second, 100.0 * r.batch_wait_fraction
-                );
                 match &pb {
-                    Some(bar) => bar.println(line),
+                    Some(bar) => bar.println(r.summary()),
                     None => tracing::info!(step = r.step, train_loss = r.train_loss, valid_loss = r.valid_loss, valid_top1 = r.valid_top1, valid_top5 = r.valid_top5, images_per_second = r.images_per_second, batch_wait_fraction = r.batch_wait_fraction, "validated"),
                 }
             }

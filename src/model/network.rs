@@ -249,10 +249,14 @@ impl Network {
         s
     }
 
-    /// Writes all parameters to a safetensors file.
+    /// Writes all parameters to a safetensors file, via a temporary file and a rename so that a
+    /// crash never leaves a half-written file under `path`.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        let err = |e: &dyn std::fmt::Display| ModelError::Io { path: path.to_path_buf(), message: e.to_string() };
         let named: Vec<(&str, Tensor)> = self.params.iter().map(|p| (p.name.as_str(), p.tensor.to_device(Device::Cpu).contiguous())).collect();
-        Tensor::write_safetensors(&named, path).map_err(|e| ModelError::Io { path: path.to_path_buf(), message: e.to_string() })
+        let tmp = path.with_extension("safetensors.tmp");
+        Tensor::write_safetensors(&named, &tmp).map_err(|e| err(&e))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(&e))
     }
 
     /// Loads parameters saved by `save`; every name and shape must match this network.

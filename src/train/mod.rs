@@ -427,9 +427,7 @@ pub fn run(
             if better {
                 state.best_valid_loss = Some(scores.log_loss);
                 state.best_step = Some(state.step);
-                let tmp = run.root.join("best.safetensors.tmp");
-                net.save(&tmp)?;
-                std::fs::rename(&tmp, run.best_weights()).map_err(|e| TrainError::io(&run.best_weights(), e))?;
+                net.save(&run.best_weights())?;
                 let info = serde_json::json!({ "step": state.step, "valid": scores });
                 run_dir::write_atomic(&run.best_info(), serde_json::to_string_pretty(&info).unwrap().as_bytes())?;
             }
@@ -458,12 +456,10 @@ pub fn run(
     let summary = rt.block_on(loader.finish())?;
     merge_failures(&mut failures, summary.failures);
     if !stopped_early {
-        let tmp = run.root.join("model.safetensors.tmp");
-        net.save(&tmp)?;
-        std::fs::rename(&tmp, run.final_weights()).map_err(|e| TrainError::io(&run.final_weights(), e))?;
+        net.save(&run.final_weights())?;
         if valid.is_empty() {
             // Without validation the final weights are the best we know.
-            std::fs::copy(run.final_weights(), run.best_weights()).map_err(|e| TrainError::io(&run.best_weights(), e))?;
+            net.save(&run.best_weights())?;
         }
     }
     for f in &failures {

@@ -61,6 +61,17 @@ pub struct HistoryRow {
     pub elapsed_seconds: f64,
 }
 
+impl HistoryRow {
+    /// One line for people: losses, accuracy, throughput and how long the model waited for data.
+    pub fn summary(&self) -> String {
+        format!(
+            "step {}: train loss {:.4}, valid log loss {:.4}, top-1 {:.3}, top-5 {:.3}, {:.0} img/s, waited for data {:.1}% of the time",
+            self.step, self.train_loss, self.valid_loss, self.valid_top1, self.valid_top5, self.images_per_second,
+            100.0 * self.batch_wait_fraction
+        )
+    }
+}
+
 const HISTORY_HEADER: &str = "step,epoch,learning_rate,train_loss,valid_loss,valid_top1,valid_top5,images_per_second,batch_wait_fraction,elapsed_seconds";
 
 pub fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<(), TrainError> {
