@@ -2,9 +2,11 @@
 pub mod config;
 pub mod data_path;
 pub mod demo;
+pub mod evaluate;
 pub mod imgproc;
 pub mod model;
 pub mod npy;
+pub mod predict;
 pub mod rng;
 pub mod scoring;
 pub mod sinks;

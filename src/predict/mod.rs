@@ -1,0 +1,6 @@
+//! Prediction: quasi-random test-time augmentation (Halton transforms), aggregation of the
+//! per-transform outputs, and the streaming `plankton predict` job.
+
+pub mod aggregate;
+pub mod halton;
+pub mod tta;
