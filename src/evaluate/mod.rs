@@ -2,3 +2,4 @@
 //! person should check first.
 
 pub mod calibration;
+pub mod metrics;

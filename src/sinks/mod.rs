@@ -2,3 +2,4 @@
 pub mod font5x7;
 pub mod plot;
 pub mod preview;
+pub mod report;
