@@ -50,6 +50,7 @@ pub async fn estimate_zmuv(
         augment: true,
         zmuv: None,
         first_epoch: 0,
+        views: None,
     };
     let mut loader = Loader::spawn(cfg, spec)?;
     let mut acc = vec![ZmuvAccumulator::default(); cfg.patches.len()];
@@ -177,6 +178,7 @@ pub async fn loader_bench(
         augment: true,
         zmuv: None,
         first_epoch: 0,
+        views: None,
     };
     let mut loader = Loader::spawn(cfg, spec)?;
     let mut epoch_times = Vec::new();

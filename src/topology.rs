@@ -59,6 +59,9 @@ pub struct LoaderSpec {
     pub zmuv: Option<Vec<Zmuv>>,
     /// First epoch number (to resume a run mid-way with the same random streams).
     pub first_epoch: u64,
+    /// Fixed transforms per record (test-time augmentation): each record is decoded once and
+    /// yields one sample per view, consecutively and in this order; `augment` is then ignored.
+    pub views: Option<Arc<Vec<Augmentation>>>,
 }
 
 /// A bad item that was set aside.
@@ -180,7 +183,8 @@ struct Done {
     seq: u64,
     epoch: u64,
     record: usize,
-    result: Result<Vec<Vec<f32>>, Failure>,
+    /// One entry per view (one, unless `LoaderSpec::views`), each holding a patch per input.
+    result: Result<Vec<Vec<Vec<f32>>>, Failure>,
 }
 
 type DecodedCache = Vec<OnceLock<Result<Arc<GrayImage>, Failure>>>;
@@ -225,8 +229,9 @@ impl Loader {
         let window = Arc::new(Semaphore::new(cfg.loader.reorder_window));
         let worker_count = cfg.worker_count();
         // Per-sample buffers cycle between workers and the batch task.
+        let views = spec.views.as_ref().map_or(1, |v| v.len().max(1));
         let buffer_pool = async_channel::bounded::<Vec<f32>>(
-            (cfg.loader.reorder_window + worker_count) * cfg.patches.len(),
+            (cfg.loader.reorder_window + worker_count) * cfg.patches.len() * views,
         );
         let cache: Option<Arc<DecodedCache>> = cfg
             .loader
@@ -493,29 +498,40 @@ impl WorkerCtx {
                     stats.decode.sent(1);
                     stats.warp.received(1);
                     let t1 = Instant::now();
-                    let aug = if self.spec.augment {
-                        augmentation_for(
-                            &self.cfg.augment,
-                            self.cfg.seed,
-                            item.epoch,
-                            item.aug_index,
-                        )
-                    } else {
-                        Augmentation::IDENTITY
-                    };
-                    let mut patches = Vec::with_capacity(self.cfg.patches.len());
-                    for (k, patch) in self.cfg.patches.iter().enumerate() {
-                        let mut buf = self.buffers.try_recv().unwrap_or_default();
-                        buf.resize(patch.pixels(), 0.0);
-                        make_patch(&img, patch, &aug, &mut buf);
-                        if let Some(z) = self.spec.zmuv.as_ref().and_then(|z| z.get(k)) {
-                            z.apply(&mut buf);
+                    let drawn;
+                    let augs: &[Augmentation] = match &self.spec.views {
+                        Some(views) => views,
+                        None => {
+                            drawn = [if self.spec.augment {
+                                augmentation_for(
+                                    &self.cfg.augment,
+                                    self.cfg.seed,
+                                    item.epoch,
+                                    item.aug_index,
+                                )
+                            } else {
+                                Augmentation::IDENTITY
+                            }];
+                            &drawn
                         }
-                        patches.push(buf);
+                    };
+                    let mut samples = Vec::with_capacity(augs.len());
+                    for aug in augs {
+                        let mut patches = Vec::with_capacity(self.cfg.patches.len());
+                        for (k, patch) in self.cfg.patches.iter().enumerate() {
+                            let mut buf = self.buffers.try_recv().unwrap_or_default();
+                            buf.resize(patch.pixels(), 0.0);
+                            make_patch(&img, patch, aug, &mut buf);
+                            if let Some(z) = self.spec.zmuv.as_ref().and_then(|z| z.get(k)) {
+                                z.apply(&mut buf);
+                            }
+                            patches.push(buf);
+                        }
+                        samples.push(patches);
                     }
                     stats.warp.busy(t1.elapsed());
                     stats.warp.sent(1);
-                    Ok(patches)
+                    Ok(samples)
                 })
                 .inspect_err(|f| stats.warp.error(f.kind)),
             };
@@ -606,26 +622,28 @@ async fn run_batcher(mut ctx: BatcherCtx) -> Result<u64, LoaderError> {
             }
             match d.result {
                 Err(f) => stats.record_failure(&f),
-                Ok(patches) => {
-                    let t0 = Instant::now();
-                    let batch = current.get_or_insert_with(|| {
-                        let mut b = ctx.pool.take();
-                        b.epoch = d.epoch;
-                        b.number = number;
-                        number += 1;
-                        b
-                    });
-                    batch.push(&patches, ctx.records[d.record].label, d.record);
-                    for buf in patches {
-                        let _ = ctx.buffers.try_send(buf);
-                    }
-                    stats.batch.busy(t0.elapsed());
-                    if batch.is_full() {
-                        let b = current.take().expect("batch");
-                        if !emit(&ctx, b, &stats).await {
-                            break 'outer;
+                Ok(samples) => {
+                    for patches in samples {
+                        let t0 = Instant::now();
+                        let batch = current.get_or_insert_with(|| {
+                            let mut b = ctx.pool.take();
+                            b.epoch = d.epoch;
+                            b.number = number;
+                            number += 1;
+                            b
+                        });
+                        batch.push(&patches, ctx.records[d.record].label, d.record);
+                        for buf in patches {
+                            let _ = ctx.buffers.try_send(buf);
                         }
-                        sent_batches += 1;
+                        stats.batch.busy(t0.elapsed());
+                        if batch.is_full() {
+                            let b = current.take().expect("batch");
+                            if !emit(&ctx, b, &stats).await {
+                                break 'outer;
+                            }
+                            sent_batches += 1;
+                        }
                     }
                 }
             }

@@ -48,6 +48,7 @@ async fn run(
         augment,
         zmuv: None,
         first_epoch: 0,
+        views: None,
     };
     let mut loader = Loader::spawn(cfg, spec).unwrap();
     let mut out = Vec::new();
@@ -157,6 +158,7 @@ async fn zmuv_estimate_normalises_augmented_batches() {
         augment: true,
         zmuv: Some(stats.inputs.clone()),
         first_epoch: 7,
+        views: None,
     };
     let mut loader = Loader::spawn(&cfg, spec).unwrap();
     let (mut n, mut sum, mut sumsq) = (0f64, 0f64, 0f64);
@@ -189,6 +191,7 @@ async fn consumer_may_stop_early_while_the_source_waits_on_the_window() {
         augment: true,
         zmuv: None,
         first_epoch: 0,
+        views: None,
     };
     let mut loader = Loader::spawn(&cfg, spec).unwrap();
     for _ in 0..3 {
@@ -211,6 +214,7 @@ async fn consumer_may_stop_early_without_hanging() {
         augment: true,
         zmuv: None,
         first_epoch: 0,
+        views: None,
     };
     let mut loader = Loader::spawn(&cfg, spec).unwrap();
     let first = loader.next_batch().await.unwrap();
@@ -237,6 +241,7 @@ async fn multiscale_batches_carry_one_tensor_per_input() {
         augment: true,
         zmuv: None,
         first_epoch: 0,
+        views: None,
     };
     let mut loader = Loader::spawn(&cfg, spec).unwrap();
     let b = loader.next_batch().await.unwrap();

@@ -150,7 +150,7 @@ pub fn predict_probabilities(
     rt: &tokio::runtime::Handle,
 ) -> Result<(Vec<f32>, Vec<i64>, Vec<Failure>), TrainError> {
     let _enter = rt.enter();
-    let spec = LoaderSpec { records, plan: SamplePlan::Ordered { epochs: 1 }, augment: false, zmuv: Some(zmuv.to_vec()), first_epoch: 0 };
+    let spec = LoaderSpec { records, plan: SamplePlan::Ordered { epochs: 1 }, augment: false, zmuv: Some(zmuv.to_vec()), first_epoch: 0, views: None };
     let mut loader = Loader::spawn(cfg, spec)?;
     let mut probs = Vec::new();
     let mut labels = Vec::new();
@@ -314,7 +314,7 @@ fn spawn_train_loader(
     let _enter = rt.enter();
     let mut loader = Loader::spawn(
         cfg,
-        LoaderSpec { records: records.clone(), plan: SamplePlan::Shuffled { epochs }, augment: cfg.augment.enabled, zmuv: Some(zmuv.to_vec()), first_epoch: epoch },
+        LoaderSpec { records: records.clone(), plan: SamplePlan::Shuffled { epochs }, augment: cfg.augment.enabled, zmuv: Some(zmuv.to_vec()), first_epoch: epoch, views: None },
     )?;
     for _ in 0..skip {
         match rt.block_on(loader.next_batch()) {

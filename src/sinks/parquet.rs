@@ -1,0 +1,422 @@
+//! Predictions as Parquet: one row per image, written as the predictions stream in, readable by
+//! pyarrow, pandas and DuckDB. The file explains itself: class names and the model's metadata
+//! travel in the footer's key-value metadata.
+//!
+//! | column | type | |
+//! |---|---|---|
+//! | `image_id` | utf8 | the file name (Kaggle's `image` column) |
+//! | `source_path` | utf8 | where the image was read |
+//! | `model_id` | utf8 | which model (run, weights, content hash) |
+//! | `label` | utf8, nullable | the true class when the source knows it |
+//! | `predicted_class` | utf8, nullable | top-1 class |
+//! | `confidence` | float32, nullable | top-1 probability |
+//! | `entropy` | float32, nullable | of the predicted distribution, in nats |
+//! | `probabilities` | fixed_size_list<float32>[C], nullable | in `plankton.class_names` order |
+//! | `top_classes` | list<utf8>, nullable | the k most probable classes, best first |
+//! | `top_probabilities` | list<float32>, nullable | their probabilities |
+//! | `views` | uint16 | test-time transforms averaged (0 for an image that failed) |
+//! | `error` | utf8, nullable | why an image has no prediction (unreadable, too large...) |
+//!
+//! An image that could not be read keeps its row, with null predictions and the reason in
+//! `error`, so nothing is silently lost. The file is written under a temporary name and renamed
+//! into place when complete: a crash never leaves a truncated file under the final name.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, FixedSizeListArray, FixedSizeListBuilder, Float32Array, Float32Builder,
+    ListBuilder, StringArray, StringBuilder, UInt16Array, UInt16Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+
+/// Footer keys.
+pub const META_CLASS_NAMES: &str = "plankton.class_names";
+pub const META_MODEL: &str = "plankton.model";
+pub const META_FORMAT: &str = "plankton.format";
+/// Bumped when the columns change meaning.
+pub const FORMAT: &str = "predictions/1";
+
+/// Rows buffered before they become one Arrow record batch.
+const ROWS_PER_BATCH: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParquetSinkError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{path}: not a plankton predictions file: {reason}")]
+    Format { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl Fn(String) -> ParquetSinkError + '_ {
+    move |message| ParquetSinkError::Io {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// One image's prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictionRow {
+    pub image_id: String,
+    pub source_path: String,
+    pub label: Option<String>,
+    /// `None` for an image that failed (then `error` says why).
+    pub probabilities: Option<Vec<f32>>,
+    pub views: u16,
+    pub error: Option<String>,
+}
+
+/// Entropy in nats of a probability row (0 log 0 = 0).
+pub fn entropy(p: &[f32]) -> f64 {
+    p.iter()
+        .filter(|&&x| x > 0.0)
+        .map(|&x| -(x as f64) * (x as f64).ln())
+        .sum()
+}
+
+/// Indices of the `k` largest entries, largest first (ties: lower index first).
+pub fn top_k(p: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+pub fn schema(classes: usize, metadata: std::collections::HashMap<String, String>) -> SchemaRef {
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    Arc::new(Schema::new_with_metadata(
+        vec![
+            Field::new("image_id", DataType::Utf8, false),
+            Field::new("source_path", DataType::Utf8, false),
+            Field::new("model_id", DataType::Utf8, false),
+            Field::new("label", DataType::Utf8, true),
+            Field::new("predicted_class", DataType::Utf8, true),
+            Field::new("confidence", DataType::Float32, true),
+            Field::new("entropy", DataType::Float32, true),
+            Field::new(
+                "probabilities",
+                DataType::FixedSizeList(item, classes as i32),
+                true,
+            ),
+            Field::new(
+                "top_classes",
+                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+                true,
+            ),
+            Field::new(
+                "top_probabilities",
+                DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
+                true,
+            ),
+            Field::new("views", DataType::UInt16, false),
+            Field::new("error", DataType::Utf8, true),
+        ],
+        metadata,
+    ))
+}
+
+/// Streams prediction rows into a Parquet file.
+pub struct PredictionWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: Option<ArrowWriter<File>>,
+    schema: SchemaRef,
+    class_names: Arc<Vec<String>>,
+    model_id: String,
+    top_k: usize,
+    rows: Vec<PredictionRow>,
+    written: usize,
+}
+
+impl PredictionWriter {
+    /// `model_metadata` is a JSON object describing the model and how it predicted.
+    pub fn create(
+        path: &Path,
+        class_names: Vec<String>,
+        model_id: &str,
+        model_metadata: &serde_json::Value,
+        top_k: usize,
+    ) -> Result<Self, ParquetSinkError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| io(dir)(e.to_string()))?;
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
+        let file = File::create(&tmp).map_err(|e| io(&tmp)(e.to_string()))?;
+        let kv = [
+            (
+                META_CLASS_NAMES.to_string(),
+                serde_json::to_string(&class_names).expect("strings"),
+            ),
+            (META_MODEL.to_string(), model_metadata.to_string()),
+            (META_FORMAT.to_string(), FORMAT.to_string()),
+        ];
+        let schema = schema(class_names.len(), kv.iter().cloned().collect());
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(65_536))
+            .set_key_value_metadata(Some(
+                kv.into_iter()
+                    .map(|(k, v)| KeyValue::new(k, v))
+                    .collect(),
+            ))
+            .set_created_by(format!("plankton {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
+            .map_err(|e| io(&tmp)(e.to_string()))?;
+        Ok(PredictionWriter {
+            path: path.to_path_buf(),
+            tmp,
+            writer: Some(writer),
+            schema,
+            class_names: Arc::new(class_names),
+            model_id: model_id.to_string(),
+            top_k: top_k.max(1),
+            rows: Vec::with_capacity(ROWS_PER_BATCH),
+            written: 0,
+        })
+    }
+
+    pub fn push(&mut self, row: PredictionRow) -> Result<(), ParquetSinkError> {
+        if let Some(p) = &row.probabilities {
+            assert_eq!(p.len(), self.class_names.len(), "one probability per class");
+        }
+        self.rows.push(row);
+        if self.rows.len() >= ROWS_PER_BATCH {
+            self.flush_rows()?;
+        }
+        Ok(())
+    }
+
+    /// Rows pushed so far.
+    pub fn len(&self) -> usize {
+        self.written + self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn flush_rows(&mut self) -> Result<(), ParquetSinkError> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let batch = self.record_batch();
+        self.writer
+            .as_mut()
+            .expect("open writer")
+            .write(&batch)
+            .map_err(|e| io(&self.tmp)(e.to_string()))?;
+        self.written += self.rows.len();
+        self.rows.clear();
+        Ok(())
+    }
+
+    fn record_batch(&self) -> RecordBatch {
+        let classes = self.class_names.len();
+        let k = self.top_k.min(classes);
+        let mut ids = StringBuilder::new();
+        let mut paths = StringBuilder::new();
+        let mut models = StringBuilder::new();
+        let mut labels = StringBuilder::new();
+        let mut predicted = StringBuilder::new();
+        let mut confidence = Float32Builder::new();
+        let mut entropies = Float32Builder::new();
+        let mut probs = FixedSizeListBuilder::new(Float32Builder::new(), classes as i32)
+            .with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+        let mut top_classes = ListBuilder::new(StringBuilder::new());
+        let mut top_probs = ListBuilder::new(Float32Builder::new());
+        let mut views = UInt16Builder::new();
+        let mut errors = StringBuilder::new();
+        for r in &self.rows {
+            ids.append_value(&r.image_id);
+            paths.append_value(&r.source_path);
+            models.append_value(&self.model_id);
+            labels.append_option(r.label.as_deref());
+            views.append_value(r.views);
+            errors.append_option(r.error.as_deref());
+            match &r.probabilities {
+                Some(p) => {
+                    let top = top_k(p, k);
+                    predicted.append_value(&self.class_names[top[0]]);
+                    confidence.append_value(p[top[0]]);
+                    entropies.append_value(entropy(p) as f32);
+                    probs.values().append_slice(p);
+                    probs.append(true);
+                    for &i in &top {
+                        top_classes.values().append_value(&self.class_names[i]);
+                        top_probs.values().append_value(p[i]);
+                    }
+                    top_classes.append(true);
+                    top_probs.append(true);
+                }
+                None => {
+                    predicted.append_null();
+                    confidence.append_null();
+                    entropies.append_null();
+                    // A null fixed-size list still occupies its slots.
+                    probs.values().append_slice(&vec![0.0; classes]);
+                    probs.append(false);
+                    top_classes.append(false);
+                    top_probs.append(false);
+                }
+            }
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(ids.finish()),
+            Arc::new(paths.finish()),
+            Arc::new(models.finish()),
+            Arc::new(labels.finish()),
+            Arc::new(predicted.finish()),
+            Arc::new(confidence.finish()),
+            Arc::new(entropies.finish()),
+            Arc::new(probs.finish()),
+            Arc::new(top_classes.finish()),
+            Arc::new(top_probs.finish()),
+            Arc::new(views.finish()),
+            Arc::new(errors.finish()),
+        ];
+        RecordBatch::try_new(self.schema.clone(), columns).expect("columns match the schema")
+    }
+
+    /// Writes the footer and moves the file into place; returns the row count.
+    pub fn finish(mut self) -> Result<usize, ParquetSinkError> {
+        self.flush_rows()?;
+        let writer = self.writer.take().expect("open writer");
+        writer.close().map_err(|e| io(&self.tmp)(e.to_string()))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| io(&self.path)(e.to_string()))?;
+        Ok(self.written)
+    }
+}
+
+impl Drop for PredictionWriter {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            // Not finished (an error upstream): leave no partial file behind.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A predictions file read back whole (for evaluation, calibration and submissions).
+#[derive(Debug, Clone)]
+pub struct Predictions {
+    pub class_names: Vec<String>,
+    /// The `plankton.model` JSON.
+    pub model: serde_json::Value,
+    pub rows: Vec<PredictionRow>,
+    pub model_ids: Vec<String>,
+}
+
+impl Predictions {
+    pub fn read(path: &Path) -> Result<Predictions, ParquetSinkError> {
+        let bad = |reason: String| ParquetSinkError::Format {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = File::open(path).map_err(|e| io(path)(e.to_string()))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
+        let kv: std::collections::HashMap<String, String> = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .map(|kv| {
+                kv.iter()
+                    .filter_map(|e| e.value.clone().map(|v| (e.key.clone(), v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let class_names: Vec<String> = kv
+            .get(META_CLASS_NAMES)
+            .ok_or_else(|| bad(format!("no `{META_CLASS_NAMES}` in the file's metadata")))
+            .and_then(|s| serde_json::from_str(s).map_err(|e| bad(format!("{META_CLASS_NAMES}: {e}"))))?;
+        let model = kv
+            .get(META_MODEL)
+            .map(|s| serde_json::from_str(s).map_err(|e| bad(format!("{META_MODEL}: {e}"))))
+            .transpose()?
+            .unwrap_or(serde_json::Value::Null);
+        let reader = builder
+            .build()
+            .map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
+        let mut rows = Vec::new();
+        let mut model_ids = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
+            let col = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .ok_or_else(|| bad(format!("no `{name}` column")))
+            };
+            let strings = |name: &str| -> Result<StringArray, ParquetSinkError> {
+                col(name)?
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .cloned()
+                    .ok_or_else(|| bad(format!("`{name}` is not utf8")))
+            };
+            let ids = strings("image_id")?;
+            let paths = strings("source_path")?;
+            let models = strings("model_id")?;
+            let labels = strings("label")?;
+            let errors = strings("error")?;
+            let probs = col("probabilities")?
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .cloned()
+                .ok_or_else(|| bad("`probabilities` is not a fixed-size list".into()))?;
+            if probs.value_length() as usize != class_names.len() {
+                return Err(bad(format!(
+                    "{} probabilities per row but {} class names",
+                    probs.value_length(),
+                    class_names.len()
+                )));
+            }
+            let values = probs
+                .values()
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .cloned()
+                .ok_or_else(|| bad("`probabilities` items are not float32".into()))?;
+            let views = col("views")?
+                .as_any()
+                .downcast_ref::<UInt16Array>()
+                .cloned()
+                .ok_or_else(|| bad("`views` is not uint16".into()))?;
+            let c = class_names.len();
+            for i in 0..batch.num_rows() {
+                let opt = |a: &StringArray| (!a.is_null(i)).then(|| a.value(i).to_string());
+                rows.push(PredictionRow {
+                    image_id: ids.value(i).to_string(),
+                    source_path: paths.value(i).to_string(),
+                    label: opt(&labels),
+                    probabilities: (!probs.is_null(i)).then(|| {
+                        let start = probs.value_offset_at(i);
+                        values.values()[start..start + c].to_vec()
+                    }),
+                    views: views.value(i),
+                    error: opt(&errors),
+                });
+                let m = models.value(i);
+                if !model_ids.iter().any(|x| x == m) {
+                    model_ids.push(m.to_string());
+                }
+            }
+        }
+        Ok(Predictions {
+            class_names,
+            model,
+            rows,
+            model_ids,
+        })
+    }
+}
