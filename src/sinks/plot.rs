@@ -38,6 +38,24 @@ pub struct LineChart {
     pub y_range: Option<(f64, f64)>,
 }
 
+/// Bars beneath a chart's lines: each `(x_left, x_right, height)` rises from 0 (from the bottom
+/// of the axis on a log axis). Bars are drawn clipped to the plot area and count towards the
+/// data extent when the chart has no fixed y range.
+#[derive(Debug, Clone, Default)]
+pub struct Bars {
+    pub name: String,
+    pub bars: Vec<(f64, f64, f64)>,
+    pub colour: (u8, u8, u8),
+}
+
+/// A line chart with bars drawn beneath its lines (e.g. a reliability diagram, a histogram).
+#[derive(Debug, Clone, Default)]
+pub struct Chart {
+    pub lines: LineChart,
+    /// Drawn in order, before the lines; named ones get a filled swatch in the legend.
+    pub bars: Vec<Bars>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Heatmap {
     pub title: String,
@@ -202,7 +220,7 @@ struct Panel {
 /// Plot areas of `charts` laid out side by side in a `width` x `height` image, as
 /// `render_line_charts` draws them.
 pub fn line_chart_areas(charts: &[LineChart], width: u32, height: u32) -> Vec<PlotArea> {
-    layout(charts, width, height)
+    layout(&panels_of(charts), width, height)
         .into_iter()
         .map(|p| p.area)
         .collect()
@@ -215,6 +233,33 @@ pub fn render_line_charts(
     width: u32,
     height: u32,
 ) -> Result<(), PlotError> {
+    render_panels(path, &panels_of(charts), width, height)
+}
+
+/// Like [`render_line_charts`], for charts that also have bars.
+pub fn render_charts(
+    path: &Path,
+    charts: &[Chart],
+    width: u32,
+    height: u32,
+) -> Result<(), PlotError> {
+    let panels: Vec<(&LineChart, &[Bars])> = charts
+        .iter()
+        .map(|c| (&c.lines, c.bars.as_slice()))
+        .collect();
+    render_panels(path, &panels, width, height)
+}
+
+fn panels_of(charts: &[LineChart]) -> Vec<(&LineChart, &[Bars])> {
+    charts.iter().map(|c| (c, &[][..])).collect()
+}
+
+fn render_panels(
+    path: &Path,
+    charts: &[(&LineChart, &[Bars])],
+    width: u32,
+    height: u32,
+) -> Result<(), PlotError> {
     let invalid = |reason: String| PlotError::Invalid {
         path: path.to_path_buf(),
         reason,
@@ -222,7 +267,7 @@ pub fn render_line_charts(
     if charts.is_empty() {
         return Err(invalid("no charts".into()));
     }
-    for chart in charts {
+    for (chart, _) in charts {
         if let Some((lo, hi)) = chart.y_range {
             if !(lo.is_finite() && hi.is_finite() && lo < hi && (!chart.log_y || lo > 0.0)) {
                 return Err(invalid(format!(
@@ -247,13 +292,45 @@ pub fn render_line_charts(
         charts
             .iter()
             .zip(&panels)
-            .try_for_each(|(c, p)| draw_chart(root, c, p))
+            .try_for_each(|((c, bars), p)| draw_chart(root, c, bars, p))
     })
 }
 
 /// A heatmap with `cell_px`-pixel cells, labelled rows and columns (every k-th label where they
 /// would crowd, truncated when long) and a colour bar; white is the lowest value.
 pub fn render_heatmap(path: &Path, map: &Heatmap, cell_px: u32) -> Result<(), PlotError> {
+    render_heatmap_cells(path, map, cell_px, None)
+}
+
+/// Like [`render_heatmap`], with `cell_text[r][c]` printed in the cells instead of the values
+/// (e.g. counts on a row-normalised confusion matrix); empty strings are left blank. Printed
+/// whatever `map.annotate` says, in cells large enough to hold them.
+pub fn render_heatmap_with_text(
+    path: &Path,
+    map: &Heatmap,
+    cell_px: u32,
+    cell_text: &[Vec<String>],
+) -> Result<(), PlotError> {
+    let same_shape = cell_text.len() == map.values.len()
+        && cell_text
+            .iter()
+            .zip(&map.values)
+            .all(|(t, v)| t.len() == v.len());
+    if !same_shape {
+        return Err(PlotError::Invalid {
+            path: path.to_path_buf(),
+            reason: "cell text does not match the heatmap's shape".into(),
+        });
+    }
+    render_heatmap_cells(path, map, cell_px, Some(cell_text))
+}
+
+fn render_heatmap_cells(
+    path: &Path,
+    map: &Heatmap,
+    cell_px: u32,
+    cell_text: Option<&[Vec<String>]>,
+) -> Result<(), PlotError> {
     let invalid = |reason: &str| PlotError::Invalid {
         path: path.to_path_buf(),
         reason: reason.to_string(),
@@ -276,7 +353,7 @@ pub fn render_heatmap(path: &Path, map: &Heatmap, cell_px: u32) -> Result<(), Pl
     let h = HeatLayout::new(map, cell_px);
     draw_png(path, h.width as u32, h.height as u32, |root| {
         root.fill(&WHITE)?;
-        draw_heatmap(root, map, &h)
+        draw_heatmap(root, map, cell_text, &h)
     })
 }
 
@@ -354,17 +431,17 @@ fn truncate(label: &str, max_chars: usize) -> String {
 // ---------------------------------------------------------------------------------------------
 // Line charts
 
-fn layout(charts: &[LineChart], width: u32, height: u32) -> Vec<Panel> {
+fn layout(charts: &[(&LineChart, &[Bars])], width: u32, height: u32) -> Vec<Panel> {
     let n = charts.len().max(1) as i32;
     let panel_w = width as i32 / n;
     charts
         .iter()
         .enumerate()
-        .map(|(i, c)| layout_panel(c, i as i32 * panel_w, panel_w, height as i32))
+        .map(|(i, (c, bars))| layout_panel(c, bars, i as i32 * panel_w, panel_w, height as i32))
         .collect()
 }
 
-fn layout_panel(chart: &LineChart, left: i32, width: i32, height: i32) -> Panel {
+fn layout_panel(chart: &LineChart, bars: &[Bars], left: i32, width: i32, height: i32) -> Panel {
     let scale = if width.min(height) >= 700 { 2 } else { 1 };
     let th = |s: u32| text_height(s) as i32;
     let title_scale = if text_width(&chart.title, scale + 1) as i32 <= width - 2 * MARGIN {
@@ -372,7 +449,7 @@ fn layout_panel(chart: &LineChart, left: i32, width: i32, height: i32) -> Panel 
     } else {
         scale
     };
-    let (x_range, y_range) = data_ranges(chart);
+    let (x_range, y_range) = data_ranges(chart, bars);
 
     let title_h = if chart.title.is_empty() {
         0
@@ -421,12 +498,19 @@ fn layout_panel(chart: &LineChart, left: i32, width: i32, height: i32) -> Panel 
     }
 }
 
-fn data_ranges(chart: &LineChart) -> ((f64, f64), (f64, f64)) {
+fn data_ranges(chart: &LineChart, bars: &[Bars]) -> ((f64, f64), (f64, f64)) {
     let usable = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && (!chart.log_y || y > 0.0);
+    // A bar spans x_left..x_right and 0..height (only its top on a log axis).
+    let bar_points = bars.iter().flat_map(|b| &b.bars).flat_map(|&(x0, x1, h)| {
+        let base = if chart.log_y { h } else { 0.0 };
+        [(x0, base), (x1, h)]
+    });
     let points: Vec<(f64, f64)> = chart
         .series
         .iter()
-        .flat_map(|s| s.points.iter().copied().filter(usable))
+        .flat_map(|s| s.points.iter().copied())
+        .chain(bar_points)
+        .filter(usable)
         .collect();
     let extent = |v: &mut dyn Iterator<Item = f64>| {
         v.fold(None, |acc: Option<(f64, f64)>, v| {
@@ -542,7 +626,7 @@ fn log_ticks(lo: f64, hi: f64, max: usize) -> Ticks {
     per_value(per_decade(&[1.0], every.max(2)))
 }
 
-fn draw_chart(root: &Area, chart: &LineChart, p: &Panel) -> Result<(), DrawError> {
+fn draw_chart(root: &Area, chart: &LineChart, bars: &[Bars], p: &Panel) -> Result<(), DrawError> {
     let a = &p.area;
     let s = p.scale;
     let th = text_height(s) as i32;
@@ -565,6 +649,9 @@ fn draw_chart(root: &Area, chart: &LineChart, p: &Panel) -> Result<(), DrawError
     }
 
     let mut ink = Vec::new();
+    for b in bars {
+        draw_bars(root, a, b, &mut ink)?;
+    }
     for series in &chart.series {
         draw_series(root, a, series, &mut ink)?;
     }
@@ -572,7 +659,11 @@ fn draw_chart(root: &Area, chart: &LineChart, p: &Panel) -> Result<(), DrawError
         .series
         .iter()
         .flat_map(|s| &s.points)
-        .any(|&(x, y)| a.to_pixel(x, y).is_some());
+        .any(|&(x, y)| a.to_pixel(x, y).is_some())
+        || bars
+            .iter()
+            .flat_map(|b| &b.bars)
+            .any(|&(x0, x1, h)| a.to_pixel(x0, h).is_some() && a.to_pixel(x1, h).is_some());
     if !has_data {
         let msg = "no data";
         let x = (a.left + a.right - text_width(msg, s) as i32) / 2;
@@ -618,7 +709,46 @@ fn draw_chart(root: &Area, chart: &LineChart, p: &Panel) -> Result<(), DrawError
         let ty = (a.top + a.bottom + text_width(&chart.y_label, s) as i32) / 2;
         draw_text_vertical(root, p.left + MARGIN, ty, &chart.y_label, s, INK)?;
     }
-    draw_legend(root, a, &chart.series, &ink, s)
+    draw_legend(root, a, bars, &chart.series, &ink, s)
+}
+
+/// Draws filled bars clipped to the plot area, each with a darker edge so that neighbours stay
+/// apart; the pixels they cover go into `ink` (sampled every few pixels).
+fn draw_bars(
+    root: &Area,
+    a: &PlotArea,
+    bars: &Bars,
+    ink: &mut Vec<(f64, f64)>,
+) -> Result<(), DrawError> {
+    let fill = rgb(bars.colour);
+    let edge = RGBColor(
+        (bars.colour.0 as f64 * 0.6) as u8,
+        (bars.colour.1 as f64 * 0.6) as u8,
+        (bars.colour.2 as f64 * 0.6) as u8,
+    );
+    let base = if a.log_y { a.y_range.0 } else { 0.0 };
+    for &(x0, x1, h) in &bars.bars {
+        let (Some(p), Some(q)) = (
+            a.to_pixel(x0.min(x1), base.min(h)),
+            a.to_pixel(x0.max(x1), base.max(h)),
+        ) else {
+            continue;
+        };
+        // p is bottom-left, q top-right in pixels; clip to the frame.
+        let left = p.0.max(a.left as f64).round() as i32;
+        let right = q.0.min(a.right as f64).round() as i32;
+        let top = q.1.max(a.top as f64).round() as i32;
+        let bottom = p.1.min(a.bottom as f64).round() as i32;
+        if left >= right || top >= bottom {
+            continue;
+        }
+        rect(root, (left, top), (right, bottom), fill.filled())?;
+        rect(root, (left, top), (right, bottom), edge)?;
+        for y in (top..=bottom).step_by(4) {
+            ink.extend((left..=right).step_by(4).map(|x| (x as f64, y as f64)));
+        }
+    }
+    Ok(())
 }
 
 /// Draws one series clipped to the plot area; the pixel positions it covers go into `ink`
@@ -741,11 +871,25 @@ fn stroke(
 fn draw_legend(
     root: &Area,
     a: &PlotArea,
+    bars: &[Bars],
     series: &[Series],
     ink: &[(f64, f64)],
     s: u32,
 ) -> Result<(), DrawError> {
-    let named: Vec<&Series> = series.iter().filter(|s| !s.name.is_empty()).collect();
+    // Bars first (they are drawn first), as a filled swatch (`None`); lines as a stroke
+    // (`Some(dashed)`).
+    type Entry<'a> = (&'a str, (u8, u8, u8), Option<bool>);
+    let named: Vec<Entry> = bars
+        .iter()
+        .filter(|b| !b.name.is_empty())
+        .map(|b| (b.name.as_str(), b.colour, None))
+        .chain(
+            series
+                .iter()
+                .filter(|s| !s.name.is_empty())
+                .map(|s| (s.name.as_str(), s.colour, Some(s.dashed))),
+        )
+        .collect();
     if named.is_empty() {
         return Ok(());
     }
@@ -753,7 +897,7 @@ fn draw_legend(
     let swatch = 18 * si;
     let row_h = text_height(s) as i32 + 3 * si;
     let max_chars = ((a.right - a.left) / 2 / (ADVANCE * s) as i32).max(4) as usize;
-    let names: Vec<String> = named.iter().map(|n| truncate(&n.name, max_chars)).collect();
+    let names: Vec<String> = named.iter().map(|n| truncate(n.0, max_chars)).collect();
     let text_w = names.iter().map(|n| text_width(n, s)).max().unwrap_or(0) as i32;
     let (w, h) = (swatch + text_w + 4 * GAP, named.len() as i32 * row_h + GAP);
     let inset = 6;
@@ -776,13 +920,21 @@ fn draw_legend(
         .expect("four corners");
     rect(root, (x, y), (x + w, y + h), WHITE.filled())?;
     rect(root, (x, y), (x + w, y + h), LEGEND_EDGE)?;
-    for (i, (series, name)) in named.iter().zip(&names).enumerate() {
+    for (i, (&(_, colour, dashed), name)) in named.iter().zip(&names).enumerate() {
         let row_y = y + GAP + i as i32 * row_h;
         let mid = row_y + (7 * si) / 2;
-        let colour = rgb(series.colour);
+        let colour = rgb(colour);
         let (x0, x1) = ((x + GAP) as f64, (x + GAP + swatch) as f64);
-        let mid = mid as f64;
-        stroke(root, (x0, mid), (x1, mid), colour, series.dashed, &mut 0.0)?;
+        match dashed {
+            Some(dashed) => {
+                let mid = mid as f64;
+                stroke(root, (x0, mid), (x1, mid), colour, dashed, &mut 0.0)?;
+            }
+            None => {
+                let (top, bottom) = (row_y, row_y + 7 * si);
+                rect(root, (x0 as i32, top), (x1 as i32, bottom), colour.filled())?;
+            }
+        }
         draw_text(root, x + swatch + 3 * GAP, row_y, name, s, INK)?;
     }
     Ok(())
@@ -913,7 +1065,12 @@ fn cell_text(v: f64) -> Option<String> {
     })
 }
 
-fn draw_heatmap(root: &Area, map: &Heatmap, h: &HeatLayout) -> Result<(), DrawError> {
+fn draw_heatmap(
+    root: &Area,
+    map: &Heatmap,
+    texts: Option<&[Vec<String>]>,
+    h: &HeatLayout,
+) -> Result<(), DrawError> {
     let (ox, oy, c) = (h.origin.0, h.origin.1, h.cell);
     let (rows, cols) = (map.values.len() as i32, map.values[0].len() as i32);
     let text_scale = if c >= 60 { 2 } else { 1 };
@@ -922,7 +1079,11 @@ fn draw_heatmap(root: &Area, map: &Heatmap, h: &HeatLayout) -> Result<(), DrawEr
             let (x, y) = (ox + k as i32 * c, oy + r as i32 * c);
             let bg = h.colour(v);
             rect(root, (x, y), (x + c, y + c), bg.filled())?;
-            let Some(text) = cell_text(v).filter(|_| map.annotate) else {
+            let text = match texts {
+                Some(t) => Some(t[r][k].clone()).filter(|t| !t.is_empty()),
+                None => cell_text(v).filter(|_| map.annotate),
+            };
+            let Some(text) = text else {
                 continue;
             };
             let (tw, th) = (text_width(&text, text_scale) as i32, 7 * text_scale as i32);
