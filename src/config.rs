@@ -40,6 +40,8 @@ pub struct PipelineConfig {
     pub split: SplitConfig,
     pub model: crate::model::ModelConfig,
     pub train: crate::train::TrainConfig,
+    /// Test-time augmentation of `plankton predict`.
+    pub tta: crate::predict::tta::TtaConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -367,7 +369,12 @@ impl PipelineConfig {
         if self.decode.max_pixels == 0 || self.decode.max_bytes == 0 {
             return bad("decode limits must be > 0".into());
         }
-        if let Err(message) = self.model.validate().and_then(|_| self.train.validate()) {
+        if let Err(message) = self
+            .model
+            .validate()
+            .and_then(|_| self.train.validate())
+            .and_then(|_| self.tta.validate())
+        {
             return bad(message);
         }
         if self.model.preset == crate::model::Preset::Multiscale && self.patches.len() < 2 {

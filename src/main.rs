@@ -50,6 +50,88 @@ enum Command {
     Train(TrainArgs),
     /// Print a pipeline's network: layers, shapes, parameters, multiply-accumulates.
     Model(ModelArgs),
+    /// Predict images with a trained run (quasi-random TTA) into a Parquet file, and optionally
+    /// a Kaggle submission CSV.
+    Predict(PredictArgs),
+    /// Score a predictions file: log loss, top-k, per-class precision/recall, confusion matrix,
+    /// reliability diagram, and the least confident images.
+    Evaluate(EvaluateArgs),
+    /// Fit a temperature on validation predictions and store it in the run (predict applies it).
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// The run directory written by `plankton train`.
+    #[arg(long)]
+    model: PathBuf,
+    /// A dataset folder (competition layout), folders of images, or image files.
+    #[arg(long, required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// The predictions Parquet file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Which images of a dataset folder.
+    #[arg(long, value_enum, default_value_t = plankton::predict::job::Subset::Test)]
+    subset: plankton::predict::job::Subset,
+    /// Transforms per image (default: the run's [tta], 70); 1 = one pass without augmentation.
+    #[arg(long)]
+    tta: Option<usize>,
+    /// How an image's views are combined (default: the run's [tta]).
+    #[arg(long, value_enum)]
+    aggregation: Option<plankton::predict::aggregate::Aggregation>,
+    /// Also write a Kaggle submission CSV.
+    #[arg(long)]
+    submission: Option<PathBuf>,
+    /// Column order for the submission (default: the dataset's sampleSubmission.csv).
+    #[arg(long)]
+    sample_submission: Option<PathBuf>,
+    /// best, final, or a .safetensors path.
+    #[arg(long, default_value = "best")]
+    weights: plankton::predict::job::Weights,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Patches per forward pass (default: the run's batch size).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Ignore the run's calibration.json.
+    #[arg(long)]
+    no_calibration: bool,
+    /// Model id written in every row (default: <run>/<weights>@<content hash>).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Classes listed per row in top_classes.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    #[arg(long)]
+    predictions: PathBuf,
+    /// Dataset folder(s) holding the true classes (default: the file's `label` column).
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Report folder: report.json, summary.md, per_class.csv, least_confident.csv, PNGs.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// How many of the least confident images to list.
+    #[arg(long, default_value_t = 50)]
+    least_confident: usize,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// The run directory to store calibration.json in.
+    #[arg(long)]
+    model: PathBuf,
+    /// Predictions of the run's validation images (`plankton predict --subset valid`).
+    #[arg(long)]
+    predictions: PathBuf,
+    /// Dataset folder(s) holding the true classes (default: the file's `label` column).
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -373,6 +455,26 @@ async fn main() -> Result<()> {
             zmuv(&cfg, &ds, &a.out).await
         }
         Command::Train(a) => train(a).await,
+        Command::Predict(a) => predict(a).await,
+        Command::Evaluate(a) => {
+            let s = plankton::evaluate::run(&a.predictions, &a.data, a.out.as_deref(), a.least_confident)?;
+            print!("{}", evaluation_text(&s));
+            Ok(())
+        }
+        Command::Calibrate(a) => {
+            let fit = plankton::evaluate::calibrate_run(&a.model, &a.predictions, &a.data)?;
+            println!(
+                "temperature {:.3} fitted on {} images: log loss {:.4} -> {:.4}, ECE {:.4} -> {:.4}; stored in {}",
+                fit.temperature,
+                fit.n,
+                fit.log_loss_before,
+                fit.log_loss_after,
+                fit.ece_before,
+                fit.ece_after,
+                plankton::train::RunDir::new(&a.model).calibration().display()
+            );
+            Ok(())
+        }
         Command::Model(a) => {
             let cfg = a.pipeline.load()?;
             let sizes = plankton::train::patch_sizes(&cfg)?;
@@ -392,6 +494,100 @@ fn parse_device(s: &str) -> Result<tch::Device> {
             _ => bail!("--device {s}: expected cpu, cuda or cuda:N"),
         },
     }
+}
+
+fn evaluation_text(s: &plankton::evaluate::EvaluateSummary) -> String {
+    let e = &s.evaluation;
+    let mut t = format!("{} images: log loss {:.4}", e.n, e.log_loss);
+    for (k, acc) in e.top_k.iter().enumerate() {
+        t.push_str(&format!(", top-{} {:.3}", k + 1, acc));
+    }
+    t.push_str(&format!(
+        ", ECE {:.4}, macro precision {:.3} / recall {:.3}\n",
+        e.ece, e.macro_avg.precision, e.macro_avg.recall
+    ));
+    if s.failed > 0 || s.unlabelled > 0 {
+        t.push_str(&format!("not scored: {} unreadable image(s), {} without a known class\n", s.failed, s.unlabelled));
+    }
+    if let Some(f) = &s.files {
+        t.push_str(&format!("report: {} (summary.md, report.json, confusion_matrix.png, reliability.png, least_confident.csv)\n", f.summary_md.parent().unwrap_or(Path::new(".")).display()));
+    }
+    t
+}
+
+async fn predict(a: PredictArgs) -> Result<()> {
+    use plankton::predict::job::{self, PredictEvent, PredictOptions};
+    let mut opts = PredictOptions::new(&a.model, a.data, &a.out);
+    opts.subset = a.subset;
+    opts.tta = a.tta;
+    opts.aggregation = a.aggregation;
+    opts.submission = a.submission;
+    opts.sample_submission = a.sample_submission;
+    opts.weights = a.weights;
+    opts.device = parse_device(&a.device)?;
+    opts.batch_size = a.batch_size;
+    opts.calibrate = !a.no_calibration;
+    opts.model_id = a.model_id;
+    opts.top_k = a.top_k;
+    let handle = tokio::runtime::Handle::current();
+    let s = tokio::task::spawn_blocking(move || {
+        let mut pb: Option<ProgressBar> = None;
+        let mut on_event = |e: PredictEvent| match e {
+            PredictEvent::Started { images, views, model_id } => {
+                tracing::info!(images, views, model_id = %model_id, "predicting");
+                let bar = progress(images as u64, "predict");
+                bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images ETA {eta}").unwrap().progress_chars("=> "));
+                pb = Some(bar);
+            }
+            PredictEvent::Progress { images_done, images_per_second, .. } => {
+                if let Some(bar) = &pb {
+                    bar.set_position(images_done as u64);
+                    bar.set_message(format!("predict {images_per_second:.1} img/s"));
+                }
+            }
+        };
+        let r = job::run(&opts, &handle, &mut on_event);
+        if let Some(bar) = pb {
+            bar.finish_and_clear();
+        }
+        r
+    })
+    .await??;
+    for (path, reason) in &s.failed {
+        tracing::warn!(path = %path.display(), reason = %reason, "set aside");
+    }
+    print!("{}", predict_text(&s));
+    Ok(())
+}
+
+fn predict_text(s: &plankton::predict::job::PredictSummary) -> String {
+    let mut t = format!(
+        "predicted {} of {} images x {} view(s) ({}) in {:.1} s: {:.1} images/s, {:.0} patches/s -> {}\n",
+        s.predicted,
+        s.images,
+        s.views,
+        s.aggregation,
+        s.seconds,
+        s.images_per_second,
+        s.patches_per_second,
+        s.out.display()
+    );
+    if let Some(temp) = s.temperature {
+        t.push_str(&format!("calibrated with temperature {temp:.3}\n"));
+    }
+    if !s.failed.is_empty() {
+        t.push_str(&format!("{} image(s) set aside (rows kept with the reason in `error`):\n", s.failed.len()));
+        for (p, r) in s.failed.iter().take(10) {
+            t.push_str(&format!("  {}: {r}\n", p.display()));
+        }
+    }
+    if let Some(sc) = &s.scores {
+        t.push_str(&format!("on the {} images with a known class: log loss {:.4}, top-1 {:.3}, top-5 {:.3}\n", sc.n, sc.log_loss, sc.top1, sc.top5));
+    }
+    if let Some((p, sub)) = &s.submission {
+        t.push_str(&format!("submission: {} ({} rows, {} with the class prior for unreadable images)\n", p.display(), sub.rows, sub.fallback_rows));
+    }
+    t
 }
 
 async fn train(a: TrainArgs) -> Result<()> {

@@ -1,5 +1,176 @@
 //! Evaluation of stored predictions: scores, per-class metrics, calibration, and the images a
-//! person should check first.
+//! person should check first. `plankton evaluate` and `plankton calibrate` read a predictions
+//! Parquet file and the true classes (from the file's `label` column or a dataset folder).
 
 pub mod calibration;
 pub mod metrics;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::sinks::parquet::{ParquetSinkError, Predictions};
+use crate::sinks::report::{write_report, ReportError, ReportFiles};
+use crate::sources::Dataset;
+use calibration::{apply_temperature, fit_temperature, TemperatureFit};
+use metrics::Evaluation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluateError {
+    #[error(transparent)]
+    Predictions(#[from] ParquetSinkError),
+    #[error(transparent)]
+    Dataset(#[from] crate::sources::DatasetError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error("{path}: {reason}")]
+    NoLabels { path: PathBuf, reason: String },
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+}
+
+/// The labelled, predicted rows of a predictions file, ready to score.
+#[derive(Debug, Clone)]
+pub struct Labelled {
+    pub class_names: Vec<String>,
+    /// Row-major n x C.
+    pub probs: Vec<f32>,
+    pub labels: Vec<usize>,
+    pub ids: Vec<String>,
+    pub paths: Vec<String>,
+    /// Rows without a prediction (unreadable images).
+    pub failed: usize,
+    /// Predicted rows whose class is unknown.
+    pub unlabelled: usize,
+    /// The temperature already applied to the stored probabilities, if any.
+    pub temperature: Option<f64>,
+    pub model_ids: Vec<String>,
+}
+
+/// True class names by source path and by image id (ids only where unique).
+fn dataset_labels(dirs: &[PathBuf]) -> Result<(HashMap<String, String>, HashMap<String, Option<String>>), EvaluateError> {
+    let (mut by_path, mut by_id) = (HashMap::new(), HashMap::<String, Option<String>>::new());
+    for d in dirs {
+        let ds = Dataset::open(d)?;
+        for r in ds.train.iter().chain(&ds.test) {
+            let Some(l) = r.label else { continue };
+            let class = ds.class_names[l as usize].clone();
+            by_path.insert(r.path.display().to_string(), class.clone());
+            by_id
+                .entry(r.id.clone())
+                .and_modify(|c| {
+                    if c.as_ref() != Some(&class) {
+                        *c = None; // the same file name in two classes: ambiguous
+                    }
+                })
+                .or_insert(Some(class));
+        }
+    }
+    Ok((by_path, by_id))
+}
+
+/// Reads a predictions file and attaches true classes: from `data` (dataset folders in the
+/// competition layout; matched by source path, else by image id) or the file's `label` column.
+pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, EvaluateError> {
+    let p = Predictions::read(predictions)?;
+    let classes = p.class_names.len();
+    let index: HashMap<&str, usize> = p.class_names.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+    let (by_path, by_id) = if data.is_empty() { Default::default() } else { dataset_labels(data)? };
+    let mut out = Labelled {
+        class_names: p.class_names.clone(),
+        probs: Vec::new(),
+        labels: Vec::new(),
+        ids: Vec::new(),
+        paths: Vec::new(),
+        failed: 0,
+        unlabelled: 0,
+        temperature: p.model.get("temperature").and_then(|t| t.as_f64()),
+        model_ids: p.model_ids.clone(),
+    };
+    for row in &p.rows {
+        let Some(probs) = &row.probabilities else {
+            out.failed += 1;
+            continue;
+        };
+        let class = if data.is_empty() {
+            row.label.clone()
+        } else {
+            by_path.get(&row.source_path).cloned().or_else(|| by_id.get(&row.image_id).cloned().flatten())
+        };
+        match class.as_deref().and_then(|c| index.get(c)) {
+            Some(&l) => {
+                out.probs.extend_from_slice(probs);
+                out.labels.push(l);
+                out.ids.push(row.image_id.clone());
+                out.paths.push(row.source_path.clone());
+            }
+            None => out.unlabelled += 1,
+        }
+    }
+    if out.labels.is_empty() {
+        return Err(EvaluateError::NoLabels {
+            path: predictions.to_path_buf(),
+            reason: format!(
+                "none of its {} rows has a known true class ({}); pass --data with the dataset folder that holds the labels",
+                p.rows.len(),
+                if data.is_empty() { "its `label` column is empty" } else { "no match by path or image id in --data" }
+            ),
+        });
+    }
+    debug_assert_eq!(out.probs.len(), out.labels.len() * classes);
+    Ok(out)
+}
+
+#[derive(Debug, Clone)]
+pub struct EvaluateSummary {
+    pub evaluation: Evaluation,
+    pub files: Option<ReportFiles>,
+    pub failed: usize,
+    pub unlabelled: usize,
+}
+
+/// Scores a predictions file and (with `out`) writes the report folder.
+pub fn run(predictions: &Path, data: &[PathBuf], out: Option<&Path>, least_confident: usize) -> Result<EvaluateSummary, EvaluateError> {
+    let l = load_labelled(predictions, data)?;
+    let evaluation = metrics::evaluate(&l.probs, &l.labels, &l.class_names, least_confident);
+    let files = match out {
+        Some(dir) => {
+            let title = format!("{} ({})", predictions.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), l.model_ids.join(", "));
+            Some(write_report(dir, &evaluation, &l.ids, &l.paths, &title)?)
+        }
+        None => None,
+    };
+    Ok(EvaluateSummary { evaluation, files, failed: l.failed, unlabelled: l.unlabelled })
+}
+
+/// Fits a temperature on labelled (validation) predictions. Probabilities already scaled by a
+/// temperature T0 are first brought back to T = 1, so the result is the total temperature.
+pub fn fit_calibration(predictions: &Path, data: &[PathBuf]) -> Result<(TemperatureFit, Labelled), EvaluateError> {
+    let mut l = load_labelled(predictions, data)?;
+    let classes = l.class_names.len();
+    if let Some(t0) = l.temperature.filter(|t| *t != 1.0) {
+        l.probs = apply_temperature(&l.probs, classes, 1.0 / t0);
+    }
+    let fit = fit_temperature(&l.probs, &l.labels, classes);
+    Ok((fit, l))
+}
+
+/// `plankton calibrate`: fits the temperature and stores it in the run (`calibration.json`),
+/// where `plankton predict` picks it up.
+pub fn calibrate_run(run_dir: &Path, predictions: &Path, data: &[PathBuf]) -> Result<TemperatureFit, EvaluateError> {
+    let (fit, l) = fit_calibration(predictions, data)?;
+    let run = crate::train::RunDir::new(run_dir);
+    let classes_path = run.classes();
+    let run_classes = std::fs::read_to_string(&classes_path).map_err(|e| EvaluateError::Io { path: classes_path.clone(), message: e.to_string() })?;
+    let run_classes: Vec<&str> = run_classes.lines().filter(|s| !s.trim().is_empty()).collect();
+    if run_classes != l.class_names.iter().map(String::as_str).collect::<Vec<_>>() {
+        return Err(EvaluateError::NoLabels {
+            path: predictions.to_path_buf(),
+            reason: format!("its classes differ from the run's {}: predictions of another model?", classes_path.display()),
+        });
+    }
+    let path = run.calibration();
+    let text = serde_json::to_string_pretty(&fit).expect("serialisable");
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path)).map_err(|e| EvaluateError::Io { path: path.clone(), message: e.to_string() })?;
+    Ok(fit)
+}

@@ -3,4 +3,5 @@
 
 pub mod aggregate;
 pub mod halton;
+pub mod job;
 pub mod tta;

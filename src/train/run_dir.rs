@@ -9,6 +9,7 @@
 //!         best.safetensors + best.json   weights with the lowest validation log loss
 //!         model.safetensors              final weights
 //!         learning_curve.png
+//!         calibration.json  temperature fitted on validation predictions (optional)
 //!         checkpoints/step-00001234/{model,optimizer}.safetensors, state.json, history.csv
 //!         checkpoints/LATEST             name of the newest complete checkpoint
 //! ```
@@ -155,6 +156,10 @@ impl RunDir {
     }
     pub fn final_weights(&self) -> PathBuf {
         self.root.join("model.safetensors")
+    }
+    /// Temperature fitted on validation predictions (`plankton calibrate`), applied by predict.
+    pub fn calibration(&self) -> PathBuf {
+        self.root.join("calibration.json")
     }
     pub fn learning_curve(&self) -> PathBuf {
         self.root.join("learning_curve.png")

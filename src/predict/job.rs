@@ -1,0 +1,519 @@
+//! `plankton predict`: a trained run directory + images -> a predictions Parquet file (and a
+//! Kaggle submission). The images stream through the same stages as training (decode -> warp
+//! -> ZMUV -> batch, bounded channels); with TTA each image is decoded once and warped by every
+//! quasi-random transform, the views are batched together, and an image's outputs are
+//! aggregated as soon as its last view comes back, so memory stays bounded however many images
+//! there are.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tch::{Device, Kind};
+
+use super::aggregate::{Aggregation, Aggregator};
+use super::tta::{quasi_random_transforms, TtaConfig};
+use crate::config::PipelineConfig;
+use crate::evaluate::calibration::{apply_temperature, TemperatureFit};
+use crate::model::Network;
+use crate::scoring::{self, Scores};
+use crate::sinks::parquet::{ParquetSinkError, PredictionRow, PredictionWriter};
+use crate::sinks::submission::{self, SubmissionRow, SubmissionSummary};
+use crate::sources::{Dataset, ImageRecord};
+use crate::split::Split;
+use crate::stages::normalise::ZmuvStats;
+use crate::topology::{Loader, LoaderSpec, SamplePlan};
+use crate::train::{check_device, patch_sizes, RunDir, TrainError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{path}: not a usable run directory: {reason}")]
+    RunDir { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Dataset(#[from] crate::sources::DatasetError),
+    #[error(transparent)]
+    Split(#[from] crate::split::SplitError),
+    #[error(transparent)]
+    Normalise(#[from] crate::stages::normalise::NormaliseError),
+    #[error("data path: {0}")]
+    Loader(#[from] crate::topology::LoaderError),
+    #[error(transparent)]
+    Parquet(#[from] ParquetSinkError),
+    #[error(transparent)]
+    Submission(#[from] submission::SubmissionError),
+    #[error("tta: {0}")]
+    Tta(String),
+}
+
+/// Which images of a competition-layout dataset folder to predict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Subset {
+    /// `test/` (what a submission needs).
+    #[default]
+    Test,
+    /// The run's own validation images (its split.csv): for calibration and evaluation.
+    Valid,
+    /// The run's training images.
+    Train,
+    /// Every labelled image (`train/<class>/`).
+    Labelled,
+    /// Labelled and test images.
+    All,
+}
+
+/// Which weights of the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Weights {
+    /// best.safetensors (lowest validation loss), else the final weights.
+    Best,
+    /// model.safetensors (the last step).
+    Final,
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for Weights {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "best" => Weights::Best,
+            "final" => Weights::Final,
+            p => Weights::Path(PathBuf::from(p)),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    /// The run directory `plankton train` wrote.
+    pub model: PathBuf,
+    pub weights: Weights,
+    /// A dataset folder (competition layout), folders of images, or image files.
+    pub data: Vec<PathBuf>,
+    pub subset: Subset,
+    pub out: PathBuf,
+    pub submission: Option<PathBuf>,
+    /// Column order of the submission (default: the dataset's sampleSubmission.csv, else the
+    /// model's class order).
+    pub sample_submission: Option<PathBuf>,
+    /// Transforms per image (default: the run's `[tta]`); 1 = a single un-augmented pass.
+    pub tta: Option<usize>,
+    pub aggregation: Option<Aggregation>,
+    pub device: Device,
+    /// Patches per forward pass (default: the run's `[batch] size`).
+    pub batch_size: Option<usize>,
+    /// Apply the run's calibration.json when present.
+    pub calibrate: bool,
+    pub model_id: Option<String>,
+    /// Classes listed per row in `top_classes`.
+    pub top_k: usize,
+}
+
+impl PredictOptions {
+    pub fn new(model: &Path, data: Vec<PathBuf>, out: &Path) -> Self {
+        PredictOptions {
+            model: model.to_path_buf(),
+            weights: Weights::Best,
+            data,
+            subset: Subset::Test,
+            out: out.to_path_buf(),
+            submission: None,
+            sample_submission: None,
+            tta: None,
+            aggregation: None,
+            device: Device::Cpu,
+            batch_size: None,
+            calibrate: true,
+            model_id: None,
+            top_k: 5,
+        }
+    }
+}
+
+/// Progress while predicting.
+#[derive(Debug, Clone)]
+pub enum PredictEvent {
+    Started { images: usize, views: usize, model_id: String },
+    Progress { images_done: usize, images_total: usize, images_per_second: f64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct PredictSummary {
+    pub out: PathBuf,
+    pub model_id: String,
+    pub images: usize,
+    pub predicted: usize,
+    /// (path, reason) of images set aside.
+    pub failed: Vec<(PathBuf, String)>,
+    pub views: usize,
+    pub aggregation: Aggregation,
+    pub temperature: Option<f64>,
+    pub seconds: f64,
+    /// Images per second, and patches (images x views) per second.
+    pub images_per_second: f64,
+    pub patches_per_second: f64,
+    /// Scores on the images whose class the source knows.
+    pub scores: Option<Scores>,
+    pub submission: Option<(PathBuf, SubmissionSummary)>,
+}
+
+/// A loaded model: everything needed to turn patches into class probabilities.
+pub struct LoadedModel {
+    pub cfg: PipelineConfig,
+    pub class_names: Vec<String>,
+    pub zmuv: ZmuvStats,
+    pub net: Network,
+    pub weights_path: PathBuf,
+    pub model_id: String,
+    pub calibration: Option<TemperatureFit>,
+}
+
+/// FNV-1a over the weights file: a content id that changes whenever the weights do.
+fn content_hash(path: &Path) -> Result<u64, PredictError> {
+    let bytes = std::fs::read(path).map_err(|e| PredictError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    }))
+}
+
+pub fn read_class_names(path: &Path) -> Result<Vec<String>, PredictError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PredictError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if names.is_empty() {
+        return Err(PredictError::RunDir { path: path.to_path_buf(), reason: "no class names".into() });
+    }
+    Ok(names)
+}
+
+/// Reads a run's calibration.json, if any.
+pub fn read_calibration(run: &RunDir) -> Result<Option<TemperatureFit>, PredictError> {
+    let path = run.calibration();
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| PredictError::Io { path: path.clone(), message: e.to_string() })?;
+    let fit: TemperatureFit = serde_json::from_str(&text)
+        .map_err(|e| PredictError::RunDir { path: path.clone(), reason: format!("bad calibration file: {e}") })?;
+    if !(fit.temperature > 0.0 && fit.temperature.is_finite()) {
+        return Err(PredictError::RunDir { path, reason: format!("temperature {} must be > 0", fit.temperature) });
+    }
+    Ok(Some(fit))
+}
+
+impl LoadedModel {
+    pub fn load(model: &Path, weights: &Weights, device: Device, calibrate: bool) -> Result<LoadedModel, PredictError> {
+        let run = RunDir::new(model);
+        let bad = |reason: String| PredictError::RunDir { path: model.to_path_buf(), reason };
+        if !model.is_dir() {
+            return Err(bad("no such folder".into()));
+        }
+        for needed in [run.pipeline(), run.classes(), run.zmuv()] {
+            if !needed.is_file() {
+                return Err(bad(format!("{} is missing (is this a folder written by `plankton train`?)", needed.display())));
+            }
+        }
+        check_device(device)?;
+        let cfg = PipelineConfig::load(&run.pipeline()).map_err(|e| bad(e.to_string()))?;
+        let class_names = read_class_names(&run.classes())?;
+        let zmuv = ZmuvStats::load(&run.zmuv())?;
+        if zmuv.inputs.len() != cfg.patches.len() {
+            return Err(bad(format!("zmuv.json has {} inputs, the pipeline {}", zmuv.inputs.len(), cfg.patches.len())));
+        }
+        let (weights_path, kind) = match weights {
+            Weights::Best if run.best_weights().is_file() => (run.best_weights(), "best"),
+            Weights::Best | Weights::Final => (run.final_weights(), "final"),
+            Weights::Path(p) => (p.clone(), "file"),
+        };
+        if !weights_path.is_file() {
+            return Err(bad(format!("{} is missing (did training finish?)", weights_path.display())));
+        }
+        let sizes = patch_sizes(&cfg)?;
+        let mut net = Network::new(&cfg.model, &sizes, class_names.len(), device)?;
+        net.load(&weights_path)?;
+        let hash = content_hash(&weights_path)?;
+        let run_name = model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "run".into());
+        let model_id = format!("{run_name}/{kind}@{:08x}", hash >> 32);
+        let calibration = if calibrate { read_calibration(&run)? } else { None };
+        Ok(LoadedModel { cfg, class_names, zmuv, net, weights_path, model_id, calibration })
+    }
+}
+
+fn is_dataset(dir: &Path) -> bool {
+    dir.join("train").is_dir() || dir.join("test").is_dir()
+}
+
+/// Files under `dir`, recursively, sorted, hidden entries skipped.
+fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), PredictError> {
+    let io = |e: std::io::Error| PredictError::Io { path: dir.to_path_buf(), message: e.to_string() };
+    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<Result<Vec<_>, _>>().map_err(io)?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = e.path();
+        if path.is_dir() {
+            list_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The images to predict, with labels in the model's class order where the source knows them.
+pub fn resolve_inputs(
+    data: &[PathBuf],
+    subset: Subset,
+    run: &RunDir,
+    class_names: &[String],
+) -> Result<(Vec<ImageRecord>, Option<PathBuf>), PredictError> {
+    if data.is_empty() {
+        return Err(PredictError::Input("no --data given".into()));
+    }
+    let model_index: HashMap<&str, u32> = class_names.iter().enumerate().map(|(i, c)| (c.as_str(), i as u32)).collect();
+    let mut records = Vec::new();
+    let mut sample_submission = None;
+    for d in data {
+        if d.is_dir() && is_dataset(d) {
+            let ds = Dataset::open(d)?;
+            for p in &ds.problems {
+                tracing::warn!(path = %p.path.display(), reason = %p.reason, "layout problem: skipped");
+            }
+            let remap = |r: &ImageRecord| {
+                let mut r = r.clone();
+                r.label = r.label.and_then(|l| model_index.get(ds.class_names[l as usize].as_str()).copied());
+                r
+            };
+            let picked: Vec<ImageRecord> = match subset {
+                Subset::Test => ds.test.iter().map(remap).collect(),
+                Subset::Labelled => ds.train.iter().map(remap).collect(),
+                Subset::All => ds.train.iter().chain(&ds.test).map(remap).collect(),
+                Subset::Valid | Subset::Train => {
+                    let split = Split::load(&ds, &run.split())?;
+                    let idx = if subset == Subset::Valid { &split.valid } else { &split.train };
+                    idx.iter().map(|&i| remap(&ds.train[i])).collect()
+                }
+            };
+            if picked.is_empty() {
+                return Err(PredictError::Input(format!("{}: no images in the {subset:?} subset", d.display())));
+            }
+            records.extend(picked);
+            let sub = d.join("sampleSubmission.csv");
+            if sub.is_file() {
+                sample_submission = Some(sub);
+            }
+        } else if d.is_dir() {
+            let mut files = Vec::new();
+            list_files(d, &mut files)?;
+            if files.is_empty() {
+                return Err(PredictError::Input(format!("{}: no files", d.display())));
+            }
+            for f in files {
+                let id = f.strip_prefix(d).unwrap_or(&f).to_string_lossy().into_owned();
+                records.push(ImageRecord { id, path: f, label: None });
+            }
+        } else if d.is_file() {
+            let id = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            records.push(ImageRecord { id, path: d.clone(), label: None });
+        } else {
+            return Err(PredictError::Input(format!("{}: no such file or folder", d.display())));
+        }
+    }
+    Ok((records, sample_submission))
+}
+
+/// Training-set class frequencies of the run (the fallback answer for an unreadable image),
+/// uniform when the split is not available.
+fn class_prior(run: &RunDir, class_names: &[String]) -> Vec<f64> {
+    let mut counts = vec![1.0f64; class_names.len()]; // add-one: no class gets probability 0
+    if let Ok(text) = std::fs::read_to_string(run.split()) {
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split(',').collect();
+            if let [_, class, "train"] = cols[..] {
+                if let Some(i) = class_names.iter().position(|c| c == class) {
+                    counts[i] += 1.0;
+                }
+            }
+        }
+    }
+    let total: f64 = counts.iter().sum();
+    counts.iter().map(|c| c / total).collect()
+}
+
+/// Runs a prediction job. Blocking: call from a thread that may block, with a handle to the
+/// runtime the data path runs on.
+pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn FnMut(PredictEvent)) -> Result<PredictSummary, PredictError> {
+    let started = Instant::now();
+    let model = LoadedModel::load(&opts.model, &opts.weights, opts.device, opts.calibrate)?;
+    let run_dir = RunDir::new(&opts.model);
+    let (records, found_sample) = resolve_inputs(&opts.data, opts.subset, &run_dir, &model.class_names)?;
+    let mut cfg = model.cfg.clone();
+    let mut tta: TtaConfig = cfg.tta.clone();
+    if let Some(n) = opts.tta {
+        tta.transforms = n;
+    }
+    if let Some(a) = opts.aggregation {
+        tta.aggregation = a;
+    }
+    tta.validate().map_err(PredictError::Tta)?;
+    if let Some(b) = opts.batch_size {
+        if b == 0 {
+            return Err(PredictError::Input("--batch-size must be > 0".into()));
+        }
+        cfg.batch.size = b;
+    }
+    let transforms = Arc::new(quasi_random_transforms(&tta));
+    let views = transforms.len();
+    // Each record in flight holds all of its views: keep just enough records in flight to fill
+    // the next batches, so memory does not grow with the transform count.
+    let workers = cfg.worker_count();
+    let per_batch = cfg.batch.size.div_ceil(views);
+    cfg.loader.reorder_window = cfg.loader.reorder_window.min((2 * workers).max(per_batch * (cfg.channels.batches + 1)) + workers);
+    cfg.loader.cache_decoded = false; // each image is decoded once anyway
+    if cfg.train.threads > 0 {
+        tch::set_num_threads(cfg.train.threads as i32);
+    }
+    let classes = model.class_names.len();
+    let temperature = model.calibration.map(|c| c.temperature);
+    let metadata = serde_json::json!({
+        "model_id": model.model_id,
+        "run_dir": opts.model.display().to_string(),
+        "weights": model.weights_path.display().to_string(),
+        "pipeline": cfg.name,
+        "model": cfg.model,
+        "patches": cfg.patches,
+        "zmuv": model.zmuv.inputs,
+        "tta": tta,
+        "views": views,
+        "temperature": temperature,
+        "calibration": model.calibration,
+        "plankton_version": env!("CARGO_PKG_VERSION"),
+        "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    });
+    let model_id = opts.model_id.clone().unwrap_or_else(|| model.model_id.clone());
+    let mut writer = PredictionWriter::create(&opts.out, model.class_names.clone(), &model_id, &metadata, opts.top_k)?;
+    on_event(PredictEvent::Started { images: records.len(), views, model_id: model_id.clone() });
+
+    let records = Arc::new(records);
+    let _enter = rt.enter();
+    let spec = LoaderSpec {
+        records: records.clone(),
+        plan: SamplePlan::Ordered { epochs: 1 },
+        augment: false,
+        zmuv: Some(model.zmuv.inputs.clone()),
+        first_epoch: 0,
+        views: Some(transforms.clone()),
+    };
+    let mut loader = Loader::spawn(&cfg, spec)?;
+    let mut aggregator = Aggregator::new(classes, views, tta.aggregation);
+    // Kept for the submission and the summary scores (C floats per image).
+    let mut probabilities: Vec<Option<Vec<f32>>> = vec![None; records.len()];
+    let mut done = 0usize;
+    let mut last_event = Instant::now();
+    let _guard = tch::no_grad_guard();
+    while let Some(batch) = rt.block_on(loader.next_batch()) {
+        let inputs: Vec<tch::Tensor> = (0..batch.inputs.len()).map(|k| batch.input_tensor(k).to_device(model.net.device)).collect();
+        let log_probs = model.net.forward_t(&inputs, false).log_softmax(-1, Kind::Float).to_device(Device::Cpu);
+        let flat: Vec<f32> = Vec::try_from(log_probs.flatten(0, -1)).expect("float tensor");
+        for (i, &record) in batch.record_indices[..batch.len].iter().enumerate() {
+            let Some((rec, p)) = aggregator.push(record, &flat[i * classes..(i + 1) * classes]) else { continue };
+            let mut p: Vec<f32> = p.into_iter().map(|v| v as f32).collect();
+            if let Some(t) = temperature {
+                p = apply_temperature(&p, classes, t);
+            }
+            let r = &records[rec];
+            writer.push(PredictionRow {
+                image_id: r.id.clone(),
+                source_path: r.path.display().to_string(),
+                label: r.label.map(|l| model.class_names[l as usize].clone()),
+                probabilities: Some(p.clone()),
+                views: views as u16,
+                error: None,
+            })?;
+            probabilities[rec] = Some(p);
+            done += 1;
+        }
+        if last_event.elapsed().as_secs_f64() > 0.2 {
+            last_event = Instant::now();
+            on_event(PredictEvent::Progress { images_done: done, images_total: records.len(), images_per_second: done as f64 / started.elapsed().as_secs_f64() });
+        }
+    }
+    let loaded = rt.block_on(loader.finish())?;
+    drop(_guard);
+    let failed: Vec<(PathBuf, String)> = loaded.failures.iter().map(|f| (f.path.clone(), f.reason.clone())).collect();
+    let failed_reasons: HashMap<&Path, &str> = failed.iter().map(|(p, r)| (p.as_path(), r.as_str())).collect();
+    for (i, r) in records.iter().enumerate() {
+        if probabilities[i].is_none() {
+            let reason = failed_reasons.get(r.path.as_path()).copied().unwrap_or("no prediction (the data path dropped it)");
+            writer.push(PredictionRow {
+                image_id: r.id.clone(),
+                source_path: r.path.display().to_string(),
+                label: r.label.map(|l| model.class_names[l as usize].clone()),
+                probabilities: None,
+                views: 0,
+                error: Some(reason.to_string()),
+            })?;
+        }
+    }
+    writer.finish()?;
+    on_event(PredictEvent::Progress { images_done: done, images_total: records.len(), images_per_second: done as f64 / started.elapsed().as_secs_f64() });
+
+    let mut labelled_probs = Vec::new();
+    let mut labels = Vec::new();
+    for (r, p) in records.iter().zip(&probabilities) {
+        if let (Some(l), Some(p)) = (r.label, p) {
+            labelled_probs.extend_from_slice(p);
+            labels.push(l as usize);
+        }
+    }
+    let scores = (!labels.is_empty()).then(|| scoring::score(&labelled_probs, &labels, classes));
+
+    let submission = match &opts.submission {
+        None => None,
+        Some(path) => {
+            let header = opts.sample_submission.clone().or(found_sample);
+            let (columns, from) = match &header {
+                Some(h) => (crate::sources::dataset::read_submission_classes(h)?, h.clone()),
+                None => (model.class_names.clone(), run_dir.classes()),
+            };
+            let rows: Vec<SubmissionRow> = records.iter().zip(&probabilities).map(|(r, p)| SubmissionRow { image_id: &r.id, probabilities: p.as_deref() }).collect();
+            let s = submission::write_submission(path, &model.class_names, &columns, &from, &rows, &class_prior(&run_dir, &model.class_names))?;
+            Some((path.clone(), s))
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(PredictSummary {
+        out: opts.out.clone(),
+        model_id,
+        images: records.len(),
+        predicted: done,
+        failed,
+        views,
+        aggregation: tta.aggregation,
+        temperature,
+        seconds,
+        images_per_second: done as f64 / seconds,
+        patches_per_second: (done * views) as f64 / seconds,
+        scores,
+        submission,
+    })
+}
