@@ -252,3 +252,60 @@ async fn multiscale_batches_carry_one_tensor_per_input() {
     while loader.next_batch().await.is_some() {}
     loader.finish().await.unwrap();
 }
+
+/// Test-time augmentation: each record decoded once, one sample per fixed view, consecutively
+/// and in view order, whatever the worker count; each view is exactly the warp of its transform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_views_give_one_sample_per_transform_in_order() {
+    use plankton::imgproc::Augmentation;
+    use plankton::stages::decode::decode_file;
+    use plankton::stages::warp::make_patch;
+    let (_dir, ds) = dataset(2, 4);
+    let records = Arc::new(ds.train.clone());
+    let views: Vec<Augmentation> = (0..3)
+        .map(|i| Augmentation {
+            rotation_deg: 40.0 * i as f64,
+            flip: i == 2,
+            ..Augmentation::IDENTITY
+        })
+        .collect();
+    let views = Arc::new(views);
+    let collect = |workers: usize| {
+        let records = records.clone();
+        let views = views.clone();
+        async move {
+            let cfg = small_cfg(workers);
+            let spec = LoaderSpec {
+                records,
+                plan: SamplePlan::Ordered { epochs: 1 },
+                augment: true, // ignored: the views decide
+                zmuv: None,
+                first_epoch: 0,
+                views: Some(views),
+            };
+            let mut loader = Loader::spawn(&cfg, spec).unwrap();
+            let (mut order, mut patches) = (Vec::new(), Vec::new());
+            while let Some(b) = loader.next_batch().await {
+                order.extend_from_slice(&b.record_indices[..b.len]);
+                let n = 31 * 31;
+                for i in 0..b.len {
+                    patches.push(b.input(0)[i * n..(i + 1) * n].to_vec());
+                }
+            }
+            let summary = loader.finish().await.unwrap();
+            assert_eq!(summary.samples, 24);
+            (order, patches)
+        }
+    };
+    let (order, patches) = collect(1).await;
+    assert_eq!(order, (0..8).flat_map(|r| [r, r, r]).collect::<Vec<_>>());
+    assert_eq!(collect(3).await, (order, patches.clone()));
+    let cfg = small_cfg(1);
+    let img = decode_file(&records[5].path, &cfg.decode).unwrap();
+    for (v, aug) in views.iter().enumerate() {
+        let mut expected = vec![0f32; 31 * 31];
+        make_patch(&img, &cfg.patches[0], aug, &mut expected);
+        assert_eq!(patches[5 * 3 + v], expected, "view {v} of record 5");
+    }
+    assert_ne!(patches[15], patches[16]);
+}
