@@ -44,8 +44,9 @@ libtorch: $(LIBTORCH_STAMP)
 build: libtorch
 	$(CARGO) build --release $(CARGO_FEATURES)
 
-# Python oracle/baseline tools (numpy, scikit-image, Pillow) for regenerating fixtures and benches.
-$(PYENV_STAMP):
+# Python oracle/baseline tools (numpy, scipy, scikit-image, Pillow; pyarrow, pandas, DuckDB and
+# scikit-learn for the prediction reader test) for the tests, fixtures and benches.
+$(PYENV_STAMP): scripts/requirements-tools.txt
 	$(PYTHON) -m venv $(PYENV_DIR)
 	$(PYENV_DIR)/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-tools.txt
 	touch $@
@@ -64,9 +65,10 @@ demo: build
 	./target/release/plankton demo --out $(DEMO_DIR)
 
 # Benches are compiled too (so they cannot rot); the last line totals every test binary.
-test: libtorch
+# PLANKTON_REQUIRE_PYTHON: the Parquet reader test must run (not skip) here.
+test: libtorch pytools
 	$(CARGO) bench --no-run $(CARGO_FEATURES)
-	set -o pipefail; $(CARGO) test --release $(CARGO_FEATURES) 2>&1 | tee target/test-output.log
+	set -o pipefail; PLANKTON_REQUIRE_PYTHON=1 $(CARGO) test --release $(CARGO_FEATURES) 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test-output.log
 
 bench: build pytools
@@ -80,6 +82,8 @@ bench-train: build pytorch
 fixtures: pytools
 	$(PYENV_DIR)/bin/python tests/fixtures/warp/gen_warp_fixtures.py
 	$(PYENV_DIR)/bin/python tests/fixtures/decode/gen_decode_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/tta/gen_tta_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/evaluate/gen_evaluate_fixtures.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

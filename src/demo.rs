@@ -1,6 +1,8 @@
 //! The main job on an embedded default dataset (`plankton demo`, `make demo`): synthetic and
 //! real data, augmentation previews, split, ZMUV, the data path measured, and a short training
-//! run with its learning curve. Later issues add prediction and evaluation to it.
+//! run with its learning curve, then the trained run predicts with test-time augmentation:
+//! validation images (to fit a temperature), the test images (Parquet + Kaggle submission), and
+//! an evaluation report of the test predictions.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -49,6 +51,10 @@ pub enum DemoError {
     Join(String),
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
+    #[error(transparent)]
+    Predict(#[from] crate::predict::job::PredictError),
+    #[error(transparent)]
+    Evaluate(#[from] crate::evaluate::EvaluateError),
 }
 
 /// The pipeline the demo trains with (`pipelines/demo-train.toml`, embedded).
@@ -86,7 +92,7 @@ pub async fn run(
         .await
         .map_err(|e| DemoError::Join(e.to_string()))??;
     say(format!(
-        "[1/6] synthetic data: {} train / {} test images, {} classes -> {} ({:.1} s)",
+        "[1/9] synthetic data: {} train / {} test images, {} classes -> {} ({:.1} s)",
         s.train_images,
         s.test_images,
         s.class_names.len(),
@@ -105,7 +111,7 @@ pub async fn run(
         )) {
             Ok(s) => {
                 say(format!(
-                    "[2/6] real data: planktonclas {} images in {} classes -> {}",
+                    "[2/9] real data: planktonclas {} images in {} classes -> {}",
                     s.train_images + s.test_images,
                     s.class_names.len(),
                     real_dir.display()
@@ -113,7 +119,7 @@ pub async fn run(
                 Some(real_dir)
             }
             Err(e) => {
-                say(format!("[2/6] real data skipped: {e}"));
+                say(format!("[2/9] real data skipped: {e}"));
                 None
             }
         }
@@ -133,7 +139,7 @@ pub async fn run(
             .collect();
         let png = out.join(format!("preview-{name}.png"));
         render_preview(&cfg, &picked, &png, &PreviewOptions::default())?;
-        say(format!("[3/6] augmentation preview -> {}", png.display()));
+        say(format!("[3/9] augmentation preview -> {}", png.display()));
         if name == "planktonclas" {
             // Grey-background images: the reference's fill of 0 frames every rotated patch;
             // show the border-median fill beside it.
@@ -142,7 +148,7 @@ pub async fn run(
             let png = out.join("preview-planktonclas-border-fill.png");
             render_preview(&border, &picked, &png, &PreviewOptions::default())?;
             say(format!(
-                "[3/6] same with fill = \"border_median\" -> {}",
+                "[3/9] same with fill = \"border_median\" -> {}",
                 png.display()
             ));
         }
@@ -167,7 +173,7 @@ pub async fn run(
     let zmuv_path = out.join("zmuv.json");
     let (stats, _) = data_path::estimate_and_save_zmuv(&cfg, &ds, &zmuv_path).await?;
     say(format!(
-        "[4/6] split files and ZMUV (mean {:.4}, std {:.4} over {} augmented patches) -> {}",
+        "[4/9] split files and ZMUV (mean {:.4}, std {:.4} over {} augmented patches) -> {}",
         stats.inputs[0].mean,
         stats.inputs[0].std,
         stats.samples,
@@ -176,7 +182,7 @@ pub async fn run(
 
     // 5. The data path alone, as loader-bench runs it.
     let report = data_path::loader_bench(&cfg, Arc::new(ds.train.clone()), opts.epochs, on_batch).await?;
-    say("[5/6] data path:".into());
+    say("[5/9] data path:".into());
     say(report.render());
 
     // 6. A short training run: the real images when we have them, else the synthetic set.
@@ -192,7 +198,7 @@ pub async fn run(
     let run_dir = out.join(format!("run-{which}"));
     let _ = std::fs::remove_dir_all(&run_dir);
     say(format!(
-        "[6/6] training a quarter-width cyclic convroll4 on the {which} images for {} steps -> {}",
+        "[6/9] training a quarter-width cyclic convroll4 on the {which} images for {} steps -> {}",
         train_cfg.train.steps,
         run_dir.display()
     ));
@@ -228,6 +234,73 @@ pub async fn run(
             s.top5,
             s.n,
             run_dir.join("learning_curve.png").display()
+        ));
+    }
+
+    // 7-9. Predict with TTA, calibrate on the validation images, predict the test images into
+    // Parquet and a submission, evaluate.
+    let data = match &real_ds {
+        Some(real) => real.root.clone(),
+        None => ds.root.clone(),
+    };
+    let predictions = out.join("predictions");
+    let handle = tokio::runtime::Handle::current();
+    let (run_c, data_c, pred_c) = (run_dir.clone(), data.clone(), predictions.clone());
+    let (valid, fit, test, eval) = tokio::task::spawn_blocking(move || -> Result<_, DemoError> {
+        use crate::predict::job::{run, PredictOptions, Subset};
+        let mut opts = PredictOptions::new(&run_c, vec![data_c.clone()], &pred_c.join("valid.parquet"));
+        opts.subset = Subset::Valid;
+        opts.calibrate = false;
+        let valid = run(&opts, &handle, &mut |_| {})?;
+        // Shown, not stored: the demo run has far too few validation images for a temperature
+        // to be trusted (`plankton calibrate` refuses below MIN_CALIBRATION_IMAGES).
+        let (fit, _) = crate::evaluate::fit_calibration(&valid.out, &[])?;
+        let mut opts = PredictOptions::new(&run_c, vec![data_c.clone()], &pred_c.join("test.parquet"));
+        opts.submission = Some(pred_c.join("submission.csv"));
+        let test = run(&opts, &handle, &mut |_| {})?;
+        let eval = crate::evaluate::run(&test.out, &[data_c], Some(&pred_c.join("report")), 20)?;
+        Ok((valid, fit, test, eval))
+    })
+    .await
+    .map_err(|e| DemoError::Join(e.to_string()))??;
+    let scores = |s: &Option<crate::scoring::Scores>| {
+        s.map_or("no labels".into(), |s| format!("log loss {:.3}, top-1 {:.2}", s.log_loss, s.top1))
+    };
+    say(format!(
+        "[7/9] validation images with {} quasi-random transforms: {} ({:.0} patches/s) -> {}",
+        valid.views,
+        scores(&valid.scores),
+        valid.patches_per_second,
+        valid.out.display()
+    ));
+    say(format!(
+        "[8/9] a temperature fitted on them would be {:.2} (log loss {:.3} -> {:.3}), but {} images are too few to trust (`plankton calibrate` needs {}): not applied. Test images: {} -> {}, {}",
+        fit.temperature,
+        fit.log_loss_before,
+        fit.log_loss_after,
+        fit.n,
+        crate::evaluate::MIN_CALIBRATION_IMAGES,
+        scores(&test.scores),
+        test.out.display(),
+        test.submission.as_ref().map_or(String::new(), |(p, _)| format!("submission {}", p.display()))
+    ));
+    let e = &eval.evaluation;
+    say(format!(
+        "[9/9] evaluation of the {} test images: log loss {:.3}, top-1 {:.2}, top-3 {:.2}, ECE {:.3} -> {}",
+        e.n,
+        e.log_loss,
+        e.top_k[0],
+        e.top_k.get(2).copied().unwrap_or(f64::NAN),
+        e.ece,
+        predictions.join("report").display()
+    ));
+    if let Some(files) = &eval.files {
+        say(format!(
+            "  summary {}, confusion matrix {}, reliability diagram {}, images to check first {}",
+            files.summary_md.display(),
+            files.confusion_png.display(),
+            files.reliability_png.display(),
+            files.least_confident_csv.display()
         ));
     }
     say(format!("outputs: {}", out.display()));

@@ -132,6 +132,9 @@ struct CalibrateArgs {
     /// Dataset folder(s) holding the true classes (default: the file's `label` column).
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
+    /// Refuse to store a temperature fitted on fewer labelled images.
+    #[arg(long, default_value_t = plankton::evaluate::MIN_CALIBRATION_IMAGES)]
+    min_images: usize,
 }
 
 #[derive(Subcommand)]
@@ -462,7 +465,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Calibrate(a) => {
-            let fit = plankton::evaluate::calibrate_run(&a.model, &a.predictions, &a.data)?;
+            let fit = plankton::evaluate::calibrate_run(&a.model, &a.predictions, &a.data, a.min_images)?;
             println!(
                 "temperature {:.3} fitted on {} images: log loss {:.4} -> {:.4}, ECE {:.4} -> {:.4}; stored in {}",
                 fit.temperature,

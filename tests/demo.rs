@@ -33,10 +33,20 @@ async fn demo_writes_every_output() {
     );
     let text = lines.join("\n");
     assert!(
-        text.contains("[5/6] data path") && text.contains("GPU feed") && text.contains("[6/6] training"),
+        text.contains("[5/9] data path") && text.contains("GPU feed") && text.contains("[6/9] training") && text.contains("[9/9] evaluation"),
         "{text}"
     );
-    for f in ["run-synthetic/learning_curve.png", "run-synthetic/best.safetensors", "run-synthetic/history.csv"] {
+    for f in [
+        "run-synthetic/learning_curve.png",
+        "run-synthetic/best.safetensors",
+        "run-synthetic/history.csv",
+        "predictions/valid.parquet",
+        "predictions/test.parquet",
+        "predictions/submission.csv",
+        "predictions/report/summary.md",
+        "predictions/report/confusion_matrix.png",
+        "predictions/report/reliability.png",
+    ] {
         assert!(opts.out.join(f).is_file(), "{f} missing");
     }
     let z = plankton::stages::normalise::ZmuvStats::load(&opts.out.join("zmuv.json")).unwrap();

@@ -241,7 +241,9 @@ fn calibration_is_fitted_stored_and_applied() {
     }
     let valid = dir.path().join("valid.parquet");
     run_ok(bin().arg("predict").arg("--model").arg(&run).arg("--data").arg(&t.data).args(["--subset", "valid"]).arg("--out").arg(&valid));
-    let text = run_ok(bin().arg("calibrate").arg("--model").arg(&run).arg("--predictions").arg(&valid));
+    let err = run_err(bin().arg("calibrate").arg("--model").arg(&run).arg("--predictions").arg(&valid));
+    assert!(err.contains("only 20 labelled images") && !run.join("calibration.json").exists(), "{err}");
+    let text = run_ok(bin().arg("calibrate").arg("--model").arg(&run).arg("--predictions").arg(&valid).args(["--min-images", "20"]));
     assert!(text.contains("temperature"), "{text}");
     let fit: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("calibration.json")).unwrap()).unwrap();
     let temperature = fit["temperature"].as_f64().unwrap();
