@@ -37,6 +37,8 @@ use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
+use crate::evaluate::metrics::summarise_row;
+
 /// Footer keys.
 pub const META_CLASS_NAMES: &str = "plankton.class_names";
 pub const META_MODEL: &str = "plankton.model";
@@ -72,14 +74,6 @@ pub struct PredictionRow {
     pub probabilities: Option<Vec<f32>>,
     pub views: u16,
     pub error: Option<String>,
-}
-
-/// Entropy in nats of a probability row (0 log 0 = 0).
-pub fn entropy(p: &[f32]) -> f64 {
-    p.iter()
-        .filter(|&&x| x > 0.0)
-        .map(|&x| -(x as f64) * (x as f64).ln())
-        .sum()
 }
 
 /// Indices of the `k` largest entries, largest first (ties: lower index first).
@@ -249,7 +243,7 @@ impl PredictionWriter {
                     let top = top_k(p, k);
                     predicted.append_value(&self.class_names[top[0]]);
                     confidence.append_value(p[top[0]]);
-                    entropies.append_value(entropy(p) as f32);
+                    entropies.append_value(summarise_row(p).entropy as f32);
                     probs.values().append_slice(p);
                     probs.append(true);
                     for &i in &top {
