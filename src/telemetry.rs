@@ -43,6 +43,10 @@ pub fn describe() {
     describe_gauge!(TRAIN_LEARNING_RATE, "Current learning rate");
     describe_gauge!(VALID_LOG_LOSS, "Validation log loss (Kaggle clipping) at the last validation");
     describe_gauge!(VALID_TOP1, "Validation top-1 accuracy at the last validation");
+    describe_histogram!(PREDICT_BATCH_SECONDS, Unit::Seconds, "Model compute time per prediction batch (all TTA views in it)");
+    describe_counter!(PREDICT_IMAGES, "Images predicted (after combining their TTA views)");
+    describe_counter!(PREDICT_PATCHES, "Patches (image x TTA view) through the model");
+    describe_counter!(PREDICT_FAILED, "Images that could not be predicted (kept as rows with their reason)");
     describe_counter!(
         LAYOUT_PROBLEMS,
         "Dataset entries skipped because they do not fit the layout"
@@ -146,3 +150,7 @@ pub const TRAIN_LOSS: &str = "plankton_train_loss";
 pub const TRAIN_LEARNING_RATE: &str = "plankton_train_learning_rate";
 pub const VALID_LOG_LOSS: &str = "plankton_valid_log_loss";
 pub const VALID_TOP1: &str = "plankton_valid_top1_accuracy";
+pub const PREDICT_BATCH_SECONDS: &str = "plankton_predict_batch_seconds";
+pub const PREDICT_IMAGES: &str = "plankton_predict_images_total";
+pub const PREDICT_PATCHES: &str = "plankton_predict_patches_total";
+pub const PREDICT_FAILED: &str = "plankton_predict_failed_total";

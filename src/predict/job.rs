@@ -430,10 +430,17 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
     let mut done = 0usize;
     let mut last_event = Instant::now();
     let _guard = tch::no_grad_guard();
+    crate::telemetry::describe();
+    let batch_seconds = metrics::histogram!(crate::telemetry::PREDICT_BATCH_SECONDS);
+    let images_total = metrics::counter!(crate::telemetry::PREDICT_IMAGES);
+    let patches_total = metrics::counter!(crate::telemetry::PREDICT_PATCHES);
     while let Some(batch) = rt.block_on(loader.next_batch()) {
+        let t_batch = Instant::now();
         let inputs: Vec<tch::Tensor> = (0..batch.inputs.len()).map(|k| batch.input_tensor(k).to_device(model.net.device)).collect();
         let log_probs = model.net.forward_t(&inputs, false).log_softmax(-1, Kind::Float).to_device(Device::Cpu);
         let flat: Vec<f32> = Vec::try_from(log_probs.flatten(0, -1)).expect("float tensor");
+        batch_seconds.record(t_batch.elapsed().as_secs_f64());
+        patches_total.increment(batch.len as u64);
         for (i, &record) in batch.record_indices[..batch.len].iter().enumerate() {
             let Some((rec, p)) = aggregator.push(record, &flat[i * classes..(i + 1) * classes]) else { continue };
             let mut p: Vec<f32> = p.into_iter().map(|v| v as f32).collect();
@@ -451,6 +458,7 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
             })?;
             probabilities[rec] = Some(p);
             done += 1;
+            images_total.increment(1);
         }
         if last_event.elapsed().as_secs_f64() > 0.2 {
             last_event = Instant::now();
@@ -460,6 +468,7 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
     let loaded = rt.block_on(loader.finish())?;
     drop(_guard);
     let failed: Vec<(PathBuf, String)> = loaded.failures.iter().map(|f| (f.path.clone(), f.reason.clone())).collect();
+    metrics::counter!(crate::telemetry::PREDICT_FAILED).increment(failed.len() as u64);
     let failed_reasons: HashMap<&Path, &str> = failed.iter().map(|(p, r)| (p.as_path(), r.as_str())).collect();
     for (i, r) in records.iter().enumerate() {
         if probabilities[i].is_none() {
