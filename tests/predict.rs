@@ -287,3 +287,27 @@ fn bad_arguments_name_the_problem() {
     let err = run_err(bin().arg("evaluate").arg("--predictions").arg(dir.path().join("bad.parquet")));
     assert!(err.contains("bad.parquet") && err.contains("not a plankton predictions file"), "{err}");
 }
+
+#[test]
+fn a_plain_folder_and_single_files_are_predicted_too() {
+    let t = trained();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("camera");
+    std::fs::create_dir_all(folder.join("2026-11-28")).unwrap();
+    let mut tests: Vec<PathBuf> = std::fs::read_dir(t.data.join("test")).unwrap().map(|e| e.unwrap().path()).collect();
+    tests.sort();
+    std::fs::copy(&tests[0], folder.join("a.jpg")).unwrap();
+    std::fs::copy(&tests[1], folder.join("2026-11-28/b.jpg")).unwrap();
+    std::fs::write(folder.join(".hidden.jpg"), b"ignored").unwrap();
+    let out = dir.path().join("p.parquet");
+    let sub = dir.path().join("s.csv");
+    run_ok(bin().arg("predict").arg("--model").arg(&t.run).arg("--data").arg(&folder).arg(&tests[2]).arg("--out").arg(&out).arg("--submission").arg(&sub).args(["--tta", "2"]));
+    let p = Predictions::read(&out).unwrap();
+    let ids: Vec<&str> = p.rows.iter().map(|r| r.image_id.as_str()).collect();
+    let third = tests[2].file_name().unwrap().to_str().unwrap();
+    assert_eq!(ids, ["2026-11-28/b.jpg", "a.jpg", third]);
+    assert!(p.rows.iter().all(|r| r.label.is_none() && r.views == 2));
+    let header = std::fs::read_to_string(&sub).unwrap().lines().next().unwrap().to_string();
+    let classes = std::fs::read_to_string(t.run.join("classes.txt")).unwrap();
+    assert_eq!(header, format!("image,{}", classes.lines().collect::<Vec<_>>().join(",")), "model class order without a sample submission");
+}
