@@ -56,6 +56,7 @@ fn bench_data_path(c: &mut Criterion) {
                             std: 0.3,
                         }]),
                         first_epoch: 0,
+                        views: None,
                     };
                     let mut loader = Loader::spawn(&cfg, spec).unwrap();
                     let mut n = 0;

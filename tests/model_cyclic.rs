@@ -1432,6 +1432,10 @@ fn save_load_round_trip() {
         Nd::from_tensor(&lb),
         "logits after load must be identical"
     );
+    // Built without initial weights, then loaded (what prediction does): the same logits.
+    let c = Network::load_from(&cfg, &[47], 6, Device::Cpu, &path).unwrap();
+    let lc = tch::no_grad(|| c.forward_t(&[x.shallow_clone()], false));
+    assert_eq!(Nd::from_tensor(&la), Nd::from_tensor(&lc), "load_from must give the saved net");
     for (p, q) in a.params.iter().zip(&b.params) {
         assert_eq!(p.name, q.name);
         assert_eq!(

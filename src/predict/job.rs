@@ -242,8 +242,7 @@ impl LoadedModel {
             return Err(bad(format!("{} is missing (did training finish?)", weights_path.display())));
         }
         let sizes = patch_sizes(&cfg)?;
-        let mut net = Network::new(&cfg.model, &sizes, class_names.len(), device)?;
-        net.load(&weights_path)?;
+        let net = Network::load_from(&cfg.model, &sizes, class_names.len(), device, &weights_path)?;
         let hash = content_hash(&weights_path)?;
         let run_name = model
             .canonicalize()
