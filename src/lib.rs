@@ -9,6 +9,7 @@ pub mod npy;
 pub mod predict;
 pub mod rng;
 pub mod scoring;
+pub mod serve;
 pub mod sinks;
 pub mod sources;
 pub mod split;

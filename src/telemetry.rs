@@ -10,6 +10,8 @@ use std::time::Duration;
 pub const STAGE_RECEIVED: &str = "plankton_stage_received_total";
 pub const STAGE_SENT: &str = "plankton_stage_sent_total";
 pub const STAGE_ERRORS: &str = "plankton_stage_errors_total";
+/// Items a stage refused or let go under backpressure (e.g. HTTP 503), by stage.
+pub const STAGE_DROPPED: &str = "plankton_stage_dropped_total";
 /// Microseconds because `metrics` counters are integers; seconds would round busy time away.
 pub const STAGE_BUSY_MICROSECONDS: &str = "plankton_stage_busy_microseconds_total";
 pub const QUEUE_DEPTH: &str = "plankton_queue_depth";
@@ -24,6 +26,7 @@ pub fn describe() {
     describe_counter!(STAGE_RECEIVED, "Items a stage took from its input");
     describe_counter!(STAGE_SENT, "Items a stage passed on");
     describe_counter!(STAGE_ERRORS, "Items a stage set aside, by reason");
+    describe_counter!(STAGE_DROPPED, "Items a stage refused under backpressure");
     describe_counter!(
         STAGE_BUSY_MICROSECONDS,
         Unit::Microseconds,

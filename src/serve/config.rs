@@ -1,0 +1,289 @@
+//! The daemon's config file (`plankton serve --pipeline pipelines/camera-daemon.toml`): which
+//! trained run to serve, where images come from, where predictions go, and how hard to push.
+//! The image pipeline itself (patches, ZMUV, network, TTA ranges) is the run's own
+//! `pipeline.toml`, so the daemon cannot drift from what the model was trained with.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::predict::aggregate::Aggregation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeConfigError {
+    #[error("{path}: cannot read daemon config: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{path}: invalid daemon config: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// What a source does when the ingest queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backpressure {
+    /// Wait for room (a folder source simply picks files up later).
+    Block,
+    /// Refuse at once (HTTP answers 503 with Retry-After).
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    pub name: String,
+    /// Run directory written by `plankton train`.
+    pub model: PathBuf,
+    /// "best", "final" or a .safetensors path.
+    pub weights: String,
+    /// cpu, cuda or cuda:N.
+    pub device: String,
+    /// Test-time transforms per image (1 = one pass: lowest latency).
+    pub tta: usize,
+    pub aggregation: Aggregation,
+    /// libtorch intra-op threads (0 = libtorch's default).
+    pub threads: usize,
+    pub watch: WatchConfig,
+    pub http: HttpConfig,
+    pub batch: MicroBatchConfig,
+    pub queue: QueueConfig,
+    pub output: OutputConfig,
+    /// Durable copy of every accepted image until its prediction is in a finished file.
+    pub spool: PathBuf,
+    /// Bad input goes here, with a `.reason` file beside it.
+    pub quarantine: PathBuf,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            name: "camera-daemon".into(),
+            model: PathBuf::from("run"),
+            weights: "best".into(),
+            device: "cpu".into(),
+            tta: 1,
+            aggregation: Aggregation::MeanProbability,
+            threads: 0,
+            watch: WatchConfig::default(),
+            http: HttpConfig::default(),
+            batch: MicroBatchConfig::default(),
+            queue: QueueConfig::default(),
+            output: OutputConfig::default(),
+            spool: PathBuf::from("serve/spool"),
+            quarantine: PathBuf::from("serve/quarantine"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchMode {
+    /// inotify (or the platform's equivalent), with a periodic rescan as a safety net.
+    Notify,
+    /// Rescan the folder every `poll_interval_ms` (network mounts, where no events arrive).
+    Poll,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    pub enabled: bool,
+    pub dir: PathBuf,
+    pub recursive: bool,
+    pub mode: WatchMode,
+    pub poll_interval_ms: u64,
+    /// A file is taken once its size and modification time have not changed for this long.
+    pub settle_ms: u64,
+    /// Files still being written under a temporary name (rename-into-place convention).
+    pub ignore_suffixes: Vec<String>,
+    pub backpressure: Backpressure,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            enabled: false,
+            dir: PathBuf::from("serve/in"),
+            recursive: true,
+            mode: WatchMode::Notify,
+            poll_interval_ms: 1000,
+            settle_ms: 500,
+            ignore_suffixes: vec![".tmp".into(), ".part".into(), ".partial".into()],
+            backpressure: Backpressure::Block,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// Also serves /metrics, /healthz and /readyz.
+    pub bind: String,
+    pub max_body_bytes: usize,
+    /// File holding the bearer token uploads must present; required when `bind` is not loopback.
+    pub token_file: Option<PathBuf>,
+    /// How long `?wait=true` waits for the prediction.
+    pub sync_timeout_ms: u64,
+    pub backpressure: Backpressure,
+    pub retry_after_seconds: u64,
+    /// Recent predictions kept in memory for `GET /v1/predictions/{id}`.
+    pub recent_results: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            bind: "127.0.0.1:8470".into(),
+            max_body_bytes: 16 << 20,
+            token_file: None,
+            sync_timeout_ms: 10_000,
+            backpressure: Backpressure::Reject,
+            retry_after_seconds: 1,
+            recent_results: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MicroBatchConfig {
+    /// A batch goes to the model when it holds this many images...
+    pub max_images: usize,
+    /// ...or when its oldest image has waited this long.
+    pub max_latency_ms: u64,
+}
+
+impl Default for MicroBatchConfig {
+    fn default() -> Self {
+        MicroBatchConfig { max_images: 32, max_latency_ms: 50 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Accepted images waiting for decode (the bound on memory: images are read from the spool).
+    pub ingest: usize,
+    /// Decoded patches waiting for the model.
+    pub patches: usize,
+    /// Decode/warp worker threads; 0 = one per core.
+    pub workers: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { ingest: 1024, patches: 256, workers: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    pub dir: PathBuf,
+    /// A Parquet file is closed (and renamed into place) after this many rows...
+    pub roll_rows: usize,
+    /// ...or this many seconds after its first row, whichever comes first.
+    pub roll_seconds: u64,
+    pub top_k: usize,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig { dir: PathBuf::from("serve/out"), roll_rows: 10_000, roll_seconds: 300, top_k: 5 }
+    }
+}
+
+impl ServeConfig {
+    /// Loads and validates; relative paths are taken relative to the config file's folder.
+    pub fn load(path: &Path) -> Result<Self, ServeConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ServeConfigError::Io { path: path.to_path_buf(), message: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml_str(&text, path, base)
+    }
+
+    pub fn from_toml_str(text: &str, path: &Path, base: &Path) -> Result<Self, ServeConfigError> {
+        let invalid = |message: String| ServeConfigError::Invalid { path: path.to_path_buf(), message };
+        let mut cfg: ServeConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        for p in [&mut cfg.model, &mut cfg.spool, &mut cfg.quarantine, &mut cfg.watch.dir, &mut cfg.output.dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(t) = cfg.http.token_file.as_mut() {
+            if t.is_relative() {
+                *t = base.join(&*t);
+            }
+        }
+        cfg.validate().map_err(invalid)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.watch.enabled && !self.http.enabled {
+            return Err("no source: enable [watch] and/or [http]".into());
+        }
+        if self.batch.max_images == 0 {
+            return Err("batch.max_images must be > 0".into());
+        }
+        if self.queue.ingest == 0 || self.queue.patches == 0 {
+            return Err("queue capacities must be > 0".into());
+        }
+        if self.output.roll_rows == 0 || self.output.roll_seconds == 0 {
+            return Err("output.roll_rows and output.roll_seconds must be > 0".into());
+        }
+        if self.tta == 0 || self.tta > crate::predict::tta::MAX_TRANSFORMS {
+            return Err(format!("tta must be within 1..={}", crate::predict::tta::MAX_TRANSFORMS));
+        }
+        if self.http.enabled {
+            let addr: SocketAddr = self.http.bind.parse().map_err(|e| format!("http.bind `{}`: {e}", self.http.bind))?;
+            if !addr.ip().is_loopback() && self.http.token_file.is_none() {
+                return Err(format!(
+                    "http.bind `{}` is reachable beyond this machine: set http.token_file (uploads must present a bearer token)",
+                    self.http.bind
+                ));
+            }
+            if self.http.max_body_bytes == 0 {
+                return Err("http.max_body_bytes must be > 0".into());
+            }
+        }
+        if self.watch.enabled && self.watch.poll_interval_ms == 0 {
+            return Err("watch.poll_interval_ms must be > 0".into());
+        }
+        let dirs = [("spool", &self.spool), ("quarantine", &self.quarantine), ("output.dir", &self.output.dir)];
+        for (name, d) in dirs {
+            if self.watch.enabled && (d.starts_with(&self.watch.dir) || self.watch.dir.starts_with(d)) {
+                return Err(format!("{name} ({}) and watch.dir ({}) must not contain each other", d.display(), self.watch.dir.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_paths_are_relative_to_the_file() {
+        let cfg = ServeConfig::from_toml_str("model = \"runs/a\"\n", Path::new("/etc/p/d.toml"), Path::new("/etc/p")).unwrap();
+        assert_eq!(cfg.model, PathBuf::from("/etc/p/runs/a"));
+        assert_eq!(cfg.spool, PathBuf::from("/etc/p/serve/spool"));
+        assert_eq!(cfg.http.backpressure, Backpressure::Reject);
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem() {
+        for (text, want) in [
+            ("[http]\nbind = \"0.0.0.0:80\"\n", "token_file"),
+            ("[http]\nenabled = false\n", "no source"),
+            ("[batch]\nmax_images = 0\n", "max_images"),
+            ("[watch]\nenabled = true\ndir = \"x\"\n[output]\ndir = \"x/out\"\n", "must not contain"),
+            ("[htp]\n", "unknown field"),
+        ] {
+            let err = ServeConfig::from_toml_str(text, Path::new("d.toml"), Path::new(".")).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("d.toml"), "{text}: {err}");
+        }
+    }
+}
