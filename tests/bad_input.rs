@@ -149,6 +149,7 @@ async fn bad_files_are_named_counted_and_set_aside() {
             augment: true,
             zmuv: None,
             first_epoch: 0,
+            views: None,
         };
         let mut loader = Loader::spawn(&cfg, spec).unwrap();
         let mut processed = Vec::new();
