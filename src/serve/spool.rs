@@ -1,1 +1,895 @@
-//! (in progress)
+//! The durable spool: "nothing accepted is lost".
+//!
+//! Every accepted image is written here before it is acknowledged, and removed only once its
+//! prediction row is in a finished Parquet file. On restart, [`Spool::pending`] lists what must
+//! be processed again (at-least-once; results are idempotent by image id).
+//!
+//! ```text
+//!  <dir>/seq                    high-water mark of the acceptance counter (reserved in blocks)
+//!  <dir>/pending/<id>.bytes     the image bytes, exactly as received
+//!  <dir>/pending/<id>.json      the sidecar (SpoolEntry); its presence marks a complete entry
+//!  <dir>/.tmp-* , pending/.tmp-*  files being written (deleted at open: never acknowledged)
+//! ```
+//!
+//! Accept: bytes and sidecar are written to temp names and fsynced, renamed into place (bytes
+//! first, sidecar last), then the directory is fsynced; only then does `accept` return. A crash
+//! at any point before that leaves temp files or bytes without a sidecar, both cleaned at the
+//! next open, and the client (never acknowledged) sends again. Remove: sidecar first, then
+//! bytes, so a crash in between leaves orphan bytes (cleaned at open), never a sidecar without
+//! bytes. Ids are valid file names by construction ([`sanitize_id`]), and temp names start with
+//! '.', which no id can, so the two never meet.
+//!
+//! All methods block (file I/O and fsync): call them from `spawn_blocking` or a worker thread.
+//! Operations on the same id are serialised (accept / complete / quarantine of one id never
+//! interleave); different ids proceed in parallel.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("bad image id `{id}`: {reason}")]
+    BadId { id: String, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolEntry {
+    /// Safe: [A-Za-z0-9._-], no leading '.', at most 200 characters.
+    pub id: String,
+    /// "http" or the watched file's path as text.
+    pub source: String,
+    /// Client/file name, for the record only (never used as a path).
+    pub original_name: String,
+    pub received_unix_ms: u64,
+    /// Acceptance order, continues across restarts.
+    pub seq: u64,
+    /// Where the image bytes are in the spool.
+    pub bytes_path: PathBuf,
+}
+
+pub const MAX_ID_LEN: usize = 200;
+const PENDING: &str = "pending";
+const SEQ_FILE: &str = "seq";
+const TMP_PREFIX: &str = ".tmp-";
+const BYTES_SUFFIX: &str = ".bytes";
+const SIDECAR_SUFFIX: &str = ".json";
+/// Sequence numbers are reserved durably this many at a time (one small fsynced write per
+/// block, not per image); a restart skips the unused rest of a block, which keeps seq monotone.
+const SEQ_BLOCK: u64 = 4096;
+
+pub struct Spool {
+    dir: PathBuf,
+    pending_dir: PathBuf,
+    /// Next seq to hand out; `seq_reserved` is the durable bound it may not pass without
+    /// reserving the next block.
+    next_seq: AtomicU64,
+    seq_reserved: Mutex<u64>,
+    count: AtomicUsize,
+    /// Ids with an accept / complete / quarantine in progress.
+    busy: Mutex<HashSet<String>>,
+    busy_cv: Condvar,
+    tmp_counter: AtomicU64,
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> SpoolError {
+    SpoolError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// fsync a directory so that renames and removals in it are durable.
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_err(dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> Result<bool, SpoolError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err(path, e)),
+    }
+}
+
+/// Writes `bytes` to `path` and fsyncs it (the caller renames it into place).
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err(path, e))
+}
+
+/// Releases a claimed id when dropped.
+struct Claim<'a> {
+    spool: &'a Spool,
+    id: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        lock(&self.spool.busy).remove(&self.id);
+        self.spool.busy_cv.notify_all();
+    }
+}
+
+/// Where the bytes of a new entry come from.
+enum Payload<'a> {
+    Bytes(&'a [u8]),
+    File(&'a Path),
+}
+
+impl Spool {
+    /// Creates `dir` (and `dir/pending`), deletes leftover temp files and orphan bytes (never
+    /// acknowledged), and continues seq after the highest one ever reserved.
+    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        let pending_dir = dir.join(PENDING);
+        fs::create_dir_all(&pending_dir).map_err(|e| io_err(&pending_dir, e))?;
+        for d in [dir, pending_dir.as_path()] {
+            for name in list_names(d)? {
+                if name.starts_with(TMP_PREFIX) {
+                    let p = d.join(&name);
+                    tracing::info!(path = %p.display(), "spool: removing a temp file left by an interrupted write");
+                    remove_if_present(&p)?;
+                }
+            }
+        }
+        let names = list_names(&pending_dir)?;
+        let sidecars: HashSet<&str> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(SIDECAR_SUFFIX))
+            .collect();
+        for n in &names {
+            if let Some(id) = n.strip_suffix(BYTES_SUFFIX) {
+                if !sidecars.contains(id) {
+                    let p = pending_dir.join(n);
+                    tracing::info!(path = %p.display(), "spool: removing image bytes without a sidecar (an accept interrupted before it was acknowledged)");
+                    remove_if_present(&p)?;
+                }
+            }
+        }
+        sync_dir(&pending_dir)?;
+        sync_dir(dir)?;
+
+        let seq_path = dir.join(SEQ_FILE);
+        let stored = match fs::read_to_string(&seq_path) {
+            Ok(t) => t
+                .trim()
+                .parse::<u64>()
+                .map_err(|e| io_err(&seq_path, format!("bad seq file: {e}")))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(&seq_path, e)),
+        };
+        let mut max_seen = None::<u64>;
+        for id in &sidecars {
+            let p = pending_dir.join(format!("{id}{SIDECAR_SUFFIX}"));
+            if let Some(e) = fs::read(&p)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<SpoolEntry>(&b).ok())
+            {
+                max_seen = Some(max_seen.map_or(e.seq, |m| m.max(e.seq)));
+            }
+        }
+        let next = stored.max(max_seen.map_or(0, |m| m + 1));
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            pending_dir,
+            next_seq: AtomicU64::new(next),
+            seq_reserved: Mutex::new(next),
+            count: AtomicUsize::new(sidecars.len()),
+            busy: Mutex::new(HashSet::new()),
+            busy_cv: Condvar::new(),
+            tmp_counter: AtomicU64::new(0),
+        };
+        tracing::info!(dir = %dir.display(), pending = sidecars.len(), next_seq = next, "spool opened");
+        Ok(spool)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn bytes_path(&self, id: &str) -> PathBuf {
+        self.pending_dir.join(format!("{id}{BYTES_SUFFIX}"))
+    }
+
+    fn sidecar_path(&self, id: &str) -> PathBuf {
+        self.pending_dir.join(format!("{id}{SIDECAR_SUFFIX}"))
+    }
+
+    fn tmp_path(&self, dir: &Path, what: &str) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        dir.join(format!("{TMP_PREFIX}{}-{n}-{what}", std::process::id()))
+    }
+
+    /// Waits until no other operation holds `id`, then holds it.
+    fn claim(&self, id: &str) -> Claim<'_> {
+        let mut busy = lock(&self.busy);
+        while busy.contains(id) {
+            busy = self.busy_cv.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        busy.insert(id.to_string());
+        Claim {
+            spool: self,
+            id: id.to_string(),
+        }
+    }
+
+    fn alloc_seq(&self) -> Result<u64, SpoolError> {
+        let mut reserved = lock(&self.seq_reserved);
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        if seq >= *reserved {
+            let bound = seq + SEQ_BLOCK;
+            let tmp = self.tmp_path(&self.dir, SEQ_FILE);
+            let dest = self.dir.join(SEQ_FILE);
+            write_synced(&tmp, bound.to_string().as_bytes())?;
+            fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
+            sync_dir(&self.dir)?;
+            *reserved = bound;
+        }
+        Ok(seq)
+    }
+
+    fn read_sidecar(&self, id: &str) -> Result<Option<SpoolEntry>, SpoolError> {
+        let p = self.sidecar_path(id);
+        match fs::read(&p) {
+            Ok(b) => {
+                let mut e: SpoolEntry = serde_json::from_slice(&b)
+                    .map_err(|e| io_err(&p, format!("corrupt sidecar: {e}")))?;
+                e.id = id.to_string();
+                e.bytes_path = self.bytes_path(id);
+                Ok(Some(e))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&p, e)),
+        }
+    }
+
+    /// Stores `bytes` durably under `id` and returns once it would survive a crash. If `id` is
+    /// already pending, returns the existing entry unchanged (the new bytes are not written).
+    pub fn accept(
+        &self,
+        id: &str,
+        source: &str,
+        original_name: &str,
+        bytes: &[u8],
+    ) -> Result<SpoolEntry, SpoolError> {
+        self.accept_payload(id, source, original_name, Payload::Bytes(bytes))
+    }
+
+    /// As [`Spool::accept`], copying `source_file` (which is neither modified nor removed).
+    pub fn accept_file(
+        &self,
+        id: &str,
+        source_file: &Path,
+        original_name: &str,
+    ) -> Result<SpoolEntry, SpoolError> {
+        let source = source_file.to_string_lossy();
+        self.accept_payload(id, &source, original_name, Payload::File(source_file))
+    }
+
+    fn accept_payload(
+        &self,
+        id: &str,
+        source: &str,
+        original_name: &str,
+        payload: Payload<'_>,
+    ) -> Result<SpoolEntry, SpoolError> {
+        let id = sanitize_id(id)?;
+        let _claim = self.claim(&id);
+        match self.read_sidecar(&id) {
+            Ok(Some(existing)) => return Ok(existing),
+            Ok(None) => {}
+            // A sidecar we cannot read is replaced by the new entry (it may be corrupt).
+            Err(e) => {
+                tracing::warn!(id = %id, error = %e, "spool: unreadable sidecar is replaced by a new accept")
+            }
+        }
+        let tmp_bytes = self.tmp_path(&self.pending_dir, "bytes");
+        let written = match payload {
+            Payload::Bytes(b) => write_synced(&tmp_bytes, b),
+            Payload::File(src) => copy_synced(src, &tmp_bytes),
+        };
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp_bytes);
+            return Err(e);
+        }
+        let entry = match self.alloc_seq() {
+            Ok(seq) => SpoolEntry {
+                id: id.clone(),
+                source: source.to_string(),
+                original_name: original_name.to_string(),
+                received_unix_ms: now_ms(),
+                seq,
+                bytes_path: self.bytes_path(&id),
+            },
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_bytes);
+                return Err(e);
+            }
+        };
+        let tmp_json = self.tmp_path(&self.pending_dir, "json");
+        let json = serde_json::to_vec(&entry).expect("SpoolEntry serialises");
+        let result = write_synced(&tmp_json, &json)
+            .and_then(|_| {
+                fs::rename(&tmp_bytes, &entry.bytes_path).map_err(|e| io_err(&entry.bytes_path, e))
+            })
+            .and_then(|_| {
+                let dest = self.sidecar_path(&id);
+                fs::rename(&tmp_json, &dest).map_err(|e| io_err(&dest, e))
+            })
+            .and_then(|_| sync_dir(&self.pending_dir));
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp_bytes);
+            let _ = fs::remove_file(&tmp_json);
+            // Without its sidecar the entry does not exist; stray bytes are cleaned at open.
+            return Err(e);
+        }
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Ok(entry)
+    }
+
+    /// Complete entries, sorted by seq. An entry whose bytes are missing is logged and removed;
+    /// one whose sidecar is corrupt but whose bytes exist is kept with a rebuilt sidecar.
+    pub fn pending(&self) -> Result<Vec<SpoolEntry>, SpoolError> {
+        let mut out = Vec::new();
+        let mut dropped = false;
+        for name in list_names(&self.pending_dir)? {
+            let Some(id) = name.strip_suffix(SIDECAR_SUFFIX) else {
+                continue;
+            };
+            if sanitize_id(id).is_err() {
+                tracing::warn!(file = %self.pending_dir.join(&name).display(), "spool: ignoring a file that is not a spool entry");
+                continue;
+            }
+            let _claim = self.claim(id);
+            let bytes_path = self.bytes_path(id);
+            let bytes_meta = fs::metadata(&bytes_path);
+            match self.read_sidecar(id) {
+                Ok(None) => continue, // completed meanwhile
+                Ok(Some(entry)) if bytes_meta.is_ok() => out.push(entry),
+                Ok(Some(entry)) => {
+                    tracing::error!(id = %id, seq = entry.seq, source = %entry.source, bytes = %bytes_path.display(),
+                        "spool: entry's image bytes are missing; dropping the entry");
+                    if remove_if_present(&self.sidecar_path(id))? {
+                        self.count.fetch_sub(1, Ordering::SeqCst);
+                        dropped = true;
+                    }
+                }
+                Err(e) => match bytes_meta {
+                    Ok(meta) => {
+                        tracing::error!(id = %id, error = %e, "spool: sidecar unreadable; rebuilding it from the image bytes");
+                        let received = meta
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_millis() as u64);
+                        let entry = SpoolEntry {
+                            id: id.to_string(),
+                            source: "spool-recovered".into(),
+                            original_name: id.to_string(),
+                            received_unix_ms: received,
+                            seq: self.alloc_seq()?,
+                            bytes_path: bytes_path.clone(),
+                        };
+                        let tmp = self.tmp_path(&self.pending_dir, "json");
+                        let dest = self.sidecar_path(id);
+                        write_synced(
+                            &tmp,
+                            &serde_json::to_vec(&entry).expect("SpoolEntry serialises"),
+                        )?;
+                        fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
+                        sync_dir(&self.pending_dir)?;
+                        out.push(entry);
+                    }
+                    Err(_) => {
+                        tracing::error!(id = %id, error = %e, "spool: sidecar unreadable and image bytes missing; dropping the entry");
+                        if remove_if_present(&self.sidecar_path(id))? {
+                            self.count.fetch_sub(1, Ordering::SeqCst);
+                            dropped = true;
+                        }
+                    }
+                },
+            }
+        }
+        if dropped {
+            sync_dir(&self.pending_dir)?;
+        }
+        out.sort_by(|a, b| a.seq.cmp(&b.seq).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Whether `id` is pending (false for ids that are not valid).
+    pub fn contains(&self, id: &str) -> bool {
+        sanitize_id(id).is_ok() && self.sidecar_path(id).exists()
+    }
+
+    /// Pending entries (a counter, not a directory listing).
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes entries (ids not pending, or not valid ids, are fine); fsyncs the directory once.
+    pub fn complete(&self, ids: &[String]) -> Result<(), SpoolError> {
+        let mut first_err = None;
+        let mut touched = false;
+        for id in ids {
+            if sanitize_id(id).is_err() {
+                continue;
+            }
+            let _claim = self.claim(id);
+            match remove_if_present(&self.sidecar_path(id)) {
+                Ok(true) => {
+                    self.count.fetch_sub(1, Ordering::SeqCst);
+                    touched = true;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                    continue; // keep the bytes: the entry is still pending
+                }
+            }
+            match remove_if_present(&self.bytes_path(id)) {
+                Ok(removed) => touched |= removed,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if touched {
+            sync_dir(&self.pending_dir)?;
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Moves the entry's bytes to `quarantine_dir/<id>` (`<id>.<n>` if that name is taken),
+    /// writes `<that>.reason` beside it, and removes the spool entry. Returns the moved file.
+    pub fn quarantine(
+        &self,
+        entry: &SpoolEntry,
+        reason: &str,
+        quarantine_dir: &Path,
+    ) -> Result<PathBuf, SpoolError> {
+        let id = sanitize_id(&entry.id)?;
+        fs::create_dir_all(quarantine_dir).map_err(|e| io_err(quarantine_dir, e))?;
+        let _claim = self.claim(&id);
+        let mut name = id.clone();
+        let mut n = 1u64;
+        while quarantine_dir.join(&name).exists()
+            || quarantine_dir.join(format!("{name}.reason")).exists()
+        {
+            name = format!("{id}.{n}");
+            n += 1;
+        }
+        let dest = quarantine_dir.join(&name);
+        let reason_path = quarantine_dir.join(format!("{name}.reason"));
+        let text = format!(
+            "reason: {}\nid: {}\nsource: {}\noriginal_name: {}\nreceived_unix_ms: {}\nseq: {}\nquarantined_unix_ms: {}\n",
+            reason.escape_debug(),
+            id,
+            entry.source.escape_debug(),
+            entry.original_name.escape_debug(),
+            entry.received_unix_ms,
+            entry.seq,
+            now_ms()
+        );
+        let tmp = self.tmp_path(quarantine_dir, "reason");
+        write_synced(&tmp, text.as_bytes())?;
+        fs::rename(&tmp, &reason_path).map_err(|e| io_err(&reason_path, e))?;
+        let src = self.bytes_path(&id);
+        if let Err(e) = fs::rename(&src, &dest) {
+            if e.kind() == io::ErrorKind::NotFound {
+                return Err(io_err(&src, e));
+            }
+            // Another file system (EXDEV) or similar: copy, then remove.
+            let tmp = self.tmp_path(quarantine_dir, "bytes");
+            copy_synced(&src, &tmp)?;
+            fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
+        }
+        sync_dir(quarantine_dir)?;
+        if remove_if_present(&self.sidecar_path(&id))? {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
+        remove_if_present(&src)?;
+        sync_dir(&self.pending_dir)?;
+        tracing::warn!(id = %id, reason = %reason, path = %dest.display(), "spool: image quarantined");
+        Ok(dest)
+    }
+}
+
+/// Copies `src` to a new file `dest` and fsyncs it.
+fn copy_synced(src: &Path, dest: &Path) -> Result<(), SpoolError> {
+    let mut from = File::open(src).map_err(|e| io_err(src, e))?;
+    let mut to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(|e| io_err(dest, e))?;
+    io::copy(&mut from, &mut to).map_err(|e| io_err(src, e))?;
+    to.sync_all().map_err(|e| io_err(dest, e))
+}
+
+/// File names (UTF-8 only: spool names always are) in `dir`.
+fn list_names(dir: &Path) -> Result<Vec<String>, SpoolError> {
+    let mut out = Vec::new();
+    for ent in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let ent = ent.map_err(|e| io_err(dir, e))?;
+        if let Ok(name) = ent.file_name().into_string() {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Checks a client-supplied id: only [A-Za-z0-9._-]{1,200}, not starting with '.'. Never
+/// alters it: anything else is an error with a reason.
+pub fn sanitize_id(raw: &str) -> Result<String, SpoolError> {
+    let bad = |reason: String| {
+        // The id goes into logs and HTTP answers: shown escaped and cut short.
+        let mut shown: String = raw
+            .chars()
+            .take(64)
+            .collect::<String>()
+            .escape_debug()
+            .to_string();
+        if raw.chars().count() > 64 {
+            shown.push('…');
+        }
+        Err(SpoolError::BadId { id: shown, reason })
+    };
+    if raw.is_empty() {
+        return bad("empty".into());
+    }
+    if raw.len() > MAX_ID_LEN {
+        return bad(format!("longer than {MAX_ID_LEN} characters"));
+    }
+    if raw.starts_with('.') {
+        return bad("must not start with '.'".into());
+    }
+    if let Some((i, c)) = raw.char_indices().find(|&(_, c)| !is_id_char(c)) {
+        return bad(format!(
+            "character {:?} at byte {i} is not allowed (only A-Z a-z 0-9 . _ -)",
+            c
+        ));
+    }
+    Ok(raw.to_string())
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn path_bytes(p: &Path) -> Vec<u8> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        p.as_os_str().as_bytes().to_vec()
+    }
+    #[cfg(not(unix))]
+    {
+        p.to_string_lossy().as_bytes().to_vec()
+    }
+}
+
+/// Deterministic id for a watched file (path relative to the watched folder): components joined
+/// by "__", other characters replaced by '_', a leading '.' replaced, cut to fit, plus "-" and 8
+/// hex digits of the FNV-1a hash of the path's bytes (so paths that sanitise alike still differ).
+/// Always passes [`sanitize_id`].
+pub fn id_for_path(relative: &Path) -> String {
+    let parts: Vec<String> = relative
+        .components()
+        .map(|c| {
+            c.as_os_str()
+                .to_string_lossy()
+                .chars()
+                .map(|ch| if is_id_char(ch) { ch } else { '_' })
+                .collect()
+        })
+        .collect();
+    let mut base = parts.join("__");
+    if base.is_empty() {
+        base.push_str("file");
+    }
+    if base.starts_with('.') {
+        base.replace_range(0..1, "_");
+    }
+    base.truncate(MAX_ID_LEN - 9); // ASCII only by now
+    let h = fnv1a64(&path_bytes(relative));
+    format!("{base}-{:08x}", (h ^ (h >> 32)) as u32)
+}
+
+/// A fresh id for an upload without one: "<unix_ms>-<process counter>-<8 hex>", unique across
+/// restarts (time, counter, and a hash of time, pid and counter).
+pub fn new_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut seed = Vec::with_capacity(28);
+    seed.extend_from_slice(&now.as_nanos().to_le_bytes());
+    seed.extend_from_slice(&std::process::id().to_le_bytes());
+    seed.extend_from_slice(&n.to_le_bytes());
+    let h = fnv1a64(&seed);
+    format!("{}-{n}-{:08x}", now.as_millis(), (h ^ (h >> 32)) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(entries: &[SpoolEntry]) -> Vec<&str> {
+        entries.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn accept_pending_round_trip_and_seq_continues_across_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("spool");
+        let spool = Spool::open(&dir).unwrap();
+        assert!(spool.is_empty());
+        let a = spool.accept("b-first", "http", "x.png", b"one").unwrap();
+        let b = spool.accept("a-second", "http", "y.png", b"two").unwrap();
+        assert!(a.seq < b.seq);
+        assert_eq!(fs::read(&a.bytes_path).unwrap(), b"one");
+        assert_eq!(spool.len(), 2);
+        assert!(spool.contains("b-first") && !spool.contains("nope") && !spool.contains("../x"));
+        let listed = spool.pending().unwrap();
+        assert_eq!(listed, vec![a.clone(), b.clone()]);
+        drop(spool);
+
+        let spool = Spool::open(&dir).unwrap();
+        assert_eq!(spool.len(), 2);
+        assert_eq!(spool.pending().unwrap(), vec![a.clone(), b.clone()]);
+        let c = spool.accept("c", "http", "z.png", b"three").unwrap();
+        assert!(c.seq > b.seq);
+        spool
+            .complete(&["b-first".into(), "a-second".into(), "c".into()])
+            .unwrap();
+        assert!(spool.is_empty());
+        drop(spool);
+        // Even with nothing pending, seq keeps growing after a restart.
+        let spool = Spool::open(&dir).unwrap();
+        let d = spool.accept("d", "http", "w.png", b"four").unwrap();
+        assert!(d.seq > c.seq, "{} > {}", d.seq, c.seq);
+    }
+
+    #[test]
+    fn accept_is_idempotent_and_complete_removes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(tmp.path()).unwrap();
+        let a = spool.accept("img", "http", "a.png", b"first").unwrap();
+        let again = spool.accept("img", "http", "other.png", b"second").unwrap();
+        assert_eq!(a, again);
+        assert_eq!(fs::read(&a.bytes_path).unwrap(), b"first");
+        assert_eq!(spool.len(), 1);
+        spool
+            .complete(&["img".into(), "never-was".into(), "../bad".into()])
+            .unwrap();
+        assert!(!spool.contains("img") && spool.is_empty());
+        assert!(!a.bytes_path.exists());
+        assert!(spool.pending().unwrap().is_empty());
+        // After completion the same id is a new entry (at-least-once).
+        let b = spool.accept("img", "http", "a.png", b"third").unwrap();
+        assert!(b.seq > a.seq);
+        assert_eq!(spool.pending().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn accept_file_copies_and_leaves_the_source() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&tmp.path().join("s")).unwrap();
+        let src = tmp.path().join("in.jpg");
+        fs::write(&src, b"jpegdata").unwrap();
+        let e = spool
+            .accept_file(&id_for_path(Path::new("in.jpg")), &src, "in.jpg")
+            .unwrap();
+        assert_eq!(fs::read(&src).unwrap(), b"jpegdata");
+        assert_eq!(fs::read(&e.bytes_path).unwrap(), b"jpegdata");
+        assert_eq!(e.source, src.to_string_lossy());
+        assert!(spool
+            .accept_file("missing", &tmp.path().join("nope"), "nope")
+            .is_err());
+        assert_eq!(spool.len(), 1);
+        let leftovers: Vec<String> = list_names(&tmp.path().join("s").join(PENDING)).unwrap();
+        assert!(
+            leftovers.iter().all(|n| !n.starts_with(TMP_PREFIX)),
+            "{leftovers:?}"
+        );
+    }
+
+    #[test]
+    fn crash_leftovers_are_cleaned_and_never_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("spool");
+        let spool = Spool::open(&dir).unwrap();
+        spool.accept("kept", "http", "k.png", b"k").unwrap();
+        drop(spool);
+        let p = dir.join(PENDING);
+        fs::write(p.join(".tmp-123-0-bytes"), b"partial").unwrap();
+        fs::write(p.join(".tmp-123-1-json"), b"{\"id\":").unwrap();
+        fs::write(dir.join(".tmp-123-2-seq"), b"99").unwrap();
+        fs::write(p.join("orphan.bytes"), b"renamed but no sidecar").unwrap();
+        let spool = Spool::open(&dir).unwrap();
+        assert_eq!(ids(&spool.pending().unwrap()), vec!["kept"]);
+        assert_eq!(spool.len(), 1);
+        let mut names = list_names(&p).unwrap();
+        names.sort();
+        assert_eq!(names, vec!["kept.bytes", "kept.json"]);
+        assert!(!dir.join(".tmp-123-2-seq").exists());
+    }
+
+    #[test]
+    fn entry_without_bytes_is_dropped_and_corrupt_sidecar_is_rebuilt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(tmp.path()).unwrap();
+        let gone = spool.accept("gone", "http", "g.png", b"g").unwrap();
+        let ok = spool.accept("ok", "http", "o.png", b"o").unwrap();
+        spool.accept("mangled", "http", "m.png", b"m").unwrap();
+        fs::remove_file(&gone.bytes_path).unwrap();
+        fs::write(spool.sidecar_path("mangled"), b"not json").unwrap();
+        let listed = spool.pending().unwrap();
+        assert_eq!(ids(&listed), vec!["ok", "mangled"]);
+        assert_eq!(listed[0], ok);
+        assert!(listed[1].seq > ok.seq);
+        assert!(!spool.contains("gone"));
+        assert_eq!(spool.len(), 2);
+        // The rebuilt sidecar is durable.
+        drop(spool);
+        let spool = Spool::open(tmp.path()).unwrap();
+        assert_eq!(ids(&spool.pending().unwrap()), vec!["ok", "mangled"]);
+    }
+
+    #[test]
+    fn quarantine_moves_bytes_and_writes_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&tmp.path().join("spool")).unwrap();
+        let q = tmp.path().join("quarantine");
+        let e = spool
+            .accept("bad", "http", "evil\nname.png", b"notanimage")
+            .unwrap();
+        let moved = spool.quarantine(&e, "decode: not an image", &q).unwrap();
+        assert_eq!(moved, q.join("bad"));
+        assert_eq!(fs::read(&moved).unwrap(), b"notanimage");
+        let reason = fs::read_to_string(q.join("bad.reason")).unwrap();
+        assert!(
+            reason.contains("decode: not an image")
+                && reason.contains("evil\\nname.png")
+                && reason.contains("source: http"),
+            "{reason}"
+        );
+        assert!(!spool.contains("bad") && spool.is_empty() && !e.bytes_path.exists());
+        // The same id quarantined again does not overwrite the first.
+        let e2 = spool.accept("bad", "http", "again.png", b"again").unwrap();
+        let moved2 = spool.quarantine(&e2, "again", &q).unwrap();
+        assert_eq!(moved2, q.join("bad.1"));
+        assert!(q.join("bad.1.reason").exists());
+        assert_eq!(fs::read(&moved).unwrap(), b"notanimage");
+    }
+
+    #[test]
+    fn sanitize_id_rejects_traversal_and_accepts_normal_ids() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/etc/passwd",
+            "x\0y",
+            "a\\b",
+            ".hidden",
+            "sp ace",
+            "ü",
+            &"a".repeat(201),
+        ] {
+            let err = sanitize_id(bad).unwrap_err();
+            assert!(matches!(err, SpoolError::BadId { .. }), "{bad:?}");
+            assert!(!err.to_string().is_empty());
+        }
+        for good in [
+            "a",
+            "IMG_0001.jpg",
+            "2024-01-01T12-00-00.123",
+            "x..y",
+            "-lead",
+            &"a".repeat(200),
+        ] {
+            assert_eq!(sanitize_id(good).unwrap(), good);
+        }
+        let id = new_id();
+        assert!(sanitize_id(&id).is_ok(), "{id}");
+        assert_ne!(new_id(), new_id());
+    }
+
+    #[test]
+    fn id_for_path_is_sanitary_and_distinct() {
+        let long = "x".repeat(500);
+        let paths = [
+            "../x",
+            "a b/ü.jpg",
+            "a_b/ü.jpg",
+            "a/b.jpg",
+            "a__b.jpg",
+            "a/b/c.jpg",
+            ".hidden",
+            "x",
+            "..",
+            "",
+            long.as_str(),
+            "a\nb",
+            "/abs/p.png",
+        ];
+        let mut seen = HashSet::new();
+        for p in paths {
+            let id = id_for_path(Path::new(p));
+            assert!(sanitize_id(&id).is_ok(), "{p:?} -> {id}");
+            assert!(seen.insert(id.clone()), "collision for {p:?}: {id}");
+            assert_eq!(id, id_for_path(Path::new(p)), "deterministic");
+        }
+        assert!(id_for_path(Path::new("a/b.jpg")).starts_with("a__b.jpg-"));
+    }
+
+    #[test]
+    fn concurrent_accepts_of_one_id_make_one_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = std::sync::Arc::new(Spool::open(tmp.path()).unwrap());
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let s = spool.clone();
+                std::thread::spawn(move || {
+                    s.accept("same", "http", "n", format!("{i}").as_bytes())
+                        .unwrap()
+                })
+            })
+            .collect();
+        let entries: Vec<SpoolEntry> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(entries.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(spool.len(), 1);
+        assert_eq!(spool.pending().unwrap().len(), 1);
+    }
+}
