@@ -1,1 +1,764 @@
-//! (in progress)
+//! Folder ingest: watches the instrument's output folder and feeds complete new files into the
+//! spool, then into the ingest queue.
+//!
+//! A file is taken once its (size, mtime) has not changed for `settle_ms` (observed across
+//! scans), skipping hidden entries and names still being written under a temporary suffix.
+//! Taking is: copy into the spool (durable) -> append to `<spool>/watch-ledger.tsv` (fsynced)
+//! -> send on the queue. The ledger remembers what was taken (relative path, size, mtime), so a
+//! restart does not take the same file again; the folder itself is never modified.
+//!
+//! Crash windows: after the spool copy but before the ledger line, the entry is in the spool
+//! (the engine replays it from `Spool::pending`) and the file is taken again once that entry has
+//! completed (a duplicate row with the same id: at-least-once). After the ledger line but before
+//! the send, the spool replays it. While a file's id is still pending in the spool, the file is
+//! not taken again (a rewritten file waits for its previous version to finish).
+//!
+//! Notify mode: filesystem events trigger an early rescan; a rescan every `poll_interval_ms`
+//! (and at the moment the next candidate settles) is the safety net. Poll mode: rescans only.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::serve::config::{Backpressure, WatchConfig, WatchMode};
+use crate::serve::spool::{id_for_path, Spool, SpoolEntry, SpoolError};
+use crate::telemetry::{STAGE_ERRORS, STAGE_RECEIVED};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("the ingest queue closed while the folder watcher was still running")]
+    Closed,
+}
+
+pub const LEDGER_FILE: &str = "watch-ledger.tsv";
+const LEDGER_TMP: &str = ".tmp-watch-ledger.tsv";
+/// Event-triggered rescans are at least this far apart (a burst of writes is one rescan).
+const EVENT_GAP: Duration = Duration::from_millis(25);
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> WatchError {
+    WatchError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn error_metric(reason: &'static str) {
+    metrics::counter!(STAGE_ERRORS, "stage" => "watch", "reason" => reason).increment(1);
+}
+
+/// What identifies one version of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileState {
+    size: u64,
+    mtime_ns: u64,
+}
+
+impl FileState {
+    fn of(meta: &fs::Metadata) -> FileState {
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        FileState {
+            size: meta.len(),
+            mtime_ns,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SeenFile {
+    rel: PathBuf,
+    abs: PathBuf,
+    state: FileState,
+}
+
+#[derive(Debug, Default)]
+struct Scan {
+    files: Vec<SeenFile>,
+    /// Folders that could not be listed (then nothing is forgotten on this scan's evidence).
+    errors: Vec<(PathBuf, String)>,
+}
+
+fn ignored(name: &str, ignore_suffixes: &[String]) -> bool {
+    name.starts_with('.')
+        || ignore_suffixes
+            .iter()
+            .any(|s| !s.is_empty() && name.ends_with(s.as_str()))
+}
+
+/// Lists candidate files under `root` (blocking). Symlinked files are followed, symlinked
+/// folders are not (no loops).
+fn scan(root: &Path, recursive: bool, ignore_suffixes: &[String]) -> Scan {
+    let mut out = Scan::default();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let abs_dir = root.join(&rel_dir);
+        let listing = match fs::read_dir(&abs_dir) {
+            Ok(l) => l,
+            Err(e) => {
+                out.errors.push((abs_dir, e.to_string()));
+                continue;
+            }
+        };
+        for ent in listing {
+            let ent = match ent {
+                Ok(e) => e,
+                Err(e) => {
+                    out.errors.push((abs_dir.clone(), e.to_string()));
+                    continue;
+                }
+            };
+            let name = ent.file_name();
+            if ignored(&name.to_string_lossy(), ignore_suffixes) {
+                continue;
+            }
+            let rel = rel_dir.join(&name);
+            let Ok(ft) = ent.file_type() else { continue };
+            if ft.is_dir() {
+                if recursive {
+                    stack.push(rel);
+                }
+                continue;
+            }
+            let meta = if ft.is_symlink() {
+                fs::metadata(ent.path())
+            } else {
+                ent.metadata()
+            };
+            match meta {
+                Ok(m) if m.is_file() => out.files.push(SeenFile {
+                    abs: ent.path(),
+                    rel,
+                    state: FileState::of(&m),
+                }),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {} // vanished meanwhile
+                Err(e) => out.errors.push((ent.path(), e.to_string())),
+            }
+        }
+    }
+    out
+}
+
+/// The ledger's text form of a relative path (tab, newline and backslash escaped).
+fn ledger_key(rel: &Path) -> String {
+    let mut s = String::new();
+    for c in rel.to_string_lossy().chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '\t' => s.push_str("\\t"),
+            '\n' => s.push_str("\\n"),
+            '\r' => s.push_str("\\r"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+fn unescape_key(key: &str) -> PathBuf {
+    let mut s = String::new();
+    let mut chars = key.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('t') => s.push('\t'),
+                Some('n') => s.push('\n'),
+                Some('r') => s.push('\r'),
+                Some(o) => s.push(o),
+                None => s.push('\\'),
+            }
+        } else {
+            s.push(c);
+        }
+    }
+    PathBuf::from(s)
+}
+
+/// Files already taken: `rel_path \t size \t mtime_ns`, one line each, appended and fsynced.
+struct Ledger {
+    path: PathBuf,
+    dir: PathBuf,
+    file: File,
+    entries: HashMap<String, FileState>,
+    lines: usize,
+}
+
+impl Ledger {
+    /// Loads the ledger and rewrites it with only the entries whose file still exists unchanged
+    /// under `root` (a torn last line from a crash goes too).
+    fn load_and_compact(spool_dir: &Path, root: &Path) -> Result<Ledger, WatchError> {
+        let path = spool_dir.join(LEDGER_FILE);
+        let mut entries = HashMap::new();
+        let mut read = 0usize;
+        match File::open(&path) {
+            Ok(f) => {
+                for line in BufReader::new(f).split(b'\n') {
+                    let line = line.map_err(|e| io_err(&path, e))?;
+                    read += 1;
+                    let text = String::from_utf8_lossy(&line);
+                    let mut parts = text.split('\t');
+                    let (Some(key), Some(size), Some(mtime), None) =
+                        (parts.next(), parts.next(), parts.next(), parts.next())
+                    else {
+                        continue;
+                    };
+                    let (Ok(size), Ok(mtime_ns)) = (size.parse(), mtime.parse()) else {
+                        continue;
+                    };
+                    entries.insert(key.to_string(), FileState { size, mtime_ns });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path, e)),
+        }
+        entries.retain(|key, state| {
+            fs::metadata(root.join(unescape_key(key))).is_ok_and(|m| FileState::of(&m) == *state)
+        });
+        tracing::info!(ledger = %path.display(), lines = read, kept = entries.len(), "watch: ledger loaded and compacted");
+        let file = write_ledger(spool_dir, &path, &entries)?;
+        Ok(Ledger {
+            lines: entries.len(),
+            path,
+            dir: spool_dir.to_path_buf(),
+            file,
+            entries,
+        })
+    }
+
+    fn taken(&self, key: &str, state: FileState) -> bool {
+        self.entries.get(key) == Some(&state)
+    }
+
+    fn record(&mut self, key: String, state: FileState) -> Result<(), WatchError> {
+        let line = format!("{key}\t{}\t{}\n", state.size, state.mtime_ns);
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| io_err(&self.path, e))?;
+        self.entries.insert(key, state);
+        self.lines += 1;
+        Ok(())
+    }
+
+    /// Forgets files no longer in the folder; rewrites the file once it is mostly stale.
+    fn prune(&mut self, present: &HashSet<String>) -> Result<(), WatchError> {
+        self.entries.retain(|k, _| present.contains(k));
+        if self.lines > 2 * self.entries.len() + 1024 {
+            self.file = write_ledger(&self.dir, &self.path, &self.entries)?;
+            self.lines = self.entries.len();
+        }
+        Ok(())
+    }
+}
+
+/// Writes `entries` as the whole ledger (temp file, fsync, rename, fsync folder) and returns it
+/// opened for appending.
+fn write_ledger(
+    dir: &Path,
+    path: &Path,
+    entries: &HashMap<String, FileState>,
+) -> Result<File, WatchError> {
+    let tmp = dir.join(LEDGER_TMP);
+    let mut text = String::new();
+    for (k, s) in entries {
+        text.push_str(&format!("{k}\t{}\t{}\n", s.size, s.mtime_ns));
+    }
+    let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))?;
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))
+}
+
+fn lock(l: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
+    l.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A file seen with the same state since `since`.
+struct Candidate {
+    state: FileState,
+    since: Instant,
+}
+
+fn make_watcher(
+    dir: &Path,
+    recursive: bool,
+    wake: Arc<Notify>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            // Our own reads of the folder (copying into the spool) must not cause rescans.
+            Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => {}
+            _ => wake.notify_one(),
+        })?;
+    let mode = if recursive {
+        notify::RecursiveMode::Recursive
+    } else {
+        notify::RecursiveMode::NonRecursive
+    };
+    watcher.watch(dir, mode)?;
+    Ok(watcher)
+}
+
+/// Watches `cfg.dir` and feeds complete new files into the spool and then `tx`. Returns the
+/// number of files taken when `shutdown` is cancelled. Fails only if the folder or the ledger
+/// cannot be set up, or if `tx` closes while `shutdown` is not cancelled.
+pub async fn run_watch(
+    cfg: WatchConfig,
+    spool: Arc<Spool>,
+    tx: async_channel::Sender<SpoolEntry>,
+    shutdown: CancellationToken,
+) -> Result<u64, WatchError> {
+    let root = cfg.dir.clone();
+    fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
+    let ledger = {
+        let (spool_dir, root) = (spool.dir().to_path_buf(), root.clone());
+        tokio::task::spawn_blocking(move || Ledger::load_and_compact(&spool_dir, &root))
+            .await
+            .expect("ledger load panicked")?
+    };
+    let ledger = Arc::new(Mutex::new(ledger));
+    let wake = Arc::new(Notify::new());
+    let watcher = match cfg.mode {
+        WatchMode::Poll => None,
+        WatchMode::Notify => match make_watcher(&root, cfg.recursive, wake.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %root.display(), error = %e, "watch: cannot watch the folder for events; polling instead");
+                error_metric("watcher");
+                None
+            }
+        },
+    };
+    let watching = watcher.is_some();
+    let poll = Duration::from_millis(cfg.poll_interval_ms.max(1));
+    let settle = Duration::from_millis(cfg.settle_ms);
+    tracing::info!(dir = %root.display(), mode = ?cfg.mode, events = watching, recursive = cfg.recursive, "watch: started");
+
+    let mut candidates: HashMap<String, Candidate> = HashMap::new();
+    // Files that could not be read, by the version that failed (retried once they change).
+    let mut failed: HashMap<String, FileState> = HashMap::new();
+    let mut last_errors: HashSet<PathBuf> = HashSet::new();
+    let mut taken = 0u64;
+
+    loop {
+        let scan_started = Instant::now();
+        let found = {
+            let (root, ignore, recursive) =
+                (root.clone(), cfg.ignore_suffixes.clone(), cfg.recursive);
+            let job = tokio::task::spawn_blocking(move || scan(&root, recursive, &ignore));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = job => r.expect("folder scan panicked"),
+            }
+        };
+        let errors: HashSet<PathBuf> = found.errors.iter().map(|(p, _)| p.clone()).collect();
+        for (path, message) in &found.errors {
+            if !last_errors.contains(path) {
+                tracing::warn!(path = %path.display(), error = %message, "watch: cannot list");
+                error_metric("scan");
+            }
+        }
+        let complete = errors.is_empty();
+        last_errors = errors;
+
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        let mut present = HashSet::with_capacity(found.files.len());
+        {
+            let ledger = lock(&ledger);
+            for f in found.files {
+                let key = ledger_key(&f.rel);
+                present.insert(key.clone());
+                if ledger.taken(&key, f.state) {
+                    candidates.remove(&key);
+                    continue;
+                }
+                if failed.get(&key) == Some(&f.state) {
+                    continue;
+                }
+                failed.remove(&key);
+                match candidates.get_mut(&key) {
+                    Some(c) if c.state == f.state => {
+                        if now.duration_since(c.since) >= settle {
+                            ready.push((key, f));
+                        }
+                    }
+                    Some(c) => {
+                        *c = Candidate {
+                            state: f.state,
+                            since: now,
+                        }
+                    }
+                    None => {
+                        candidates.insert(
+                            key.clone(),
+                            Candidate {
+                                state: f.state,
+                                since: now,
+                            },
+                        );
+                        if settle.is_zero() {
+                            ready.push((key, f));
+                        }
+                    }
+                }
+            }
+        }
+        if complete {
+            candidates.retain(|k, _| present.contains(k));
+            failed.retain(|k, _| present.contains(k));
+            let ledger = ledger.clone();
+            let pruned = tokio::task::spawn_blocking(move || lock(&ledger).prune(&present))
+                .await
+                .expect("ledger prune panicked");
+            if let Err(e) = pruned {
+                tracing::warn!(error = %e, "watch: cannot compact the ledger");
+                error_metric("ledger");
+            }
+        }
+
+        // Oldest first: the instrument's order.
+        ready.sort_by(|a, b| (a.1.state.mtime_ns, &a.1.rel).cmp(&(b.1.state.mtime_ns, &b.1.rel)));
+        for (key, f) in ready {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if cfg.backpressure == Backpressure::Reject && tx.is_full() {
+                break; // the files stay settled candidates: taken on a later scan
+            }
+            let id = id_for_path(&f.rel);
+            if spool.contains(&id) {
+                tracing::debug!(file = %f.abs.display(), id = %id, "watch: previous version still pending; taking it later");
+                continue;
+            }
+            let name = f
+                .rel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let job = {
+                let (spool, ledger, abs, key) =
+                    (spool.clone(), ledger.clone(), f.abs.clone(), key.clone());
+                let state = f.state;
+                tokio::task::spawn_blocking(move || -> Result<SpoolEntry, SpoolError> {
+                    let entry = spool.accept_file(&id, &abs, &name)?;
+                    if let Err(e) = lock(&ledger).record(key, state) {
+                        // Still sent: at worst the file is taken again after a restart.
+                        tracing::error!(error = %e, "watch: cannot append to the ledger");
+                        error_metric("ledger");
+                    }
+                    Ok(entry)
+                })
+            };
+            let entry = match job.await.expect("spool accept panicked") {
+                Ok(entry) => entry,
+                Err(e) => {
+                    candidates.remove(&key);
+                    let source_problem =
+                        matches!(&e, SpoolError::Io { path, .. } if *path == f.abs);
+                    if !f.abs.exists() {
+                        tracing::warn!(file = %f.abs.display(), "watch: file vanished before it could be taken");
+                        error_metric("vanished");
+                    } else if source_problem {
+                        tracing::warn!(file = %f.abs.display(), error = %e, "watch: cannot read file; skipped until it changes");
+                        error_metric("unreadable");
+                        failed.insert(key, f.state);
+                    } else {
+                        tracing::error!(file = %f.abs.display(), error = %e, "watch: cannot store file in the spool; retrying later");
+                        error_metric("spool");
+                    }
+                    continue;
+                }
+            };
+            candidates.remove(&key);
+            taken += 1;
+            metrics::counter!(STAGE_RECEIVED, "stage" => "watch").increment(1);
+            tracing::debug!(file = %f.abs.display(), id = %entry.id, seq = entry.seq, "watch: taken");
+            // Block policy: wait for room. A cancelled wait loses nothing: the entry is spooled.
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                sent = tx.send(entry) => {
+                    if sent.is_err() {
+                        if shutdown.is_cancelled() {
+                            break;
+                        }
+                        return Err(WatchError::Closed);
+                    }
+                }
+            }
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+
+        // Sleep until the next poll, the moment the next candidate settles, or an event.
+        let now = Instant::now();
+        let mut deadline = now + poll;
+        for c in candidates.values() {
+            let at = c.since + settle;
+            if at > now && at < deadline {
+                deadline = at;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = wake.notified(), if watching => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(scan_started + EVENT_GAP) => {}
+                }
+            }
+        }
+    }
+    drop(watcher);
+    tracing::info!(taken, "watch: stopped");
+    Ok(taken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::task::JoinHandle;
+
+    const WAIT: Duration = Duration::from_secs(10);
+    const QUIET: Duration = Duration::from_millis(400);
+
+    fn config(dir: &Path, mode: WatchMode) -> WatchConfig {
+        WatchConfig {
+            enabled: true,
+            dir: dir.to_path_buf(),
+            recursive: true,
+            mode,
+            poll_interval_ms: 50,
+            settle_ms: 50,
+            ..WatchConfig::default()
+        }
+    }
+
+    struct Running {
+        task: JoinHandle<Result<u64, WatchError>>,
+        rx: async_channel::Receiver<SpoolEntry>,
+        shutdown: CancellationToken,
+    }
+
+    fn start(cfg: WatchConfig, spool: &Arc<Spool>, capacity: usize) -> Running {
+        let (tx, rx) = async_channel::bounded(capacity);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_watch(cfg, spool.clone(), tx, shutdown.clone()));
+        Running { task, rx, shutdown }
+    }
+
+    impl Running {
+        async fn next(&self) -> SpoolEntry {
+            tokio::time::timeout(WAIT, self.rx.recv())
+                .await
+                .expect("no entry in time")
+                .unwrap()
+        }
+
+        async fn none_for(&self, d: Duration) {
+            if let Ok(Ok(e)) = tokio::time::timeout(d, self.rx.recv()).await {
+                panic!("unexpected entry {e:?}");
+            }
+        }
+
+        async fn stop(self) -> u64 {
+            self.shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(5), self.task)
+                .await
+                .expect("watch did not stop")
+                .unwrap()
+                .unwrap()
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, PathBuf, Arc<Spool>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let watch = tmp.path().join("in");
+        let spool = Arc::new(Spool::open(&tmp.path().join("spool")).unwrap());
+        (tmp, watch, spool)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_file_is_taken_exactly_once() {
+        for mode in [WatchMode::Notify, WatchMode::Poll] {
+            let (_tmp, dir, spool) = setup();
+            let w = start(config(&dir, mode), &spool, 16);
+            tokio::time::sleep(Duration::from_millis(100)).await; // the missing folder is created
+            assert!(dir.is_dir());
+            fs::write(dir.join("a.jpg"), b"image-a").unwrap();
+            let e = w.next().await;
+            assert_eq!(e.original_name, "a.jpg");
+            assert_eq!(e.id, id_for_path(Path::new("a.jpg")));
+            assert_eq!(fs::read(&e.bytes_path).unwrap(), b"image-a");
+            assert!(spool.contains(&e.id));
+            assert_eq!(
+                fs::read(dir.join("a.jpg")).unwrap(),
+                b"image-a",
+                "source untouched"
+            );
+            w.none_for(QUIET).await;
+            let ledger = fs::read_to_string(spool.dir().join(LEDGER_FILE)).unwrap();
+            assert_eq!(ledger.lines().count(), 1);
+            assert!(ledger.starts_with("a.jpg\t7\t"), "{ledger}");
+            assert_eq!(w.stop().await, 1, "{mode:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_growing_file_waits_until_it_settles() {
+        let (_tmp, dir, spool) = setup();
+        fs::create_dir_all(&dir).unwrap();
+        let mut cfg = config(&dir, WatchMode::Notify);
+        cfg.settle_ms = 300;
+        let w = start(cfg, &spool, 16);
+        let path = dir.join("big.png");
+        let mut f = File::create(&path).unwrap();
+        let mut want = Vec::new();
+        for i in 0..10u8 {
+            let chunk = vec![i; 1000];
+            f.write_all(&chunk).unwrap();
+            f.flush().unwrap();
+            want.extend_from_slice(&chunk);
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            assert!(
+                w.rx.is_empty(),
+                "taken while still growing (after chunk {i})"
+            );
+        }
+        drop(f);
+        let e = w.next().await;
+        assert_eq!(fs::read(&e.bytes_path).unwrap(), want);
+        w.none_for(QUIET).await;
+        assert_eq!(w.stop().await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn temp_suffix_and_hidden_files_are_ignored() {
+        let (_tmp, dir, spool) = setup();
+        fs::create_dir_all(dir.join(".hidden-dir")).unwrap();
+        let w = start(config(&dir, WatchMode::Notify), &spool, 16);
+        fs::write(dir.join("x.jpg.tmp"), b"partial").unwrap();
+        fs::write(dir.join("y.part"), b"partial").unwrap();
+        fs::write(dir.join(".hidden.jpg"), b"h").unwrap();
+        fs::write(dir.join(".hidden-dir").join("inner.jpg"), b"h").unwrap();
+        w.none_for(QUIET).await;
+        fs::rename(dir.join("x.jpg.tmp"), dir.join("x.jpg")).unwrap();
+        let e = w.next().await;
+        assert_eq!(e.original_name, "x.jpg");
+        assert_eq!(fs::read(&e.bytes_path).unwrap(), b"partial");
+        w.none_for(QUIET).await;
+        assert_eq!(w.stop().await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nested_folders_only_when_recursive() {
+        let (_tmp, dir, spool) = setup();
+        fs::create_dir_all(dir.join("a/b")).unwrap();
+        fs::write(dir.join("a/b/c.jpg"), b"nested").unwrap();
+        let mut flat = config(&dir, WatchMode::Poll);
+        flat.recursive = false;
+        let w = start(flat, &spool, 16);
+        w.none_for(QUIET).await;
+        assert_eq!(w.stop().await, 0);
+
+        let w = start(config(&dir, WatchMode::Notify), &spool, 16);
+        let e = w.next().await;
+        assert_eq!(e.id, id_for_path(Path::new("a/b/c.jpg")));
+        assert_eq!(e.original_name, "c.jpg");
+        // New subfolders made while running are seen too.
+        fs::create_dir_all(dir.join("d/e")).unwrap();
+        fs::write(dir.join("d/e/f.jpg"), b"later").unwrap();
+        assert_eq!(w.next().await.id, id_for_path(Path::new("d/e/f.jpg")));
+        assert_eq!(w.stop().await, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restart_does_not_take_a_file_again() {
+        let (tmp, dir, spool) = setup();
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("keep.jpg"), b"k").unwrap();
+        fs::write(dir.join("gone.jpg"), b"g").unwrap();
+        let w = start(config(&dir, WatchMode::Notify), &spool, 16);
+        let a = w.next().await;
+        let b = w.next().await;
+        assert_eq!(w.stop().await, 2);
+        spool.complete(&[a.id, b.id]).unwrap();
+        fs::remove_file(dir.join("gone.jpg")).unwrap();
+        drop(spool);
+
+        let spool = Arc::new(Spool::open(&tmp.path().join("spool")).unwrap());
+        let w = start(config(&dir, WatchMode::Notify), &spool, 16);
+        w.none_for(QUIET).await;
+        // Compacted: only the file that still exists.
+        let ledger = fs::read_to_string(spool.dir().join(LEDGER_FILE)).unwrap();
+        assert_eq!(ledger.lines().count(), 1, "{ledger}");
+        assert!(ledger.starts_with("keep.jpg\t"));
+        // A new version of the file (rewritten by the instrument) is taken again.
+        fs::write(dir.join("keep.jpg"), b"k2-longer").unwrap();
+        let e = w.next().await;
+        assert_eq!(fs::read(&e.bytes_path).unwrap(), b"k2-longer");
+        assert_eq!(w.stop().await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_ends_the_task_even_when_the_queue_is_full() {
+        let (_tmp, dir, spool) = setup();
+        let w = start(config(&dir, WatchMode::Notify), &spool, 16);
+        assert_eq!(w.stop().await, 0);
+
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..3 {
+            fs::write(dir.join(format!("{i}.jpg")), b"x").unwrap();
+        }
+        let w = start(config(&dir, WatchMode::Poll), &spool, 1);
+        // One fits in the queue; the second is spooled and waiting for room.
+        let deadline = Instant::now() + WAIT;
+        while spool.len() < 2 {
+            assert!(Instant::now() < deadline, "nothing taken");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(spool.len(), 2, "blocked on the full queue");
+        assert_eq!(w.stop().await, 2);
+        // Nothing taken is lost: both are in the spool for the restart.
+        assert_eq!(spool.pending().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn ledger_keys_round_trip() {
+        for p in ["a/b.jpg", "tab\there", "new\nline", "back\\slash", "ü.png"] {
+            let key = ledger_key(Path::new(p));
+            assert!(!key.contains('\t') && !key.contains('\n'));
+            assert_eq!(unescape_key(&key), PathBuf::from(p));
+        }
+        assert!(
+            ignored(".x", &[])
+                && ignored("a.tmp", &[".tmp".into()])
+                && !ignored("a.jpg", &[".tmp".into(), String::new()])
+        );
+    }
+}
