@@ -58,6 +58,16 @@ enum Command {
     Evaluate(EvaluateArgs),
     /// Fit a temperature on validation predictions and store it in the run (predict applies it).
     Calibrate(CalibrateArgs),
+    /// Run the camera-ingest daemon: folder watch and HTTP upload in, rolling Parquet out,
+    /// Prometheus /metrics. SIGTERM/SIGINT drain and exit; SIGHUP reloads the model.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The daemon config (see pipelines/camera-daemon.toml).
+    #[arg(long)]
+    pipeline: PathBuf,
 }
 
 #[derive(Args)]
@@ -459,6 +469,7 @@ async fn main() -> Result<()> {
         }
         Command::Train(a) => train(a).await,
         Command::Predict(a) => predict(a).await,
+        Command::Serve(a) => serve(a).await,
         Command::Evaluate(a) => {
             let s = plankton::evaluate::run(&a.predictions, &a.data, a.out.as_deref(), a.least_confident)?;
             print!("{}", evaluation_text(&s));
@@ -516,6 +527,41 @@ fn evaluation_text(s: &plankton::evaluate::EvaluateSummary) -> String {
         t.push_str(&format!("report: {} (summary.md, report.json, confusion_matrix.png, reliability.png, least_confident.csv)\n", f.summary_md.parent().unwrap_or(Path::new(".")).display()));
     }
     t
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    use plankton::serve::{self, config::ServeConfig, ServeEvent};
+    use std::io::Write;
+    use tokio::signal::unix::{signal, SignalKind};
+    let cfg = ServeConfig::load(&a.pipeline)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let reload = Arc::new(tokio::sync::Notify::new());
+    {
+        let (shutdown, reload) = (shutdown.clone(), reload.clone());
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM"); shutdown.cancel(); }
+                    _ = int.recv() => { tracing::info!("SIGINT"); shutdown.cancel(); }
+                    _ = hup.recv() => { tracing::info!("SIGHUP: reloading the model"); reload.notify_one(); }
+                }
+            }
+        });
+    }
+    let summary = serve::run(cfg, shutdown, reload, |e| {
+        let line = match e {
+            ServeEvent::Listening(addr) => format!("listening on http://{addr}"),
+            ServeEvent::Ready { model_id, replayed } => format!("ready: serving {model_id} ({replayed} spooled image(s) replayed)"),
+        };
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    })
+    .await?;
+    println!("stopped ({} replayed at start)", summary.replayed);
+    Ok(())
 }
 
 async fn predict(a: PredictArgs) -> Result<()> {

@@ -5,7 +5,11 @@
 //! file, so a crash loses nothing (at-least-once, idempotent by image id).
 
 pub mod config;
+pub mod daemon;
+pub mod engine;
 pub mod http;
 pub mod results;
 pub mod spool;
 pub mod watch;
+
+pub use daemon::{prometheus, run, ServeError, ServeEvent, ServeSummary};

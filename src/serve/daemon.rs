@@ -1,0 +1,190 @@
+//! Wiring of the daemon: spool, model, engine threads, sources, signals, drain.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use super::config::ServeConfig;
+use super::engine::{self, Engine, InFlight, ModelSlot};
+use super::results::ResultStore;
+use super::spool::{self, Spool, SpoolEntry};
+use super::{http, watch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+    #[error(transparent)]
+    Model(#[from] crate::predict::job::PredictError),
+    #[error("{path}: {message}")]
+    Io { path: std::path::PathBuf, message: String },
+    #[error("http.bind {addr}: {message}")]
+    Bind { addr: String, message: String },
+    #[error("{0}")]
+    Crashed(String),
+}
+
+/// The process-wide Prometheus recorder (installed once; later daemons in the same process,
+/// e.g. tests, share it).
+pub fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "another metrics recorder is installed: /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// What a finished daemon reports.
+#[derive(Debug, Clone)]
+pub struct ServeSummary {
+    pub replayed: usize,
+    pub watched: u64,
+}
+
+/// Events for whoever started the daemon (the CLI prints them; tests wait on them).
+#[derive(Debug, Clone)]
+pub enum ServeEvent {
+    /// The HTTP endpoint is bound (port 0 resolved).
+    Listening(SocketAddr),
+    /// Model loaded, sources running.
+    Ready { model_id: String, replayed: usize },
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then stops accepting, drains in-flight work,
+/// finishes the open Parquet file and returns. `reload` asks for a model reload (SIGHUP).
+pub async fn run(
+    cfg: ServeConfig,
+    shutdown: CancellationToken,
+    reload: Arc<tokio::sync::Notify>,
+    mut on_event: impl FnMut(ServeEvent) + Send,
+) -> Result<ServeSummary, ServeError> {
+    let metrics_handle = prometheus();
+    engine::describe();
+    let spool = Arc::new(Spool::open(&cfg.spool)?);
+    let cleaned = engine::clean_partial_outputs(&cfg.output.dir).map_err(|e| ServeError::Io { path: cfg.output.dir.clone(), message: e.to_string() })?;
+    if cleaned > 0 {
+        tracing::warn!(files = cleaned, "removed unfinished prediction files of an earlier run (their images are still spooled)");
+    }
+    let token = match &cfg.http.token_file {
+        Some(p) if cfg.http.enabled => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| ServeError::Io { path: p.clone(), message: format!("cannot read the bearer token: {e}") })?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
+    let cfg_c = cfg.clone();
+    let model = tokio::task::spawn_blocking(move || engine::load_model(&cfg_c)).await.map_err(|e| ServeError::Crashed(e.to_string()))??;
+    let model_id = model.model_id.clone();
+    let weights_path = model.weights_path.clone();
+    let slot = Arc::new(ModelSlot { prep: RwLock::new(Arc::new(engine::Prep::of(&model, cfg.tta))), reload: AtomicBool::new(false) });
+    let (ingest_tx, ingest_rx) = async_channel::bounded::<SpoolEntry>(cfg.queue.ingest);
+    let results = Arc::new(ResultStore::new(cfg.http.recent_results));
+    let in_flight = Arc::new(InFlight::default());
+    let running = Engine { model, ingest: ingest_rx, spool: spool.clone(), results: results.clone(), slot: slot.clone(), cfg: cfg.clone(), in_flight }
+        .start()
+        .map_err(ServeError::Crashed)?;
+
+    let sources = CancellationToken::new();
+    let mut tasks = Vec::new();
+    // Accepted before a crash or a stop: processed again (outputs are idempotent by id).
+    let pending = spool.pending()?;
+    let replayed = pending.len();
+    if replayed > 0 {
+        tracing::info!(images = replayed, "replaying spooled images");
+    }
+    {
+        let tx = ingest_tx.clone();
+        let stop = sources.clone();
+        tasks.push(tokio::spawn(async move {
+            for e in pending {
+                tokio::select! {
+                    r = tx.send(e) => if r.is_err() { break },
+                    _ = stop.cancelled() => break,
+                }
+            }
+            Ok::<u64, String>(0)
+        }));
+    }
+    if cfg.watch.enabled {
+        let (wcfg, sp, tx, stop) = (cfg.watch.clone(), spool.clone(), ingest_tx.clone(), sources.clone());
+        tasks.push(tokio::spawn(async move { watch::run_watch(wcfg, sp, tx, stop).await.map_err(|e| e.to_string()) }));
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    let accepting = Arc::new(AtomicBool::new(true));
+    if cfg.http.enabled {
+        let listener = tokio::net::TcpListener::bind(&cfg.http.bind).await.map_err(|e| ServeError::Bind { addr: cfg.http.bind.clone(), message: e.to_string() })?;
+        let addr = listener.local_addr().map_err(|e| ServeError::Bind { addr: cfg.http.bind.clone(), message: e.to_string() })?;
+        tracing::info!(%addr, "listening");
+        on_event(ServeEvent::Listening(addr));
+        let state = Arc::new(http::HttpState {
+            spool: spool.clone(),
+            ingest: ingest_tx.clone(),
+            results: results.clone(),
+            cfg: cfg.http.clone(),
+            token,
+            ready: ready.clone(),
+            accepting: accepting.clone(),
+            metrics: metrics_handle,
+        });
+        let stop = sources.clone();
+        tasks.push(tokio::spawn(async move { http::serve(listener, state, stop).await.map(|_| 0).map_err(|e| e.to_string()) }));
+    }
+    // A new weights file (a retrained run written in place) or SIGHUP: reload between batches.
+    {
+        let (slot, stop) = (slot.clone(), sources.clone());
+        tasks.push(tokio::spawn(async move {
+            let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let mut seen = modified(&weights_path);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = reload.notified() => slot.reload.store(true, Ordering::SeqCst),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                        let now = modified(&weights_path);
+                        if now.is_some() && now != seen {
+                            seen = now;
+                            tracing::info!(weights = %weights_path.display(), "weights changed on disk: reloading");
+                            slot.reload.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+            Ok(0)
+        }));
+    }
+    ready.store(true, Ordering::SeqCst);
+    on_event(ServeEvent::Ready { model_id, replayed });
+
+    shutdown.cancelled().await;
+    tracing::info!("stopping: no new images; draining in-flight work");
+    accepting.store(false, Ordering::SeqCst);
+    ready.store(false, Ordering::SeqCst);
+    sources.cancel();
+    let mut watched = 0;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(n)) => watched += n,
+            Ok(Err(e)) => tracing::error!(error = %e, "a source stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "a source crashed"),
+        }
+    }
+    ingest_tx.close();
+    tokio::task::spawn_blocking(move || running.join()).await.map_err(|e| ServeError::Crashed(e.to_string()))?.map_err(ServeError::Crashed)?;
+    tracing::info!("stopped: every accepted image is in a finished file or still spooled");
+    Ok(ServeSummary { replayed, watched })
+}

@@ -1,0 +1,540 @@
+//! The daemon's processing core: spooled images -> decode/warp/ZMUV workers (the replay path's
+//! stage kernels) -> micro-batcher (full batch or oldest image waited `max_latency_ms`) ->
+//! model -> per-image aggregation of the TTA views -> rolling Parquet files. An image leaves
+//! the spool only when the file holding its row has been renamed into place.
+//!
+//! ```text
+//!  ingest (bounded) ─▶ workers ×N ─▶ patches (bounded) ─▶ model thread ─▶ rows (bounded) ─▶ writer thread
+//!        ▲  bad input ─▶ quarantine + error row ───────────────────────────────────▲        │ finished file
+//!   sources (watch, http, spool replay)                                                   ▼
+//!                                                                          spool.complete(ids)
+//! ```
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tch::{Device, Kind};
+
+use super::config::ServeConfig;
+use super::results::{ResultStore, ServedPrediction};
+use super::spool::{Spool, SpoolEntry};
+use crate::imgproc::Augmentation;
+use crate::predict::aggregate::aggregate;
+use crate::predict::job::{LoadedModel, PredictError, Weights};
+use crate::predict::tta::quasi_random_transforms;
+use crate::sinks::parquet::{top_k, PredictionRow, PredictionWriter};
+use crate::stages::decode::decode_bytes;
+use crate::stages::warp::make_patch;
+use crate::telemetry;
+
+pub const SERVE_LATENCY_SECONDS: &str = "plankton_serve_latency_seconds";
+pub const SERVE_BATCH_IMAGES: &str = "plankton_serve_batch_images";
+pub const SERVE_MODEL_INFO: &str = "plankton_serve_model_info";
+pub const SERVE_MODEL_RELOADS: &str = "plankton_serve_model_reloads_total";
+pub const SERVE_FILES: &str = "plankton_serve_files_total";
+pub const PROCESS_RESIDENT_BYTES: &str = "plankton_process_resident_bytes";
+
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    telemetry::describe();
+    describe_histogram!(SERVE_LATENCY_SECONDS, Unit::Seconds, "From acceptance (spooled) to the prediction row handed to the writer");
+    describe_histogram!(SERVE_BATCH_IMAGES, "Images per model batch (micro-batching)");
+    describe_gauge!(SERVE_MODEL_INFO, "1 for the model version being served");
+    describe_counter!(SERVE_MODEL_RELOADS, "Model reloads, by outcome");
+    describe_counter!(SERVE_FILES, "Prediction files finished");
+    describe_gauge!(PROCESS_RESIDENT_BYTES, Unit::Bytes, "Resident memory of the process");
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What the workers need of the model being served (the network itself stays on the model
+/// thread: tensors are not shareable between threads).
+pub struct Prep {
+    pub cfg: crate::config::PipelineConfig,
+    pub zmuv: Vec<crate::stages::normalise::Zmuv>,
+    pub model_id: String,
+    pub transforms: Vec<Augmentation>,
+}
+
+impl Prep {
+    pub fn of(model: &LoadedModel, tta: usize) -> Prep {
+        let mut t = model.cfg.tta.clone();
+        t.transforms = tta;
+        Prep { cfg: model.cfg.clone(), zmuv: model.zmuv.inputs.clone(), model_id: model.model_id.clone(), transforms: quasi_random_transforms(&t) }
+    }
+}
+
+/// The preprocessing of the model being served, swapped when the model thread reloads.
+pub struct ModelSlot {
+    pub prep: RwLock<Arc<Prep>>,
+    /// Set by SIGHUP (or a changed weights file); the model thread reloads before its next batch.
+    pub reload: AtomicBool,
+}
+
+/// Ids being processed, so an image that arrives twice (spool replay and a rescan, say) is
+/// processed once.
+#[derive(Default)]
+pub struct InFlight(Mutex<HashSet<String>>);
+
+impl InFlight {
+    fn begin(&self, id: &str) -> bool {
+        self.0.lock().unwrap().insert(id.to_string())
+    }
+    fn end(&self, ids: impl IntoIterator<Item = String>) {
+        let mut set = self.0.lock().unwrap();
+        for id in ids {
+            set.remove(&id);
+        }
+    }
+}
+
+struct PatchSet {
+    entry: SpoolEntry,
+    /// views x inputs x pixels.
+    views: Vec<Vec<Vec<f32>>>,
+    accepted: Instant,
+}
+
+/// A row for the writer plus what it needs to finish the image's life cycle.
+pub struct OutRow {
+    pub entry: SpoolEntry,
+    pub model_id: String,
+    pub probabilities: Option<Vec<f32>>,
+    pub error: Option<String>,
+    pub views: u16,
+}
+
+pub struct Engine {
+    pub model: LoadedModel,
+    pub ingest: async_channel::Receiver<SpoolEntry>,
+    pub spool: Arc<Spool>,
+    pub results: Arc<ResultStore>,
+    pub slot: Arc<ModelSlot>,
+    pub cfg: ServeConfig,
+    pub in_flight: Arc<InFlight>,
+}
+
+/// Handles of the running engine threads; `join` waits for the drain to finish.
+pub struct Running {
+    threads: Vec<(String, std::thread::JoinHandle<()>)>,
+}
+
+impl Running {
+    /// Waits for every thread; names the ones that panicked.
+    pub fn join(self) -> Result<(), String> {
+        let mut crashed = Vec::new();
+        for (name, t) in self.threads {
+            if t.join().is_err() {
+                crashed.push(name);
+            }
+        }
+        if crashed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("daemon thread(s) crashed: {}", crashed.join(", ")))
+        }
+    }
+}
+
+pub fn load_model(cfg: &ServeConfig) -> Result<LoadedModel, PredictError> {
+    let weights: Weights = cfg.weights.parse().expect("infallible");
+    let device = match cfg.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::Cuda(i),
+            _ => return Err(PredictError::Input(format!("device `{d}`: expected cpu, cuda or cuda:N"))),
+        },
+    };
+    LoadedModel::load(&cfg.model, &weights, device, true)
+}
+
+fn set_model_info(old: Option<&str>, new: &str) {
+    if let Some(old) = old {
+        metrics::gauge!(SERVE_MODEL_INFO, "model_id" => old.to_string()).set(0.0);
+    }
+    metrics::gauge!(SERVE_MODEL_INFO, "model_id" => new.to_string()).set(1.0);
+}
+
+impl Engine {
+    /// Starts the workers, the model thread and the writer thread. They stop, after draining,
+    /// once the ingest channel is closed and empty.
+    pub fn start(self) -> Result<Running, String> {
+        describe();
+        set_model_info(None, &self.model.model_id);
+        let class_names = self.model.class_names.clone();
+        let (patches_tx, patches_rx) = async_channel::bounded::<PatchSet>(self.cfg.queue.patches);
+        let (rows_tx, rows_rx) = async_channel::bounded::<OutRow>(self.cfg.batch.max_images * 4);
+        let workers = if self.cfg.queue.workers > 0 {
+            self.cfg.queue.workers
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        };
+        let mut threads = Vec::new();
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.clone()).spawn(f).map(|h| (name, h)).map_err(|e| e.to_string())
+        };
+        for w in 0..workers {
+            let ctx = WorkerCtx {
+                ingest: self.ingest.clone(),
+                patches: patches_tx.clone(),
+                rows: rows_tx.clone(),
+                slot: self.slot.clone(),
+                spool: self.spool.clone(),
+                quarantine: self.cfg.quarantine.clone(),
+                in_flight: self.in_flight.clone(),
+            };
+            threads.push(spawn(format!("serve-worker-{w}"), Box::new(move || ctx.run()))?);
+        }
+        drop(patches_tx);
+        let model_ctx = ModelCtx { model: self.model, patches: patches_rx, rows: rows_tx, slot: self.slot.clone(), cfg: self.cfg.clone() };
+        threads.push(spawn("serve-model".into(), Box::new(move || model_ctx.run()))?);
+        let writer = WriterCtx {
+            rows: rows_rx,
+            spool: self.spool.clone(),
+            results: self.results.clone(),
+            cfg: self.cfg.clone(),
+            in_flight: self.in_flight.clone(),
+            class_names,
+        };
+        threads.push(spawn("serve-writer".into(), Box::new(move || writer.run()))?);
+        Ok(Running { threads })
+    }
+}
+
+struct WorkerCtx {
+    ingest: async_channel::Receiver<SpoolEntry>,
+    patches: async_channel::Sender<PatchSet>,
+    rows: async_channel::Sender<OutRow>,
+    slot: Arc<ModelSlot>,
+    spool: Arc<Spool>,
+    quarantine: PathBuf,
+    in_flight: Arc<InFlight>,
+}
+
+impl WorkerCtx {
+    fn run(self) {
+        while let Ok(entry) = self.ingest.recv_blocking() {
+            metrics::gauge!(telemetry::QUEUE_DEPTH, "queue" => "ingest").set(self.ingest.len() as f64);
+            if !self.in_flight.begin(&entry.id) {
+                metrics::counter!(telemetry::STAGE_DROPPED, "stage" => "decode", "reason" => "duplicate").increment(1);
+                continue;
+            }
+            metrics::counter!(telemetry::STAGE_RECEIVED, "stage" => "decode").increment(1);
+            let accepted = Instant::now();
+            let model = self.slot.prep.read().unwrap().clone();
+            let augs = &model.transforms;
+            let result = std::fs::read(&entry.bytes_path)
+                .map_err(|e| (format!("{}: cannot read spooled image: {e}", entry.bytes_path.display()), "io"))
+                .and_then(|bytes| {
+                    // Errors name the image by its id (and the client's file name, if any).
+                    let name = if entry.original_name.is_empty() { entry.id.clone() } else { format!("{} ({})", entry.id, entry.original_name) };
+                    decode_bytes(&bytes, Path::new(&name), &model.cfg.decode).map_err(|e| (e.to_string(), e.kind()))
+                });
+            match result {
+                Err((reason, kind)) => {
+                    metrics::counter!(telemetry::STAGE_ERRORS, "stage" => "decode", "reason" => kind).increment(1);
+                    tracing::warn!(id = %entry.id, source = %entry.source, reason = %reason, "quarantined");
+                    if let Err(e) = self.spool.quarantine(&entry, &reason, &self.quarantine) {
+                        tracing::error!(id = %entry.id, error = %e, "quarantine failed; the image stays in the spool");
+                    }
+                    let row = OutRow { entry, model_id: model.model_id.clone(), probabilities: None, error: Some(reason), views: 0 };
+                    if self.rows.send_blocking(row).is_err() {
+                        break;
+                    }
+                }
+                Ok(img) => {
+                    let views = augs
+                        .iter()
+                        .map(|aug| {
+                            model
+                                .cfg
+                                .patches
+                                .iter()
+                                .zip(&model.zmuv)
+                                .map(|(patch, z)| {
+                                    let mut buf = vec![0f32; patch.pixels()];
+                                    make_patch(&img, patch, aug, &mut buf);
+                                    z.apply(&mut buf);
+                                    buf
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    metrics::counter!(telemetry::STAGE_SENT, "stage" => "decode").increment(1);
+                    if self.patches.send_blocking(PatchSet { entry, views, accepted }).is_err() {
+                        break;
+                    }
+                    metrics::gauge!(telemetry::QUEUE_DEPTH, "queue" => "patches").set(self.patches.len() as f64);
+                }
+            }
+        }
+    }
+}
+
+struct ModelCtx {
+    model: LoadedModel,
+    patches: async_channel::Receiver<PatchSet>,
+    rows: async_channel::Sender<OutRow>,
+    slot: Arc<ModelSlot>,
+    cfg: ServeConfig,
+}
+
+impl ModelCtx {
+    /// The next micro-batch: waits for a first image, then takes more until the batch is full or
+    /// the first one has waited `max_latency_ms`. Empty when the channel is closed and drained.
+    fn next_batch(&self, rt: &tokio::runtime::Runtime) -> Vec<PatchSet> {
+        let mut batch = Vec::with_capacity(self.cfg.batch.max_images);
+        let Ok(first) = self.patches.recv_blocking() else { return batch };
+        let deadline = tokio::time::Instant::from_std(Instant::now() + Duration::from_millis(self.cfg.batch.max_latency_ms));
+        batch.push(first);
+        while batch.len() < self.cfg.batch.max_images {
+            match self.patches.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(async_channel::TryRecvError::Closed) => break,
+                Err(async_channel::TryRecvError::Empty) => {
+                    match rt.block_on(async { tokio::time::timeout_at(deadline, self.patches.recv()).await }) {
+                        Ok(Ok(p)) => batch.push(p),
+                        _ => break, // deadline, or closed
+                    }
+                }
+            }
+        }
+        batch
+    }
+
+    fn reload(&mut self) {
+        let old = self.model.model_id.clone();
+        let loaded = load_model(&self.cfg).map_err(|e| e.to_string()).and_then(|m| {
+            if m.cfg.patches != self.model.cfg.patches || m.class_names != self.model.class_names {
+                Err("the new run has other patches or classes than the one being served: restart the daemon for it".into())
+            } else {
+                Ok(m)
+            }
+        });
+        match loaded {
+            Ok(m) => {
+                tracing::info!(old = %old, new = %m.model_id, "model reloaded");
+                set_model_info(Some(&old), &m.model_id);
+                *self.slot.prep.write().unwrap() = Arc::new(Prep::of(&m, self.cfg.tta));
+                self.model = m;
+                metrics::counter!(SERVE_MODEL_RELOADS, "outcome" => "ok").increment(1);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, model = %old, "model reload failed; still serving the previous model");
+                metrics::counter!(SERVE_MODEL_RELOADS, "outcome" => "failed").increment(1);
+            }
+        }
+    }
+
+    fn run(mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("timer runtime");
+        if self.cfg.threads > 0 {
+            tch::set_num_threads(self.cfg.threads as i32);
+        }
+        let _guard = tch::no_grad_guard();
+        let batch_images = metrics::histogram!(SERVE_BATCH_IMAGES);
+        let forward_seconds = metrics::histogram!(telemetry::PREDICT_BATCH_SECONDS);
+        let latency = metrics::histogram!(SERVE_LATENCY_SECONDS);
+        loop {
+            let batch = self.next_batch(&rt);
+            if batch.is_empty() {
+                break;
+            }
+            if self.slot.reload.swap(false, Ordering::SeqCst) {
+                self.reload();
+            }
+            let model = &self.model;
+            batch_images.record(batch.len() as f64);
+            let t0 = Instant::now();
+            let views = batch[0].views.len();
+            let classes = model.class_names.len();
+            let inputs: Vec<tch::Tensor> = model
+                .cfg
+                .patches
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    let mut flat = Vec::with_capacity(batch.len() * views * p.pixels());
+                    for set in &batch {
+                        for v in &set.views {
+                            flat.extend_from_slice(&v[k]);
+                        }
+                    }
+                    tch::Tensor::from_slice(&flat).view([(batch.len() * views) as i64, 1, p.rows as i64, p.cols as i64]).to_device(model.net.device)
+                })
+                .collect();
+            let log_probs = model.net.forward_t(&inputs, false).log_softmax(-1, Kind::Float).to_device(Device::Cpu);
+            let flat: Vec<f32> = Vec::try_from(log_probs.flatten(0, -1)).expect("float tensor");
+            forward_seconds.record(t0.elapsed().as_secs_f64());
+            metrics::counter!(telemetry::PREDICT_PATCHES).increment((batch.len() * views) as u64);
+            let mut out = vec![0f64; classes];
+            for (i, set) in batch.into_iter().enumerate() {
+                aggregate(&flat[i * views * classes..(i + 1) * views * classes], classes, self.cfg.aggregation, &mut out);
+                let mut p: Vec<f32> = out.iter().map(|&v| v as f32).collect();
+                if let Some(c) = &model.calibration {
+                    p = crate::evaluate::calibration::apply_temperature(&p, classes, c.temperature);
+                }
+                latency.record(set.accepted.elapsed().as_secs_f64());
+                metrics::counter!(telemetry::PREDICT_IMAGES).increment(1);
+                let row = OutRow { entry: set.entry, model_id: model.model_id.clone(), probabilities: Some(p), error: None, views: views as u16 };
+                if self.rows.send_blocking(row).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct WriterCtx {
+    rows: async_channel::Receiver<OutRow>,
+    spool: Arc<Spool>,
+    results: Arc<ResultStore>,
+    cfg: ServeConfig,
+    in_flight: Arc<InFlight>,
+    class_names: Vec<String>,
+}
+
+/// The open output file: rows since it was opened and the ids to release when it is finished.
+struct OpenFile {
+    writer: PredictionWriter,
+    model_id: String,
+    opened: Instant,
+    ids: Vec<String>,
+    path: PathBuf,
+}
+
+/// Removes unfinished output files a crash left behind (their images are still in the spool).
+pub fn clean_partial_outputs(dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".partial") {
+                std::fs::remove_file(e.path())?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+impl WriterCtx {
+    fn open(&self, model_id: &str, seq: &mut u64) -> Result<OpenFile, String> {
+        *seq += 1;
+        let path = self.cfg.output.dir.join(format!("predictions-{}-{:04}.parquet", unix_ms(), seq));
+        let model = serde_json::json!({ "model_id": model_id, "daemon": self.cfg.name, "tta": self.cfg.tta, "aggregation": self.cfg.aggregation });
+        let writer = PredictionWriter::create(&path, self.class_names.clone(), model_id, &model, self.cfg.output.top_k).map_err(|e| e.to_string())?;
+        Ok(OpenFile { writer, model_id: model_id.to_string(), opened: Instant::now(), ids: Vec::new(), path })
+    }
+
+    fn finish(&self, file: OpenFile) {
+        let OpenFile { writer, ids, path, .. } = file;
+        match writer.finish() {
+            Ok(rows) => {
+                metrics::counter!(SERVE_FILES).increment(1);
+                tracing::info!(path = %path.display(), rows, "prediction file finished");
+                if let Err(e) = self.spool.complete(&ids) {
+                    tracing::error!(error = %e, "could not release finished images from the spool (they will be predicted again after a restart)");
+                }
+                self.in_flight.end(ids);
+            }
+            Err(e) => tracing::error!(error = %e, path = %path.display(), "prediction file not finished; its images stay in the spool"),
+        }
+    }
+
+    fn run(self) {
+        if let Err(e) = std::fs::create_dir_all(&self.cfg.output.dir) {
+            tracing::error!(error = %e, dir = %self.cfg.output.dir.display(), "cannot create the output folder");
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("timer runtime");
+        let roll_after = Duration::from_secs(self.cfg.output.roll_seconds);
+        let mut seq = 0u64;
+        let mut open: Option<OpenFile> = None;
+        let k = self.cfg.output.top_k.min(self.class_names.len());
+        loop {
+            // Wake up at the roll deadline even when no rows come.
+            let row = match &open {
+                Some(f) => {
+                    let left = roll_after.saturating_sub(f.opened.elapsed());
+                    match recv_timeout(&rt, &self.rows, left) {
+                        Recv::Row(r) => Some(r),
+                        Recv::Timeout => None,
+                        Recv::Closed => break,
+                    }
+                }
+                None => match self.rows.recv_blocking() {
+                    Ok(r) => Some(r),
+                    Err(_) => break,
+                },
+            };
+            if open.as_ref().is_some_and(|f| f.opened.elapsed() >= roll_after || row.as_ref().is_some_and(|r| r.model_id != f.model_id)) {
+                self.finish(open.take().expect("open"));
+            }
+            let Some(row) = row else { continue };
+            if open.is_none() {
+                match self.open(&row.model_id, &mut seq) {
+                    Ok(f) => open = Some(f),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot open a prediction file; the image stays in the spool");
+                        continue;
+                    }
+                }
+            }
+            let f = open.as_mut().expect("open");
+            let served = ServedPrediction {
+                id: row.entry.id.clone(),
+                model_id: row.model_id.clone(),
+                predicted_class: row.probabilities.as_ref().map(|p| self.class_names[top_k(p, 1)[0]].clone()),
+                confidence: row.probabilities.as_ref().map(|p| p[top_k(p, 1)[0]]),
+                top_classes: row.probabilities.as_ref().map_or(Vec::new(), |p| top_k(p, k).into_iter().map(|i| self.class_names[i].clone()).collect()),
+                top_probabilities: row.probabilities.as_ref().map_or(Vec::new(), |p| top_k(p, k).into_iter().map(|i| p[i]).collect()),
+                error: row.error.clone(),
+                received_unix_ms: row.entry.received_unix_ms,
+                latency_ms: unix_ms().saturating_sub(row.entry.received_unix_ms) as f64,
+            };
+            let pushed = f.writer.push(PredictionRow {
+                image_id: row.entry.id.clone(),
+                source_path: row.entry.source.clone(),
+                label: None,
+                probabilities: row.probabilities,
+                views: row.views,
+                error: row.error,
+            });
+            if let Err(e) = pushed {
+                tracing::error!(error = %e, "cannot write a prediction row; the image stays in the spool");
+                continue;
+            }
+            f.ids.push(row.entry.id);
+            self.results.publish(served);
+            metrics::counter!(telemetry::STAGE_SENT, "stage" => "writer").increment(1);
+            if let Some(rss) = telemetry::current_rss_bytes() {
+                metrics::gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);
+            }
+            if f.ids.len() >= self.cfg.output.roll_rows {
+                self.finish(open.take().expect("open"));
+            }
+        }
+        if let Some(f) = open.take() {
+            self.finish(f);
+        }
+    }
+}
+
+enum Recv<T> {
+    Row(T),
+    Timeout,
+    Closed,
+}
+
+fn recv_timeout<T>(rt: &tokio::runtime::Runtime, rx: &async_channel::Receiver<T>, timeout: Duration) -> Recv<T> {
+    match rt.block_on(async { tokio::time::timeout(timeout, rx.recv()).await }) {
+        Ok(Ok(v)) => Recv::Row(v),
+        Ok(Err(_)) => Recv::Closed,
+        Err(_) => Recv::Timeout,
+    }
+}
