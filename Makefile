@@ -27,7 +27,7 @@ else
 TORCH_PIP := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: all libtorch build demo test bench bench-train pytools pytorch fixtures clean-demo
+.PHONY: promtool all libtorch build demo test bench bench-train pytools pytorch fixtures clean-demo
 
 all: build
 
@@ -64,11 +64,22 @@ pytorch: $(PYENV_TORCH_STAMP)
 demo: build
 	./target/release/plankton demo --out $(DEMO_DIR)
 
+# promtool (Debian's prometheus package, unpacked locally; nothing installed system-wide) checks
+# the daemon's /metrics exposition in the tests.
+PROMTOOL := .tools/bin/promtool
+$(PROMTOOL):
+	rm -rf .tools/deb && mkdir -p .tools/deb .tools/bin
+	cd .tools/deb && (apt-get download prometheus || (apt-get update -qq && apt-get download prometheus))
+	dpkg -x .tools/deb/prometheus_*.deb .tools/deb/x
+	cp .tools/deb/x/usr/bin/promtool $@ && rm -rf .tools/deb
+
+promtool: $(PROMTOOL)
+
 # Benches are compiled too (so they cannot rot); the last line totals every test binary.
 # PLANKTON_REQUIRE_PYTHON: the Parquet reader test must run (not skip) here.
-test: libtorch pytools
+test: libtorch pytools promtool
 	$(CARGO) bench --no-run $(CARGO_FEATURES)
-	set -o pipefail; PLANKTON_REQUIRE_PYTHON=1 $(CARGO) test --release $(CARGO_FEATURES) 2>&1 | tee target/test-output.log
+	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 $(CARGO) test --release $(CARGO_FEATURES) 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test-output.log
 
 bench: build pytools
