@@ -169,6 +169,7 @@ impl Spool {
         let sidecars: HashSet<&str> = names
             .iter()
             .filter_map(|n| n.strip_suffix(SIDECAR_SUFFIX))
+            .filter(|id| sanitize_id(id).is_ok())
             .collect();
         for n in &names {
             if let Some(id) = n.strip_suffix(BYTES_SUFFIX) {
@@ -341,22 +342,23 @@ impl Spool {
         };
         let tmp_json = self.tmp_path(&self.pending_dir, "json");
         let json = serde_json::to_vec(&entry).expect("SpoolEntry serialises");
-        let result = write_synced(&tmp_json, &json)
+        let sidecar = self.sidecar_path(&id);
+        let placed = write_synced(&tmp_json, &json)
             .and_then(|_| {
                 fs::rename(&tmp_bytes, &entry.bytes_path).map_err(|e| io_err(&entry.bytes_path, e))
             })
-            .and_then(|_| {
-                let dest = self.sidecar_path(&id);
-                fs::rename(&tmp_json, &dest).map_err(|e| io_err(&dest, e))
-            })
-            .and_then(|_| sync_dir(&self.pending_dir));
-        if let Err(e) = result {
+            .and_then(|_| fs::rename(&tmp_json, &sidecar).map_err(|e| io_err(&sidecar, e)));
+        if let Err(e) = placed {
+            // No sidecar: the entry does not exist, and its bytes must not linger.
             let _ = fs::remove_file(&tmp_bytes);
             let _ = fs::remove_file(&tmp_json);
-            // Without its sidecar the entry does not exist; stray bytes are cleaned at open.
+            let _ = fs::remove_file(&entry.bytes_path);
             return Err(e);
         }
+        // The entry is in place (listed by `pending`, found by a retried accept); only its
+        // durability is in doubt if this fails, so the caller must not acknowledge.
         self.count.fetch_add(1, Ordering::SeqCst);
+        sync_dir(&self.pending_dir)?;
         Ok(entry)
     }
 

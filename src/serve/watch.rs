@@ -633,7 +633,7 @@ mod tests {
         let (_tmp, dir, spool) = setup();
         fs::create_dir_all(&dir).unwrap();
         let mut cfg = config(&dir, WatchMode::Notify);
-        cfg.settle_ms = 300;
+        cfg.settle_ms = 600;
         let w = start(cfg, &spool, 16);
         let path = dir.join("big.png");
         let mut f = File::create(&path).unwrap();
