@@ -49,3 +49,10 @@ fn a_typo_names_the_file_and_key() {
     let msg = PipelineConfig::load(&p).unwrap_err().to_string();
     assert!(msg.contains("typo.toml") && msg.contains("siez"), "{msg}");
 }
+
+#[test]
+fn the_docker_daemon_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/serve.toml");
+    let cfg = plankton::serve::config::ServeConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.http.token_file.is_some(), "bound beyond loopback: a token is required");
+}
