@@ -56,3 +56,19 @@ fn the_docker_daemon_config_is_valid() {
     let cfg = plankton::serve::config::ServeConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert!(cfg.http.token_file.is_some(), "bound beyond loopback: a token is required");
 }
+
+#[test]
+fn the_docker_prometheus_config_passes_promtool() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let local = root.join(".tools/bin/promtool");
+    let promtool = if local.is_file() { local } else { std::path::PathBuf::from("promtool") };
+    let out = std::process::Command::new(&promtool)
+        .args(["check", "config"])
+        .arg(root.join("docker/prometheus/prometheus.yml"))
+        .output();
+    match out {
+        Ok(o) => assert!(o.status.success(), "promtool: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        Err(e) if std::env::var_os("PLANKTON_REQUIRE_PROMTOOL").is_none() => eprintln!("skipping: no promtool ({e}); `make test` fetches it"),
+        Err(e) => panic!("promtool required: {e}"),
+    }
+}
