@@ -380,7 +380,10 @@ impl ModelCtx {
                 if let Some(c) = &model.calibration {
                     p = crate::evaluate::calibration::apply_temperature(&p, classes, c.temperature);
                 }
-                latency.record(set.accepted.elapsed().as_secs_f64());
+                // From the moment the image was spooled (acknowledged), not from when a worker
+                // picked it up: queueing is part of what a client waits for.
+                let waited_ms = unix_ms().saturating_sub(set.entry.received_unix_ms) as f64;
+                latency.record((waited_ms / 1000.0).max(set.accepted.elapsed().as_secs_f64()));
                 metrics::counter!(telemetry::PREDICT_IMAGES).increment(1);
                 let row = OutRow { entry: set.entry, model_id: model.model_id.clone(), probabilities: Some(p), error: None, views: views as u16 };
                 if self.rows.send_blocking(row).is_err() {
