@@ -341,8 +341,11 @@ impl ModelCtx {
         let batch_images = metrics::histogram!(SERVE_BATCH_IMAGES);
         let forward_seconds = metrics::histogram!(telemetry::PREDICT_BATCH_SECONDS);
         let latency = metrics::histogram!(SERVE_LATENCY_SECONDS);
+        let batch_wait = metrics::histogram!(telemetry::BATCH_WAIT_SECONDS);
         loop {
+            let t_wait = Instant::now();
             let batch = self.next_batch(&rt);
+            batch_wait.record(t_wait.elapsed().as_secs_f64());
             if batch.is_empty() {
                 break;
             }
