@@ -56,15 +56,30 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` is cancelled, then finishes the requests in flight (graceful).
+/// Beyond `sync_timeout_ms`, how long requests in flight at shutdown may still take.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves until `shutdown` is cancelled, then finishes the requests in flight (graceful) for at
+/// most `sync_timeout_ms` + [`SHUTDOWN_GRACE`]: a client that stalls mid-upload must not keep
+/// the daemon from stopping (its image was never spooled nor acknowledged).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let grace = Duration::from_millis(state.cfg.sync_timeout_ms) + SHUTDOWN_GRACE;
+    let stop = shutdown.clone();
+    let server = std::future::IntoFuture::into_future(
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await }),
+    );
+    tokio::select! {
+        r = server => r,
+        _ = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "http: requests still in flight after the shutdown grace period are dropped");
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

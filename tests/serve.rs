@@ -1,0 +1,1161 @@
+//! The camera-ingest daemon end to end, driven through the CLI (`plankton serve --pipeline`):
+//! folder ingest, HTTP upload (sync wait, look-up, id validation, bearer token), quarantine of
+//! bad input, 503 backpressure without losing anything accepted, at-least-once across a
+//! `kill -9`, graceful drain on SIGTERM, hot reload on SIGHUP, and the Prometheus exposition.
+//!
+//! Every daemon binds 127.0.0.1:0 (the port is read from its `listening on` line) and works in
+//! its own temporary folder; waits poll with a deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use plankton::config::PipelineConfig;
+use plankton::sinks::parquet::{PredictionRow, Predictions};
+use plankton::sources::synth::{generate, SynthOptions};
+use plankton::train::{self, TrainOptions};
+
+/// How long anything may take before a test gives up (generous: CI machines are slow).
+const DEADLINE: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// The shared tiny run.
+
+struct Trained {
+    _dir: tempfile::TempDir,
+    run: PathBuf,
+    /// The synthetic dataset's unlabelled test images (JPEG).
+    images: Vec<PathBuf>,
+}
+
+/// One small run shared by the tests of this file: 4 classes, 23x23 patches, a few steps (the
+/// daemon's behaviour, not the model's accuracy, is under test).
+fn trained() -> &'static Trained {
+    static RUN: OnceLock<Trained> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        generate(
+            &SynthOptions {
+                classes: 4,
+                per_class: 8,
+                test: 12,
+                seed: 11,
+                threads: 1,
+            },
+            &data,
+        )
+        .unwrap();
+        let config = PipelineConfig::from_toml_str(
+            r#"
+name = "tiny-serve"
+seed = 3
+[[patch]]
+rows = 23
+cols = 23
+target = 20.0
+[zmuv]
+samples = 32
+[batch]
+size = 8
+[model]
+preset = "convroll4"
+width = 0.125
+dense_units = 16
+[train]
+steps = 8
+learning_rate = 0.01
+validate_every = 4
+checkpoint_every = 4
+threads = 1
+[split]
+valid_fraction = 0.25
+[tta]
+transforms = 4
+"#,
+            Path::new("tiny-serve.toml"),
+        )
+        .unwrap();
+        let run = dir.path().join("run");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let opts = TrainOptions {
+            config,
+            data: data.clone(),
+            out: run.clone(),
+            resume: false,
+            device: tch::Device::Cpu,
+            split_file: None,
+            stop: None,
+        };
+        train::run(&opts, rt.handle(), &mut |_| {}).unwrap();
+        assert!(
+            run.join("best.safetensors").is_file(),
+            "the run has best weights"
+        );
+        let mut images: Vec<PathBuf> = std::fs::read_dir(data.join("test"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        images.sort();
+        assert!(images.len() >= 12, "{images:?}");
+        Trained {
+            _dir: dir,
+            run,
+            images,
+        }
+    })
+}
+
+fn image_bytes(i: usize) -> Vec<u8> {
+    let imgs = &trained().images;
+    std::fs::read(&imgs[i % imgs.len()]).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Daemon config and process.
+
+/// The knobs the tests turn; everything else is small and fast.
+#[derive(Clone)]
+struct Cfg {
+    run: PathBuf,
+    watch: bool,
+    token_file: Option<PathBuf>,
+    tta: usize,
+    max_images: usize,
+    max_latency_ms: u64,
+    ingest: usize,
+    patches: usize,
+    workers: usize,
+    roll_rows: usize,
+    roll_seconds: u64,
+    retry_after_seconds: u64,
+    sync_timeout_ms: u64,
+}
+
+impl Cfg {
+    fn new() -> Cfg {
+        Cfg {
+            run: trained().run.clone(),
+            watch: false,
+            token_file: None,
+            tta: 1,
+            max_images: 8,
+            max_latency_ms: 5,
+            ingest: 64,
+            patches: 16,
+            workers: 1,
+            roll_rows: 10_000,
+            roll_seconds: 600,
+            retry_after_seconds: 1,
+            sync_timeout_ms: 20_000,
+        }
+    }
+}
+
+/// A daemon's folder: config, in/, out/, spool/, quarantine/, log.
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new(cfg: &Cfg) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let site = Site { dir };
+        std::fs::create_dir_all(site.input()).unwrap();
+        let q = |p: &Path| format!("{:?}", p.to_str().unwrap());
+        let token = cfg
+            .token_file
+            .as_ref()
+            .map_or(String::new(), |t| format!("token_file = {}\n", q(t)));
+        let text = format!(
+            r#"name = "test-daemon"
+model = {run}
+weights = "best"
+device = "cpu"
+tta = {tta}
+threads = 1
+spool = {spool}
+quarantine = {quarantine}
+
+[watch]
+enabled = {watch}
+dir = {input}
+recursive = true
+mode = "notify"
+poll_interval_ms = 100
+settle_ms = 100
+backpressure = "block"
+
+[http]
+enabled = true
+bind = "127.0.0.1:0"
+{token}sync_timeout_ms = {sync}
+backpressure = "reject"
+retry_after_seconds = {retry}
+
+[batch]
+max_images = {max_images}
+max_latency_ms = {max_latency_ms}
+
+[queue]
+ingest = {ingest}
+patches = {patches}
+workers = {workers}
+
+[output]
+dir = {out}
+roll_rows = {roll_rows}
+roll_seconds = {roll_seconds}
+top_k = 3
+"#,
+            run = q(&cfg.run),
+            tta = cfg.tta,
+            spool = q(&site.spool()),
+            quarantine = q(&site.quarantine()),
+            watch = cfg.watch,
+            input = q(&site.input()),
+            retry = cfg.retry_after_seconds,
+            sync = cfg.sync_timeout_ms,
+            max_images = cfg.max_images,
+            max_latency_ms = cfg.max_latency_ms,
+            ingest = cfg.ingest,
+            patches = cfg.patches,
+            workers = cfg.workers,
+            out = q(&site.out()),
+            roll_rows = cfg.roll_rows,
+            roll_seconds = cfg.roll_seconds,
+        );
+        std::fs::write(site.config(), text).unwrap();
+        site
+    }
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+    fn config(&self) -> PathBuf {
+        self.root().join("daemon.toml")
+    }
+    fn input(&self) -> PathBuf {
+        self.root().join("in")
+    }
+    fn out(&self) -> PathBuf {
+        self.root().join("out")
+    }
+    fn spool(&self) -> PathBuf {
+        self.root().join("spool")
+    }
+    fn quarantine(&self) -> PathBuf {
+        self.root().join("quarantine")
+    }
+    fn pending_files(&self) -> Vec<String> {
+        names(&self.spool().join("pending"))
+    }
+    /// Spooled (acknowledged, not yet in a finished file) image ids.
+    fn pending_ids(&self) -> BTreeSet<String> {
+        self.pending_files()
+            .iter()
+            .filter_map(|n| n.strip_suffix(".json"))
+            .map(String::from)
+            .collect()
+    }
+
+    fn start(&self) -> Daemon {
+        Daemon::start(self)
+    }
+
+    /// Rows of the finished prediction files, with the model id of the file holding each; fails
+    /// on unfinished (`.partial`) files.
+    fn finished_rows(&self) -> Vec<(PredictionRow, String)> {
+        let mut rows = Vec::new();
+        for n in names(&self.out()) {
+            assert!(!n.ends_with(".partial"), "unfinished output file left: {n}");
+            assert!(
+                n.starts_with("predictions-") && n.ends_with(".parquet"),
+                "unexpected output file {n}"
+            );
+            let p = Predictions::read(&self.out().join(&n)).unwrap();
+            assert_eq!(
+                p.model_ids.len(),
+                1,
+                "{n}: one model per file: {:?}",
+                p.model_ids
+            );
+            assert_eq!(p.class_names.len(), 4);
+            for r in p.rows {
+                rows.push((r, p.model_ids[0].clone()));
+            }
+        }
+        rows
+    }
+
+    /// Rows of the finished files, counted by image id.
+    fn finished_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for (r, _) in self.finished_rows() {
+            *counts.entry(r.image_id).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    ready: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(site: &Site) -> Daemon {
+        // Each start appends to the same log (a restart's log follows the first one's).
+        let log = site.root().join("daemon.log");
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_plankton"))
+            .arg("serve")
+            .arg("--pipeline")
+            .arg(site.config())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let t0 = Instant::now();
+        let mut addr = None;
+        let ready = loop {
+            let left = DEADLINE.saturating_sub(t0.elapsed());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("listening on http://") {
+                        addr = Some(a.trim().parse::<SocketAddr>().unwrap());
+                    } else if line.starts_with("ready: ") {
+                        break line;
+                    }
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    panic!(
+                        "daemon not ready ({e}; exit {status:?}):\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+            }
+        };
+        let addr = addr.expect("`listening on` comes before `ready:`");
+        Daemon {
+            child,
+            addr,
+            ready,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if t0.elapsed() > DEADLINE {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("daemon did not exit within {DEADLINE:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then the exit status must be 0 (drained).
+    fn stop(mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit();
+        assert!(
+            status.success(),
+            "daemon exited with {status:?} after SIGTERM:\n{}",
+            self.log()
+        );
+    }
+
+    fn post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        http(self.addr, "POST", path, headers, body)
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        http(self.addr, "GET", path, &[], b"")
+    }
+
+    fn upload(&self, id: &str, body: &[u8]) -> Resp {
+        self.post(&format!("/v1/images?id={id}"), &[], body)
+    }
+
+    /// Uploads and waits for the prediction (200).
+    fn predict(&self, id: &str, body: &[u8]) -> serde_json::Value {
+        let r = self.post(&format!("/v1/images?id={id}&wait=true"), &[], body);
+        assert_eq!(r.status, 200, "{id}: {}\n{}", r.text(), self.log());
+        r.json()
+    }
+
+    /// Polls `GET /v1/predictions/{id}` until it answers 200.
+    fn wait_predicted(&self, id: &str) -> serde_json::Value {
+        poll(&format!("prediction of {id}"), || {
+            let r = self.get(&format!("/v1/predictions/{id}"));
+            assert!(
+                matches!(r.status, 200 | 202 | 404),
+                "{id}: {} {}",
+                r.status,
+                r.text()
+            );
+            (r.status == 200).then(|| r.json())
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Calls `f` until it returns Some, failing after DEADLINE.
+fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tiny HTTP/1.1 client (no client crate in the dependencies).
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    conn.write_all(req.as_bytes()).unwrap();
+    conn.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end: {}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let mut parts = status_line.splitn(3, ' ');
+    assert_eq!(parts.next(), Some("HTTP/1.1"), "{status_line}");
+    let status: u16 = parts.next().unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l
+                .split_once(':')
+                .unwrap_or_else(|| panic!("bad header line {l:?}"));
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    let mut resp = Resp {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    };
+    if resp
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        resp.body = dechunk(&resp.body);
+    } else if let Some(n) = resp.header("content-length") {
+        assert_eq!(resp.body.len(), n.parse::<usize>().unwrap(), "body length");
+    }
+    resp
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size line");
+        let size_text = String::from_utf8_lossy(&b[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+        b = &b[eol + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+#[test]
+fn folder_ingest_predicts_each_settled_file_once_and_drains_on_sigterm() {
+    let site = Site::new(&Cfg {
+        watch: true,
+        ..Cfg::new()
+    });
+    let d = site.start();
+    let input = site.input();
+    std::fs::create_dir_all(input.join("sub")).unwrap();
+    // Written in place, in a subfolder, renamed into place from a temporary name, and one
+    // still being written (never renamed): that one must never be taken.
+    std::fs::write(input.join("a.jpg"), image_bytes(0)).unwrap();
+    std::fs::write(input.join("sub/b.jpg"), image_bytes(1)).unwrap();
+    std::fs::write(input.join("c.jpg.tmp"), image_bytes(2)).unwrap();
+    std::fs::write(input.join("d.jpg.tmp"), image_bytes(3)).unwrap();
+    std::fs::rename(input.join("c.jpg.tmp"), input.join("c.jpg")).unwrap();
+    let ids: BTreeSet<String> = ["a.jpg", "sub/b.jpg", "c.jpg"]
+        .iter()
+        .map(|p| plankton::serve::spool::id_for_path(Path::new(p)))
+        .collect();
+    for id in &ids {
+        let p = d.wait_predicted(id);
+        assert!(
+            p["predicted_class"].is_string() && p["error"].is_null(),
+            "{p}"
+        );
+    }
+    d.stop();
+
+    let rows = site.finished_rows();
+    let counts = site.finished_counts();
+    assert_eq!(
+        counts.keys().cloned().collect::<BTreeSet<_>>(),
+        ids,
+        "exactly the settled files"
+    );
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "one row per image: {counts:?}"
+    );
+    for (r, _) in &rows {
+        assert!(
+            r.error.is_none() && r.probabilities.as_ref().is_some_and(|p| p.len() == 4),
+            "{r:?}"
+        );
+        assert!(
+            Path::new(&r.source_path).starts_with(&input),
+            "source is the watched file: {}",
+            r.source_path
+        );
+    }
+    assert_eq!(
+        site.pending_files(),
+        Vec::<String>::new(),
+        "spool pending/ is empty"
+    );
+    // The watched folder is never modified.
+    assert!(
+        input.join("a.jpg").is_file()
+            && input.join("sub/b.jpg").is_file()
+            && input.join("d.jpg.tmp").is_file()
+    );
+
+    // A restart does not take the same files again (the ledger), only new ones: once a file
+    // written after the restart is predicted, the scans that took it have seen the old ones.
+    let d = site.start();
+    std::fs::write(input.join("e.jpg"), image_bytes(4)).unwrap();
+    let e = plankton::serve::spool::id_for_path(Path::new("e.jpg"));
+    d.wait_predicted(&e);
+    d.stop();
+    let counts = site.finished_counts();
+    let mut want: BTreeMap<String, usize> = ids.iter().map(|id| (id.clone(), 1)).collect();
+    want.insert(e, 1);
+    assert_eq!(counts, want, "each file once across the restart");
+    assert_eq!(site.pending_files(), Vec::<String>::new());
+}
+
+#[test]
+fn http_upload_waits_for_the_prediction_and_refuses_bad_ids() {
+    let site = Site::new(&Cfg::new());
+    let d = site.start();
+    assert!(
+        d.ready.contains("0 spooled image(s) replayed"),
+        "{}",
+        d.ready
+    );
+    assert_eq!(d.get("/healthz").status, 200);
+    assert_eq!(d.get("/readyz").status, 200);
+
+    let p = d.predict("a", &image_bytes(0));
+    assert_eq!(p["id"], "a");
+    let class = p["predicted_class"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{p}"))
+        .to_string();
+    assert!(p["error"].is_null(), "{p}");
+    assert_eq!(p["top_classes"][0], class.as_str());
+    let conf = p["confidence"].as_f64().unwrap();
+    assert!(conf > 0.0 && conf <= 1.0, "{p}");
+
+    let r = d.get("/v1/predictions/a");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["predicted_class"], class.as_str());
+    assert_eq!(d.get("/v1/predictions/never-sent").status, 404);
+
+    for path in [
+        "/v1/images?id=..%2Fx",
+        "/v1/images?id=a%2Fb",
+        "/v1/images?id=.hidden",
+    ] {
+        let r = d.post(path, &[], &image_bytes(1));
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert!(
+            r.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    let r = d.post("/v1/images", &[("X-Image-Id", "a/b")], &image_bytes(1));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(d.get("/v1/predictions/..%2Fx").status, 400);
+    // Only `a` is spooled (until its file is finished): nothing refused was.
+    assert_eq!(site.pending_ids(), BTreeSet::from(["a".to_string()]));
+
+    d.stop();
+    let counts = site.finished_counts();
+    assert_eq!(counts, BTreeMap::from([("a".to_string(), 1)]));
+}
+
+#[test]
+fn http_uploads_need_the_bearer_token_when_one_is_configured() {
+    let tokens = tempfile::tempdir().unwrap();
+    let token_file = tokens.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let site = Site::new(&Cfg {
+        token_file: Some(token_file),
+        ..Cfg::new()
+    });
+    let d = site.start();
+    let r = d.upload("t1", &image_bytes(0));
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let r = d.post(
+        "/v1/images?id=t1",
+        &[("Authorization", "Bearer wrong")],
+        &image_bytes(0),
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(d.get("/v1/predictions/t1").status, 401);
+    assert!(!site.pending_ids().contains("t1"));
+
+    let r = d.post(
+        "/v1/images?id=t1",
+        &[("Authorization", "Bearer s3cret-token")],
+        &image_bytes(0),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["id"], "t1");
+    // Operational endpoints stay open.
+    assert_eq!(d.get("/healthz").status, 200);
+    assert_eq!(d.get("/metrics").status, 200);
+    d.stop();
+    assert_eq!(
+        site.finished_counts(),
+        BTreeMap::from([("t1".to_string(), 1)])
+    );
+}
+
+#[test]
+fn bad_input_is_quarantined_with_its_reason_and_the_daemon_keeps_serving() {
+    let site = Site::new(&Cfg::new());
+    let d = site.start();
+    let p = d.predict("junk", b"this is not an image, just text");
+    let err = p["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an error: {p}"))
+        .to_string();
+    assert!(
+        err.contains("not an image") && err.contains("junk"),
+        "{err}"
+    );
+    assert!(p["predicted_class"].is_null(), "{p}");
+
+    let q = site.quarantine();
+    assert_eq!(
+        std::fs::read(q.join("junk")).unwrap(),
+        b"this is not an image, just text"
+    );
+    let reason = std::fs::read_to_string(q.join("junk.reason")).unwrap();
+    assert!(
+        reason.contains("not an image")
+            && reason.contains("id: junk")
+            && reason.contains("source: http"),
+        "{reason}"
+    );
+
+    // Truncated JPEG: the header says JPEG, the data stops short.
+    let good = image_bytes(0);
+    let p = d.predict("cut", &good[..good.len().min(40)]);
+    assert!(p["error"].as_str().is_some(), "{p}");
+    assert!(q.join("cut.reason").is_file());
+
+    let p = d.predict("fine", &image_bytes(1));
+    assert!(
+        p["predicted_class"].is_string() && p["error"].is_null(),
+        "{p}"
+    );
+    d.stop();
+
+    let rows: BTreeMap<String, PredictionRow> = site
+        .finished_rows()
+        .into_iter()
+        .map(|(r, _)| (r.image_id.clone(), r))
+        .collect();
+    assert_eq!(
+        rows.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["cut", "fine", "junk"]
+    );
+    assert!(
+        rows["junk"]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("not an image"))
+            && rows["junk"].probabilities.is_none()
+    );
+    assert!(rows["cut"].error.is_some() && rows["cut"].probabilities.is_none());
+    assert!(rows["fine"].error.is_none() && rows["fine"].probabilities.is_some());
+    assert_eq!(site.pending_files(), Vec::<String>::new());
+}
+
+#[test]
+fn overload_answers_503_with_retry_after_and_loses_nothing_accepted() {
+    // One-image queue, one worker, one-image batches, many views per image: the pipeline is
+    // slower than eight clients uploading at once.
+    let cfg = Cfg {
+        ingest: 1,
+        patches: 1,
+        max_images: 1,
+        tta: 64,
+        retry_after_seconds: 3,
+        ..Cfg::new()
+    };
+    let site = Site::new(&cfg);
+    let d = site.start();
+    let addr = d.addr;
+    let mut accepted = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    let t0 = Instant::now();
+    let mut round = 0;
+    while refused.is_empty() {
+        assert!(t0.elapsed() < DEADLINE, "no upload was ever refused");
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let body = image_bytes(t);
+                std::thread::spawn(move || {
+                    (0..4)
+                        .map(|k| {
+                            let id = format!("r{round}-t{t}-k{k}");
+                            let r = http(addr, "POST", &format!("/v1/images?id={id}"), &[], &body);
+                            (id, r)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for t in threads {
+            for (id, r) in t.join().unwrap() {
+                match r.status {
+                    202 => {
+                        assert_eq!(r.json()["status"], "accepted");
+                        accepted.insert(id);
+                    }
+                    503 => {
+                        assert_eq!(r.header("retry-after"), Some("3"), "{}", r.text());
+                        assert_eq!(r.json()["status"], "busy");
+                        refused.insert(id);
+                    }
+                    s => panic!("{id}: unexpected {s}: {}", r.text()),
+                }
+            }
+        }
+        round += 1;
+    }
+    assert!(!accepted.is_empty());
+    for id in &accepted {
+        d.wait_predicted(id);
+    }
+    d.stop();
+    let counts = site.finished_counts();
+    let got: BTreeSet<String> = counts.keys().cloned().collect();
+    assert_eq!(
+        got, accepted,
+        "every accepted upload predicted, no refused one"
+    );
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    assert!(site.pending_ids().is_empty());
+    eprintln!(
+        "overload: {} accepted, {} refused in {round} round(s)",
+        accepted.len(),
+        refused.len()
+    );
+}
+
+#[test]
+fn kill_9_loses_nothing_acknowledged_and_a_restart_finishes_it() {
+    let cfg = Cfg {
+        roll_rows: 100_000,
+        roll_seconds: 3600,
+        ..Cfg::new()
+    };
+    let site = Site::new(&cfg);
+    let d = site.start();
+    let ids: BTreeSet<String> = (0..6).map(|i| format!("crash-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let r = d.upload(id, &image_bytes(i));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    // Predicted (rows in the open, unfinished file), but no file finished yet.
+    for id in &ids {
+        d.wait_predicted(id);
+    }
+    let mut d = d;
+    d.signal("KILL");
+    let status = d.wait_exit();
+    assert!(!status.success(), "{status:?}");
+    drop(d);
+    assert!(
+        names(&site.out()).iter().all(|n| n.ends_with(".partial")),
+        "nothing finished: {:?}",
+        names(&site.out())
+    );
+    assert_eq!(
+        site.pending_ids(),
+        ids,
+        "the spool still holds every acknowledged image"
+    );
+
+    let d = site.start();
+    assert!(
+        d.ready
+            .contains(&format!("({} spooled image(s) replayed)", ids.len())),
+        "{}",
+        d.ready
+    );
+    for id in &ids {
+        d.wait_predicted(id);
+    }
+    d.stop();
+    let counts = site.finished_counts();
+    for id in &ids {
+        assert!(
+            counts.contains_key(id),
+            "{id} missing after the restart: {counts:?}"
+        );
+    }
+    assert!(site.pending_ids().is_empty(), "{:?}", site.pending_files());
+}
+
+#[test]
+fn sigterm_right_after_uploads_drains_every_accepted_image() {
+    // Many views per image and small batches: work is still queued when SIGTERM comes.
+    let site = Site::new(&Cfg {
+        max_latency_ms: 20,
+        max_images: 2,
+        tta: 256,
+        ..Cfg::new()
+    });
+    let d = site.start();
+    let ids: Vec<String> = (0..10).map(|i| format!("drain-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let r = d.upload(id, &image_bytes(i));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let last = d.get("/v1/predictions/drain-9").status;
+    let t0 = Instant::now();
+    d.stop();
+    let took = t0.elapsed();
+    let counts = site.finished_counts();
+    assert_eq!(counts.keys().cloned().collect::<Vec<_>>(), {
+        let mut v = ids.clone();
+        v.sort();
+        v
+    });
+    assert!(site.pending_ids().is_empty());
+    eprintln!(
+        "drain of {} images took {took:?} (last one {} at SIGTERM)",
+        ids.len(),
+        if last == 202 {
+            "still pending"
+        } else {
+            "already predicted"
+        }
+    );
+}
+
+#[test]
+fn sighup_reloads_changed_weights_and_later_rows_carry_the_new_model_id() {
+    // A copy of the run: its weights are replaced here.
+    let runs = tempfile::tempdir().unwrap();
+    let run = runs.path().join("run-reload");
+    std::fs::create_dir_all(&run).unwrap();
+    for e in std::fs::read_dir(&trained().run).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), run.join(e.file_name())).unwrap();
+        }
+    }
+    let site = Site::new(&Cfg {
+        run: run.clone(),
+        ..Cfg::new()
+    });
+    let d = site.start();
+    let first = d.predict("before", &image_bytes(0))["model_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(first.starts_with("run-reload/best@"), "{first}");
+    assert!(d.ready.contains(&first), "{}", d.ready);
+
+    // New weights: a freshly initialised network of the same shape.
+    let pcfg = PipelineConfig::load(&run.join("pipeline.toml")).unwrap();
+    let sizes: Vec<usize> = pcfg.patches.iter().map(|p| p.rows).collect();
+    tch::manual_seed(12345);
+    let net = plankton::model::Network::new(&pcfg.model, &sizes, 4, tch::Device::Cpu).unwrap();
+    net.save(&run.join("best.safetensors")).unwrap();
+    d.signal("HUP");
+
+    let mut n = 0;
+    let second = poll("a prediction by the reloaded model", || {
+        n += 1;
+        let p = d.predict(&format!("after-{n}"), &image_bytes(n));
+        let m = p["model_id"].as_str().unwrap().to_string();
+        (m != first).then_some(m)
+    });
+    assert!(second.starts_with("run-reload/best@"), "{second}");
+    let metrics = d.get("/metrics").text();
+    let reloads = metric_value(
+        &metrics,
+        "plankton_serve_model_reloads_total{outcome=\"ok\"}",
+    );
+    assert!(reloads.is_some_and(|v| v >= 1.0), "{metrics}");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            &format!("plankton_serve_model_info{{model_id=\"{second}\"}}")
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            &format!("plankton_serve_model_info{{model_id=\"{first}\"}}")
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+    d.stop();
+
+    let rows = site.finished_rows();
+    let model_of = |id: &str| {
+        rows.iter()
+            .find(|(r, _)| r.image_id == id)
+            .map(|(_, m)| m.clone())
+            .unwrap()
+    };
+    assert_eq!(model_of("before"), first);
+    assert_eq!(model_of(&format!("after-{n}")), second);
+}
+
+/// The value of the sample `series` (name with its labels, as rendered) in Prometheus text.
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().split(' ').next()?.parse().ok())
+    })
+}
+
+#[test]
+fn metrics_exposition_has_the_daemon_series_and_passes_promtool() {
+    let site = Site::new(&Cfg::new());
+    let d = site.start();
+    d.predict("m1", &image_bytes(0));
+    d.predict("m2", b"junk bytes");
+    let r = d.get("/metrics");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "{:?}",
+        r.headers
+    );
+    let text = r.text();
+    for want in [
+        "plankton_stage_received_total{stage=\"http\"}",
+        "plankton_stage_received_total{stage=\"decode\"}",
+        "plankton_stage_sent_total{stage=\"decode\"}",
+        "plankton_stage_sent_total{stage=\"writer\"}",
+        "plankton_stage_errors_total{stage=\"decode\"",
+        "plankton_queue_depth{queue=\"ingest\"}",
+        "plankton_serve_latency_seconds",
+        "plankton_serve_batch_images",
+        "plankton_serve_model_info{model_id=",
+    ] {
+        assert!(text.contains(want), "/metrics lacks {want}:\n{text}");
+    }
+    assert_eq!(
+        metric_value(&text, "plankton_stage_received_total{stage=\"http\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    d.stop();
+
+    match which("promtool") {
+        Some(promtool) => {
+            let mut child = Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics failed ({}):\n{}{}\n--- exposition:\n{text}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        None if std::env::var_os("PLANKTON_REQUIRE_PROMTOOL").is_some() => {
+            panic!("PLANKTON_REQUIRE_PROMTOOL is set but no promtool is on PATH (Debian: apt-get install prometheus)")
+        }
+        None => eprintln!(
+            "skipping `promtool check metrics`: no promtool on PATH (`make test` installs it)"
+        ),
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+#[test]
+fn sigterm_is_not_held_up_by_idle_or_stalled_connections() {
+    let site = Site::new(&Cfg {
+        sync_timeout_ms: 300,
+        ..Cfg::new()
+    });
+    let d = site.start();
+    // A keep-alive connection left idle after one request.
+    let mut idle = TcpStream::connect(d.addr).unwrap();
+    idle.set_read_timeout(Some(DEADLINE)).unwrap();
+    idle.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", d.addr).as_bytes())
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // An upload that stops a tenth of the way through its body (a camera that lost its link).
+    let mut stalled = TcpStream::connect(d.addr).unwrap();
+    stalled
+        .write_all(format!("POST /v1/images?id=stalled HTTP/1.1\r\nHost: {}\r\nContent-Length: 1000\r\n\r\n0123456789", d.addr).as_bytes())
+        .unwrap();
+    // A request sent after it is answered: the stalled one has reached the server.
+    assert_eq!(d.get("/healthz").status, 200);
+    let t0 = Instant::now();
+    d.stop();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+    assert!(
+        site.pending_ids().is_empty() && site.finished_counts().is_empty(),
+        "the stalled upload was never accepted"
+    );
+    eprintln!("stop with an idle and a stalled connection took {took:?}");
+}
