@@ -50,6 +50,12 @@ pub fn describe() {
     describe_counter!(PREDICT_IMAGES, "Images predicted (after combining their TTA views)");
     describe_counter!(PREDICT_PATCHES, "Patches (image x TTA view) through the model");
     describe_counter!(PREDICT_FAILED, "Images that could not be predicted (kept as rows with their reason)");
+    describe_histogram!(SERVE_LATENCY_SECONDS, Unit::Seconds, "From acceptance (spooled) to the prediction row handed to the writer");
+    describe_histogram!(SERVE_BATCH_IMAGES, "Images per model batch (micro-batching)");
+    describe_gauge!(SERVE_MODEL_INFO, "1 for the model version being served");
+    describe_counter!(SERVE_MODEL_RELOADS, "Model reloads, by outcome");
+    describe_counter!(SERVE_FILES, "Prediction files finished");
+    describe_gauge!(PROCESS_RESIDENT_BYTES, Unit::Bytes, "Resident memory of the process");
     describe_counter!(
         LAYOUT_PROBLEMS,
         "Dataset entries skipped because they do not fit the layout"
@@ -157,3 +163,9 @@ pub const PREDICT_BATCH_SECONDS: &str = "plankton_predict_batch_seconds";
 pub const PREDICT_IMAGES: &str = "plankton_predict_images_total";
 pub const PREDICT_PATCHES: &str = "plankton_predict_patches_total";
 pub const PREDICT_FAILED: &str = "plankton_predict_failed_total";
+pub const SERVE_LATENCY_SECONDS: &str = "plankton_serve_latency_seconds";
+pub const SERVE_BATCH_IMAGES: &str = "plankton_serve_batch_images";
+pub const SERVE_MODEL_INFO: &str = "plankton_serve_model_info";
+pub const SERVE_MODEL_RELOADS: &str = "plankton_serve_model_reloads_total";
+pub const SERVE_FILES: &str = "plankton_serve_files_total";
+pub const PROCESS_RESIDENT_BYTES: &str = "plankton_process_resident_bytes";

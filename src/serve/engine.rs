@@ -30,22 +30,12 @@ use crate::stages::decode::decode_bytes;
 use crate::stages::warp::make_patch;
 use crate::telemetry;
 
-pub const SERVE_LATENCY_SECONDS: &str = "plankton_serve_latency_seconds";
-pub const SERVE_BATCH_IMAGES: &str = "plankton_serve_batch_images";
-pub const SERVE_MODEL_INFO: &str = "plankton_serve_model_info";
-pub const SERVE_MODEL_RELOADS: &str = "plankton_serve_model_reloads_total";
-pub const SERVE_FILES: &str = "plankton_serve_files_total";
-pub const PROCESS_RESIDENT_BYTES: &str = "plankton_process_resident_bytes";
+use crate::telemetry::{
+    PROCESS_RESIDENT_BYTES, SERVE_BATCH_IMAGES, SERVE_FILES, SERVE_LATENCY_SECONDS, SERVE_MODEL_INFO, SERVE_MODEL_RELOADS,
+};
 
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     telemetry::describe();
-    describe_histogram!(SERVE_LATENCY_SECONDS, Unit::Seconds, "From acceptance (spooled) to the prediction row handed to the writer");
-    describe_histogram!(SERVE_BATCH_IMAGES, "Images per model batch (micro-batching)");
-    describe_gauge!(SERVE_MODEL_INFO, "1 for the model version being served");
-    describe_counter!(SERVE_MODEL_RELOADS, "Model reloads, by outcome");
-    describe_counter!(SERVE_FILES, "Prediction files finished");
-    describe_gauge!(PROCESS_RESIDENT_BYTES, Unit::Bytes, "Resident memory of the process");
 }
 
 fn unix_ms() -> u64 {
