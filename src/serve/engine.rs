@@ -382,6 +382,7 @@ impl ModelCtx {
                 if self.rows.send_blocking(row).is_err() {
                     return;
                 }
+                metrics::gauge!(telemetry::QUEUE_DEPTH, "queue" => "rows").set(self.rows.len() as f64);
             }
         }
     }
