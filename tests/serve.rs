@@ -1,5 +1,5 @@
 //! The camera-ingest daemon end to end, driven through the CLI (`plankton serve --pipeline`):
-//! folder ingest, HTTP upload (sync wait, look-up, id validation, bearer token), quarantine of
+//! folder ingest, HTTP upload (sync wait, look-up, id validation, bearer token, multipart), quarantine of
 //! bad input, 503 backpressure without losing anything accepted, at-least-once across a
 //! `kill -9`, graceful drain on SIGTERM, hot reload on SIGHUP, and the Prometheus exposition.
 //!
@@ -796,6 +796,92 @@ fn bad_input_is_quarantined_with_its_reason_and_the_daemon_keeps_serving() {
     );
     assert!(rows["cut"].error.is_some() && rows["cut"].probabilities.is_none());
     assert!(rows["fine"].error.is_none() && rows["fine"].probabilities.is_some());
+    assert_eq!(site.pending_files(), Vec::<String>::new());
+}
+
+#[test]
+fn multipart_upload_spools_each_part_and_quarantines_the_bad_one() {
+    let site = Site::new(&Cfg::new());
+    let d = site.start();
+    let boundary = "plankton-test-boundary-7f3a";
+    let junk: &[u8] = b"this is not an image either";
+    // A valid, unshared field name is the id; a name used twice (a plain form field) is not.
+    let parts: [(&str, &str, Vec<u8>); 3] = [
+        ("mp-good", "good.jpg", image_bytes(2)),
+        ("file", "other.jpg", image_bytes(3)),
+        ("file", "junk.jpg", junk.to_vec()),
+    ];
+    let mut body = Vec::new();
+    for (name, file, bytes) in &parts {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\nContent-Type: image/jpeg\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let r = d.post("/v1/images", &[("Content-Type", &content_type)], &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let answer = r.json();
+    let images = answer["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3, "{answer}");
+    let ids: Vec<String> = images
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids[0], "mp-good");
+    assert!(
+        ids[1] != "file" && ids[2] != "file" && ids[1] != ids[2],
+        "{ids:?}"
+    );
+    for (e, (_, file, _)) in images.iter().zip(&parts) {
+        assert_eq!(e["status"], "accepted", "{answer}");
+        assert_eq!(e["name"], *file, "{answer}");
+    }
+    for id in &ids {
+        d.wait_predicted(id);
+    }
+    d.stop();
+
+    let rows: BTreeMap<String, PredictionRow> = site
+        .finished_rows()
+        .into_iter()
+        .map(|(r, _)| (r.image_id.clone(), r))
+        .collect();
+    assert_eq!(
+        rows.keys().cloned().collect::<BTreeSet<_>>(),
+        ids.iter().cloned().collect::<BTreeSet<_>>(),
+        "all three parts in the finished files"
+    );
+    for id in &ids[..2] {
+        assert!(
+            rows[id].error.is_none() && rows[id].probabilities.is_some(),
+            "{:?}",
+            rows[id]
+        );
+    }
+    let bad = &ids[2];
+    assert!(
+        rows[bad]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("not an image")),
+        "{:?}",
+        rows[bad]
+    );
+    assert!(rows[bad].probabilities.is_none());
+    let q = site.quarantine();
+    assert_eq!(std::fs::read(q.join(bad)).unwrap(), junk);
+    let reason = std::fs::read_to_string(q.join(format!("{bad}.reason"))).unwrap();
+    assert!(
+        reason.contains("not an image") && reason.contains(&format!("id: {bad}")),
+        "{reason}"
+    );
+    assert!(!q.join(&ids[0]).exists() && !q.join(&ids[1]).exists());
     assert_eq!(site.pending_files(), Vec::<String>::new());
 }
 

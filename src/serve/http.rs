@@ -4,14 +4,19 @@
 //! acknowledged image survives a crash; `?wait=true` then waits for its prediction.
 //! `GET /v1/predictions/{id}` reports a recent result, `GET /metrics` the Prometheus text,
 //! `GET /healthz` liveness and `GET /readyz` readiness (model loaded, not draining).
+//!
+//! `POST /v1/images` with `Content-Type: multipart/form-data` carries several images, one per
+//! part (see [`upload_multipart`]): each part is spooled like a single upload, and the answer
+//! lists every part as accepted or rejected.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::multipart::MultipartError;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -171,6 +176,9 @@ async fn upload(
         Ok(q) => q,
         Err(e) => return reject(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
     };
+    if is_multipart(&headers) {
+        return upload_multipart(&state, query, &headers, request).await;
+    }
 
     // The id: `?id=` or `X-Image-Id`, validated (never silently altered), else a fresh one.
     let header_id = match headers.get(ID_HEADER).map(|v| v.to_str()) {
@@ -304,6 +312,266 @@ async fn upload(
         )
             .into_response(),
     }
+}
+
+/// True for a `multipart/form-data` body (several images, one per part); any other body is
+/// one image.
+fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("multipart/form-data"))
+}
+
+/// One part of a multipart upload, as read from the body.
+struct Part {
+    /// The form field name: the image id when it is a valid id used by no other part.
+    field_name: Option<String>,
+    /// The part's filename: the image's original name (for the record only).
+    file_name: String,
+    bytes: Bytes,
+}
+
+/// The id of each part: its field name when that is a valid id ([`spool::sanitize_id`]) that no
+/// other part of the request uses, else a fresh [`spool::new_id`]. A name shared by several
+/// parts is a form field (`curl -F file=@a.jpg -F file=@b.jpg`), not an id: taking it would
+/// make the later parts duplicates of the first.
+fn part_ids<'a>(field_names: impl Iterator<Item = Option<&'a str>> + Clone) -> Vec<String> {
+    let mut uses = std::collections::HashMap::<&str, usize>::new();
+    for name in field_names.clone().flatten() {
+        *uses.entry(name).or_default() += 1;
+    }
+    field_names
+        .map(|name| match name {
+            Some(n) if uses[n] == 1 => spool::sanitize_id(n).unwrap_or_else(|_| spool::new_id()),
+            _ => spool::new_id(),
+        })
+        .collect()
+}
+
+fn multipart_error(cfg: &HttpConfig, e: MultipartError) -> Response {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "body larger than http.max_body_bytes = {}",
+                cfg.max_body_bytes
+            ),
+        );
+    }
+    reject(e.status(), "bad_multipart", e.body_text())
+}
+
+/// What became of one part.
+enum PartOutcome {
+    Accepted { duplicate: bool },
+    Rejected(String),
+}
+
+/// `POST /v1/images` with a `multipart/form-data` body: one image per part.
+///
+/// The whole body is read first (it is bounded by `max_body_bytes`, 413 beyond, as a single
+/// upload is), so a body that is too large or malformed spools nothing. A part that is empty,
+/// or whose filename holds control characters, is rejected on its own (its entry says why);
+/// no single part can exceed `max_body_bytes` without the whole body doing so, so "too large"
+/// is the whole request's 413. Backpressure is all or nothing: under `reject`, unless the
+/// ingest queue has room for every acceptable part the request gets 503 with Retry-After and
+/// nothing is spooled (more parts than the queue holds at all: 413, as retrying cannot help).
+/// Every accepted part is spooled (fsynced) before the answer, 202 JSON
+/// `{"images": [{"id", "name", "status": "accepted" | "rejected", "error"?, "duplicate"?}]}` in
+/// part order; when no part is accepted the same list comes with 400 (or 500 when the spool
+/// failed). `?id=`, `?name=`, `?wait=` and `X-Image-Id` belong to single uploads: 400 here.
+async fn upload_multipart(
+    state: &HttpState,
+    query: UploadQuery,
+    headers: &HeaderMap,
+    request: Request,
+) -> Response {
+    if query.id.is_some() || query.name.is_some() || query.wait || headers.contains_key(ID_HEADER) {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "a multipart upload takes each id from its part's name and each name from its part's \
+             filename: ?id=, ?name=, ?wait= and X-Image-Id are for single uploads",
+        );
+    }
+    if state.ingest.is_closed() {
+        metrics::counter!(STAGE_ERRORS, "stage" => "http", "reason" => "draining").increment(1);
+        return unavailable(&state.cfg, "draining", "the pipeline is shutting down");
+    }
+    let refusing = state.cfg.backpressure == Backpressure::Reject;
+    // A full queue refuses before the body is read (the room for every part is checked below).
+    if refusing && state.ingest.is_full() {
+        metrics::counter!(STAGE_DROPPED, "stage" => "http").increment(1);
+        return unavailable(&state.cfg, "busy", "ingest queue full: retry later");
+    }
+
+    let mut multipart = match Multipart::from_request(request, &()).await {
+        Ok(m) => m,
+        Err(e) => return reject(e.status(), "bad_multipart", e.body_text()),
+    };
+    let mut parts = Vec::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => return multipart_error(&state.cfg, e),
+        };
+        let field_name = field.name().map(str::to_string);
+        let file_name = field.file_name().unwrap_or_default().to_string();
+        match field.bytes().await {
+            Ok(bytes) => parts.push(Part {
+                field_name,
+                file_name,
+                bytes,
+            }),
+            Err(e) => return multipart_error(&state.cfg, e),
+        }
+    }
+    if parts.is_empty() {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "empty_body",
+            "a multipart upload without parts: send one image per part",
+        );
+    }
+
+    let ids = part_ids(parts.iter().map(|p| p.field_name.as_deref()));
+    let mut outcomes: Vec<Option<PartOutcome>> = Vec::with_capacity(parts.len());
+    let mut to_spool = Vec::new();
+    for (i, (part, id)) in parts.iter().zip(&ids).enumerate() {
+        let problem = if part.bytes.is_empty() {
+            Some(("empty_part", "empty part: send the image bytes"))
+        } else if part.file_name.chars().any(char::is_control) {
+            Some((
+                "bad_name",
+                "the part's filename must not contain control characters",
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some((reason, message)) => {
+                metrics::counter!(STAGE_ERRORS, "stage" => "http", "reason" => reason).increment(1);
+                outcomes.push(Some(PartOutcome::Rejected(message.to_string())));
+            }
+            None => {
+                outcomes.push(None);
+                to_spool.push((i, id.clone(), part.file_name.clone(), part.bytes.clone()));
+            }
+        }
+    }
+
+    // Room for all of them, or none is spooled.
+    if refusing && !to_spool.is_empty() {
+        if let Some(capacity) = state.ingest.capacity() {
+            if to_spool.len() > capacity {
+                return reject(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_many_parts",
+                    format!(
+                        "{} images in one request, more than the ingest queue holds \
+                         (queue.ingest = {capacity}): send fewer per request",
+                        to_spool.len()
+                    ),
+                );
+            }
+            if capacity.saturating_sub(state.ingest.len()) < to_spool.len() {
+                metrics::counter!(STAGE_DROPPED, "stage" => "http")
+                    .increment(to_spool.len() as u64);
+                return unavailable(
+                    &state.cfg,
+                    "busy",
+                    "ingest queue has no room for all the images: retry later",
+                );
+            }
+        }
+    }
+
+    // Durable before acknowledged, one part after the other, off the async workers.
+    let spool = state.spool.clone();
+    let spooled = tokio::task::spawn_blocking(move || {
+        to_spool
+            .into_iter()
+            .map(|(i, id, name, bytes)| {
+                let already = spool.contains(&id);
+                let result = spool.accept(&id, SOURCE, &name, &bytes);
+                (i, id, result.map(|entry| (entry, already)))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let spooled = match spooled {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "spool task failed");
+            return reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "spool",
+                "cannot spool the images",
+            );
+        }
+    };
+    let mut spool_failed = false;
+    for (i, id, result) in spooled {
+        outcomes[i] = Some(match result {
+            Ok((entry, duplicate)) => {
+                metrics::counter!(STAGE_RECEIVED, "stage" => "http").increment(1);
+                // An id already pending is already on its way through the pipeline.
+                if !duplicate {
+                    if let Err(e) = state.ingest.send(entry).await {
+                        tracing::warn!(id = %e.0.id, "ingest queue closed; the image stays in the spool for the next start");
+                    }
+                }
+                PartOutcome::Accepted { duplicate }
+            }
+            Err(e) => {
+                tracing::error!(id = %id, error = %e, "cannot spool an upload");
+                metrics::counter!(STAGE_ERRORS, "stage" => "http", "reason" => "spool")
+                    .increment(1);
+                spool_failed = true;
+                PartOutcome::Rejected(format!("cannot spool the image: {e}"))
+            }
+        });
+    }
+
+    let mut any_accepted = false;
+    let images: Vec<serde_json::Value> = parts
+        .iter()
+        .zip(&ids)
+        .zip(outcomes)
+        .map(|((part, id), outcome)| {
+            let mut entry = json!({ "id": id, "name": part.file_name });
+            match outcome.expect("every part has an outcome") {
+                PartOutcome::Accepted { duplicate } => {
+                    any_accepted = true;
+                    entry["status"] = json!("accepted");
+                    if duplicate {
+                        entry["duplicate"] = json!(true);
+                    }
+                }
+                PartOutcome::Rejected(error) => {
+                    entry["status"] = json!("rejected");
+                    entry["error"] = json!(error);
+                }
+            }
+            entry
+        })
+        .collect();
+    let status = if any_accepted {
+        StatusCode::ACCEPTED
+    } else if spool_failed {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let mut body = json!({ "images": images });
+    if !any_accepted {
+        body["error"] = json!("no image in the request was accepted");
+    }
+    (status, Json(body)).into_response()
 }
 
 async fn prediction(
@@ -779,6 +1047,255 @@ mod tests {
             text.contains("plankton_stage_received_total{stage=\"http\"} 3"),
             "{text}"
         );
+    }
+
+    const BOUNDARY: &str = "XyZ-boundary-42";
+
+    /// A `multipart/form-data` body: (field name, filename, bytes) per part.
+    fn multipart_body(parts: &[(Option<&str>, Option<&str>, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (name, file, bytes) in parts {
+            body.extend_from_slice(
+                format!("--{BOUNDARY}\r\nContent-Disposition: form-data").as_bytes(),
+            );
+            if let Some(n) = name {
+                body.extend_from_slice(format!("; name=\"{n}\"").as_bytes());
+            }
+            if let Some(f) = file {
+                body.extend_from_slice(format!("; filename=\"{f}\"").as_bytes());
+            }
+            body.extend_from_slice(b"\r\nContent-Type: application/octet-stream\r\n\r\n");
+            body.extend_from_slice(bytes);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+        body
+    }
+
+    fn multipart_req(uri: &str, body: Vec<u8>) -> Request {
+        post_req(uri)
+            .header(
+                header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn multipart_spools_each_part_and_rejects_empty_ones_alone() {
+        let f = fixture(HttpConfig::default(), None, 8);
+        let body = multipart_body(&[
+            (Some("mp-1"), Some("a.jpg"), b"aaa"),
+            (Some("file"), Some("b.jpg"), b"bbb"),
+            (Some("file"), Some("c.jpg"), b"ccc"),
+            (Some("../x"), Some("d.jpg"), b"ddd"),
+            (Some("mp-empty"), Some("e.jpg"), b""),
+            (None, None, b"fff"),
+        ]);
+        let (status, _, json, text) = call(&f.state, multipart_req("/v1/images", body)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+        let images = json["images"].as_array().unwrap();
+        assert_eq!(images.len(), 6, "{json}");
+        let ids: Vec<&str> = images.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        // A valid, unshared field name is the id; shared or invalid names get fresh ids.
+        assert_eq!(ids[0], "mp-1");
+        assert_eq!(ids[4], "mp-empty");
+        for id in [ids[1], ids[2], ids[3], ids[5]] {
+            assert!(
+                !["file", "../x"].contains(&id) && spool::sanitize_id(id).is_ok(),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            ids.iter().collect::<std::collections::HashSet<_>>().len(),
+            6
+        );
+        let names: Vec<&str> = images.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", ""]);
+        for (i, e) in images.iter().enumerate() {
+            if i == 4 {
+                assert_eq!(e["status"], "rejected", "{e}");
+                assert!(e["error"].as_str().unwrap().contains("empty"), "{e}");
+                assert!(!f.state.spool.contains(ids[i]));
+            } else {
+                assert_eq!(e["status"], "accepted", "{e}");
+                assert!(e.get("error").is_none(), "{e}");
+            }
+        }
+        // Spooled and queued in part order, bytes and names as sent.
+        for (i, want) in [
+            (0, b"aaa"),
+            (1, b"bbb"),
+            (2, b"ccc"),
+            (3, b"ddd"),
+            (5, b"fff"),
+        ] {
+            let entry = f.rx.try_recv().unwrap();
+            assert_eq!((entry.id.as_str(), entry.source.as_str()), (ids[i], "http"));
+            assert_eq!(entry.original_name, names[i]);
+            assert_eq!(std::fs::read(&entry.bytes_path).unwrap(), want);
+            assert!(f.state.spool.contains(ids[i]));
+        }
+        assert!(f.rx.is_empty());
+
+        // The same id again while pending: accepted as a duplicate, not queued twice.
+        let body = multipart_body(&[(Some("mp-1"), Some("a.jpg"), b"aaa")]);
+        let (status, _, json, _) = call(&f.state, multipart_req("/v1/images", body)).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(
+            json,
+            json!({"images": [{"id": "mp-1", "name": "a.jpg", "status": "accepted", "duplicate": true}]})
+        );
+        assert!(f.rx.is_empty());
+
+        // Nothing acceptable: 400 with the list; no parts at all: 400.
+        let body = multipart_body(&[(Some("z"), Some("z.jpg"), b"")]);
+        let (status, _, json, _) = call(&f.state, multipart_req("/v1/images", body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{json}");
+        assert_eq!(json["images"][0]["status"], "rejected");
+        let (status, _, _, _) =
+            call(&f.state, multipart_req("/v1/images", multipart_body(&[]))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(f.rx.is_empty() && !f.state.spool.contains("z"));
+    }
+
+    #[tokio::test]
+    async fn multipart_refuses_bad_requests_and_spools_nothing() {
+        let cfg = HttpConfig {
+            max_body_bytes: 400,
+            ..HttpConfig::default()
+        };
+        let f = fixture(cfg, Some("tok"), 8);
+        let before = files_under(&f.spool_dir);
+        let one = || multipart_body(&[(Some("q1"), Some("a.jpg"), b"aaa")]);
+        let authed = |uri: &str, body: Vec<u8>| {
+            let mut r = multipart_req(uri, body);
+            r.headers_mut().insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_static("Bearer tok"),
+            );
+            r
+        };
+        // No token.
+        assert_eq!(
+            call(&f.state, multipart_req("/v1/images", one())).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        // Single-upload parameters.
+        for uri in [
+            "/v1/images?id=x",
+            "/v1/images?name=n",
+            "/v1/images?wait=true",
+        ] {
+            let (status, _, json, _) = call(&f.state, authed(uri, one())).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
+        }
+        let mut r = authed("/v1/images", one());
+        r.headers_mut()
+            .insert(ID_HEADER, HeaderValue::from_static("x"));
+        assert_eq!(call(&f.state, r).await.0, StatusCode::BAD_REQUEST);
+        // Malformed: no closing boundary.
+        let mut cut = one();
+        cut.truncate(cut.len() - 10);
+        let (status, _, json, _) = call(&f.state, authed("/v1/images", cut)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{json}");
+        // The whole body over max_body_bytes, though each part is small: 413, none spooled.
+        let big = multipart_body(&[
+            (Some("q2"), Some("a.jpg"), &[1u8; 150]),
+            (Some("q3"), Some("b.jpg"), &[2u8; 150]),
+            (Some("q4"), Some("c.jpg"), &[3u8; 150]),
+        ]);
+        let (status, _, json, _) = call(&f.state, authed("/v1/images", big)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{json}");
+        assert!(f.rx.is_empty());
+        assert_eq!(files_under(&f.spool_dir), before);
+        // A raw body that merely mentions multipart elsewhere is still one image.
+        let r = post_req("/v1/images?id=raw")
+            .header(header::AUTHORIZATION, "Bearer tok")
+            .header(header::CONTENT_TYPE, "image/jpeg")
+            .body(Body::from("abc"))
+            .unwrap();
+        assert_eq!(call(&f.state, r).await.0, StatusCode::ACCEPTED);
+        assert_eq!(f.rx.try_recv().unwrap().id, "raw");
+    }
+
+    #[tokio::test]
+    async fn multipart_under_reject_needs_room_for_every_part() {
+        let cfg = HttpConfig {
+            retry_after_seconds: 5,
+            ..HttpConfig::default()
+        };
+        let f = fixture(cfg, None, 3);
+        assert_eq!(
+            call(&f.state, upload_req("/v1/images?id=first", b"abc"))
+                .await
+                .0,
+            StatusCode::ACCEPTED
+        );
+        let before = files_under(&f.spool_dir);
+        let three = || {
+            multipart_body(&[
+                (Some("r1"), None, b"1"),
+                (Some("r2"), None, b"2"),
+                (Some("r3"), None, b"3"),
+            ])
+        };
+        // Room for two, three sent: 503, none spooled.
+        let (status, headers, json, _) = call(&f.state, multipart_req("/v1/images", three())).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+        assert_eq!(headers[header::RETRY_AFTER], "5");
+        assert_eq!(json["status"], "busy");
+        assert_eq!(files_under(&f.spool_dir), before);
+        assert_eq!(f.rx.len(), 1);
+        // More than the queue ever holds: 413 (retrying cannot help).
+        let four = multipart_body(&[
+            (None, None, b"1"),
+            (None, None, b"2"),
+            (None, None, b"3"),
+            (None, None, b"4"),
+        ]);
+        let (status, _, json, _) = call(&f.state, multipart_req("/v1/images", four)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{json}");
+        assert_eq!(json["reason"], "too_many_parts");
+        assert_eq!(files_under(&f.spool_dir), before);
+        // Room again: all three accepted.
+        assert_eq!(f.rx.try_recv().unwrap().id, "first");
+        let (status, _, json, _) = call(&f.state, multipart_req("/v1/images", three())).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert_eq!(f.rx.len(), 3);
+    }
+
+    #[test]
+    fn part_ids_take_unique_valid_names_only() {
+        let names = [
+            Some("a"),
+            Some("file"),
+            None,
+            Some("file"),
+            Some("b/c"),
+            Some("d"),
+        ];
+        let ids = part_ids(names.iter().copied());
+        assert_eq!(ids[0], "a");
+        assert_eq!(ids[5], "d");
+        for id in &ids[1..5] {
+            assert!(!["file", "b/c", "a", "d"].contains(&id.as_str()));
+            assert!(spool::sanitize_id(id).is_ok(), "{id}");
+        }
+        assert!(is_multipart(&HeaderMap::from_iter([(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Multipart/Form-Data ; boundary=x"),
+        )])));
+        for ct in [
+            "image/jpeg",
+            "multipart/mixed; boundary=x",
+            "application/octet-stream",
+        ] {
+            let h = HeaderMap::from_iter([(header::CONTENT_TYPE, HeaderValue::from_static(ct))]);
+            assert!(!is_multipart(&h), "{ct}");
+        }
+        assert!(!is_multipart(&HeaderMap::new()));
     }
 
     #[tokio::test]
