@@ -3,6 +3,7 @@ pub mod config;
 pub mod data_path;
 pub mod demo;
 pub mod evaluate;
+pub mod features;
 pub mod imgproc;
 pub mod model;
 pub mod npy;
