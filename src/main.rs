@@ -61,6 +61,23 @@ enum Command {
     /// Run the camera-ingest daemon: folder watch and HTTP upload in, rolling Parquet out,
     /// Prometheus /metrics. SIGTERM/SIGINT drain and exit; SIGHUP reloads the model.
     Serve(ServeArgs),
+    /// Image features for late fusion (raw size, moments, Hu, Haralick) into a Parquet file.
+    Features(FeaturesArgs),
+}
+
+#[derive(Args)]
+struct FeaturesArgs {
+    /// Dataset folders (train and test images), folders of images, or image files.
+    #[arg(long, required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Comma-separated: moments, hu, haralick.
+    #[arg(long, default_value = "moments,hu,haralick")]
+    set: String,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -470,6 +487,40 @@ async fn main() -> Result<()> {
         Command::Train(a) => train(a).await,
         Command::Predict(a) => predict(a).await,
         Command::Serve(a) => serve(a).await,
+        Command::Features(a) => {
+            use plankton::features::job::{self, FeatureSet, FeaturesOptions};
+            let opts = FeaturesOptions {
+                data: a.data,
+                out: a.out,
+                sets: FeatureSet::parse_list(&a.set)?,
+                threads: a.threads,
+                decode: Default::default(),
+            };
+            let s = tokio::task::spawn_blocking(move || {
+                let pb = progress(0, "features");
+                let r = job::run(&opts, |done, total| {
+                    pb.set_length(total as u64);
+                    pb.set_position(done as u64);
+                });
+                pb.finish_and_clear();
+                r.map(|s| (s, opts.out))
+            })
+            .await??;
+            let (s, out) = s;
+            for (p, r) in &s.failed {
+                tracing::warn!(path = %p.display(), reason = %r, "set aside");
+            }
+            println!(
+                "{} images x {} feature columns in {:.1} s ({:.0} images/s), {} set aside (rows kept with the reason) -> {}",
+                s.images,
+                s.columns,
+                s.seconds,
+                s.images as f64 / s.seconds.max(1e-9),
+                s.failed.len(),
+                out.display()
+            );
+            Ok(())
+        }
         Command::Evaluate(a) => {
             let s = plankton::evaluate::run(&a.predictions, &a.data, a.out.as_deref(), a.least_confident)?;
             print!("{}", evaluation_text(&s));

@@ -2,4 +2,5 @@
 //! uint8 image, separate from the plumbing so they can be tested and benchmarked alone.
 
 pub mod haralick;
+pub mod job;
 pub mod moments;
