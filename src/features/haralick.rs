@@ -123,8 +123,9 @@ pub fn try_haralick_raw(pixels: &[u8], rows: usize, cols: usize) -> Option<[[f64
         "haralick: image too large for 32-bit co-occurrence counts"
     );
     let levels = pixels.iter().fold(0u8, |m, &v| m.max(v)) as usize + 1;
-    // One-sided counts at [a * 256 + b] (fixed stride: no division to split an index), and the
-    // list of the entries made nonzero, so nothing below scans or clears all 256^2 cells.
+    // One-sided counts at [a * 256 + b] (fixed stride: no division to split an index), flags of
+    // the 16-cell blocks touched, and the list of the nonzero cells: only flagged blocks are
+    // scanned and only listed cells cleared, never all 256^2.
     let mut cmat: Box<[u32; 256 * 256]> = vec![0u32; 256 * 256].try_into().unwrap();
     let mut touched = [0u8; 256 * 256 / 16];
     let mut nonzero: Vec<u16> = Vec::with_capacity(pixels.len().min(levels * levels));
