@@ -551,14 +551,7 @@ async fn main() -> Result<()> {
 }
 
 fn parse_device(s: &str) -> Result<tch::Device> {
-    match s {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(tch::Device::Cuda(i)),
-            _ => bail!("--device {s}: expected cpu, cuda or cuda:N"),
-        },
-    }
+    plankton::train::parse_device(s).map_err(|e| anyhow::anyhow!("--device: {e}"))
 }
 
 fn evaluation_text(s: &plankton::evaluate::EvaluateSummary) -> String {

@@ -133,14 +133,7 @@ impl Running {
 
 pub fn load_model(cfg: &ServeConfig) -> Result<LoadedModel, PredictError> {
     let weights: Weights = cfg.weights.parse().expect("infallible");
-    let device = match cfg.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Device::Cuda(i),
-            _ => return Err(PredictError::Input(format!("device `{d}`: expected cpu, cuda or cuda:N"))),
-        },
-    };
+    let device = crate::train::parse_device(&cfg.device).map_err(PredictError::Input)?;
     LoadedModel::load(&cfg.model, &weights, device, true)
 }
 
@@ -453,6 +446,7 @@ impl WriterCtx {
         let mut seq = 0u64;
         let mut open: Option<OpenFile> = None;
         let k = self.cfg.output.top_k.min(self.class_names.len());
+        let mut last_rss = Instant::now() - Duration::from_secs(1);
         loop {
             // Wake up at the roll deadline even when no rows come.
             let row = match &open {
@@ -509,8 +503,12 @@ impl WriterCtx {
             f.ids.push(row.entry.id);
             self.results.publish(served);
             metrics::counter!(telemetry::STAGE_SENT, "stage" => "writer").increment(1);
-            if let Some(rss) = telemetry::current_rss_bytes() {
-                metrics::gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);
+            // Reading /proc costs a syscall and a parse: once a second is enough for a gauge.
+            if last_rss.elapsed() >= Duration::from_secs(1) {
+                last_rss = Instant::now();
+                if let Some(rss) = telemetry::current_rss_bytes() {
+                    metrics::gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);
+                }
             }
             if f.ids.len() >= self.cfg.output.roll_rows {
                 self.finish(open.take().expect("open"));

@@ -99,6 +99,18 @@ pub struct TrainSummary {
     pub failures: Vec<Failure>,
 }
 
+/// `cpu`, `cuda` or `cuda:N`, as the CLI and the daemon config spell devices.
+pub fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(Device::Cuda(i)),
+            _ => Err(format!("device `{s}`: expected cpu, cuda or cuda:N")),
+        },
+    }
+}
+
 /// Checks that the device exists in this build (a CPU-only build has no CUDA).
 pub fn check_device(device: Device) -> Result<(), TrainError> {
     if let Device::Cuda(i) = device {
@@ -521,5 +533,20 @@ impl Window {
             batch_wait_fraction: self.wait.as_secs_f64() / wall,
             elapsed_seconds: elapsed,
         }
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_device("cpu"), Ok(Device::Cpu));
+        assert_eq!(parse_device("cuda"), Ok(Device::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(Device::Cuda(3)));
+        let err = parse_device("gpu0").unwrap_err();
+        assert!(err.contains("gpu0") && err.contains("cuda:N"), "{err}");
+        assert!(parse_device("cuda:x").is_err());
     }
 }
