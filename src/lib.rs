@@ -1,4 +1,5 @@
 //! plankton: plankton image classification as a streaming pipeline.
+pub mod blend;
 pub mod config;
 pub mod data_path;
 pub mod demo;
