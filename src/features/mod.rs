@@ -4,3 +4,4 @@
 pub mod haralick;
 pub mod job;
 pub mod moments;
+pub mod zernike;
