@@ -42,6 +42,8 @@ pub struct PipelineConfig {
     pub train: crate::train::TrainConfig,
     /// Test-time augmentation of `plankton predict`.
     pub tta: crate::predict::tta::TtaConfig,
+    /// Pseudo-labelled images mixed into training batches (off unless `predictions` is set).
+    pub pseudo: crate::train::pseudo::PseudoConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -353,6 +355,11 @@ impl PipelineConfig {
         if self.batch.size == 0 {
             return bad("batch.size must be > 0".into());
         }
+        if self.pseudo.predictions.is_some() {
+            if let Err(message) = self.pseudo.batch_split(self.batch.size) {
+                return bad(message);
+            }
+        }
         if self.zmuv.samples == 0 {
             return bad("zmuv.samples must be > 0".into());
         }
@@ -374,6 +381,7 @@ impl PipelineConfig {
             .validate()
             .and_then(|_| self.train.validate())
             .and_then(|_| self.tta.validate())
+            .and_then(|_| self.pseudo.validate())
         {
             return bad(message);
         }

@@ -43,6 +43,9 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Steps between structured log lines when no terminal shows a progress bar.
     pub log_every: u64,
+    /// Dropout while training. The reference switched it off for its final pseudo-labelled
+    /// models: the soft targets regularise enough.
+    pub dropout: bool,
 }
 
 impl Default for TrainConfig {
@@ -64,6 +67,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             threads: 0,
             log_every: 100,
+            dropout: true,
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod curve;
 pub mod optimizer;
+pub mod pseudo;
 pub mod run_dir;
 
 use std::path::{Path, PathBuf};
@@ -77,7 +78,7 @@ pub struct TrainOptions {
 /// Progress reported while training.
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
-    Started { start_step: u64, total_steps: u64, train_images: usize, valid_images: usize, parameters: usize },
+    Started { start_step: u64, total_steps: u64, train_images: usize, valid_images: usize, pseudo_images: usize, parameters: usize },
     Step { step: u64, total_steps: u64, loss: f64, learning_rate: f64, images_per_second: f64, epoch: u64 },
     Validated(HistoryRow),
     Checkpointed { step: u64, path: PathBuf },
@@ -183,12 +184,74 @@ pub fn predict_probabilities(
 pub fn train_step(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor], labels: &Tensor, lr: f64) -> f64 {
     let logits = net.forward_t(inputs, true);
     let loss = logits.cross_entropy_for_logits(labels);
+    apply_loss(net, optimizer, loss, lr)
+}
+
+/// One step on soft targets (`N x C` rows summing to 1): the cross-entropy
+/// `-sum_c t_c log softmax(z)_c`, which equals the usual loss on one-hot rows, so labelled and
+/// pseudo-labelled images share one batch. `dropout = false` trains with dropout off.
+pub fn train_step_soft(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor], targets: &Tensor, lr: f64, dropout: bool) -> f64 {
+    let logits = net.forward_t(inputs, dropout);
+    let loss = -(targets * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
+    apply_loss(net, optimizer, loss, lr)
+}
+
+fn apply_loss(net: &mut Network, optimizer: &mut Optimizer, loss: Tensor, lr: f64) -> f64 {
     loss.backward();
     let value = loss.double_value(&[]);
     if value.is_finite() {
         optimizer.step(&mut net.params, lr);
     }
     value
+}
+
+/// Salt of the pseudo-labelled loader's random streams, so its shuffling and augmentation are
+/// independent of the labelled loader's.
+const PSEUDO_SEED_SALT: u64 = 0x7073_6575_646f;
+
+/// The pseudo-labelled part of training: its loader and targets.
+struct PseudoFeed {
+    set: pseudo::PseudoSet,
+    cfg: PipelineConfig,
+    loader: Loader,
+}
+
+impl PseudoFeed {
+    fn batches_per_epoch(&self) -> u64 {
+        (self.set.len() / self.cfg.batch.size).max(1) as u64
+    }
+
+    /// The loader positioned where step `step` of the run reads: one pseudo batch per step, so
+    /// a resumed run reads the same pseudo batches as an uninterrupted one.
+    fn spawn(set: &pseudo::PseudoSet, cfg: &PipelineConfig, zmuv: &[Zmuv], step: u64, remaining: u64, rt: &tokio::runtime::Handle) -> Result<Loader, TrainError> {
+        let per_epoch = (set.len() / cfg.batch.size).max(1) as u64;
+        spawn_train_loader(cfg, &set.records, zmuv, step / per_epoch, step % per_epoch, remaining, rt)
+    }
+
+    fn next(&mut self, step: u64, remaining: u64, zmuv: &[Zmuv], rt: &tokio::runtime::Handle, failures: &mut Vec<Failure>) -> Result<Batch, TrainError> {
+        for _ in 0..3 {
+            if let Some(b) = rt.block_on(self.loader.next_batch()) {
+                return Ok(b);
+            }
+            let loader = Self::spawn(&self.set, &self.cfg, zmuv, step.div_ceil(self.batches_per_epoch()) * self.batches_per_epoch(), remaining, rt)?;
+            let s = rt.block_on(std::mem::replace(&mut self.loader, loader).finish())?;
+            merge_failures(failures, s.failures);
+        }
+        Err(TrainError::Config("the pseudo-labelled images yield no batches (are they all unreadable?)".into()))
+    }
+
+    /// Targets of a mixed batch: one-hot rows for the labelled part, then the soft rows.
+    fn targets(&self, labelled: &Batch, pseudo: &Batch, classes: usize) -> Tensor {
+        let mut t = vec![0f32; (labelled.len + pseudo.len) * classes];
+        for (i, &l) in labelled.labels[..labelled.len].iter().enumerate() {
+            t[i * classes + l as usize] = 1.0;
+        }
+        for (i, &r) in pseudo.record_indices[..pseudo.len].iter().enumerate() {
+            let row = labelled.len + i;
+            t[row * classes..(row + 1) * classes].copy_from_slice(self.set.target(r));
+        }
+        Tensor::from_slice(&t).view([(labelled.len + pseudo.len) as i64, classes as i64])
+    }
 }
 
 fn batch_inputs(batch: &Batch, device: Device) -> Vec<Tensor> {
@@ -209,6 +272,7 @@ struct Prepared {
     optimizer: Optimizer,
     state: TrainState,
     history: Vec<HistoryRow>,
+    pseudo: Option<pseudo::PseudoSet>,
 }
 
 fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Result<Prepared, TrainError> {
@@ -272,6 +336,17 @@ fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Re
     }
     let train = subset(&ds, &split.train);
     let valid = subset(&ds, &split.valid);
+    let pseudo = pseudo::load(&cfg.pseudo, &ds)?;
+    if let Some(p) = &pseudo {
+        tracing::info!(
+            images = p.len(),
+            failed_rows = p.failed_rows,
+            labelled_rows = p.labelled_rows,
+            other_shards = p.other_shards,
+            fraction = cfg.pseudo.fraction,
+            "pseudo-labelled images"
+        );
+    }
 
     let zmuv = if opts.resume {
         ZmuvStats::load(&run.zmuv())?
@@ -307,7 +382,7 @@ fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Re
     } else if opts.resume {
         tracing::warn!(run = %run.root.display(), "no checkpoint yet: starting from step 0");
     }
-    Ok(Prepared { cfg, train, valid, zmuv: zmuv.inputs, net, optimizer, state, history })
+    Ok(Prepared { cfg, train, valid, zmuv: zmuv.inputs, net, optimizer, state, history, pseudo })
 }
 
 /// Spawns the training loader at `epoch`, skipping the `skip` batches of that epoch already
@@ -345,7 +420,7 @@ pub fn run(
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary, TrainError> {
     let run = RunDir::new(&opts.out);
-    let Prepared { cfg, train, valid, zmuv, mut net, mut optimizer, mut state, mut history } = prepare(opts, &run, rt)?;
+    let Prepared { cfg, train, valid, zmuv, mut net, mut optimizer, mut state, mut history, pseudo } = prepare(opts, &run, rt)?;
     let tc = &cfg.train;
     if tc.threads > 0 {
         tch::set_num_threads(tc.threads as i32);
@@ -356,13 +431,31 @@ pub fn run(
         total_steps: tc.steps,
         train_images: train.len(),
         valid_images: valid.len(),
+        pseudo_images: pseudo.as_ref().map_or(0, |p| p.len()),
         parameters: net.parameter_count(),
     });
 
     let step_seconds = metrics::histogram!(telemetry::TRAIN_STEP_SECONDS);
     let images_total = metrics::counter!(telemetry::TRAIN_IMAGES);
     let mut failures: Vec<Failure> = Vec::new();
-    let mut loader = spawn_train_loader(&cfg, &train, &zmuv, state.epoch, state.batches_in_epoch, tc.steps - state.step.min(tc.steps), rt)?;
+    // With pseudo-labels each batch is `labelled_cfg.batch.size` labelled images followed by
+    // the pseudo loader's share.
+    let mut labelled_cfg = cfg.clone();
+    let mut feed = match pseudo {
+        Some(set) => {
+            let (n_labelled, n_pseudo) = cfg.pseudo.batch_split(cfg.batch.size).map_err(TrainError::Config)?;
+            labelled_cfg.batch.size = n_labelled;
+            let mut pcfg = cfg.clone();
+            pcfg.batch.size = n_pseudo;
+            pcfg.batch.drop_last = true;
+            pcfg.seed = mix64(cfg.seed ^ PSEUDO_SEED_SALT);
+            let loader = PseudoFeed::spawn(&set, &pcfg, &zmuv, state.step, tc.steps - state.step.min(tc.steps), rt)?;
+            Some(PseudoFeed { set, cfg: pcfg, loader })
+        }
+        None => None,
+    };
+    let cfg_for_labelled = labelled_cfg;
+    let mut loader = spawn_train_loader(&cfg_for_labelled, &train, &zmuv, state.epoch, state.batches_in_epoch, tc.steps - state.step.min(tc.steps), rt)?;
     let run_started = Instant::now();
     let elapsed_before = state.elapsed_seconds;
     let mut window = Window::default();
@@ -380,7 +473,7 @@ pub fn run(
                 // next epoch.
                 let s = rt.block_on(loader.finish())?;
                 merge_failures(&mut failures, s.failures);
-                loader = spawn_train_loader(&cfg, &train, &zmuv, state.epoch + 1, 0, tc.steps - state.step, rt)?;
+                loader = spawn_train_loader(&cfg_for_labelled, &train, &zmuv, state.epoch + 1, 0, tc.steps - state.step, rt)?;
                 continue;
             }
         };
@@ -393,18 +486,36 @@ pub fn run(
         let lr = tc.learning_rate_at(state.step);
         // Dropout masks depend only on (seed, step), so a resumed run draws the same ones.
         tch::manual_seed((mix64(cfg.seed ^ mix64(state.step.wrapping_add(1))) >> 1) as i64);
-        let inputs = batch_inputs(&batch, net.device);
-        let labels = batch.labels_tensor().to_device(net.device);
-        let loss_value = train_step(&mut net, &mut optimizer, &inputs, &labels, lr);
+        let mut images = batch.len as u64;
+        let loss_value = match feed.as_mut() {
+            None if tc.dropout => {
+                let inputs = batch_inputs(&batch, net.device);
+                let labels = batch.labels_tensor().to_device(net.device);
+                train_step(&mut net, &mut optimizer, &inputs, &labels, lr)
+            }
+            None => {
+                let inputs = batch_inputs(&batch, net.device);
+                let targets = batch.labels_tensor().one_hot(net.num_classes as i64).to_kind(Kind::Float).to_device(net.device);
+                train_step_soft(&mut net, &mut optimizer, &inputs, &targets, lr, false)
+            }
+            Some(feed) => {
+                let pb = feed.next(state.step, tc.steps - state.step, &zmuv, rt, &mut failures)?;
+                let inputs: Vec<Tensor> = (0..batch.inputs.len())
+                    .map(|k| Tensor::cat(&[batch.input_tensor(k), pb.input_tensor(k)], 0).to_device(net.device))
+                    .collect();
+                let targets = feed.targets(&batch, &pb, net.num_classes).to_device(net.device);
+                images += pb.len as u64;
+                train_step_soft(&mut net, &mut optimizer, &inputs, &targets, lr, tc.dropout)
+            }
+        };
         if !loss_value.is_finite() {
             return Err(TrainError::Diverged { step: state.step, loss: loss_value });
         }
         state.step += 1;
         state.batches_in_epoch += 1;
-        state.images_seen += batch.len as u64;
+        state.images_seen += images;
         state.optimizer_updates = optimizer.updates;
         let step_time = t_step.elapsed();
-        let images = batch.len as u64;
         drop(batch);
 
         total_wait += waited;
@@ -467,6 +578,10 @@ pub fn run(
     }
     let summary = rt.block_on(loader.finish())?;
     merge_failures(&mut failures, summary.failures);
+    if let Some(feed) = feed {
+        let s = rt.block_on(feed.loader.finish())?;
+        merge_failures(&mut failures, s.failures);
+    }
     if !stopped_early {
         net.save(&run.final_weights())?;
         if valid.is_empty() {
