@@ -4,6 +4,8 @@
 //!
 //! * `mahotas.features.zernike_moments(img, radius=20, degree=8)`
 //!   (tests/fixtures/features/zernike/gen_zernike_fixtures.py);
+//! * `mahotas.features.lbp(img, radius=20, points=7, ignore_zeros=False)`
+//!   (tests/fixtures/features/lbp/gen_lbp_fixtures.py);
 //!
 //! each on the real plankton images (their Pillow pixels, tests/fixtures/warp/<stem>.src.npy,
 //! since our JPEG decoder is not bit-identical to libjpeg-turbo) and on synthetic edge cases
@@ -12,10 +14,13 @@
 //!
 //! Tolerances: Zernike `|ours - mahotas| <= 1e-12 + 1e-10 |mahotas|` (the absolute floor is for
 //! moments that vanish by symmetry and come out as ~1e-17 rounding noise in both; values are
-//! O(0.01..3)).
+//! O(0.01..3)). LBP: exactly equal (integer counts).
 
 use std::path::{Path, PathBuf};
 
+use plankton::features::lbp::{
+    axis_map, lbp, lbp_raw, sample_shifts, try_lbp_raw, CODES, LBP_NAMES, POINTS,
+};
 use plankton::features::zernike::{
     center_of_mass, zernike, zernike_raw, DEGREE, ORDERS, RADIUS, ZERNIKE_NAMES,
 };
@@ -186,5 +191,105 @@ fn zernike_on_our_decode_is_finite_and_close() {
             .fold(0.0f64, f64::max);
         eprintln!("zernike {name:28} our decode: worst |diff| {worst:.2e}");
         assert!(worst < 5e-3, "{name}: {worst}");
+    }
+}
+
+#[test]
+fn lbp_sampling_positions_are_mahotas_ones() {
+    let exp = expected("lbp");
+    assert_eq!(
+        exp["radius"].as_f64().unwrap(),
+        plankton::features::lbp::RADIUS
+    );
+    assert_eq!(exp["points"].as_u64().unwrap() as usize, POINTS);
+    let codes: Vec<u8> = exp["codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u8)
+        .collect();
+    assert_eq!(codes, CODES);
+    assert_eq!(exp["names"].as_array().unwrap().len(), LBP_NAMES.len());
+    let theirs: Vec<(f64, f64)> = exp["shifts_bits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                f64::from_bits(p[0].as_u64().unwrap()),
+                f64::from_bits(p[1].as_u64().unwrap()),
+            )
+        })
+        .collect();
+    for (k, (ours, theirs)) in sample_shifts().iter().zip(&theirs).enumerate() {
+        // numpy's sin/cos may differ from libm's in the last bit; what matters is that the
+        // pixel read is the same, for every position along axes up to 1000 pixels.
+        assert!(
+            (ours.0 - theirs.0).abs() <= 1e-13 && (ours.1 - theirs.1).abs() <= 1e-13,
+            "angle {k}: {ours:?} vs numpy {theirs:?}"
+        );
+        for len in [1, 2, 19, 20, 21, 40, 41, 1000] {
+            assert_eq!(
+                axis_map(len, ours.0),
+                axis_map(len, theirs.0),
+                "angle {k} rows {len}"
+            );
+            assert_eq!(
+                axis_map(len, ours.1),
+                axis_map(len, theirs.1),
+                "angle {k} cols {len}"
+            );
+        }
+        if ours != theirs {
+            eprintln!("lbp angle {k}: shifts differ from numpy's in the last bits (same pixels)");
+        }
+    }
+}
+
+#[test]
+fn lbp_matches_mahotas_exactly_on_real_and_synthetic_images() {
+    let exp = expected("lbp");
+    let cases = exp["cases"].as_array().unwrap();
+    assert!(cases.iter().filter(|c| c["pixels"].is_string()).count() >= 8);
+    let mut compared = 0;
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let (px, rows, cols) = pixels("lbp", case);
+        let got = lbp_raw(&px, rows, cols);
+        if case["features"].is_null() {
+            assert!(
+                case["error"].as_str().unwrap().starts_with("ValueError"),
+                "{name}"
+            );
+            assert!(try_lbp_raw(&px, rows, cols).is_none(), "{name}");
+            assert!(got.iter().all(|v| v.is_nan()), "{name}");
+            continue;
+        }
+        let want = floats(&case["features"]);
+        assert_close(name, &LBP_NAMES, &got, &want, 0.0, 0.0);
+        assert_eq!(got.iter().sum::<f64>(), (rows * cols) as f64, "{name}");
+        let img = image::GrayImage::from_raw(cols as u32, rows as u32, px).unwrap();
+        assert_eq!(lbp(&img), got, "{name}");
+        compared += 1;
+    }
+    assert!(compared >= 21, "{compared}");
+}
+
+#[test]
+fn lbp_on_our_decode_is_close() {
+    // A 1-2 grey-level decode difference flips a comparison only where neighbour and centre
+    // are nearly equal (observed: at most 0.09% of the pixels change bin).
+    for (name, img, case) in decoded_real_cases("lbp") {
+        let got = lbp(&img);
+        let want = floats(&case["features"]);
+        let moved: f64 = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .sum::<f64>()
+            / 2.0;
+        let share = moved / (img.width() * img.height()) as f64;
+        eprintln!("lbp {name:28} our decode: {share:.4} of the pixels change bin");
+        assert!(share < 0.01, "{name}: {share}");
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod haralick;
 pub mod job;
+pub mod lbp;
 pub mod moments;
 pub mod zernike;
