@@ -9,6 +9,7 @@ pub mod imgproc;
 pub mod model;
 pub mod npy;
 pub mod predict;
+pub mod replay;
 pub mod rng;
 pub mod scoring;
 pub mod serve;

@@ -61,11 +61,30 @@ enum Command {
     /// Blend members' predictions: fit weights (softmax, L-BFGS on the validation log loss)
     /// with members chosen by cross-validation, or apply the weights of an earlier fit.
     Blend(BlendArgs),
+    /// The whole reference solution on a dataset folder, resumable: train the members, TTA,
+    /// features, fusion, blend, pseudo-label round, submission, and the score of every stage.
+    Replay(ReplayArgs),
     /// Run the camera-ingest daemon: folder watch and HTTP upload in, rolling Parquet out,
     /// Prometheus /metrics. SIGTERM/SIGINT drain and exit; SIGHUP reloads the model.
     Serve(ServeArgs),
     /// Image features for late fusion (raw size, moments, Hu, Haralick) into a Parquet file.
     Features(FeaturesArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The replay file (see pipelines/replay-ndsb.toml).
+    #[arg(long)]
+    pipeline: PathBuf,
+    /// Dataset folder in the competition layout (train/<class>/, test/).
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder; rerunning with the same folder skips the steps already done.
+    #[arg(long)]
+    out: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -528,6 +547,7 @@ async fn main() -> Result<()> {
         Command::Train(a) => train(a).await,
         Command::Predict(a) => predict(a).await,
         Command::Serve(a) => serve(a).await,
+        Command::Replay(a) => replay(a).await,
         Command::Features(a) => {
             use plankton::features::job::{self, FeatureSet, FeaturesOptions};
             let opts = FeaturesOptions {
@@ -887,6 +907,58 @@ fn spinner(what: &str) -> ProgressBar {
     pb.set_message(what.to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     pb
+}
+
+async fn replay(a: ReplayArgs) -> Result<()> {
+    use plankton::replay::{self, ReplayEvent, ReplayOptions};
+    let opts = ReplayOptions { replay_file: a.pipeline, data: a.data, out: a.out, device: parse_device(&a.device)? };
+    let handle = tokio::runtime::Handle::current();
+    let report = tokio::task::spawn_blocking(move || {
+        let mut pb: Option<ProgressBar> = None;
+        let mut on_event = |e: ReplayEvent| match e {
+            ReplayEvent::Started { steps } => {
+                let bar = progress(steps as u64, "replay");
+                bar.set_style(ProgressStyle::with_template("replay [{bar:30}] {pos}/{len} steps, {elapsed} {msg}").unwrap().progress_chars("=> "));
+                pb = Some(bar);
+            }
+            ReplayEvent::StepStarted { name, .. } => {
+                if let Some(bar) = &pb {
+                    bar.set_message(name);
+                }
+            }
+            ReplayEvent::StepSkipped { name, .. } | ReplayEvent::StepDone { name, .. } => {
+                if let Some(bar) = &pb {
+                    bar.inc(1);
+                    bar.println(format!("done: {name}"));
+                }
+            }
+            ReplayEvent::Train { name, event: plankton::train::TrainEvent::Step { step, total_steps, loss, .. } } => {
+                if let Some(bar) = &pb {
+                    bar.set_message(format!("train {name}: step {step}/{total_steps}, loss {loss:.4}"));
+                }
+            }
+            ReplayEvent::Train { name, event: plankton::train::TrainEvent::Validated(r) } => {
+                tracing::info!(member = %name, step = r.step, train_loss = r.train_loss, valid_loss = r.valid_loss, valid_top1 = r.valid_top1, "validated");
+            }
+            ReplayEvent::Train { .. } => {}
+        };
+        let r = replay::run(&opts, &handle, &mut on_event);
+        if let Some(bar) = pb {
+            bar.finish_and_clear();
+        }
+        r.map(|r| (r, opts.out))
+    })
+    .await??;
+    let (report, out) = report;
+    println!("{}", std::fs::read_to_string(out.join("report.md")).unwrap_or_default());
+    println!(
+        "{} steps run, {} skipped (outputs present); report: {}{}",
+        report.steps_run,
+        report.steps_skipped,
+        out.join("report.md").display(),
+        report.submission.map(|s| format!(", submission: {}", s.display())).unwrap_or_default()
+    );
+    Ok(())
 }
 
 fn progress(total: u64, what: &str) -> ProgressBar {

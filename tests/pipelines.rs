@@ -15,6 +15,11 @@ fn every_pipeline_file_is_valid() {
             if path.file_name().is_some_and(|n| n == "camera-daemon.toml") {
                 // A daemon config, not an image pipeline.
                 plankton::serve::config::ServeConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            } else if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("replay-")) {
+                // A replay chain: it and every member pipeline it names must load.
+                let cfg = plankton::replay::ReplayConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                let members = cfg.member_pipelines(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(members.len(), cfg.members.len());
             } else {
                 PipelineConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
             }
