@@ -215,9 +215,9 @@ mod tests {
             assert_eq!(name, format!("code_{c}"));
         }
         // Rotating a code never changes its class.
-        for v in 0..128usize {
-            let rot = ((v >> 1) | ((v & 1) << 6)) as usize;
-            assert_eq!(CANONICAL[v], CANONICAL[rot]);
+        for (v, &canon) in CANONICAL.iter().enumerate() {
+            let rot = (v >> 1) | ((v & 1) << 6);
+            assert_eq!(canon, CANONICAL[rot]);
         }
     }
 

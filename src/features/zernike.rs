@@ -201,9 +201,9 @@ fn radial_coefficients() -> [[f64; DEGREE / 2 + 1]; 25] {
     let fact = |k: usize| (1..=k).map(|i| i as f64).product::<f64>();
     let mut g = [[0.0; DEGREE / 2 + 1]; 25];
     for (j, &(n, l)) in ORDERS.iter().enumerate() {
-        for m in 0..=(n - l) / 2 {
+        for (m, gm) in g[j][..=(n - l) / 2].iter_mut().enumerate() {
             let sign = if m % 2 == 1 { -1.0 } else { 1.0 };
-            g[j][m] = sign * fact(n - m)
+            *gm = sign * fact(n - m)
                 / (fact(m) * fact((n - 2 * m + l) / 2) * fact((n - 2 * m - l) / 2));
         }
     }
