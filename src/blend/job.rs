@@ -647,7 +647,12 @@ impl FitSummary {
             r.members[r.best_single].single_log_loss,
             name(r.best_single)
         ));
-        t.push_str(&format!("wrote {} rows -> {}", r.rows, self.out.display()));
+        t.push_str(&format!(
+            "wrote {} rows ({}) -> {}",
+            r.rows,
+            r.model_id,
+            self.out.display()
+        ));
         if r.error_rows > 0 || r.unlabelled_rows > 0 {
             t.push_str(&format!(" ({} error rows not predicted by every member, {} blended rows without a known class)", r.error_rows, r.unlabelled_rows));
         }

@@ -72,9 +72,10 @@ impl Selection {
     }
 }
 
-/// A larger ensemble must beat a smaller one by this relative margin to be chosen, so that
-/// optimiser rounding never decides.
-const TIE: f64 = 1e-9;
+/// A larger ensemble must beat a smaller one by this relative margin to be chosen. Fits stop
+/// at a relative decrease of about 2e-9 (scipy's factr), so smaller differences are the
+/// optimiser's, not the members': a near-copy of a member already in must not be chosen on them.
+pub const TIE: f64 = 1e-6;
 
 /// Pooled held-out log loss of the ensemble `members` over `folds`.
 pub fn cv_log_loss(
