@@ -61,9 +61,6 @@ enum Command {
     /// Blend members' predictions: fit weights (softmax, L-BFGS on the validation log loss)
     /// with members chosen by cross-validation, or apply the weights of an earlier fit.
     Blend(BlendArgs),
-    /// Blend members' predictions: fit weights (softmax, L-BFGS on the validation log loss)
-    /// with members chosen by cross-validation, or apply the weights of an earlier fit.
-    Blend(BlendArgs),
     /// The whole reference solution on a dataset folder, resumable: train the members, TTA,
     /// features, fusion, blend, pseudo-label round, submission, and the score of every stage.
     Replay(ReplayArgs),
@@ -187,44 +184,6 @@ struct CalibrateArgs {
     /// Refuse to store a temperature fitted on fewer labelled images.
     #[arg(long, default_value_t = plankton::evaluate::MIN_CALIBRATION_IMAGES)]
     min_images: usize,
-}
-
-#[derive(Args)]
-struct BlendArgs {
-    /// Members' predictions: validation predictions to fit on; with --weights, the files to
-    /// blend (e.g. test predictions) in the weights file's member order.
-    #[arg(long, required = true, num_args = 1..)]
-    predictions: Vec<PathBuf>,
-    /// Dataset folder(s) holding the true classes (default: the files' `label` column).
-    #[arg(long, num_args = 1..)]
-    data: Vec<PathBuf>,
-    /// The blended predictions Parquet file to write.
-    #[arg(long)]
-    out: PathBuf,
-    /// Apply the weights of an earlier fit (its --weights-out) instead of fitting.
-    #[arg(long, conflicts_with_all = ["weights_out", "uniform", "select", "folds", "report", "data"])]
-    weights: Option<PathBuf>,
-    /// Where to store the fitted weights (for --weights).
-    #[arg(long)]
-    weights_out: Option<PathBuf>,
-    /// Equal weights instead of fitted ones.
-    #[arg(long)]
-    uniform: bool,
-    /// cv: greedy forward selection by K-fold CV on the validation images; all: every member.
-    #[arg(long, value_enum, default_value_t = plankton::blend::Select::Cv)]
-    select: plankton::blend::Select,
-    /// Folds of the selection's cross-validation.
-    #[arg(long, default_value_t = 5)]
-    folds: usize,
-    /// Write the fit (members, selection steps, weights, losses) as JSON.
-    #[arg(long)]
-    report: Option<PathBuf>,
-    /// With --weights: accept files of other models standing in for members (e.g. bagged ones).
-    #[arg(long, requires = "weights")]
-    allow_other_models: bool,
-    /// Classes listed per row in top_classes.
-    #[arg(long, default_value_t = 5)]
-    top_k: usize,
 }
 
 #[derive(Args)]
@@ -640,31 +599,6 @@ async fn main() -> Result<()> {
                 fit.ece_after,
                 plankton::train::RunDir::new(&a.model).calibration().display()
             );
-            Ok(())
-        }
-        Command::Blend(a) => {
-            use plankton::blend::{self, ApplyOptions, FitOptions, Weighting};
-            let pb = spinner("blending");
-            let text = match a.weights {
-                Some(w) => {
-                    let mut o = ApplyOptions::new(&w, a.predictions, &a.out);
-                    o.allow_other_models = a.allow_other_models;
-                    o.top_k = a.top_k;
-                    blend::apply(&o)?.render()
-                }
-                None => {
-                    let mut o = FitOptions::new(a.predictions, a.data, &a.out);
-                    o.weights_out = a.weights_out;
-                    o.report = a.report;
-                    o.select = a.select;
-                    o.weighting = if a.uniform { Weighting::Uniform } else { Weighting::Fitted };
-                    o.folds = a.folds;
-                    o.top_k = a.top_k;
-                    blend::fit(&o)?.render()
-                }
-            };
-            pb.finish_and_clear();
-            print!("{text}");
             Ok(())
         }
         Command::Blend(a) => {
