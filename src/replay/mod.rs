@@ -113,18 +113,31 @@ impl Layout {
     }
 }
 
-/// Runs steps, skipping those whose outputs are all present.
+/// Runs steps, skipping those whose outputs are all present — until one step runs: what
+/// follows may depend on its outputs, so from then on every step runs again (trainings
+/// excepted: a trained network depends only on its pipeline, data and split).
 struct Chain<'a> {
     on_event: &'a mut dyn FnMut(ReplayEvent),
     index: usize,
     ran: usize,
     skipped: usize,
+    dirty: bool,
 }
 
 impl Chain<'_> {
     fn step(&mut self, name: &str, outputs: &[PathBuf], f: impl FnOnce(&mut dyn FnMut(ReplayEvent)) -> Result<(), ReplayError>) -> Result<(), ReplayError> {
+        let dirty = self.dirty;
+        self.run_step(name, outputs, dirty, f)
+    }
+
+    /// A training step: skipped whenever its final weights exist.
+    fn train_step(&mut self, name: &str, outputs: &[PathBuf], f: impl FnOnce(&mut dyn FnMut(ReplayEvent)) -> Result<(), ReplayError>) -> Result<(), ReplayError> {
+        self.run_step(name, outputs, false, f)
+    }
+
+    fn run_step(&mut self, name: &str, outputs: &[PathBuf], force: bool, f: impl FnOnce(&mut dyn FnMut(ReplayEvent)) -> Result<(), ReplayError>) -> Result<(), ReplayError> {
         self.index += 1;
-        if !outputs.is_empty() && outputs.iter().all(|p| p.exists()) {
+        if !force && !outputs.is_empty() && outputs.iter().all(|p| p.exists()) {
             self.skipped += 1;
             tracing::info!(step = name, "outputs present: skipped");
             (self.on_event)(ReplayEvent::StepSkipped { index: self.index, name: name.into() });
@@ -137,6 +150,7 @@ impl Chain<'_> {
             return Err(ReplayError::Step { step: name.into(), message: format!("finished without writing {}", missing.display()) });
         }
         self.ran += 1;
+        self.dirty = true;
         let seconds = t.elapsed().as_secs_f64();
         tracing::info!(step = name, seconds, "step done");
         (self.on_event)(ReplayEvent::StepDone { index: self.index, name: name.into(), seconds });
@@ -262,7 +276,7 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
         + usize::from(pseudo_on) * (cfg.pseudo.members.len() * cfg.pseudo.shards + 1)
         + usize::from(has_test);
     on_event(ReplayEvent::Started { steps });
-    let mut chain = Chain { on_event, index: 0, ran: 0, skipped: 0 };
+    let mut chain = Chain { on_event, index: 0, ran: 0, skipped: 0, dirty: false };
 
     // One split for every member, so their validation predictions line up for the blend.
     chain.step("split", &std::iter::once(layout.split()).chain((1..=max_bags).map(|k| layout.bag_split(k))).collect::<Vec<_>>(), |_| {
@@ -275,10 +289,10 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     for (m, pcfg) in cfg.members.iter().zip(&pipelines) {
         let dir = layout.member(&m.name);
         let run = dir.join("run");
-        chain.step(&format!("train {}", m.name), &[RunDir::new(&run).final_weights()], |ev| train_member(&m.name, pcfg, data, &layout.split(), &run, device, rt, ev))?;
+        chain.train_step(&format!("train {}", m.name), &[RunDir::new(&run).final_weights()], |ev| train_member(&m.name, pcfg, data, &layout.split(), &run, device, rt, ev))?;
         for k in 1..=m.bagging {
             let bag_run = dir.join(format!("bag{k}"));
-            chain.step(&format!("train {} bag {k}", m.name), &[RunDir::new(&bag_run).final_weights()], |ev| {
+            chain.train_step(&format!("train {} bag {k}", m.name), &[RunDir::new(&bag_run).final_weights()], |ev| {
                 let mut c = pcfg.clone();
                 c.seed = crate::rng::mix64(pcfg.seed ^ k as u64);
                 train_member(&format!("{} bag {k}", m.name), &c, data, &layout.bag_split(k), &bag_run, device, rt, ev)
