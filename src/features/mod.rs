@@ -5,4 +5,5 @@ pub mod haralick;
 pub mod job;
 pub mod lbp;
 pub mod moments;
+pub mod tas;
 pub mod zernike;
