@@ -4,8 +4,9 @@
 //! core, in chunks so memory stays bounded, and written in listing order. Columns: `image_id`,
 //! `source_path`, `label` (when known), `rows`, `cols` (the raw size: informative, since size is
 //! proportional to the organism's), then one float64 column per feature value, named
-//! `<set>.<name>` (e.g. `moments.orientation`, `haralick.d0.contrast`), and `error`. The footer
-//! metadata `plankton.features` lists the sets and columns.
+//! `<set>.<name>` (e.g. `moments.orientation`, `haralick.d0.contrast`, `zernike.n2_l0`,
+//! `lbp.code_7`, `tas.band_out3`), and `error`. The footer metadata `plankton.features` lists
+//! the sets and columns.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
-use super::{haralick, moments};
+use super::{haralick, lbp, moments, tas, zernike};
 use crate::sources::{Dataset, ImageRecord};
 use crate::stages::decode::{decode_file, DecodeLimits};
 
@@ -28,7 +29,7 @@ use crate::stages::decode::{decode_file, DecodeLimits};
 pub enum FeaturesError {
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
-    #[error("unknown feature set `{0}` (known: moments, hu, haralick)")]
+    #[error("unknown feature set `{0}` (known: moments, hu, haralick, zernike, lbp, tas)")]
     UnknownSet(String),
     #[error(transparent)]
     Dataset(#[from] crate::sources::DatasetError),
@@ -45,6 +46,13 @@ pub enum FeatureSet {
     Hu,
     /// Haralick texture: 4 directions x 13.
     Haralick,
+    /// Zernike moments |Z_nl|, radius 20, degree 8: 25 (evaluated by the reference, unused).
+    Zernike,
+    /// Rotation-invariant local binary pattern counts, radius 20, 7 points: 20 (evaluated by
+    /// the reference, unused). All NaN only for an empty image, which decoding never yields.
+    Lbp,
+    /// Parameter-free threshold adjacency statistics: 54 (evaluated by the reference, unused).
+    Tas,
 }
 
 impl FeatureSet {
@@ -56,6 +64,9 @@ impl FeatureSet {
                 "moments" => Ok(FeatureSet::Moments),
                 "hu" => Ok(FeatureSet::Hu),
                 "haralick" => Ok(FeatureSet::Haralick),
+                "zernike" => Ok(FeatureSet::Zernike),
+                "lbp" => Ok(FeatureSet::Lbp),
+                "tas" => Ok(FeatureSet::Tas),
                 other => Err(FeaturesError::UnknownSet(other.to_string())),
             })
             .collect()
@@ -66,6 +77,9 @@ impl FeatureSet {
             FeatureSet::Moments => "moments",
             FeatureSet::Hu => "hu",
             FeatureSet::Haralick => "haralick",
+            FeatureSet::Zernike => "zernike",
+            FeatureSet::Lbp => "lbp",
+            FeatureSet::Tas => "tas",
         }
     }
 
@@ -74,6 +88,9 @@ impl FeatureSet {
             FeatureSet::Moments => moments::MOMENT_INFO_NAMES.iter().map(|n| format!("moments.{n}")).collect(),
             FeatureSet::Hu => moments::HU_NAMES.iter().map(|n| format!("hu.{n}")).collect(),
             FeatureSet::Haralick => (0..4).flat_map(|d| haralick::FEATURE_NAMES.iter().map(move |n| format!("haralick.d{d}.{n}"))).collect(),
+            FeatureSet::Zernike => zernike::ZERNIKE_NAMES.iter().map(|n| format!("zernike.{n}")).collect(),
+            FeatureSet::Lbp => lbp::LBP_NAMES.iter().map(|n| format!("lbp.{n}")).collect(),
+            FeatureSet::Tas => tas::TAS_NAMES.iter().map(|n| format!("tas.{n}")).collect(),
         }
     }
 
@@ -82,6 +99,9 @@ impl FeatureSet {
             FeatureSet::Moments => out.extend_from_slice(&moments::moment_info(img)),
             FeatureSet::Hu => out.extend_from_slice(&moments::hu_moments(img)),
             FeatureSet::Haralick => out.extend(haralick::haralick(img).iter().flatten()),
+            FeatureSet::Zernike => out.extend_from_slice(&zernike::zernike(img)),
+            FeatureSet::Lbp => out.extend_from_slice(&lbp::lbp(img)),
+            FeatureSet::Tas => out.extend_from_slice(&tas::pftas(img)),
         }
     }
 }
