@@ -349,20 +349,15 @@ struct Written {
     error_rows: usize,
 }
 
-/// Writes every aligned row: blended with `weights` where all members predicted it, an error
-/// row otherwise.
+/// Writes every aligned row into `w`: blended with `weights` where all members predicted it,
+/// an error row otherwise.
 fn write_blend(
-    out: &Path,
-    class_names: &[String],
-    model_id: &str,
-    metadata: &serde_json::Value,
-    top_k: usize,
+    mut w: PredictionWriter,
     members: &[Member],
     rows: &[Aligned],
     weights: &[f64],
     label_of: impl Fn(usize, &Aligned) -> Option<String>,
 ) -> Result<Written, BlendError> {
-    let mut w = PredictionWriter::create(out, class_names.to_vec(), model_id, metadata, top_k)?;
     let mut error_rows = 0;
     for (i, a) in rows.iter().enumerate() {
         let (probabilities, error) = match a.probabilities(members) {
@@ -512,21 +507,18 @@ pub fn fit(opts: &FitOptions) -> Result<FitSummary, BlendError> {
         "iterations": fit.iterations,
         "converged": fit.converged,
     });
-    let written = write_blend(
+    let writer = PredictionWriter::create(
         &opts.out,
-        &class_names,
+        class_names.clone(),
         &wf.model_id,
         &metadata(&wf, details),
         opts.top_k,
-        &members,
-        &rows,
-        &weights,
-        |i, a| {
-            label_of_row[i]
-                .map(|l| class_names[l].clone())
-                .or_else(|| a.row_label(&members))
-        },
     )?;
+    let written = write_blend(writer, &members, &rows, &weights, |i, a| {
+        label_of_row[i]
+            .map(|l| class_names[l].clone())
+            .or_else(|| a.row_label(&members))
+    })?;
     if let Some(p) = &opts.weights_out {
         wf.save(p)?;
     }
@@ -771,17 +763,16 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplySummary, BlendError> {
             "applied_to": opts.predictions,
         }),
     );
-    let written = write_blend(
+    let writer = PredictionWriter::create(
         &opts.out,
-        &wf.class_names,
+        wf.class_names.clone(),
         &wf.model_id,
         &meta,
         opts.top_k,
-        &members,
-        &rows,
-        &weights,
-        |_, a| a.row_label(&members),
     )?;
+    let written = write_blend(writer, &members, &rows, &weights, |_, a| {
+        a.row_label(&members)
+    })?;
 
     // Score the rows that carry their class (e.g. blended validation predictions).
     let index: HashMap<&str, usize> = wf

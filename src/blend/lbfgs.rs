@@ -126,7 +126,7 @@ where
         }
         two_loop(&history, &g, &mut d, &mut alpha);
         let mut slope = dot(&g, &d);
-        if !(slope < 0.0) {
+        if slope.is_nan() || slope >= 0.0 {
             // Rounding made the quasi-Newton direction useless: restart from steepest descent.
             history.clear();
             d.iter_mut().zip(&g).for_each(|(d, g)| *d = -g);
@@ -228,7 +228,7 @@ struct Trial {
 fn cubic_min(p: Trial, q: Trial) -> Option<f64> {
     let d1 = p.df + q.df - 3.0 * (p.f - q.f) / (p.a - q.a);
     let disc = d1 * d1 - p.df * q.df;
-    if !(disc >= 0.0) {
+    if disc.is_nan() || disc < 0.0 {
         return None;
     }
     let d2 = (q.a - p.a).signum() * disc.sqrt();

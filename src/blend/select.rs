@@ -127,8 +127,10 @@ pub fn forward_select(
         let (best, loss) = remaining
             .iter()
             .zip(&losses)
-            .fold(None::<(usize, f64)>, |acc, (&c, &l)| match acc {
-                Some((_, bl)) if !(l < bl) => acc,
+            // A NaN loss (a degenerate fold) ranks last.
+            .map(|(&c, &l)| (c, if l.is_nan() { f64::INFINITY } else { l }))
+            .fold(None::<(usize, f64)>, |acc, (c, l)| match acc {
+                Some((_, bl)) if l >= bl => acc,
                 _ => Some((c, l)),
             })
             .expect("a candidate");
