@@ -8,19 +8,11 @@
 //! `lbp.code_7`, `tas.band_out3`), and `error`. The footer metadata `plankton.features` lists
 //! the sets and columns.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
-use arrow::array::{ArrayRef, Float64Builder, StringBuilder, UInt32Builder};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
 use image::GrayImage;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
-use parquet::file::metadata::KeyValue;
-use parquet::file::properties::WriterProperties;
 
+use super::writer::{self, FeatureRow, FeatureWriter};
 use super::{haralick, lbp, moments, tas, zernike};
 use crate::sources::{Dataset, ImageRecord};
 use crate::stages::decode::{decode_file, DecodeLimits};
@@ -166,24 +158,6 @@ fn records(data: &[PathBuf]) -> Result<Vec<(ImageRecord, Option<String>)>, Featu
     Ok(out)
 }
 
-fn schema(columns: &[String], sets: &[FeatureSet]) -> SchemaRef {
-    let mut fields = vec![
-        Field::new("image_id", DataType::Utf8, false),
-        Field::new("source_path", DataType::Utf8, false),
-        Field::new("label", DataType::Utf8, true),
-        Field::new("rows", DataType::UInt32, true),
-        Field::new("cols", DataType::UInt32, true),
-    ];
-    fields.extend(columns.iter().map(|c| Field::new(c, DataType::Float64, true)));
-    fields.push(Field::new("error", DataType::Utf8, true));
-    let meta = serde_json::json!({
-        "sets": sets.iter().map(|s| s.name()).collect::<Vec<_>>(),
-        "columns": columns,
-        "plankton_version": env!("CARGO_PKG_VERSION"),
-    });
-    Arc::new(Schema::new_with_metadata(fields, [("plankton.features".to_string(), meta.to_string())].into_iter().collect::<std::collections::HashMap<String, String>>()))
-}
-
 type Computed = Result<(u32, u32, Vec<f64>), String>;
 
 /// Runs the job (blocking; uses `threads` worker threads, 0 = one per core).
@@ -196,100 +170,47 @@ pub fn run(opts: &FeaturesOptions, mut progress: impl FnMut(usize, usize)) -> Re
     if recs.is_empty() {
         return Err(FeaturesError::Input("no images found".into()));
     }
-    let columns: Vec<String> = opts.sets.iter().flat_map(|s| s.columns()).collect();
-    let schema = schema(&columns, &opts.sets);
-    let io = |p: &Path, e: String| FeaturesError::Io { path: p.to_path_buf(), message: e };
-    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e.to_string()))?;
-    }
-    let mut tmp = opts.out.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    let file = File::create(&tmp).map_err(|e| io(&tmp, e.to_string()))?;
-    let meta = schema.metadata().get("plankton.features").cloned().unwrap_or_default();
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_key_value_metadata(Some(vec![KeyValue::new("plankton.features".to_string(), meta)]))
-        .build();
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| io(&tmp, e.to_string()))?;
+    let columns = writer::columns(&opts.sets).len();
+    // Dropped on an error: the partial file goes with it.
+    let mut out = FeatureWriter::create(&opts.out, &opts.sets)?;
     let threads = if opts.threads > 0 { opts.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
     let mut failed = Vec::new();
     const CHUNK: usize = 512;
-    let result = (|| -> Result<(), FeaturesError> {
-        for (c, chunk) in recs.chunks(CHUNK).enumerate() {
-            let computed: Vec<Computed> = {
-                let next = std::sync::atomic::AtomicUsize::new(0);
-                let slots: Vec<std::sync::Mutex<Option<Computed>>> = (0..chunk.len()).map(|_| std::sync::Mutex::new(None)).collect();
-                std::thread::scope(|s| {
-                    for _ in 0..threads.min(chunk.len()) {
-                        s.spawn(|| loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if i >= chunk.len() {
-                                break;
-                            }
-                            let path = &chunk[i].0.path;
-                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                decode_file(path, &opts.decode).map_err(|e| e.to_string()).map(|img| {
-                                    let mut v = Vec::with_capacity(columns.len());
-                                    for set in &opts.sets {
-                                        set.compute(&img, &mut v);
-                                    }
-                                    (img.height(), img.width(), v)
-                                })
-                            }))
-                            .unwrap_or_else(|_| Err(format!("{}: feature computation panicked", path.display())));
-                            *slots[i].lock().unwrap() = Some(r);
-                        });
-                    }
-                });
-                slots.into_iter().map(|m| m.into_inner().unwrap().expect("computed")).collect()
-            };
-            let mut ids = StringBuilder::new();
-            let mut paths = StringBuilder::new();
-            let mut labels = StringBuilder::new();
-            let mut rows = UInt32Builder::new();
-            let mut cols = UInt32Builder::new();
-            let mut values: Vec<Float64Builder> = (0..columns.len()).map(|_| Float64Builder::new()).collect();
-            let mut errors = StringBuilder::new();
-            for ((rec, label), r) in chunk.iter().zip(computed) {
-                ids.append_value(&rec.id);
-                paths.append_value(rec.path.display().to_string());
-                labels.append_option(label.as_deref());
-                match r {
-                    Ok((h, w, v)) => {
-                        rows.append_value(h);
-                        cols.append_value(w);
-                        for (b, x) in values.iter_mut().zip(v) {
-                            b.append_value(x);
+    for (c, chunk) in recs.chunks(CHUNK).enumerate() {
+        let computed: Vec<Computed> = {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let slots: Vec<std::sync::Mutex<Option<Computed>>> = (0..chunk.len()).map(|_| std::sync::Mutex::new(None)).collect();
+            std::thread::scope(|s| {
+                for _ in 0..threads.min(chunk.len()) {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= chunk.len() {
+                            break;
                         }
-                        errors.append_null();
-                    }
-                    Err(e) => {
-                        rows.append_null();
-                        cols.append_null();
-                        for b in values.iter_mut() {
-                            b.append_null();
-                        }
-                        tracing::warn!(path = %rec.path.display(), reason = %e, "image set aside");
-                        errors.append_value(&e);
-                        failed.push((rec.path.clone(), e));
-                    }
+                        let path = &chunk[i].0.path;
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            decode_file(path, &opts.decode).map_err(|e| e.to_string()).map(|img| (img.height(), img.width(), writer::compute(&opts.sets, &img)))
+                        }))
+                        .unwrap_or_else(|_| Err(format!("{}: feature computation panicked", path.display())));
+                        *slots[i].lock().unwrap() = Some(r);
+                    });
                 }
-            }
-            let mut arrays: Vec<ArrayRef> = vec![Arc::new(ids.finish()), Arc::new(paths.finish()), Arc::new(labels.finish()), Arc::new(rows.finish()), Arc::new(cols.finish())];
-            arrays.extend(values.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-            arrays.push(Arc::new(errors.finish()));
-            let batch = RecordBatch::try_new(schema.clone(), arrays).expect("columns match the schema");
-            writer.write(&batch).map_err(|e| io(&tmp, e.to_string()))?;
-            progress(((c + 1) * CHUNK).min(recs.len()), recs.len());
+            });
+            slots.into_iter().map(|m| m.into_inner().unwrap().expect("computed")).collect()
+        };
+        for ((rec, label), r) in chunk.iter().zip(computed) {
+            let (size, values, error) = match r {
+                Ok((h, w, v)) => (Some((h, w)), Some(v), None),
+                Err(e) => {
+                    tracing::warn!(path = %rec.path.display(), reason = %e, "image set aside");
+                    failed.push((rec.path.clone(), e.clone()));
+                    (None, None, Some(e))
+                }
+            };
+            out.push(FeatureRow { image_id: rec.id.clone(), source_path: rec.path.display().to_string(), label: label.clone(), size, values, error })?;
         }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        progress(((c + 1) * CHUNK).min(recs.len()), recs.len());
     }
-    writer.close().map_err(|e| io(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, &opts.out).map_err(|e| io(&opts.out, e.to_string()))?;
-    Ok(FeaturesSummary { images: recs.len(), failed, columns: columns.len(), seconds: started.elapsed().as_secs_f64() })
+    out.finish()?;
+    Ok(FeaturesSummary { images: recs.len(), failed, columns, seconds: started.elapsed().as_secs_f64() })
 }

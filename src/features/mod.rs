@@ -6,4 +6,5 @@ pub mod job;
 pub mod lbp;
 pub mod moments;
 pub mod tas;
+pub mod writer;
 pub mod zernike;
