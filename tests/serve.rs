@@ -135,6 +135,8 @@ struct Cfg {
     roll_seconds: u64,
     retry_after_seconds: u64,
     sync_timeout_ms: u64,
+    /// `[output] features`, as a TOML array.
+    features: &'static str,
 }
 
 impl Cfg {
@@ -153,6 +155,7 @@ impl Cfg {
             roll_seconds: 600,
             retry_after_seconds: 1,
             sync_timeout_ms: 20_000,
+            features: "[]",
         }
     }
 }
@@ -212,6 +215,7 @@ dir = {out}
 roll_rows = {roll_rows}
 roll_seconds = {roll_seconds}
 top_k = 3
+features = {features}
 "#,
             run = q(&cfg.run),
             tta = cfg.tta,
@@ -229,6 +233,7 @@ top_k = 3
             out = q(&site.out()),
             roll_rows = cfg.roll_rows,
             roll_seconds = cfg.roll_seconds,
+            features = cfg.features,
         );
         std::fs::write(site.config(), text).unwrap();
         site
@@ -273,6 +278,9 @@ top_k = 3
         let mut rows = Vec::new();
         for n in names(&self.out()) {
             assert!(!n.ends_with(".partial"), "unfinished output file left: {n}");
+            if n.starts_with("features-") {
+                continue; // the features beside a predictions file (see its own test)
+            }
             assert!(
                 n.starts_with("predictions-") && n.ends_with(".parquet"),
                 "unexpected output file {n}"
@@ -1244,4 +1252,57 @@ fn sigterm_is_not_held_up_by_idle_or_stalled_connections() {
         "the stalled upload was never accepted"
     );
     eprintln!("stop with an idle and a stalled connection took {took:?}");
+}
+
+#[test]
+fn features_are_written_beside_each_predictions_file() {
+    use arrow::array::{Array, Float64Array, StringArray, UInt32Array};
+    use plankton::features::{haralick, moments};
+    let site = Site::new(&Cfg { watch: true, roll_rows: 2, features: r#"["moments", "haralick"]"#, ..Cfg::new() });
+    let d = site.start();
+    let input = site.input();
+    let files = ["a.jpg", "b.jpg", "c.jpg"];
+    for (i, f) in files.iter().enumerate() {
+        std::fs::write(input.join(f), image_bytes(i)).unwrap();
+    }
+    std::fs::write(input.join("broken.jpg"), b"not an image").unwrap();
+    for f in files.iter().chain(&["broken.jpg"]) {
+        d.wait_predicted(&plankton::serve::spool::id_for_path(Path::new(f)));
+    }
+    d.stop();
+
+    // Every predictions file has a features file of the same stamp holding the same images.
+    let out = site.out();
+    let mut seen = BTreeSet::new();
+    for n in names(&out).into_iter().filter(|n| n.starts_with("predictions-")) {
+        let fname = n.replacen("predictions-", "features-", 1);
+        let preds = Predictions::read(&out.join(&n)).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(out.join(&fname)).unwrap_or_else(|e| panic!("{fname}: {e}"))).unwrap();
+        let batches: Vec<_> = reader.build().unwrap().map(|b| b.unwrap()).collect();
+        let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        assert_eq!(b.num_rows(), preds.rows.len(), "{fname}");
+        let col = |c: &str| b.column_by_name(c).unwrap_or_else(|| panic!("{fname}: no column {c}")).clone();
+        let (ids, errors, rows) = (col("image_id"), col("error"), col("rows"));
+        let ids = ids.as_any().downcast_ref::<StringArray>().unwrap();
+        let errors = errors.as_any().downcast_ref::<StringArray>().unwrap();
+        let rows = rows.as_any().downcast_ref::<UInt32Array>().unwrap();
+        let contrast = col("haralick.d1.contrast");
+        let contrast = contrast.as_any().downcast_ref::<Float64Array>().unwrap();
+        let major = col(&format!("moments.{}", moments::MOMENT_INFO_NAMES[6]));
+        let major = major.as_any().downcast_ref::<Float64Array>().unwrap();
+        for (i, p) in preds.rows.iter().enumerate() {
+            assert_eq!(ids.value(i), p.image_id);
+            seen.insert(p.image_id.clone());
+            if p.source_path.ends_with("broken.jpg") {
+                assert!(!errors.is_null(i) && contrast.is_null(i) && rows.is_null(i), "the bad image keeps its row, with the reason");
+                continue;
+            }
+            let img = plankton::stages::decode::decode_file(Path::new(&p.source_path), &Default::default()).unwrap();
+            assert_eq!(rows.value(i), img.height());
+            let ci = haralick::FEATURE_NAMES.iter().position(|n| *n == "contrast").unwrap();
+            assert_eq!(contrast.value(i), haralick::haralick(&img)[1][ci]);
+            assert_eq!(major.value(i), moments::moment_info(&img)[6]);
+        }
+    }
+    assert_eq!(seen.len(), 4, "every image has its features row: {seen:?}");
 }

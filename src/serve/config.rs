@@ -187,11 +187,15 @@ pub struct OutputConfig {
     /// ...or this many seconds after its first row, whichever comes first.
     pub roll_seconds: u64,
     pub top_k: usize,
+    /// Image feature sets written next to each predictions file (`features-*.parquet`, the
+    /// columns of `plankton features`), for late fusion of the stream: e.g.
+    /// ["moments", "haralick"]. Empty: none.
+    pub features: Vec<String>,
 }
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        OutputConfig { dir: PathBuf::from("serve/out"), roll_rows: 10_000, roll_seconds: 300, top_k: 5 }
+        OutputConfig { dir: PathBuf::from("serve/out"), roll_rows: 10_000, roll_seconds: 300, top_k: 5, features: Vec::new() }
     }
 }
 
@@ -220,6 +224,10 @@ impl ServeConfig {
         Ok(cfg)
     }
 
+    pub fn feature_sets(&self) -> Result<Vec<crate::features::job::FeatureSet>, crate::features::job::FeaturesError> {
+        crate::features::job::FeatureSet::parse_list(&self.output.features.join(","))
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !self.watch.enabled && !self.http.enabled {
             return Err("no source: enable [watch] and/or [http]".into());
@@ -233,6 +241,7 @@ impl ServeConfig {
         if self.output.roll_rows == 0 || self.output.roll_seconds == 0 {
             return Err("output.roll_rows and output.roll_seconds must be > 0".into());
         }
+        self.feature_sets().map_err(|e| format!("output.features: {e}"))?;
         if self.tta == 0 || self.tta > crate::predict::tta::MAX_TRANSFORMS {
             return Err(format!("tta must be within 1..={}", crate::predict::tta::MAX_TRANSFORMS));
         }
@@ -281,6 +290,7 @@ mod tests {
             ("[batch]\nmax_images = 0\n", "max_images"),
             ("[watch]\nenabled = true\ndir = \"x\"\n[output]\ndir = \"x/out\"\n", "must not contain"),
             ("[htp]\n", "unknown field"),
+            ("[output]\nfeatures = [\"moments\", \"colour\"]\n", "output.features: unknown feature set `colour`"),
         ] {
             let err = ServeConfig::from_toml_str(text, Path::new("d.toml"), Path::new(".")).unwrap_err().to_string();
             assert!(err.contains(want) && err.contains("d.toml"), "{text}: {err}");

@@ -21,6 +21,8 @@ use tch::{Device, Kind};
 use super::config::ServeConfig;
 use super::results::{ResultStore, ServedPrediction};
 use super::spool::{Spool, SpoolEntry};
+use crate::features::job::FeatureSet;
+use crate::features::writer::{FeatureRow, FeatureWriter};
 use crate::imgproc::Augmentation;
 use crate::predict::aggregate::aggregate;
 use crate::predict::job::{LoadedModel, PredictError, Weights};
@@ -83,8 +85,12 @@ impl InFlight {
     }
 }
 
+/// An image's size and feature values, in the columns of the daemon's feature sets.
+type Features = ((u32, u32), Vec<f64>);
+
 struct PatchSet {
     entry: SpoolEntry,
+    features: Option<Features>,
     /// views x inputs x pixels.
     views: Vec<Vec<Vec<f32>>>,
     accepted: Instant,
@@ -97,6 +103,7 @@ pub struct OutRow {
     pub probabilities: Option<Vec<f32>>,
     pub error: Option<String>,
     pub views: u16,
+    features: Option<Features>,
 }
 
 pub struct Engine {
@@ -151,6 +158,7 @@ impl Engine {
         describe();
         set_model_info(None, &self.model.model_id);
         let class_names = self.model.class_names.clone();
+        let feature_sets: Arc<Vec<FeatureSet>> = Arc::new(self.cfg.feature_sets().map_err(|e| e.to_string())?);
         let (patches_tx, patches_rx) = async_channel::bounded::<PatchSet>(self.cfg.queue.patches);
         let (rows_tx, rows_rx) = async_channel::bounded::<OutRow>(self.cfg.batch.max_images * 4);
         let workers = if self.cfg.queue.workers > 0 {
@@ -171,6 +179,7 @@ impl Engine {
                 spool: self.spool.clone(),
                 quarantine: self.cfg.quarantine.clone(),
                 in_flight: self.in_flight.clone(),
+                feature_sets: feature_sets.clone(),
             };
             threads.push(spawn(format!("serve-worker-{w}"), Box::new(move || ctx.run()))?);
         }
@@ -184,6 +193,7 @@ impl Engine {
             cfg: self.cfg.clone(),
             in_flight: self.in_flight.clone(),
             class_names,
+            feature_sets,
         };
         threads.push(spawn("serve-writer".into(), Box::new(move || writer.run()))?);
         Ok(Running { threads })
@@ -198,6 +208,7 @@ struct WorkerCtx {
     spool: Arc<Spool>,
     quarantine: PathBuf,
     in_flight: Arc<InFlight>,
+    feature_sets: Arc<Vec<FeatureSet>>,
 }
 
 impl WorkerCtx {
@@ -226,7 +237,7 @@ impl WorkerCtx {
                     if let Err(e) = self.spool.quarantine(&entry, &reason, &self.quarantine) {
                         tracing::error!(id = %entry.id, error = %e, "quarantine failed; the image stays in the spool");
                     }
-                    let row = OutRow { entry, model_id: model.model_id.clone(), probabilities: None, error: Some(reason), views: 0 };
+                    let row = OutRow { entry, model_id: model.model_id.clone(), probabilities: None, error: Some(reason), views: 0, features: None };
                     if self.rows.send_blocking(row).is_err() {
                         break;
                     }
@@ -249,8 +260,11 @@ impl WorkerCtx {
                                 .collect()
                         })
                         .collect();
+                    // On the decoded image, before any warp: the features describe the raw image,
+                    // as `plankton features` computes them.
+                    let features = (!self.feature_sets.is_empty()).then(|| ((img.height(), img.width()), crate::features::writer::compute(&self.feature_sets, &img)));
                     metrics::counter!(telemetry::STAGE_SENT, "stage" => "decode").increment(1);
-                    if self.patches.send_blocking(PatchSet { entry, views, accepted }).is_err() {
+                    if self.patches.send_blocking(PatchSet { entry, features, views, accepted }).is_err() {
                         break;
                     }
                     metrics::gauge!(telemetry::QUEUE_DEPTH, "queue" => "patches").set(self.patches.len() as f64);
@@ -371,7 +385,7 @@ impl ModelCtx {
                 let waited_ms = unix_ms().saturating_sub(set.entry.received_unix_ms) as f64;
                 latency.record((waited_ms / 1000.0).max(set.accepted.elapsed().as_secs_f64()));
                 metrics::counter!(telemetry::PREDICT_IMAGES).increment(1);
-                let row = OutRow { entry: set.entry, model_id: model.model_id.clone(), probabilities: Some(p), error: None, views: views as u16 };
+                let row = OutRow { entry: set.entry, model_id: model.model_id.clone(), probabilities: Some(p), error: None, views: views as u16, features: set.features };
                 if self.rows.send_blocking(row).is_err() {
                     return;
                 }
@@ -388,11 +402,14 @@ struct WriterCtx {
     cfg: ServeConfig,
     in_flight: Arc<InFlight>,
     class_names: Vec<String>,
+    feature_sets: Arc<Vec<FeatureSet>>,
 }
 
 /// The open output file: rows since it was opened and the ids to release when it is finished.
 struct OpenFile {
     writer: PredictionWriter,
+    /// The features file beside it (same stamp), when the daemon writes features.
+    features: Option<FeatureWriter>,
     model_id: String,
     opened: Instant,
     ids: Vec<String>,
@@ -416,14 +433,27 @@ pub fn clean_partial_outputs(dir: &Path) -> std::io::Result<usize> {
 impl WriterCtx {
     fn open(&self, model_id: &str, seq: &mut u64) -> Result<OpenFile, String> {
         *seq += 1;
-        let path = self.cfg.output.dir.join(format!("predictions-{}-{:04}.parquet", unix_ms(), seq));
+        let stamp = format!("{}-{:04}", unix_ms(), seq);
+        let path = self.cfg.output.dir.join(format!("predictions-{stamp}.parquet"));
         let model = serde_json::json!({ "model_id": model_id, "daemon": self.cfg.name, "tta": self.cfg.tta, "aggregation": self.cfg.aggregation });
         let writer = PredictionWriter::create(&path, self.class_names.clone(), model_id, &model, self.cfg.output.top_k).map_err(|e| e.to_string())?;
-        Ok(OpenFile { writer, model_id: model_id.to_string(), opened: Instant::now(), ids: Vec::new(), path })
+        let features = if self.feature_sets.is_empty() {
+            None
+        } else {
+            Some(FeatureWriter::create(&self.cfg.output.dir.join(format!("features-{stamp}.parquet")), &self.feature_sets).map_err(|e| e.to_string())?)
+        };
+        Ok(OpenFile { writer, features, model_id: model_id.to_string(), opened: Instant::now(), ids: Vec::new(), path })
     }
 
     fn finish(&self, file: OpenFile) {
-        let OpenFile { writer, ids, path, .. } = file;
+        let OpenFile { writer, features, ids, path, .. } = file;
+        // The features file first: the images leave the spool only once both files are in place.
+        if let Some(f) = features {
+            if let Err(e) = f.finish() {
+                tracing::error!(error = %e, path = %path.display(), "features file not finished; its images stay in the spool");
+                return;
+            }
+        }
         match writer.finish() {
             Ok(rows) => {
                 metrics::counter!(SERVE_FILES).increment(1);
@@ -488,6 +518,21 @@ impl WriterCtx {
                 received_unix_ms: row.entry.received_unix_ms,
                 latency_ms: unix_ms().saturating_sub(row.entry.received_unix_ms) as f64,
             };
+            if let Some(fw) = f.features.as_mut() {
+                let (size, values) = row.features.clone().map_or((None, None), |(s, v)| (Some(s), Some(v)));
+                let pushed = fw.push(FeatureRow {
+                    image_id: row.entry.id.clone(),
+                    source_path: row.entry.source.clone(),
+                    label: None,
+                    size,
+                    values,
+                    error: row.error.clone(),
+                });
+                if let Err(e) = pushed {
+                    tracing::error!(error = %e, "cannot write a feature row; the image stays in the spool");
+                    continue;
+                }
+            }
             let pushed = f.writer.push(PredictionRow {
                 image_id: row.entry.id.clone(),
                 source_path: row.entry.source.clone(),
