@@ -11,19 +11,7 @@ BIN=./target/release/plankton
 NETS=${NETS:-"cyclic plain"}
 mkdir -p "$WORK/runs"
 
-# All 105 labelled images in train/ (the package puts 8 of them in test/, labels in
-# test_labels.csv): cross-validation folds then cover every image once.
-if [ ! -f "$WORK/data/.complete" ]; then
-  rm -rf "$WORK/pc" "$WORK/data"
-  $BIN data planktonclas --out "$WORK/pc"
-  cp -r "$WORK/pc" "$WORK/data"
-  tail -n +2 "$WORK/data/test_labels.csv" | while IFS=, read -r img cls; do
-    mv "$WORK/data/test/$img" "$WORK/data/train/$cls/"
-  done
-  rm "$WORK/data/test_labels.csv"
-  head -1 "$WORK/pc/sampleSubmission.csv" > "$WORK/data/sampleSubmission.csv"
-  touch "$WORK/data/.complete"
-fi
+scripts/planktonclas_all.sh "$WORK" "$BIN"
 $BIN split --data "$WORK/data" --folds "$FOLDS" --out "$WORK/data/splits/cv.csv"
 
 # One torch thread per run and the runs of a fold side by side (one core each): two processes

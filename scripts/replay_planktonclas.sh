@@ -10,18 +10,7 @@ WORK=${1:-cv-work}
 FOLDS=${2:-3}
 BIN=./target/release/plankton
 
-# All 105 labelled images in one folder (as scripts/cv_planktonclas.sh makes it).
-if [ ! -f "$WORK/data/.complete" ]; then
-  rm -rf "$WORK/pc" "$WORK/data"
-  $BIN data planktonclas --out "$WORK/pc"
-  cp -r "$WORK/pc" "$WORK/data"
-  tail -n +2 "$WORK/data/test_labels.csv" | while IFS=, read -r img cls; do
-    mv "$WORK/data/test/$img" "$WORK/data/train/$cls/"
-  done
-  rm "$WORK/data/test_labels.csv"
-  head -1 "$WORK/pc/sampleSubmission.csv" > "$WORK/data/sampleSubmission.csv"
-  touch "$WORK/data/.complete"
-fi
+scripts/planktonclas_all.sh "$WORK" "$BIN"
 $BIN split --data "$WORK/data" --folds "$FOLDS" --out "$WORK/data/splits/outer.csv" --seed 2015
 
 for k in $(seq 0 $((FOLDS - 1))); do
