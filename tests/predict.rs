@@ -3,6 +3,8 @@
 //! sampleSubmission order, bad images kept as rows with their reason, calibration stored and
 //! applied, and clear errors for bad arguments.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -46,21 +48,8 @@ fn trained() -> &'static Trained {
         let data = dir.path().join("data");
         generate(&SynthOptions { classes: 4, per_class: 20, test: 12, seed: 5, threads: 0 }, &data).unwrap();
         let config = PipelineConfig::from_toml_str(
-            r#"
-name = "tiny-predict"
-seed = 3
-[[patch]]
-rows = 23
-cols = 23
-target = 20.0
-[zmuv]
-samples = 128
-[batch]
-size = 8
-[model]
-preset = "convroll4"
-width = 0.125
-dense_units = 32
+            &(common::tiny_net_toml("tiny-predict", 3, 0.125)
+                + r#"
 [train]
 steps = 80
 learning_rate = 0.01
@@ -71,7 +60,7 @@ threads = 1
 valid_fraction = 0.25
 [tta]
 transforms = 8
-"#,
+"#),
             Path::new("tiny-predict.toml"),
         )
         .unwrap();

@@ -1,6 +1,8 @@
 //! Pseudo-labelling: soft targets from a predictions Parquet mixed into training batches,
 //! sharding of the pseudo-labelled images, refusal of labelled images, resume.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,22 +24,9 @@ fn synth(dir: &Path) -> PathBuf {
 
 /// The tiny net of tests/train.rs (milliseconds per step, one torch thread).
 fn pipeline(steps: u64, extra: &str) -> PipelineConfig {
-    let text = format!(
-        r#"
-name = "tiny-pseudo"
-seed = 7
-[[patch]]
-rows = 23
-cols = 23
-target = 20.0
-[zmuv]
-samples = 128
-[batch]
-size = 8
-[model]
-preset = "convroll4"
-width = 0.125
-dense_units = 32
+    let text = common::tiny_net_toml("tiny-pseudo", 7, 0.125)
+        + &format!(
+            r#"
 [train]
 steps = {steps}
 learning_rate = 0.01
@@ -46,7 +35,7 @@ checkpoint_every = 10
 threads = 1
 {extra}
 "#
-    );
+        );
     PipelineConfig::from_toml_str(&text, Path::new("tiny-pseudo.toml")).unwrap()
 }
 

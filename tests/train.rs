@@ -1,6 +1,8 @@
 //! Training end to end on small synthetic datasets: the run directory, resuming after kill -9,
 //! bad images and bad configs, and that the network actually learns.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -24,22 +26,9 @@ fn synth(dir: &Path, classes: usize, per_class: usize, seed: u64) -> PathBuf {
 /// tests of this file run in parallel (OpenMP threads of several runs spinning on 2 cores slow
 /// each other down a hundredfold).
 fn tiny_pipeline(steps: u64, extra: &str) -> String {
-    format!(
-        r#"
-name = "tiny"
-seed = 7
-[[patch]]
-rows = 23
-cols = 23
-target = 20.0
-[zmuv]
-samples = 128
-[batch]
-size = 8
-[model]
-preset = "convroll4"
-width = 0.125
-dense_units = 32
+    common::tiny_net_toml("tiny", 7, 0.125)
+        + &format!(
+            r#"
 [train]
 steps = {steps}
 learning_rate = 0.01
@@ -48,7 +37,7 @@ checkpoint_every = 10
 threads = 1
 {extra}
 "#
-    )
+        )
 }
 
 fn write(path: &Path, text: &str) -> PathBuf {
