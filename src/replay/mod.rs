@@ -216,9 +216,13 @@ fn average(files: &[PathBuf], weights: &[f64], out: &Path, name: &str) -> Result
             .collect(),
         select: blend::select::Select::All,
         weighting: blend::select::Weighting::Uniform,
-        log_loss: f64::NAN,
+        // Fixed weights, not fitted: no fitting rows and no loss to record (JSON has no NaN).
+        log_loss: 0.0,
         fit_rows: 0,
     };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
     let weights_path = out.with_extension("weights.json");
     let text = serde_json::to_string_pretty(&wf).expect("serialisable");
     crate::train::run_dir::write_atomic(&weights_path, text.as_bytes()).map_err(|e| step_err(name)(e.to_string()))?;
@@ -270,7 +274,7 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     let fuse_on = !cfg.fuse.sets.is_empty();
     let max_bags = cfg.members.iter().map(|m| m.bagging).max().unwrap_or(0);
     let steps = 1
-        + cfg.members.iter().map(|m| 1 + m.bagging + 2 + usize::from(has_test) * (1 + m.bagging + usize::from(m.bagging > 0))).sum::<usize>()
+        + cfg.members.iter().map(|m| 1 + m.bagging + 2 + usize::from(has_test) * (2 + m.bagging + usize::from(m.bagging > 0))).sum::<usize>()
         + usize::from(fuse_on) * (1 + cfg.members.len())
         + 1
         + usize::from(pseudo_on) * (cfg.pseudo.members.len() * cfg.pseudo.shards + 1)
@@ -303,6 +307,8 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
         let valid = dir.join("valid.parquet");
         chain.step(&format!("predict {} valid, TTA", m.name), std::slice::from_ref(&valid), |_| predict_run(&run, data, Subset::Valid, m.tta, &valid, device, rt))?;
         if has_test {
+            let test_single = dir.join("test-single.parquet");
+            chain.step(&format!("predict {} test, one pass", m.name), std::slice::from_ref(&test_single), |_| predict_run(&run, data, Subset::Test, Some(1), &test_single, device, rt))?;
             let test_main = dir.join("test-main.parquet");
             chain.step(&format!("predict {} test, TTA", m.name), std::slice::from_ref(&test_main), |_| predict_run(&run, data, Subset::Test, m.tta, &test_main, device, rt))?;
             let mut bag_files = vec![test_main.clone()];
@@ -435,7 +441,7 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     let best = single.iter().min_by(|a, b| a.1.log_loss.total_cmp(&b.1.log_loss)).map(|(k, _)| *k).unwrap_or(0);
     let bm = &cfg.members[best];
     let bdir_m = layout.member(&bm.name);
-    stages.push(StageScore { stage: "single network".into(), source: format!("{}: one pass", bm.name), valid: scores_of(&bdir_m.join("valid-single.parquet"), data), test: None, note: "the member with the lowest one-pass validation loss".into() });
+    stages.push(StageScore { stage: "single network".into(), source: format!("{}: one pass", bm.name), valid: scores_of(&bdir_m.join("valid-single.parquet"), data), test: scores_of(&bdir_m.join("test-single.parquet"), data), note: "the member with the lowest one-pass validation loss".into() });
     stages.push(StageScore { stage: "+ TTA".into(), source: format!("{}: TTA", bm.name), valid: scores_of(&bdir_m.join("valid.parquet"), data), test: scores_of(&bdir_m.join("test-main.parquet"), data), note: String::new() });
     if bm.bagging > 0 {
         stages.push(StageScore { stage: "+ bagging".into(), source: format!("{}: {} models averaged", bm.name, bm.bagging + 1), valid: None, test: scores_of(&bdir_m.join("test.parquet"), data), note: "bags validate on different images: test only".into() });
