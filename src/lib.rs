@@ -5,6 +5,7 @@ pub mod data_path;
 pub mod demo;
 pub mod evaluate;
 pub mod features;
+pub mod fusion;
 pub mod imgproc;
 pub mod model;
 pub mod npy;
