@@ -19,6 +19,12 @@ struct Case {
     seed: u64,
 }
 
+/// Where the constructed images "are", and whether the predictions carry their labels.
+struct Layout {
+    root: String,
+    labels: bool,
+}
+
 fn softmax(z: &[f64]) -> Vec<f32> {
     let m = z.iter().cloned().fold(f64::MIN, f64::max);
     let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
@@ -35,6 +41,17 @@ const HARALICK_COLUMNS: usize = 52;
 
 /// Writes `valid.parquet` and `features.parquet` into `dir`; returns their paths.
 fn write_case(dir: &Path, case: &Case) -> (PathBuf, PathBuf) {
+    write_case_in(
+        dir,
+        case,
+        &Layout {
+            root: "/data".into(),
+            labels: true,
+        },
+    )
+}
+
+fn write_case_in(dir: &Path, case: &Case, layout: &Layout) -> (PathBuf, PathBuf) {
     let names = class_names(case.classes);
     let mut s = Stream::new(case.seed, Purpose::Other, 0, 0);
     let preds = dir.join("valid.parquet");
@@ -64,11 +81,11 @@ fn write_case(dir: &Path, case: &Case) -> (PathBuf, PathBuf) {
             z[t ^ 1] += boost;
         }
         let id = format!("{i}.jpg");
-        let path = format!("/data/train/{}/{id}", names[t]);
+        let path = format!("{}/train/{}/{id}", layout.root, names[t]);
         w.push(PredictionRow {
             image_id: id.clone(),
             source_path: path.clone(),
-            label: Some(names[t].clone()),
+            label: layout.labels.then(|| names[t].clone()),
             probabilities: Some(softmax(&z)),
             views: 1,
             error: None,
@@ -681,4 +698,124 @@ fn edit_features(from: &Path, to: &Path) {
             .unwrap();
     w.write(&out).unwrap();
     w.close().unwrap();
+}
+
+#[test]
+fn command_line_fits_with_labels_from_a_dataset_folder_then_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let layout = Layout {
+        root: data.display().to_string(),
+        labels: false,
+    };
+    let (preds, feats) = write_case_in(
+        dir.path(),
+        &Case {
+            classes: 6,
+            rows: 200,
+            signal: true,
+            seed: 7,
+        },
+        &layout,
+    );
+    // The true classes live only in the dataset folder, as for real validation predictions.
+    for r in Predictions::read(&preds).unwrap().rows {
+        let p = Path::new(&r.source_path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"").unwrap();
+    }
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_plankton"))
+            .arg("fuse")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let s = |p: &Path| p.display().to_string();
+    let (fused, model, report) = (
+        dir.path().join("fused-valid.parquet"),
+        dir.path().join("fusion"),
+        dir.path().join("fuse.json"),
+    );
+    let (ok, text) = run(&[
+        "--predictions",
+        &s(&preds),
+        "--features",
+        &s(&feats),
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&fused),
+        "--model-out",
+        &s(&model),
+        "--sets",
+        "moments:0.001,haralick",
+        "--repeats",
+        "2",
+        "--folds",
+        "4",
+        "--steps",
+        "300",
+        "--seed",
+        "3",
+        "--report",
+        &s(&report),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("fitted fusion on 200 labelled rows")
+            && text.contains("out of fold")
+            && text.contains("L2 0.001"),
+        "{text}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["folds"], 4);
+    assert_eq!(r["nets_trained"], 2 * 5 * 2);
+    assert!(r["after"]["log_loss"].as_f64().unwrap() < r["before"]["log_loss"].as_f64().unwrap());
+    assert!(model.join("fusion.json").is_file());
+    // Apply to "test" predictions (here the same file); options of a fit are refused.
+    let applied = dir.path().join("fused-test.parquet");
+    let (ok, text) = run(&[
+        "--model",
+        &s(&model),
+        "--predictions",
+        &s(&preds),
+        "--features",
+        &s(&feats),
+        "--out",
+        &s(&applied),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("applied fusion[moments+haralick]@") && text.contains("200 fused"),
+        "{text}"
+    );
+    assert_eq!(Predictions::read(&applied).unwrap().rows.len(), 200);
+    let (ok, text) = run(&[
+        "--model",
+        &s(&model),
+        "--predictions",
+        &s(&preds),
+        "--features",
+        &s(&feats),
+        "--out",
+        &s(&applied),
+        "--repeats",
+        "3",
+    ]);
+    assert!(!ok && text.contains("--repeats"), "{text}");
+    let (ok, text) = run(&[
+        "--predictions",
+        &s(&preds),
+        "--features",
+        &s(&feats),
+        "--out",
+        &s(&applied),
+    ]);
+    assert!(!ok && text.contains("--model-out"), "{text}");
 }
