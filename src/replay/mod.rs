@@ -488,6 +488,9 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     Ok(report)
 }
 
+/// Fuses one member with the image features: fitted out-of-fold on its validation
+/// predictions (what the blend is then fitted on), applied to its test predictions.
+#[allow(clippy::too_many_arguments)]
 fn fuse_member(
     cfg: &ReplayConfig,
     valid: &Path,
@@ -498,8 +501,29 @@ fn fuse_member(
     test_out: &Path,
     model: &Path,
 ) -> Result<(), ReplayError> {
-    let _ = (cfg, valid, test, features, data, valid_out, test_out, model);
-    Err(step_err("fuse")("not wired yet".into()))
+    use crate::fusion::job as fusion;
+    let err = |e: crate::fusion::FusionError| step_err("fuse")(e.to_string());
+    let mut fo = fusion::FitOptions::new(valid, features, valid_out, model);
+    fo.data = vec![data.to_path_buf()];
+    fo.sets = crate::fusion::SetSpec::parse_list(&cfg.fuse.sets.join(",")).map_err(err)?;
+    fo.repeats = cfg.fuse.repeats;
+    fo.folds = cfg.fuse.folds;
+    fo.seed = cfg.seed;
+    fo.report = Some(valid_out.with_extension("json"));
+    let s = fusion::fit(&fo, &|_, _| {}).map_err(err)?;
+    tracing::info!(
+        predictions = %valid.display(),
+        before = s.before.as_ref().map(|b| b.log_loss),
+        after_out_of_fold = s.after.as_ref().map(|a| a.log_loss),
+        "fused"
+    );
+    if let Some(t) = test {
+        let mut ao = fusion::ApplyOptions::new(model, t, features, test_out);
+        ao.data = vec![data.to_path_buf()];
+        ao.report = Some(test_out.with_extension("json"));
+        fusion::apply(&ao).map_err(err)?;
+    }
+    Ok(())
 }
 
 fn write_submission(predictions: &Path, ds: &Dataset, out: &Path) -> Result<(), ReplayError> {

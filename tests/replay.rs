@@ -1,0 +1,176 @@
+//! `plankton replay` end to end on a tiny synthetic competition-layout dataset: every stage
+//! runs and is scored, the submission is written, a rerun skips everything, and a replay that
+//! lost an intermediate output redoes only what follows it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use plankton::sources::synth::{generate, SynthOptions};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_plankton"))
+}
+
+/// A tiny cyclic net (milliseconds per step), one torch thread.
+fn member_pipeline(width: f64) -> String {
+    common::tiny_net_toml("tiny-member", 7, width)
+        + r#"
+[train]
+steps = 40
+learning_rate = 0.01
+validate_every = 20
+checkpoint_every = 20
+threads = 1
+[tta]
+transforms = 3
+"#
+}
+
+const REPLAY: &str = r#"
+name = "tiny-replay"
+seed = 5
+valid_fraction = 0.25
+
+[[member]]
+name = "a"
+pipeline = "a.toml"
+bagging = 1
+
+[[member]]
+name = "b"
+pipeline = "b.toml"
+seed = 99
+
+[features]
+sets = ["moments", "haralick"]
+
+[fuse]
+sets = ["moments", "haralick"]
+repeats = 2
+folds = 3
+
+[blend]
+select = "all"
+folds = 3
+
+[pseudo]
+members = ["a"]
+shards = 2
+fraction = 0.5
+dropout = false
+weight = 0.5
+"#;
+
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let data = dir.join("data");
+    generate(&SynthOptions { classes: 3, per_class: 16, test: 12, seed: 13, threads: 0 }, &data).unwrap();
+    std::fs::write(dir.join("a.toml"), member_pipeline(0.125)).unwrap();
+    std::fs::write(dir.join("b.toml"), member_pipeline(0.25)).unwrap();
+    std::fs::write(dir.join("replay.toml"), REPLAY).unwrap();
+    (data, dir.join("replay.toml"))
+}
+
+fn replay(replay: &Path, data: &Path, out: &Path) -> String {
+    let o = bin().arg("replay").arg("--pipeline").arg(replay).arg("--data").arg(data).arg("--out").arg(out).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "replay failed:\n{text}");
+    text
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+fn stage_losses(r: &serde_json::Value) -> Vec<(String, Option<f64>, Option<f64>)> {
+    r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["valid"]["log_loss"].as_f64(), s["test"]["log_loss"].as_f64()))
+        .collect()
+}
+
+#[test]
+fn the_whole_chain_runs_scores_every_stage_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, file) = setup(dir.path());
+    let out = dir.path().join("out");
+    let text = replay(&file, &data, &out);
+    assert!(text.contains("| + pseudo-labels |"), "{text}");
+
+    let r = report(&out);
+    let stages = stage_losses(&r);
+    // "+ bagging" appears when the best single member (a or b) is the bagged one.
+    let names: Vec<&str> = stages.iter().map(|s| s.0.as_str()).filter(|s| *s != "+ bagging").collect();
+    assert_eq!(names, ["single network", "+ TTA", "+ fusion", "+ blend", "+ pseudo-labels"], "{stages:?}");
+    for (name, valid, test) in &stages {
+        // Bags validate on different images: scored on test only.
+        if name != "+ bagging" {
+            assert!(valid.is_some_and(|v| v.is_finite() && v > 0.0), "{name}: valid {valid:?}");
+        }
+        assert!(test.is_some_and(|v| v.is_finite() && v > 0.0), "{name}: test {test:?}");
+    }
+    let weights = r["blend_weights"].as_array().unwrap();
+    assert_eq!(weights.len(), 2);
+    let total: f64 = weights.iter().map(|w| w[1].as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-9, "blend weights sum to {total}");
+
+    // Every member, bag and pseudo-label model was trained on the shared split.
+    for run in ["members/a/run", "members/a/bag1", "members/b/run", "pseudo/a-shard0", "pseudo/a-shard1"] {
+        assert!(out.join(run).join("model.safetensors").exists(), "{run} has no final weights");
+    }
+    let split_a = std::fs::read_to_string(out.join("members/a/run/split.csv")).unwrap();
+    assert_eq!(split_a, std::fs::read_to_string(out.join("members/b/run/split.csv")).unwrap());
+    assert_ne!(split_a, std::fs::read_to_string(out.join("members/a/bag1/split.csv")).unwrap());
+
+    // The submission: the sample submission's header and one row per test image.
+    let sub = std::fs::read_to_string(out.join("submission.csv")).unwrap();
+    let sample = std::fs::read_to_string(data.join("sampleSubmission.csv")).unwrap();
+    assert_eq!(sub.lines().next(), sample.lines().next());
+    assert_eq!(sub.lines().count(), 13);
+
+    // A rerun finds every output and runs nothing.
+    replay(&file, &data, &out);
+    let again = report(&out);
+    assert_eq!(again["steps_run"], 0, "{again}");
+    assert_eq!(stage_losses(&again), stages);
+
+    // Losing an intermediate output redoes it and what follows, and lands on the same scores.
+    std::fs::remove_file(out.join("members/b/valid.parquet")).unwrap();
+    replay(&file, &data, &out);
+    let redone = report(&out);
+    assert!(redone["steps_run"].as_u64().unwrap() >= 4, "{redone}");
+    let close = |a: &Option<f64>, b: &Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+        (None, None) => true,
+        _ => false,
+    };
+    for (x, y) in stage_losses(&redone).iter().zip(&stages) {
+        assert!(x.0 == y.0 && close(&x.1, &y.1) && close(&x.2, &y.2), "{x:?} vs {y:?}");
+    }
+
+    // Another configuration in the same folder is refused rather than mixed in.
+    std::fs::write(&file, REPLAY.replace("seed = 5", "seed = 6")).unwrap();
+    let o = bin().arg("replay").arg("--pipeline").arg(&file).arg("--data").arg(&data).arg("--out").arg(&out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("another configuration"), "{err}");
+}
+
+#[test]
+fn a_bad_replay_file_names_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, file) = setup(dir.path());
+    for (bad, expect) in [
+        (REPLAY.replace("members = [\"a\"]", "members = [\"zz\"]"), "`zz` is not a [[member]]"),
+        (REPLAY.replace("valid_fraction = 0.25", "valid_fraction = 0.25\ntypo = 1"), "unknown field `typo`"),
+        (REPLAY.replace("pipeline = \"b.toml\"", "pipeline = \"missing.toml\""), "missing.toml"),
+        (REPLAY.replace("sets = [\"moments\", \"haralick\"]\nrepeats", "sets = [\"zernike\"]\nrepeats"), "not computed"),
+    ] {
+        std::fs::write(&file, &bad).unwrap();
+        let o = bin().arg("replay").arg("--pipeline").arg(&file).arg("--data").arg(&data).arg("--out").arg(dir.path().join("o")).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("replay.toml") && err.contains(expect), "expected `{expect}`:\n{err}");
+    }
+}
