@@ -146,7 +146,7 @@ struct FeaturesArgs {
     data: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
-    /// Comma-separated: moments, hu, haralick.
+    /// Comma-separated: moments, hu, haralick, zernike, lbp, tas.
     #[arg(long, default_value = "moments,hu,haralick")]
     set: String,
     /// Worker threads (0 = one per core).
