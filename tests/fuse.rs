@@ -97,7 +97,7 @@ fn write_case_in(dir: &Path, case: &Case, layout: &Layout) -> (PathBuf, PathBuf)
         rows.append_value(100);
         cols.append_value(80);
         for (k, b) in values.iter_mut().enumerate() {
-            let parity = if t % 2 == 0 { 1.0 } else { -1.0 };
+            let parity = if t.is_multiple_of(2) { 1.0 } else { -1.0 };
             // Raw scales like the real features (sizes in the hundreds): standardisation's job.
             let v = if k == 0 && case.signal {
                 150.0 + 40.0 * (parity + 0.7 * s.normal())

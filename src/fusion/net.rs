@@ -82,14 +82,14 @@ fn orthogonal(stream: &mut Stream, rows: usize, cols: usize, gain: f64) -> Vec<f
         .map(|_| (0..len).map(|_| stream.normal()).collect())
         .collect();
     for i in 0..k {
-        for j in 0..i {
-            let d: f64 = (0..len).map(|t| v[i][t] * v[j][t]).sum();
-            for t in 0..len {
-                v[i][t] -= d * v[j][t];
-            }
+        let (done, rest) = v.split_at_mut(i);
+        let vi = &mut rest[0];
+        for vj in done.iter() {
+            let d: f64 = vi.iter().zip(vj).map(|(a, b)| a * b).sum();
+            vi.iter_mut().zip(vj).for_each(|(a, b)| *a -= d * b);
         }
-        let norm = v[i].iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
-        v[i].iter_mut().for_each(|a| *a /= norm);
+        let norm = vi.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12);
+        vi.iter_mut().for_each(|a| *a /= norm);
     }
     let mut out = vec![0.0f32; rows * cols];
     for r in 0..rows {
@@ -273,7 +273,7 @@ impl Stack {
                 let mut g = p.grad();
                 // The penalty's gradient, added here rather than through autograd.
                 if i < self.weights.len() && l2 > 0.0 {
-                    g = g + p * (2.0 * l2);
+                    g += p * (2.0 * l2);
                 }
                 // Lasagne's nesterov_momentum: v <- mu v - lr g; p <- p + mu v - lr g.
                 let _ = v.g_mul_scalar_(settings.momentum).g_add_(&(&g * -lr));
