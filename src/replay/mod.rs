@@ -163,6 +163,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ReplayError + '_ {
 }
 
 /// Trains one network of the chain (resuming a half-trained one).
+#[allow(clippy::too_many_arguments)]
 fn train_member(
     name: &str,
     cfg: &PipelineConfig,
@@ -341,7 +342,7 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     if fuse_on {
         chain.step("features", &[layout.features()], |_| {
             let sets = crate::features::job::FeatureSet::parse_list(&cfg.features.sets.join(",")).map_err(|e| step_err("features")(e.to_string()))?;
-            let fo = crate::features::job::FeaturesOptions { data: vec![data.to_path_buf()], out: layout.features(), sets, threads: 0, decode: pipelines[0].decode.clone() };
+            let fo = crate::features::job::FeaturesOptions { data: vec![data.to_path_buf()], out: layout.features(), sets, threads: 0, decode: pipelines[0].decode };
             crate::features::job::run(&fo, |_, _| {}).map_err(|e| step_err("features")(e.to_string()))?;
             Ok(())
         })?;
