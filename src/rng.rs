@@ -6,6 +6,11 @@
 //! (SplitMix64 key mixing + xoshiro256**) rather than a crate's, so that the augmentation stream
 //! of a given seed stays the same across dependency upgrades: a run reproduces bit for bit.
 
+/// FNV-1a: a cheap, stable content id (file contents, paths), not a cryptographic hash.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// Mixes a 64-bit value (SplitMix64 finaliser).
 #[inline]
 pub fn mix64(mut z: u64) -> u64 {

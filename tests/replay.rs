@@ -112,6 +112,24 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
         }
         assert!(test.is_some_and(|v| v.is_finite() && v > 0.0), "{name}: test {test:?}");
     }
+    // Fusion is blended only for members whose out-of-fold validation loss it lowered, and the
+    // blend read exactly those fused files.
+    let fusion = r["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "+ fusion").unwrap();
+    let note = fusion["note"].as_str().unwrap();
+    let inputs = std::fs::read_to_string(out.join("blend/inputs.txt")).unwrap();
+    for m in ["a", "b"] {
+        let part = note.split("; ").find(|p| p.starts_with(&format!("{m}: "))).unwrap_or_else(|| panic!("no fusion decision for {m}: {note}"));
+        let (before, after): (f64, f64) = {
+            let nums: Vec<f64> = part.split(|c: char| !(c.is_ascii_digit() || c == '.')).filter_map(|t| t.parse().ok()).collect();
+            (nums[0], nums[1])
+        };
+        let fused_file = format!("members/{m}/valid-fused.parquet");
+        if part.ends_with("not blended") {
+            assert!(after >= before - 1e-3 && !inputs.contains(&fused_file), "{part}\n{inputs}");
+        } else {
+            assert!(after < before + 1e-3 && inputs.contains(&fused_file), "{part}\n{inputs}");
+        }
+    }
     let weights = r["blend_weights"].as_array().unwrap();
     assert_eq!(weights.len(), 2);
     let total: f64 = weights.iter().map(|w| w[1].as_f64().unwrap()).sum();

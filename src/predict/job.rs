@@ -182,9 +182,7 @@ fn content_hash(path: &Path) -> Result<u64, PredictError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    Ok(bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    }))
+    Ok(crate::rng::fnv1a64(&bytes))
 }
 
 pub fn read_class_names(path: &Path) -> Result<Vec<String>, PredictError> {

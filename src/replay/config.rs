@@ -93,11 +93,15 @@ pub struct FuseStage {
     pub repeats: usize,
     /// Folds of the out-of-fold validation predictions the blend is fitted on.
     pub folds: usize,
+    /// Blend a member's fused predictions only where fusion lowered its out-of-fold
+    /// validation loss. On a few hundred validation images the fusion nets can fit noise; the
+    /// reference kept fusion because it gained on validation, and this applies that test.
+    pub only_if_better: bool,
 }
 
 impl Default for FuseStage {
     fn default() -> Self {
-        FuseStage { sets: vec!["moments".into(), "haralick".into()], repeats: 10, folds: 5 }
+        FuseStage { sets: vec!["moments".into(), "haralick".into()], repeats: 10, folds: 5, only_if_better: true }
     }
 }
 

@@ -339,6 +339,7 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
 
     // Features and late fusion.
     let (mut blend_valid, mut blend_test): (Vec<PathBuf>, Vec<PathBuf>) = cfg.members.iter().map(|m| (layout.member(&m.name).join("valid.parquet"), member_test(m))).unzip();
+    let mut fuse_notes: Vec<String> = Vec::new();
     if fuse_on {
         chain.step("features", &[layout.features()], |_| {
             let sets = crate::features::job::FeatureSet::parse_list(&cfg.features.sets.join(",")).map_err(|e| step_err("features")(e.to_string()))?;
@@ -354,8 +355,16 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
                 outputs.push(ft.clone());
             }
             chain.step(&format!("fuse {}", m.name), &outputs, |_| fuse_member(&cfg, &blend_valid[k], has_test.then_some(&blend_test[k]), &layout.features(), data, &fv, &ft, &model))?;
-            blend_valid[k] = fv;
-            blend_test[k] = ft;
+            let gain = fusion_gain(&fv);
+            let keep = !cfg.fuse.only_if_better || gain.is_some_and(|(before, after)| after < before);
+            fuse_notes.push(match gain {
+                Some((b, a)) => format!("{}: {b:.3} -> {a:.3} out-of-fold, {}", m.name, if keep { "blended" } else { "not blended" }),
+                None => format!("{}: no fusion report", m.name),
+            });
+            if keep {
+                blend_valid[k] = fv;
+                blend_test[k] = ft;
+            }
         }
     }
 
@@ -366,6 +375,13 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     if has_test {
         outputs.push(bt.clone());
     }
+    // Which files the blend read (fused or not) decides its outputs: a change reruns it.
+    let inputs = bdir.join("inputs.txt");
+    let signature: String = blend_valid.iter().chain(&blend_test).map(|p| format!("{}\n", p.display())).collect();
+    if std::fs::read_to_string(&inputs).ok().as_deref() != Some(signature.as_str()) {
+        let _ = std::fs::remove_file(&inputs);
+    }
+    outputs.push(inputs.clone());
     chain.step("blend", &outputs, |_| {
         let mut fo = blend::job::FitOptions::new(blend_valid.clone(), vec![data.to_path_buf()], &bv);
         fo.weights_out = Some(bw.clone());
@@ -381,7 +397,7 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
             ao.allow_other_models = true;
             blend::job::apply(&ao).map_err(|e| step_err("blend")(e.to_string()))?;
         }
-        Ok(())
+        crate::train::run_dir::write_atomic(&inputs, signature.as_bytes()).map_err(|e| step_err("blend")(e.to_string()))
     })?;
 
     // Pseudo-label round: members retrained with the blend's soft test targets, sharded.
@@ -407,6 +423,15 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
                         shard_seed: cfg.seed,
                     };
                     c.train.dropout = cfg.pseudo.dropout;
+                    // A model trained on other soft targets (the blend changed) is stale.
+                    let targets = format!("{:016x}\n", crate::rng::fnv1a64(&std::fs::read(&bt).map_err(io(&bt))?));
+                    let stamp = pdir.join(format!("{tag}.targets"));
+                    if run.exists() && std::fs::read_to_string(&stamp).ok().as_deref() != Some(targets.as_str()) {
+                        tracing::info!(run = %run.display(), "the blend's targets changed: retraining");
+                        std::fs::remove_dir_all(&run).map_err(io(&run))?;
+                    }
+                    std::fs::create_dir_all(&pdir).map_err(io(&pdir))?;
+                    crate::train::run_dir::write_atomic(&stamp, targets.as_bytes()).map_err(|e| step_err("pseudo")(e.to_string()))?;
                     if !RunDir::new(&run).final_weights().exists() {
                         train_member(&tag, &c, data, &layout.split(), &run, device, rt, ev)?;
                     }
@@ -448,7 +473,7 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
         stages.push(StageScore { stage: "+ bagging".into(), source: format!("{}: {} models averaged", bm.name, bm.bagging + 1), valid: None, test: scores_of(&bdir_m.join("test.parquet"), data), note: "bags validate on different images: test only".into() });
     }
     if fuse_on {
-        stages.push(StageScore { stage: "+ fusion".into(), source: format!("{}: fused with {}", bm.name, cfg.fuse.sets.join("+")), valid: scores_of(&bdir_m.join("valid-fused.parquet"), data), test: scores_of(&bdir_m.join("test-fused.parquet"), data), note: format!("validation out-of-fold ({} folds)", cfg.fuse.folds) });
+        stages.push(StageScore { stage: "+ fusion".into(), source: format!("{}: fused with {}", bm.name, cfg.fuse.sets.join("+")), valid: scores_of(&bdir_m.join("valid-fused.parquet"), data), test: scores_of(&bdir_m.join("test-fused.parquet"), data), note: format!("validation out-of-fold ({} folds); {}", cfg.fuse.folds, fuse_notes.join("; ")) });
     }
     let report: Option<blend::job::BlendReport> = std::fs::read_to_string(&breport).ok().and_then(|t| serde_json::from_str(&t).ok());
     let blend_weights: Vec<(String, f64)> = report
@@ -487,6 +512,12 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     };
     write_report(&layout.root, &report)?;
     Ok(report)
+}
+
+/// (before, after) validation log loss of a fusion fit, from its report.
+fn fusion_gain(fused_valid: &Path) -> Option<(f64, f64)> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fused_valid.with_extension("json")).ok()?).ok()?;
+    Some((v["before"]["log_loss"].as_f64()?, v["after"]["log_loss"].as_f64()?))
 }
 
 /// Fuses one member with the image features: fitted out-of-fold on its validation

@@ -596,14 +596,7 @@ pub fn sanitize_id(raw: &str) -> Result<String, SpoolError> {
     Ok(raw.to_string())
 }
 
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+use crate::rng::fnv1a64;
 
 fn path_bytes(p: &Path) -> Vec<u8> {
     #[cfg(unix)]
