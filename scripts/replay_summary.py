@@ -6,7 +6,7 @@ import sys
 
 work, folds = sys.argv[1], int(sys.argv[2])
 reports = [json.load(open(f"{work}/replay{k}/report.json")) for k in range(folds)]
-print("| stage | valid log loss | test log loss | test top-1 | test loss lower than the previous stage on |")
+print("| stage | valid log loss | test log loss | test top-1 | test loss lower than the stage before on |")
 print("|---|---|---|---|---|")
 prev = None
 for i, stage in enumerate(reports[0]["stages"]):
@@ -26,7 +26,9 @@ for i, stage in enumerate(reports[0]["stages"]):
     if prev and tl and len(prev) == len(tl):
         better = f"{sum(x < y for x, y in zip(tl, prev))} of {len(tl)} folds"
     print(f"| {name} | {v} | {t} | {a} | {better} |")
-    if tl:
+    # Fusion is a side branch when the replay does not blend it (fuse.only_if_better): the
+    # blend is compared with the stage before fusion.
+    if tl and name != "+ fusion":
         prev = tl
 print()
 for k, r in enumerate(reports):
