@@ -143,6 +143,10 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
     assert_eq!(split_a, std::fs::read_to_string(out.join("members/b/run/split.csv")).unwrap());
     assert_ne!(split_a, std::fs::read_to_string(out.join("members/a/bag1/split.csv")).unwrap());
 
+    // The per-stage picture.
+    let png = std::fs::read(out.join("report.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 2_000, "report.png");
+
     // The submission: the sample submission's header and one row per test image.
     let sub = std::fs::read_to_string(out.join("submission.csv")).unwrap();
     let sample = std::fs::read_to_string(data.join("sampleSubmission.csv")).unwrap();

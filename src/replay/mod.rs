@@ -603,5 +603,33 @@ fn write_report(root: &Path, report: &ReplayReport) -> Result<(), ReplayError> {
         md.push('\n');
     }
     crate::train::run_dir::write_atomic(&root.join("report.md"), md.as_bytes()).map_err(|e| step_err("report")(e.to_string()))?;
+    if let Err(e) = render_stages(&root.join("report.png"), report) {
+        // A picture is not worth failing a finished replay for.
+        tracing::warn!(error = %e, "report.png not drawn");
+    }
     Ok(())
+}
+
+/// Log loss after each stage as bars: validation (blue) beside test (red), stage k at x = k.
+fn render_stages(path: &Path, report: &ReplayReport) -> Result<(), crate::sinks::plot::PlotError> {
+    use crate::sinks::plot::{render_charts, Bars, Chart, LineChart};
+    let bars = |pick: fn(&StageScore) -> &Option<Scores>, from: f64, to: f64| -> Vec<(f64, f64, f64)> {
+        report.stages.iter().enumerate().filter_map(|(k, s)| pick(s).as_ref().map(|sc| (k as f64 + 1.0 + from, k as f64 + 1.0 + to, sc.log_loss))).collect()
+    };
+    let names: Vec<String> = report.stages.iter().enumerate().map(|(k, s)| format!("{} {}", k + 1, s.stage.trim_start_matches("+ "))).collect();
+    let chart = Chart {
+        lines: LineChart {
+            title: format!("replay {}: log loss after each stage", report.name),
+            x_label: format!("stage: {}", names.join(", ")),
+            y_label: "log loss".into(),
+            series: Vec::new(),
+            log_y: false,
+            y_range: None,
+        },
+        bars: vec![
+            Bars { name: "validation".into(), bars: bars(|s| &s.valid, -0.4, 0.0), colour: (31, 119, 180) },
+            Bars { name: "test".into(), bars: bars(|s| &s.test, 0.0, 0.4), colour: (214, 39, 40) },
+        ],
+    };
+    render_charts(path, &[chart], 900, 480)
 }
