@@ -260,8 +260,10 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     std::fs::create_dir_all(&layout.root).map_err(io(&layout.root))?;
     let stored = layout.root.join("replay.toml");
     let canonical = toml::to_string_pretty(&cfg).expect("serialisable");
+    // Compared as parsed configs, not text: a field added by a later version (with its
+    // default) must not make an old output folder look like another replay.
     match std::fs::read_to_string(&stored) {
-        Ok(text) if text != canonical => return Err(ReplayError::OtherReplay { path: layout.root.clone() }),
+        Ok(text) if toml::from_str::<ReplayConfig>(&text).ok().as_ref() != Some(&cfg) => return Err(ReplayError::OtherReplay { path: layout.root.clone() }),
         Ok(_) => {}
         Err(_) => crate::train::run_dir::write_atomic(&stored, canonical.as_bytes()).map_err(|e| step_err("replay.toml")(e.to_string()))?,
     }
