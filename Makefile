@@ -89,12 +89,18 @@ bench: build pytools
 bench-train: build pytorch
 	PLANKTON_TORCH_PYTHON=$(abspath $(PYENV_TORCH_DIR))/bin/python scripts/train_step_compare.sh
 
-# Regenerate the golden fixtures from the Python oracles (scikit-image, Pillow).
+# Regenerate the golden fixtures from the Python oracles (scikit-image, Pillow, mahotas, scipy).
 fixtures: pytools
 	$(PYENV_DIR)/bin/python tests/fixtures/warp/gen_warp_fixtures.py
 	$(PYENV_DIR)/bin/python tests/fixtures/decode/gen_decode_fixtures.py
 	$(PYENV_DIR)/bin/python tests/fixtures/tta/gen_tta_fixtures.py
 	$(PYENV_DIR)/bin/python tests/fixtures/evaluate/gen_evaluate_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/features/moments/gen_moments_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/features/haralick/gen_haralick_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/features/zernike/gen_zernike_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/features/lbp/gen_lbp_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/features/tas/gen_tas_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/blend/gen_blend_fixture.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
