@@ -25,7 +25,9 @@ use super::TrainError;
 #[serde(deny_unknown_fields, default)]
 pub struct PseudoConfig {
     /// Predictions or blend Parquet whose probabilities become the soft targets of its images
-    /// (normally the test set's, from the current best blend). Unset = no pseudo-labels.
+    /// (normally the test set's, from the current best blend). Unset = no pseudo-labels. The
+    /// images are read from the rows' `source_path`, so a relative one must hold from the
+    /// training's working folder (an unreadable image is set aside and counted, as in training).
     pub predictions: Option<PathBuf>,
     /// Fraction of every batch taken from the pseudo-labelled images (the write-up's typical
     /// 0.33; the reference's final models used 0.67 with dropout off, see `train.dropout`).
