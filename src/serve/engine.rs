@@ -496,7 +496,7 @@ impl WriterCtx {
             if open.as_ref().is_some_and(|f| f.opened.elapsed() >= roll_after || row.as_ref().is_some_and(|r| r.model_id != f.model_id)) {
                 self.finish(open.take().expect("open"));
             }
-            let Some(row) = row else { continue };
+            let Some(mut row) = row else { continue };
             if open.is_none() {
                 match self.open(&row.model_id, &mut seq) {
                     Ok(f) => open = Some(f),
@@ -519,7 +519,7 @@ impl WriterCtx {
                 latency_ms: unix_ms().saturating_sub(row.entry.received_unix_ms) as f64,
             };
             if let Some(fw) = f.features.as_mut() {
-                let (size, values) = row.features.clone().map_or((None, None), |(s, v)| (Some(s), Some(v)));
+                let (size, values) = row.features.take().map_or((None, None), |(s, v)| (Some(s), Some(v)));
                 let pushed = fw.push(FeatureRow {
                     image_id: row.entry.id.clone(),
                     source_path: row.entry.source.clone(),
