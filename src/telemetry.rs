@@ -55,6 +55,8 @@ pub fn describe() {
     describe_gauge!(SERVE_MODEL_INFO, "1 for the model version being served");
     describe_counter!(SERVE_MODEL_RELOADS, "Model reloads, by outcome");
     describe_counter!(SERVE_FILES, "Prediction files finished");
+    describe_counter!(SERVE_FLAGGED, "Images flagged as not an organism (too small, blank), by flag");
+    describe_gauge!(SERVE_SPOOLED, "Images accepted whose rows are not yet in a finished file");
     describe_gauge!(PROCESS_RESIDENT_BYTES, Unit::Bytes, "Resident memory of the process");
     describe_counter!(
         LAYOUT_PROBLEMS,
@@ -168,4 +170,8 @@ pub const SERVE_BATCH_IMAGES: &str = "plankton_serve_batch_images";
 pub const SERVE_MODEL_INFO: &str = "plankton_serve_model_info";
 pub const SERVE_MODEL_RELOADS: &str = "plankton_serve_model_reloads_total";
 pub const SERVE_FILES: &str = "plankton_serve_files_total";
+/// Images predicted but flagged as not an organism (`too_small`, `blank`), by flag.
+pub const SERVE_FLAGGED: &str = "plankton_serve_flagged_total";
+/// Images held in the spool: accepted, their row not yet in a finished file.
+pub const SERVE_SPOOLED: &str = "plankton_serve_spooled_images";
 pub const PROCESS_RESIDENT_BYTES: &str = "plankton_process_resident_bytes";

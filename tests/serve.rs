@@ -310,12 +310,14 @@ features = {features}
     }
 }
 
+/// The visible names in `dir` (hidden ones, such as the daemon's lock file, left out).
 fn names(dir: &Path) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut v: Vec<String> = rd
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
         .collect();
     v.sort();
     v
@@ -444,6 +446,15 @@ impl Daemon {
         let r = self.post(&format!("/v1/images?id={id}&wait=true"), &[], body);
         assert_eq!(r.status, 200, "{id}: {}\n{}", r.text(), self.log());
         r.json()
+    }
+
+    /// Uploads a bad image and waits for its refusal (422, quarantined, with the reason).
+    fn refused(&self, id: &str, body: &[u8]) -> serde_json::Value {
+        let r = self.post(&format!("/v1/images?id={id}&wait=true"), &[], body);
+        assert_eq!(r.status, 422, "{id}: {}\n{}", r.text(), self.log());
+        let j = r.json();
+        assert_eq!(j["status"], "quarantined", "{j}");
+        j
     }
 
     /// Polls `GET /v1/predictions/{id}` until it answers 200.
@@ -749,7 +760,7 @@ fn http_uploads_need_the_bearer_token_when_one_is_configured() {
 fn bad_input_is_quarantined_with_its_reason_and_the_daemon_keeps_serving() {
     let site = Site::new(&Cfg::new());
     let d = site.start();
-    let p = d.predict("junk", b"this is not an image, just text");
+    let p = d.refused("junk", b"this is not an image, just text");
     let err = p["error"]
         .as_str()
         .unwrap_or_else(|| panic!("an error: {p}"))
@@ -775,7 +786,7 @@ fn bad_input_is_quarantined_with_its_reason_and_the_daemon_keeps_serving() {
 
     // Truncated JPEG: the header says JPEG, the data stops short.
     let good = image_bytes(0);
-    let p = d.predict("cut", &good[..good.len().min(40)]);
+    let p = d.refused("cut", &good[..good.len().min(40)]);
     assert!(p["error"].as_str().is_some(), "{p}");
     assert!(q.join("cut.reason").is_file());
 
@@ -1146,7 +1157,7 @@ fn metrics_exposition_has_the_daemon_series_and_passes_promtool() {
     let site = Site::new(&Cfg::new());
     let d = site.start();
     d.predict("m1", &image_bytes(0));
-    d.predict("m2", b"junk bytes");
+    d.refused("m2", b"junk bytes");
     let r = d.get("/metrics");
     assert_eq!(r.status, 200);
     assert!(
@@ -1305,4 +1316,314 @@ fn features_are_written_beside_each_predictions_file() {
         }
     }
     assert_eq!(seen.len(), 4, "every image has its features row: {seen:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 12: promises kept under abuse. Each test below failed before its fix.
+
+/// The daemon's own columns of one finished row (see `sinks::parquet`).
+#[derive(Debug, Clone)]
+struct ServedRow {
+    id: String,
+    seq: u64,
+    source_path: String,
+    error: Option<String>,
+    has_probabilities: bool,
+    size: Option<(u32, u32)>,
+    flag: Option<String>,
+}
+
+/// Every finished row with the daemon's columns, in file then row order.
+fn served_rows(site: &Site) -> Vec<ServedRow> {
+    use arrow::array::{Array, FixedSizeListArray, StringArray, UInt32Array, UInt64Array};
+    let mut out = Vec::new();
+    for n in names(&site.out()).into_iter().filter(|n| n.starts_with("predictions-") && n.ends_with(".parquet")) {
+        let path = site.out().join(&n);
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap();
+        for b in reader.build().unwrap() {
+            let b = b.unwrap();
+            let col = |c: &str| b.column_by_name(c).unwrap_or_else(|| panic!("{n}: no column {c}")).clone();
+            let (ids, seqs, paths, errors, probs, hs, ws, flags) =
+                (col("image_id"), col("seq"), col("source_path"), col("error"), col("probabilities"), col("image_height"), col("image_width"), col("flag"));
+            let s = |a: &arrow::array::ArrayRef| a.as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let u32s = |a: &arrow::array::ArrayRef| a.as_any().downcast_ref::<UInt32Array>().unwrap().clone();
+            let (ids, paths, errors, flags) = (s(&ids), s(&paths), s(&errors), s(&flags));
+            let (hs, ws) = (u32s(&hs), u32s(&ws));
+            let seqs = seqs.as_any().downcast_ref::<UInt64Array>().unwrap().clone();
+            let probs = probs.as_any().downcast_ref::<FixedSizeListArray>().unwrap().clone();
+            for i in 0..b.num_rows() {
+                let opt = |a: &StringArray| (!a.is_null(i)).then(|| a.value(i).to_string());
+                out.push(ServedRow {
+                    id: ids.value(i).to_string(),
+                    seq: seqs.value(i),
+                    source_path: paths.value(i).to_string(),
+                    error: opt(&errors),
+                    has_probabilities: !probs.is_null(i),
+                    size: (!hs.is_null(i)).then(|| (hs.value(i), ws.value(i))),
+                    flag: opt(&flags),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Starts a daemon that must refuse to start: its exit status and log (stdout + stderr).
+fn start_expecting_failure(site: &Site) -> (ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plankton"))
+        .arg("serve")
+        .arg("--pipeline")
+        .arg(site.config())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the daemon did not refuse to start:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (status, log)
+}
+
+/// A truncated JPEG: a real header, data cut short.
+fn truncated() -> Vec<u8> {
+    image_bytes(0)[..40].to_vec()
+}
+
+#[test]
+fn an_id_reused_after_a_quarantine_is_predicted_over_http_and_from_the_folder() {
+    let site = Site::new(&Cfg { watch: true, sync_timeout_ms: 15_000, ..Cfg::new() });
+    let d = site.start();
+    // HTTP: the refused upload answers 422 with its reason; the good one with the same id, 200.
+    let r = d.post("/v1/images?id=fix1&wait=true", &[], &truncated());
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["status"], "quarantined");
+    assert!(r.json()["error"].as_str().is_some_and(|e| e.contains("corrupt")), "{}", r.text());
+    let p = d.predict("fix1", &image_bytes(1));
+    assert!(p["predicted_class"].is_string() && p["error"].is_null(), "{p}");
+
+    // Folder: a truncated file overwritten by the good one once the first was quarantined.
+    let x = plankton::serve::spool::id_for_path(Path::new("x.jpg"));
+    std::fs::write(site.input().join("x.jpg"), truncated()).unwrap();
+    poll("x.jpg quarantined", || site.quarantine().join(format!("{x}.reason")).is_file().then_some(()));
+    std::fs::write(site.input().join("x.jpg"), image_bytes(2)).unwrap();
+    poll("x.jpg predicted after its rewrite", || {
+        let r = d.get(&format!("/v1/predictions/{x}"));
+        (r.status == 200 && r.json()["predicted_class"].is_string()).then_some(())
+    });
+    d.stop();
+    // Nothing is redone by a restart (the ledger knows the good version).
+    site.start().stop();
+
+    let rows = served_rows(&site);
+    for id in ["fix1", x.as_str()] {
+        let mine: Vec<&ServedRow> = rows.iter().filter(|r| r.id == id).collect();
+        assert_eq!(mine.len(), 2, "{id}: the error row and the prediction: {mine:?}");
+        let (bad, good) = if mine[0].seq < mine[1].seq { (mine[0], mine[1]) } else { (mine[1], mine[0]) };
+        assert!(bad.error.is_some() && !bad.has_probabilities, "{bad:?}");
+        assert!(good.error.is_none() && good.has_probabilities, "the later acceptance is the good one: {good:?}");
+    }
+    assert!(site.pending_ids().is_empty(), "{:?}", site.pending_files());
+}
+
+#[test]
+fn a_quarantined_images_error_row_survives_kill_9() {
+    let site = Site::new(&Cfg::new());
+    let mut d = site.start();
+    let r = d.post("/v1/images?id=cut9&wait=true", &[], &truncated());
+    assert!(r.json()["error"].is_string(), "{}", r.text());
+    assert!(site.quarantine().join("cut9").is_file());
+    d.signal("KILL");
+    d.wait_exit();
+    drop(d);
+    site.start().stop();
+    let rows: Vec<ServedRow> = served_rows(&site).into_iter().filter(|r| r.id == "cut9").collect();
+    assert_eq!(rows.len(), 1, "exactly one error row after the crash: {rows:?}");
+    assert!(rows[0].error.as_deref().is_some_and(|e| e.contains("corrupt")), "{rows:?}");
+    // Still exactly one quarantined copy (the restart did not quarantine it again).
+    assert_eq!(names(&site.quarantine()), ["cut9", "cut9.reason"]);
+    assert!(site.pending_ids().is_empty());
+}
+
+#[test]
+fn a_second_daemon_on_the_same_spool_refuses_to_start_and_leaves_the_first_intact() {
+    let site = Site::new(&Cfg::new());
+    let d = site.start();
+    d.predict("first", &image_bytes(0));
+    let partial: Vec<String> = names(&site.out()).into_iter().filter(|n| n.ends_with(".partial")).collect();
+    assert_eq!(partial.len(), 1, "the first daemon has an open file");
+
+    let (status, log) = start_expecting_failure(&site);
+    assert_eq!(status.code(), Some(1), "a clean exit with an error, not a crash: {status:?}\n{log}");
+    assert!(log.contains("in use by another daemon") && log.contains("daemon.lock"), "{log}");
+    assert!(!log.contains("INTERNAL ASSERT") && !log.contains("panicked"), "{log}");
+
+    assert!(site.out().join(&partial[0]).is_file(), "the first daemon's open file is untouched");
+    d.predict("second", &image_bytes(1));
+    d.stop();
+    assert_eq!(site.finished_counts(), BTreeMap::from([("first".to_string(), 1), ("second".to_string(), 1)]));
+    assert!(site.pending_ids().is_empty());
+    assert!(!d_log_mentions_unfinished(&site), "the first daemon finished its file");
+}
+
+fn d_log_mentions_unfinished(site: &Site) -> bool {
+    std::fs::read_to_string(site.root().join("daemon.log")).unwrap_or_default().contains("not finished")
+}
+
+#[cfg(unix)]
+#[test]
+fn symlinks_out_of_the_watched_folder_are_not_followed_and_quarantine_keeps_the_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new(&Cfg { watch: true, ..Cfg::new() });
+    let secret = site.root().join("secret.jpg");
+    std::fs::write(&secret, image_bytes(2)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let input = site.input();
+    std::os::unix::fs::symlink(&secret, input.join("link.jpg")).unwrap();
+    let private = input.join("private.jpg");
+    std::fs::write(&private, b"not an image, and not for everyone").unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let d = site.start();
+    let id = |f: &str| plankton::serve::spool::id_for_path(Path::new(f));
+    d.wait_predicted(&id("private.jpg"));
+    // Written after the link: once it is predicted, the scans that took it saw the link.
+    std::fs::write(input.join("ok.jpg"), image_bytes(0)).unwrap();
+    d.wait_predicted(&id("ok.jpg"));
+    let log = d.log();
+    d.stop();
+    assert!(!site.finished_counts().contains_key(&id("link.jpg")), "the link was followed out of the folder");
+    assert!(log.contains("symbolic link skipped"), "{log}");
+    let q = site.quarantine().join(id("private.jpg"));
+    let mode = std::fs::metadata(&q).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the quarantined copy keeps the file's mode");
+    assert_eq!(names(&site.quarantine()).len(), 2, "only private.jpg and its reason");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_file_name_that_is_not_utf8_is_taken_once_across_restarts() {
+    use std::os::unix::ffi::OsStrExt;
+    let site = Site::new(&Cfg { watch: true, ..Cfg::new() });
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9.jpg");
+    std::fs::write(site.input().join(name), image_bytes(3)).unwrap();
+    let id = plankton::serve::spool::id_for_path(Path::new(name));
+    let d = site.start();
+    d.wait_predicted(&id);
+    d.stop();
+    for i in 0..2 {
+        let d = site.start();
+        // A new file taken after the restart: the scans that took it saw the old one too.
+        let f = format!("later-{i}.jpg");
+        std::fs::write(site.input().join(&f), image_bytes(i)).unwrap();
+        d.wait_predicted(&plankton::serve::spool::id_for_path(Path::new(&f)));
+        d.stop();
+    }
+    assert_eq!(site.finished_counts().get(&id), Some(&1), "{:?}", site.finished_counts());
+}
+
+#[test]
+fn queue_depth_gauges_fall_back_to_zero_when_idle() {
+    let site = Site::new(&Cfg { max_images: 2, tta: 8, patches: 4, ..Cfg::new() });
+    let d = site.start();
+    let ids: Vec<String> = (0..24).map(|i| format!("g{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(d.upload(id, &image_bytes(i)).status, 202);
+    }
+    for id in &ids {
+        d.wait_predicted(id);
+    }
+    let depths = |text: &str| {
+        ["ingest", "patches", "rows"].map(|q| metric_value(text, &format!("plankton_queue_depth{{queue=\"{q}\"}}")))
+    };
+    let t0 = Instant::now();
+    let last = loop {
+        let text = d.get("/metrics").text();
+        let now = depths(&text);
+        if now == [Some(0.0); 3] {
+            break now;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "queue gauges stale at idle: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(last, [Some(0.0); 3]);
+    // The images still spooled (rows in the open file) are visible as a gauge.
+    assert_eq!(site.pending_ids().len(), ids.len(), "rows in the open file: still spooled");
+    poll("the spooled-images gauge", || {
+        let text = d.get("/metrics").text();
+        (metric_value(&text, "plankton_serve_spooled_images") == Some(ids.len() as f64)).then_some(())
+    });
+    d.stop();
+}
+
+#[test]
+fn an_empty_token_file_is_refused_at_start() {
+    let tokens = tempfile::tempdir().unwrap();
+    for content in ["", "  \n\n"] {
+        let token_file = tokens.path().join("token");
+        std::fs::write(&token_file, content).unwrap();
+        let site = Site::new(&Cfg { token_file: Some(token_file.clone()), ..Cfg::new() });
+        let (status, log) = start_expecting_failure(&site);
+        assert_eq!(status.code(), Some(1), "{log}");
+        assert!(log.contains("token file is empty") && log.contains(token_file.to_str().unwrap()), "{content:?}: {log}");
+        assert!(site.pending_files().is_empty() && names(&site.out()).is_empty());
+    }
+}
+
+#[test]
+fn served_rows_keep_the_upload_name_the_decoded_size_and_flag_non_organisms() {
+    fn png(img: &image::GrayImage) -> Vec<u8> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+    let site = Site::new(&Cfg::new());
+    let d = site.start();
+    let good = image_bytes(0);
+    let size = image::load_from_memory(&good).unwrap();
+    let r = d.post("/v1/images?id=named&name=some%2Fdir%2FIMG_0007.jpg&wait=true", &[], &good);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["flag"].is_null(), "{}", r.text());
+    let tiny = png(&image::GrayImage::from_pixel(1, 1, image::Luma([0])));
+    let p = d.predict("tiny", &tiny);
+    assert_eq!(p["flag"], "too_small", "{p}");
+    let blank = png(&image::GrayImage::from_pixel(4096, 4096, image::Luma([255])));
+    let p = d.predict("blank", &blank);
+    assert_eq!((p["flag"].as_str(), p["image_width"].as_u64()), (Some("blank"), Some(4096)), "{p}");
+    let r = d.post("/v1/images?id=cutn&name=cut.jpg&wait=true", &[], &truncated());
+    assert_eq!(r.status, 422, "{}", r.text());
+    let log = d.log();
+    d.stop();
+
+    let rows: BTreeMap<String, ServedRow> = served_rows(&site).into_iter().map(|r| (r.id.clone(), r)).collect();
+    assert_eq!(rows["named"].source_path, "http:IMG_0007.jpg", "the client's file name, without its folders");
+    assert_eq!(rows["named"].size, Some((size.height(), size.width())));
+    assert_eq!(rows["named"].flag, None);
+    assert_eq!((rows["tiny"].size, rows["tiny"].flag.as_deref()), (Some((1, 1)), Some("too_small")));
+    assert_eq!((rows["blank"].size, rows["blank"].flag.as_deref()), (Some((4096, 4096)), Some("blank")));
+    assert!(rows["tiny"].has_probabilities && rows["blank"].has_probabilities, "flagged, still predicted");
+    let cut = &rows["cutn"];
+    assert_eq!(cut.source_path, "http:cut.jpg");
+    let err = cut.error.as_deref().unwrap();
+    assert!(!err.contains('\n') && err == err.trim(), "one line: {err:?}");
+    // One WARN line per quarantined image, and no colour codes in a log file.
+    let warned = log.lines().filter(|l| l.contains("quarantined") && l.contains("id=cutn")).count();
+    assert_eq!(warned, 1, "{log}");
+    assert!(!log.contains('\u{1b}'), "colour escape codes in a log file");
+    assert!(log.lines().all(|l| !l.trim().is_empty()), "no line split by a decoder message");
 }

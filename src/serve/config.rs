@@ -48,6 +48,7 @@ pub struct ServeConfig {
     pub batch: MicroBatchConfig,
     pub queue: QueueConfig,
     pub output: OutputConfig,
+    pub checks: ImageChecks,
     /// Durable copy of every accepted image until its prediction is in a finished file.
     pub spool: PathBuf,
     /// Bad input goes here, with a `.reason` file beside it.
@@ -69,6 +70,7 @@ impl Default for ServeConfig {
             batch: MicroBatchConfig::default(),
             queue: QueueConfig::default(),
             output: OutputConfig::default(),
+            checks: ImageChecks::default(),
             spool: PathBuf::from("serve/spool"),
             quarantine: PathBuf::from("serve/quarantine"),
         }
@@ -84,6 +86,16 @@ pub enum WatchMode {
     Poll,
 }
 
+/// What the folder source does with symbolic links in the watched folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SymlinkPolicy {
+    /// Never follow a link (each is skipped, logged once and counted).
+    Skip,
+    /// Follow a link whose target is a file inside the watched folder; skip every other.
+    Inside,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchConfig {
@@ -97,6 +109,8 @@ pub struct WatchConfig {
     /// Files still being written under a temporary name (rename-into-place convention).
     pub ignore_suffixes: Vec<String>,
     pub backpressure: Backpressure,
+    /// Symbolic links: `skip` (default) or `inside` (only links to files within the folder).
+    pub symlinks: SymlinkPolicy,
 }
 
 impl Default for WatchConfig {
@@ -110,6 +124,7 @@ impl Default for WatchConfig {
             settle_ms: 500,
             ignore_suffixes: vec![".tmp".into(), ".part".into(), ".partial".into()],
             backpressure: Backpressure::Block,
+            symlinks: SymlinkPolicy::Skip,
         }
     }
 }
@@ -199,6 +214,39 @@ impl Default for OutputConfig {
     }
 }
 
+/// Obvious non-organisms, flagged in the row's `flag` column (they are still predicted: the
+/// flag tells a reader not to trust the class).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageChecks {
+    /// An image whose width or height is below this is flagged `too_small` (0: no check).
+    pub min_side_px: u32,
+    /// An image whose grey levels span at most this many levels (max - min) is flagged `blank`.
+    pub blank_max_range: u8,
+}
+
+impl Default for ImageChecks {
+    fn default() -> Self {
+        ImageChecks { min_side_px: 8, blank_max_range: 8 }
+    }
+}
+
+impl ImageChecks {
+    /// The flag of a decoded image, if any (`too_small` before `blank`).
+    pub fn flag(&self, img: &image::GrayImage) -> Option<&'static str> {
+        if img.width() < self.min_side_px || img.height() < self.min_side_px {
+            return Some("too_small");
+        }
+        let (mut lo, mut hi) = (u8::MAX, u8::MIN);
+        // Chunked so the compiler vectorises the min/max (a 4096x4096 frame is 16 M pixels).
+        for chunk in img.as_raw().chunks(4096) {
+            lo = lo.min(chunk.iter().copied().min().unwrap_or(u8::MAX));
+            hi = hi.max(chunk.iter().copied().max().unwrap_or(u8::MIN));
+        }
+        (hi.saturating_sub(lo) <= self.blank_max_range).then_some("blank")
+    }
+}
+
 impl ServeConfig {
     /// Loads and validates; relative paths are taken relative to the config file's folder.
     pub fn load(path: &Path) -> Result<Self, ServeConfigError> {
@@ -280,6 +328,26 @@ mod tests {
         assert_eq!(cfg.model, PathBuf::from("/etc/p/runs/a"));
         assert_eq!(cfg.spool, PathBuf::from("/etc/p/serve/spool"));
         assert_eq!(cfg.http.backpressure, Backpressure::Reject);
+        assert_eq!(cfg.watch.symlinks, SymlinkPolicy::Skip);
+    }
+
+    #[test]
+    fn image_checks_flag_tiny_and_blank_images_only() {
+        let checks = ImageChecks::default();
+        let tiny = image::GrayImage::from_pixel(1, 1, image::Luma([0]));
+        assert_eq!(checks.flag(&tiny), Some("too_small"));
+        let thin = image::GrayImage::from_fn(200, 5, |x, _| image::Luma([x as u8]));
+        assert_eq!(checks.flag(&thin), Some("too_small"));
+        let blank = image::GrayImage::from_pixel(300, 200, image::Luma([250]));
+        assert_eq!(checks.flag(&blank), Some("blank"));
+        // Sensor noise of a few levels is still blank; one dark organism is not.
+        let mut noisy = image::GrayImage::from_fn(64, 64, |x, y| image::Luma([247 + ((x * 7 + y * 3) % 5) as u8]));
+        assert_eq!(checks.flag(&noisy), Some("blank"));
+        noisy.put_pixel(40, 63, image::Luma([90]));
+        assert_eq!(checks.flag(&noisy), None);
+        let off = ImageChecks { min_side_px: 0, blank_max_range: 0 };
+        assert_eq!(off.flag(&thin), None);
+        assert_eq!(off.flag(&tiny), Some("blank"));
     }
 
     #[test]
@@ -291,6 +359,8 @@ mod tests {
             ("[watch]\nenabled = true\ndir = \"x\"\n[output]\ndir = \"x/out\"\n", "must not contain"),
             ("[htp]\n", "unknown field"),
             ("[output]\nfeatures = [\"moments\", \"colour\"]\n", "output.features: unknown feature set `colour`"),
+            ("[watch]\nsymlinks = \"follow\"\n", "unknown variant `follow`"),
+            ("[checks]\nmin_side = 3\n", "unknown field `min_side`"),
         ] {
             let err = ServeConfig::from_toml_str(text, Path::new("d.toml"), Path::new(".")).unwrap_err().to_string();
             assert!(err.contains(want) && err.contains("d.toml"), "{text}: {err}");

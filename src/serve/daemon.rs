@@ -24,6 +24,10 @@ pub enum ServeError {
     Io { path: std::path::PathBuf, message: String },
     #[error("http.bind {addr}: {message}")]
     Bind { addr: String, message: String },
+    #[error("{path}: {message}")]
+    Locked { path: std::path::PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Token { path: std::path::PathBuf, message: String },
     #[error("{0}")]
     Crashed(String),
 }
@@ -45,6 +49,66 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// An exclusive advisory lock (flock) on `<dir>/<name>`, held while the value lives; the file
+/// holds the holder's pid for the error message of the next one. The lock, not the file, is
+/// what counts: a file left by a killed daemon is simply locked again.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    pub fn acquire(dir: &std::path::Path, name: &str, what: &str) -> Result<DirLock, ServeError> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(name);
+        let locked = |message: String| ServeError::Locked { path: path.clone(), message };
+        std::fs::create_dir_all(dir).map_err(|e| locked(format!("cannot create the {what} folder: {e}")))?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| locked(format!("cannot open the lock file: {e}")))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let who = if holder.is_empty() { "another process".to_string() } else { format!("another daemon (pid {holder})") };
+                return Err(locked(format!(
+                    "the {what} {} is in use by {who}: one daemon per {what}. Stop that one, or give this config its own spool and output folders",
+                    dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(locked(format!("cannot lock: {e}"))),
+        }
+        // Ours now: say who holds it (best effort; the lock is what matters).
+        let _ = file.set_len(0).and_then(|_| file.rewind()).and_then(|_| writeln!(file, "{}", std::process::id()));
+        Ok(DirLock { _file: file })
+    }
+}
+
+/// The spool's lock file (one daemon per spool).
+pub const SPOOL_LOCK: &str = "daemon.lock";
+/// The output folder's lock file (one daemon writes and cleans a folder's `.partial` files).
+pub const OUTPUT_LOCK: &str = ".plankton-serve.lock";
+
+/// The bearer token in `path`: its content without surrounding white space, which must not be
+/// empty (an empty token would make every upload fail with 401).
+pub fn read_token(path: &std::path::Path) -> Result<String, ServeError> {
+    let err = |message: String| ServeError::Token { path: path.to_path_buf(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read the bearer token: {e}")))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(err("the bearer token file is empty: put the token uploads must present in it (http.token_file)".into()));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(err("the bearer token must be one line without spaces or control characters".into()));
+    }
+    Ok(token.to_string())
 }
 
 /// What a finished daemon reports.
@@ -71,6 +135,23 @@ pub async fn run(
     reload: Arc<tokio::sync::Notify>,
     mut on_event: impl FnMut(ServeEvent) + Send,
 ) -> Result<ServeSummary, ServeError> {
+    // One daemon per spool and output folder, before anything in them is touched: a second
+    // one started by mistake must not delete the first one's open `.partial` file.
+    let _spool_lock = DirLock::acquire(&cfg.spool, SPOOL_LOCK, "spool")?;
+    let _output_lock = DirLock::acquire(&cfg.output.dir, OUTPUT_LOCK, "output folder")?;
+    // Everything that can fail cheaply fails before the model is loaded and the engine threads
+    // start (a half-started daemon must not exit with libtorch threads still running).
+    let token = match &cfg.http.token_file {
+        Some(p) if cfg.http.enabled => Some(read_token(p)?),
+        _ => None,
+    };
+    let listener = if cfg.http.enabled {
+        let listener = tokio::net::TcpListener::bind(&cfg.http.bind).await.map_err(|e| ServeError::Bind { addr: cfg.http.bind.clone(), message: e.to_string() })?;
+        let addr = listener.local_addr().map_err(|e| ServeError::Bind { addr: cfg.http.bind.clone(), message: e.to_string() })?;
+        Some((listener, addr))
+    } else {
+        None
+    };
     let metrics_handle = prometheus();
     engine::describe();
     let spool = Arc::new(Spool::open(&cfg.spool)?);
@@ -78,15 +159,8 @@ pub async fn run(
     if cleaned > 0 {
         tracing::warn!(files = cleaned, "removed unfinished prediction files of an earlier run (their images are still spooled)");
     }
-    let token = match &cfg.http.token_file {
-        Some(p) if cfg.http.enabled => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| ServeError::Io { path: p.clone(), message: format!("cannot read the bearer token: {e}") })?
-                .trim()
-                .to_string(),
-        ),
-        _ => None,
-    };
+    // Accepted before a crash or a stop: processed again (outputs are idempotent by id).
+    let pending = spool.pending()?;
     let cfg_c = cfg.clone();
     let model = tokio::task::spawn_blocking(move || engine::load_model(&cfg_c)).await.map_err(|e| ServeError::Crashed(e.to_string()))??;
     let model_id = model.model_id.clone();
@@ -98,11 +172,10 @@ pub async fn run(
     let running = Engine { model, ingest: ingest_rx, spool: spool.clone(), results: results.clone(), slot: slot.clone(), cfg: cfg.clone(), in_flight }
         .start()
         .map_err(ServeError::Crashed)?;
+    // From here on nothing returns early: the engine is always drained and joined below.
 
     let sources = CancellationToken::new();
     let mut tasks = Vec::new();
-    // Accepted before a crash or a stop: processed again (outputs are idempotent by id).
-    let pending = spool.pending()?;
     let replayed = pending.len();
     if replayed > 0 {
         tracing::info!(images = replayed, "replaying spooled images");
@@ -126,9 +199,7 @@ pub async fn run(
     }
     let ready = Arc::new(AtomicBool::new(false));
     let accepting = Arc::new(AtomicBool::new(true));
-    if cfg.http.enabled {
-        let listener = tokio::net::TcpListener::bind(&cfg.http.bind).await.map_err(|e| ServeError::Bind { addr: cfg.http.bind.clone(), message: e.to_string() })?;
-        let addr = listener.local_addr().map_err(|e| ServeError::Bind { addr: cfg.http.bind.clone(), message: e.to_string() })?;
+    if let Some((listener, addr)) = listener {
         tracing::info!(%addr, "listening");
         on_event(ServeEvent::Listening(addr));
         let state = Arc::new(http::HttpState {

@@ -20,14 +20,14 @@ use tch::{Device, Kind};
 
 use super::config::ServeConfig;
 use super::results::{ResultStore, ServedPrediction};
-use super::spool::{Spool, SpoolEntry};
+use super::spool::{EntryKey, Spool, SpoolEntry};
 use crate::features::job::FeatureSet;
 use crate::features::writer::{FeatureRow, FeatureWriter};
 use crate::imgproc::Augmentation;
 use crate::predict::aggregate::aggregate;
 use crate::predict::job::{LoadedModel, PredictError, Weights};
 use crate::predict::tta::quasi_random_transforms;
-use crate::sinks::parquet::{top_k, PredictionRow, PredictionWriter};
+use crate::sinks::parquet::{top_k, PredictionRow, PredictionWriter, ServeColumns};
 use crate::stages::decode::decode_bytes;
 use crate::stages::warp::make_patch;
 use crate::telemetry;
@@ -68,19 +68,20 @@ pub struct ModelSlot {
     pub reload: AtomicBool,
 }
 
-/// Ids being processed, so an image that arrives twice (spool replay and a rescan, say) is
-/// processed once.
+/// Spool entries being processed, so an entry that arrives twice (spool replay and a rescan,
+/// say) is processed once. Keyed by (id, seq): a new acceptance of an id (a good upload after a
+/// quarantined one) is a different entry and is processed.
 #[derive(Default)]
-pub struct InFlight(Mutex<HashSet<String>>);
+pub struct InFlight(Mutex<HashSet<EntryKey>>);
 
 impl InFlight {
-    fn begin(&self, id: &str) -> bool {
-        self.0.lock().unwrap().insert(id.to_string())
+    fn begin(&self, entry: &SpoolEntry) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.key())
     }
-    fn end(&self, ids: impl IntoIterator<Item = String>) {
-        let mut set = self.0.lock().unwrap();
-        for id in ids {
-            set.remove(&id);
+    fn end(&self, keys: impl IntoIterator<Item = EntryKey>) {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            set.remove(&k);
         }
     }
 }
@@ -90,6 +91,9 @@ type Features = ((u32, u32), Vec<f64>);
 
 struct PatchSet {
     entry: SpoolEntry,
+    /// (height, width) of the decoded image, and its flag (`too_small`, `blank`).
+    size: (u32, u32),
+    flag: Option<&'static str>,
     features: Option<Features>,
     /// views x inputs x pixels.
     views: Vec<Vec<Vec<f32>>>,
@@ -103,7 +107,16 @@ pub struct OutRow {
     pub probabilities: Option<Vec<f32>>,
     pub error: Option<String>,
     pub views: u16,
+    pub size: Option<(u32, u32)>,
+    pub flag: Option<&'static str>,
     features: Option<Features>,
+}
+
+impl OutRow {
+    /// The error row of a refused image.
+    fn refused(entry: SpoolEntry, model_id: String, reason: String) -> OutRow {
+        OutRow { entry, model_id, probabilities: None, error: Some(reason), views: 0, size: None, flag: None, features: None }
+    }
 }
 
 pub struct Engine {
@@ -180,10 +193,12 @@ impl Engine {
                 quarantine: self.cfg.quarantine.clone(),
                 in_flight: self.in_flight.clone(),
                 feature_sets: feature_sets.clone(),
+                checks: self.cfg.checks.clone(),
             };
             threads.push(spawn(format!("serve-worker-{w}"), Box::new(move || ctx.run()))?);
         }
         drop(patches_tx);
+        let (patches_weak, rows_weak) = (patches_rx.downgrade(), rows_rx.downgrade());
         let model_ctx = ModelCtx { model: self.model, patches: patches_rx, rows: rows_tx, slot: self.slot.clone(), cfg: self.cfg.clone() };
         threads.push(spawn("serve-model".into(), Box::new(move || model_ctx.run()))?);
         let writer = WriterCtx {
@@ -196,7 +211,49 @@ impl Engine {
             feature_sets,
         };
         threads.push(spawn("serve-writer".into(), Box::new(move || writer.run()))?);
+        let gauges = QueueGauges {
+            ingest: self.ingest.downgrade(),
+            patches: patches_weak,
+            rows: rows_weak,
+            spool: self.spool.clone(),
+        };
+        threads.push(spawn("serve-gauges".into(), Box::new(move || gauges.run()))?);
         Ok(Running { threads })
+    }
+}
+
+/// Samples the queue depths into their gauges from one place, a few times a second, so they
+/// fall back to zero when the pipeline goes idle (setting them at each send left the last
+/// busy value standing). Holds the queues weakly: it ends when they close.
+struct QueueGauges {
+    ingest: async_channel::WeakReceiver<SpoolEntry>,
+    patches: async_channel::WeakReceiver<PatchSet>,
+    rows: async_channel::WeakReceiver<OutRow>,
+    spool: Arc<Spool>,
+}
+
+/// How often the queue gauges are sampled.
+pub const GAUGE_PERIOD: Duration = Duration::from_millis(200);
+
+impl QueueGauges {
+    fn run(self) {
+        let depth = |queue: &'static str, n: Option<usize>| {
+            metrics::gauge!(telemetry::QUEUE_DEPTH, "queue" => queue).set(n.unwrap_or(0) as f64);
+            n.is_some()
+        };
+        loop {
+            // Upgrading takes a receiver for a moment; a queue that is closed reads as empty.
+            let open = [
+                depth("ingest", self.ingest.upgrade().map(|r| r.len())),
+                depth("patches", self.patches.upgrade().map(|r| r.len())),
+                depth("rows", self.rows.upgrade().map(|r| r.len())),
+            ];
+            metrics::gauge!(telemetry::SERVE_SPOOLED).set(self.spool.len() as f64);
+            if !open.iter().any(|&o| o) {
+                return;
+            }
+            std::thread::sleep(GAUGE_PERIOD);
+        }
     }
 }
 
@@ -209,19 +266,27 @@ struct WorkerCtx {
     quarantine: PathBuf,
     in_flight: Arc<InFlight>,
     feature_sets: Arc<Vec<FeatureSet>>,
+    checks: crate::serve::config::ImageChecks,
 }
 
 impl WorkerCtx {
     fn run(self) {
         while let Ok(entry) = self.ingest.recv_blocking() {
-            metrics::gauge!(telemetry::QUEUE_DEPTH, "queue" => "ingest").set(self.ingest.len() as f64);
-            if !self.in_flight.begin(&entry.id) {
+            if !self.in_flight.begin(&entry) {
                 metrics::counter!(telemetry::STAGE_DROPPED, "stage" => "decode", "reason" => "duplicate").increment(1);
                 continue;
             }
             metrics::counter!(telemetry::STAGE_RECEIVED, "stage" => "decode").increment(1);
             let accepted = Instant::now();
-            let model = self.slot.prep.read().unwrap().clone();
+            let model = self.slot.prep.read().unwrap_or_else(|e| e.into_inner()).clone();
+            // Quarantined before a restart: only its error row is still owed.
+            if let Some(q) = &entry.quarantined {
+                let reason = q.reason.clone();
+                if self.rows.send_blocking(OutRow::refused(entry, model.model_id.clone(), reason)).is_err() {
+                    break;
+                }
+                continue;
+            }
             let augs = &model.transforms;
             let result = std::fs::read(&entry.bytes_path)
                 .map_err(|e| (format!("{}: cannot read spooled image: {e}", entry.bytes_path.display()), "io"))
@@ -231,15 +296,26 @@ impl WorkerCtx {
                     decode_bytes(&bytes, Path::new(&name), &model.cfg.decode).map_err(|e| (e.to_string(), e.kind()))
                 });
             match result {
+                Err((reason, "io")) => {
+                    // Not the image's fault (the spool's file vanished or the disk failed): it
+                    // stays spooled, and the next start tries again.
+                    metrics::counter!(telemetry::STAGE_ERRORS, "stage" => "decode", "reason" => "io").increment(1);
+                    tracing::error!(id = %entry.id, reason = %reason, "cannot read a spooled image; it stays in the spool");
+                    self.in_flight.end([entry.key()]);
+                }
                 Err((reason, kind)) => {
                     metrics::counter!(telemetry::STAGE_ERRORS, "stage" => "decode", "reason" => kind).increment(1);
-                    tracing::warn!(id = %entry.id, source = %entry.source, reason = %reason, "quarantined");
-                    if let Err(e) = self.spool.quarantine(&entry, &reason, &self.quarantine) {
-                        tracing::error!(id = %entry.id, error = %e, "quarantine failed; the image stays in the spool");
-                    }
-                    let row = OutRow { entry, model_id: model.model_id.clone(), probabilities: None, error: Some(reason), views: 0, features: None };
-                    if self.rows.send_blocking(row).is_err() {
-                        break;
+                    // The quarantine is durable (and owes this row) before the row is sent.
+                    match self.spool.quarantine(&entry, &reason, &self.quarantine) {
+                        Ok(record) => {
+                            if self.rows.send_blocking(OutRow::refused(record, model.model_id.clone(), reason)).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(id = %entry.id, error = %e, "quarantine failed; the image stays in the spool");
+                            self.in_flight.end([entry.key()]);
+                        }
                     }
                 }
                 Ok(img) => {
@@ -263,11 +339,15 @@ impl WorkerCtx {
                     // On the decoded image, before any warp: the features describe the raw image,
                     // as `plankton features` computes them.
                     let features = (!self.feature_sets.is_empty()).then(|| ((img.height(), img.width()), crate::features::writer::compute(&self.feature_sets, &img)));
+                    let flag = self.checks.flag(&img);
+                    if let Some(flag) = flag {
+                        metrics::counter!(telemetry::SERVE_FLAGGED, "flag" => flag).increment(1);
+                    }
                     metrics::counter!(telemetry::STAGE_SENT, "stage" => "decode").increment(1);
-                    if self.patches.send_blocking(PatchSet { entry, features, views, accepted }).is_err() {
+                    let size = (img.height(), img.width());
+                    if self.patches.send_blocking(PatchSet { entry, size, flag, features, views, accepted }).is_err() {
                         break;
                     }
-                    metrics::gauge!(telemetry::QUEUE_DEPTH, "queue" => "patches").set(self.patches.len() as f64);
                 }
             }
         }
@@ -385,11 +465,19 @@ impl ModelCtx {
                 let waited_ms = unix_ms().saturating_sub(set.entry.received_unix_ms) as f64;
                 latency.record((waited_ms / 1000.0).max(set.accepted.elapsed().as_secs_f64()));
                 metrics::counter!(telemetry::PREDICT_IMAGES).increment(1);
-                let row = OutRow { entry: set.entry, model_id: model.model_id.clone(), probabilities: Some(p), error: None, views: views as u16, features: set.features };
+                let row = OutRow {
+                    entry: set.entry,
+                    model_id: model.model_id.clone(),
+                    probabilities: Some(p),
+                    error: None,
+                    views: views as u16,
+                    size: Some(set.size),
+                    flag: set.flag,
+                    features: set.features,
+                };
                 if self.rows.send_blocking(row).is_err() {
                     return;
                 }
-                metrics::gauge!(telemetry::QUEUE_DEPTH, "queue" => "rows").set(self.rows.len() as f64);
             }
         }
     }
@@ -412,7 +500,8 @@ struct OpenFile {
     features: Option<FeatureWriter>,
     model_id: String,
     opened: Instant,
-    ids: Vec<String>,
+    /// The spool entries whose rows are in this file.
+    keys: Vec<EntryKey>,
     path: PathBuf,
 }
 
@@ -436,17 +525,17 @@ impl WriterCtx {
         let stamp = format!("{}-{:04}", unix_ms(), seq);
         let path = self.cfg.output.dir.join(format!("predictions-{stamp}.parquet"));
         let model = serde_json::json!({ "model_id": model_id, "daemon": self.cfg.name, "tta": self.cfg.tta, "aggregation": self.cfg.aggregation });
-        let writer = PredictionWriter::create(&path, self.class_names.clone(), model_id, &model, self.cfg.output.top_k).map_err(|e| e.to_string())?;
+        let writer = PredictionWriter::create_served(&path, self.class_names.clone(), model_id, &model, self.cfg.output.top_k).map_err(|e| e.to_string())?;
         let features = if self.feature_sets.is_empty() {
             None
         } else {
             Some(FeatureWriter::create(&self.cfg.output.dir.join(format!("features-{stamp}.parquet")), &self.feature_sets).map_err(|e| e.to_string())?)
         };
-        Ok(OpenFile { writer, features, model_id: model_id.to_string(), opened: Instant::now(), ids: Vec::new(), path })
+        Ok(OpenFile { writer, features, model_id: model_id.to_string(), opened: Instant::now(), keys: Vec::new(), path })
     }
 
     fn finish(&self, file: OpenFile) {
-        let OpenFile { writer, features, ids, path, .. } = file;
+        let OpenFile { writer, features, keys, path, .. } = file;
         // The features file first: the images leave the spool only once both files are in place.
         if let Some(f) = features {
             if let Err(e) = f.finish() {
@@ -458,10 +547,10 @@ impl WriterCtx {
             Ok(rows) => {
                 metrics::counter!(SERVE_FILES).increment(1);
                 tracing::info!(path = %path.display(), rows, "prediction file finished");
-                if let Err(e) = self.spool.complete(&ids) {
+                if let Err(e) = self.spool.complete(&keys) {
                     tracing::error!(error = %e, "could not release finished images from the spool (they will be predicted again after a restart)");
                 }
-                self.in_flight.end(ids);
+                self.in_flight.end(keys);
             }
             Err(e) => tracing::error!(error = %e, path = %path.display(), "prediction file not finished; its images stay in the spool"),
         }
@@ -509,6 +598,11 @@ impl WriterCtx {
             let f = open.as_mut().expect("open");
             let served = ServedPrediction {
                 id: row.entry.id.clone(),
+                seq: row.entry.seq,
+                quarantined: row.entry.quarantined.as_ref().map(|q| q.path.display().to_string()),
+                flag: row.flag.map(str::to_string),
+                image_height: row.size.map(|(h, _)| h),
+                image_width: row.size.map(|(_, w)| w),
                 model_id: row.model_id.clone(),
                 predicted_class: row.probabilities.as_ref().map(|p| self.class_names[top_k(p, 1)[0]].clone()),
                 confidence: row.probabilities.as_ref().map(|p| p[top_k(p, 1)[0]]),
@@ -533,19 +627,22 @@ impl WriterCtx {
                     continue;
                 }
             }
-            let pushed = f.writer.push(PredictionRow {
-                image_id: row.entry.id.clone(),
-                source_path: row.entry.source.clone(),
-                label: None,
-                probabilities: row.probabilities,
-                views: row.views,
-                error: row.error,
-            });
+            let pushed = f.writer.push_served(
+                PredictionRow {
+                    image_id: row.entry.id.clone(),
+                    source_path: row.entry.source.clone(),
+                    label: None,
+                    probabilities: row.probabilities,
+                    views: row.views,
+                    error: row.error,
+                },
+                ServeColumns { seq: row.entry.seq, received_unix_ms: row.entry.received_unix_ms, image_size: row.size, flag: row.flag.map(str::to_string) },
+            );
             if let Err(e) = pushed {
                 tracing::error!(error = %e, "cannot write a prediction row; the image stays in the spool");
                 continue;
             }
-            f.ids.push(row.entry.id);
+            f.keys.push(row.entry.key());
             self.results.publish(served);
             metrics::counter!(telemetry::STAGE_SENT, "stage" => "writer").increment(1);
             // Reading /proc costs a syscall and a parse: once a second is enough for a gauge.
@@ -555,7 +652,7 @@ impl WriterCtx {
                     metrics::gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);
                 }
             }
-            if f.ids.len() >= self.cfg.output.roll_rows {
+            if f.keys.len() >= self.cfg.output.roll_rows {
                 self.finish(open.take().expect("open"));
             }
         }

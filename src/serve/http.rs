@@ -30,8 +30,27 @@ use crate::serve::results::ResultStore;
 use crate::serve::spool::{self, Spool, SpoolEntry};
 use crate::telemetry::{STAGE_DROPPED, STAGE_ERRORS, STAGE_RECEIVED};
 
-/// The `source` recorded in the spool for uploads.
+/// The `source` recorded in the spool for uploads: `http`, or `http:<name>` with the client's
+/// file name ([`upload_source`]).
 pub const SOURCE: &str = "http";
+
+/// Longest client file name kept (bytes, cut at a character boundary).
+const MAX_NAME_BYTES: usize = 255;
+
+/// The `source` of an upload: the client's file name (from `?name=` or the multipart part's
+/// filename) without any folder part, cut to [`MAX_NAME_BYTES`]; it is recorded, never used as
+/// a path. Control characters were refused before this.
+pub fn upload_source(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("").trim();
+    if base.is_empty() {
+        return SOURCE.to_string();
+    }
+    let mut end = base.len().min(MAX_NAME_BYTES);
+    while !base.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{SOURCE}:{}", &base[..end])
+}
 /// Header that may carry the image id instead of `?id=`.
 pub const ID_HEADER: &str = "x-image-id";
 
@@ -127,6 +146,49 @@ fn unavailable(cfg: &HttpConfig, status: &str, message: &str) -> Response {
     r
 }
 
+/// How long a refused upload's body may take to be read and thrown away (see [`busy`]).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// 503 busy for an upload whose body was not read. The body is read and thrown away first (at
+/// most `max_body_bytes`, within [`DRAIN_TIMEOUT`]; nothing is kept, so memory stays bounded)
+/// so that the connection stays usable for the client's retry: closing a socket with unread
+/// input makes the kernel reset it, and a keep-alive client then sees a broken pipe instead
+/// of the 503. A body too large or too slow to drain gets the 503 with `Connection: close`.
+async fn busy(cfg: &HttpConfig, request: Request, message: &str) -> Response {
+    use axum::body::HttpBody;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit = cfg.max_body_bytes as u64;
+    let drained = declared.is_none_or(|n| n <= limit) && {
+        let mut body = request.into_body();
+        let drain = async {
+            let mut seen = 0u64;
+            loop {
+                match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+                    None => return true,
+                    Some(Ok(frame)) => {
+                        seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if seen > limit {
+                            return false;
+                        }
+                    }
+                    Some(Err(_)) => return false,
+                }
+            }
+        };
+        tokio::time::timeout(DRAIN_TIMEOUT, drain).await.unwrap_or(false)
+    };
+    let mut r = unavailable(cfg, "busy", message);
+    r.headers_mut().insert(
+        header::CONNECTION,
+        HeaderValue::from_static(if drained { "keep-alive" } else { "close" }),
+    );
+    r
+}
+
 /// Compares without an early exit, so the time taken does not tell how much of a guess was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = u64::from(a.len() != b.len());
@@ -155,7 +217,28 @@ fn authorized(state: &HttpState, headers: &HeaderMap) -> bool {
         && constant_time_eq(presented.trim().as_bytes(), token.as_bytes())
 }
 
+/// `POST /v1/images`. A refused upload answers `Connection: close` (its body may be unread, so
+/// the connection cannot carry another request, and a client told so opens a new one instead
+/// of writing into a closing socket), except a 422 (the body was read) and a 503 busy whose
+/// body was drained ([`busy`]: the connection stays usable for the retry).
 async fn upload(
+    state: State<Arc<HttpState>>,
+    query: Result<Query<UploadQuery>, QueryRejection>,
+    headers: HeaderMap,
+    request: Request,
+) -> Response {
+    let mut response = upload_one_or_many(state, query, headers, request).await;
+    let status = response.status();
+    let refused = status.is_client_error() || status.is_server_error();
+    if refused && status != StatusCode::UNPROCESSABLE_ENTITY && !response.headers().contains_key(header::CONNECTION) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+async fn upload_one_or_many(
     State(state): State<Arc<HttpState>>,
     query: Result<Query<UploadQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -226,7 +309,7 @@ async fn upload(
     }
     if state.cfg.backpressure == Backpressure::Reject && state.ingest.is_full() {
         metrics::counter!(STAGE_DROPPED, "stage" => "http").increment(1);
-        return unavailable(&state.cfg, "busy", "ingest queue full: retry later");
+        return busy(&state.cfg, request, "ingest queue full: retry later").await;
     }
 
     let bytes = match Bytes::from_request(request, &()).await {
@@ -257,7 +340,7 @@ async fn upload(
     let spooled = tokio::task::spawn_blocking(move || {
         let already = spool.contains(&accept_id);
         spool
-            .accept(&accept_id, SOURCE, &accept_name, &bytes)
+            .accept(&accept_id, &upload_source(&accept_name), &accept_name, &bytes)
             .map(|entry| (entry, already))
     })
     .await;
@@ -282,6 +365,7 @@ async fn upload(
     };
     metrics::counter!(STAGE_RECEIVED, "stage" => "http").increment(1);
 
+    let seq = entry.seq;
     // An id already pending is already on its way through the pipeline: not a second time.
     if !duplicate {
         if let Err(e) = state.ingest.send(entry).await {
@@ -302,9 +386,15 @@ async fn upload(
     }
     match state
         .results
-        .wait(&id, Duration::from_millis(state.cfg.sync_timeout_ms))
+        .wait(&id, seq, Duration::from_millis(state.cfg.sync_timeout_ms))
         .await
     {
+        // Refused (bad input): recorded durably (quarantine + its owed error row) by now.
+        Some(p) if p.error.is_some() => {
+            let mut body = serde_json::to_value(&p).expect("serialisable");
+            body["status"] = json!("quarantined");
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
+        }
         Some(p) => (StatusCode::OK, Json(p)).into_response(),
         None => (
             StatusCode::ACCEPTED,
@@ -405,7 +495,7 @@ async fn upload_multipart(
     // A full queue refuses before the body is read (the room for every part is checked below).
     if refusing && state.ingest.is_full() {
         metrics::counter!(STAGE_DROPPED, "stage" => "http").increment(1);
-        return unavailable(&state.cfg, "busy", "ingest queue full: retry later");
+        return busy(&state.cfg, request, "ingest queue full: retry later").await;
     }
 
     let mut multipart = match Multipart::from_request(request, &()).await {
@@ -497,7 +587,7 @@ async fn upload_multipart(
             .into_iter()
             .map(|(i, id, name, bytes)| {
                 let already = spool.contains(&id);
-                let result = spool.accept(&id, SOURCE, &name, &bytes);
+                let result = spool.accept(&id, &upload_source(&name), &name, &bytes);
                 (i, id, result.map(|entry| (entry, already)))
             })
             .collect::<Vec<_>>()
@@ -712,6 +802,11 @@ mod tests {
     fn pred(id: &str) -> ServedPrediction {
         ServedPrediction {
             id: id.into(),
+            seq: 0,
+            quarantined: None,
+            flag: None,
+            image_height: None,
+            image_width: None,
             model_id: "model-1".into(),
             predicted_class: Some("copepod".into()),
             confidence: Some(0.75),
@@ -740,7 +835,7 @@ mod tests {
                 entry.source.as_str(),
                 entry.original_name.as_str()
             ),
-            ("img-1", "http", "a b.jpg")
+            ("img-1", "http:a b.jpg", "a b.jpg")
         );
         assert_eq!(std::fs::read(&entry.bytes_path).unwrap(), b"abc");
         assert!(f.state.spool.contains("img-1"));
@@ -945,7 +1040,7 @@ mod tests {
         let engine = tokio::spawn(async move {
             let entry = rx.recv().await.unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
-            results.publish(pred(&entry.id));
+            results.publish(ServedPrediction { seq: entry.seq, ..pred(&entry.id) });
         });
         let (status, _, json, _) =
             call(&f.state, upload_req("/v1/images?id=w1&wait=true", b"abc")).await;
@@ -963,6 +1058,124 @@ mod tests {
             call(&f.state, upload_req("/v1/images?id=w2&wait=true", b"abc")).await;
         assert_eq!(status, StatusCode::ACCEPTED);
         assert_eq!(json, json!({"id": "w2", "status": "pending"}));
+
+        // A refused image answers 422 with its reason (once its quarantine is recorded).
+        let f = fixture(HttpConfig::default(), None, 8);
+        let (rx, results) = (f.rx.clone(), f.state.results.clone());
+        let engine = tokio::spawn(async move {
+            let entry = rx.recv().await.unwrap();
+            results.publish(ServedPrediction {
+                seq: entry.seq,
+                predicted_class: None,
+                confidence: None,
+                top_classes: vec![],
+                top_probabilities: vec![],
+                error: Some("w3: not an image".into()),
+                quarantined: Some("/q/w3".into()),
+                ..pred(&entry.id)
+            });
+        });
+        let (status, headers, json, _) =
+            call(&f.state, upload_req("/v1/images?id=w3&wait=true", b"abc")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{json}");
+        assert_eq!((json["status"].as_str(), json["error"].as_str()), (Some("quarantined"), Some("w3: not an image")));
+        assert_eq!(json["quarantined"], "/q/w3");
+        assert!(headers.get(header::CONNECTION).is_none(), "the body was read: the connection stays usable");
+        engine.await.unwrap();
+    }
+
+    #[test]
+    fn upload_source_keeps_the_file_name_only() {
+        assert_eq!(upload_source(""), "http");
+        assert_eq!(upload_source("  "), "http");
+        assert_eq!(upload_source("IMG_1.jpg"), "http:IMG_1.jpg");
+        assert_eq!(upload_source("../../etc/passwd"), "http:passwd");
+        assert_eq!(upload_source("C:\\cam\\a b.png"), "http:a b.png");
+        assert_eq!(upload_source("dir/"), "http");
+        let long = format!("{}.jpg", "é".repeat(300));
+        let kept = upload_source(&long);
+        assert!(kept.len() <= SOURCE.len() + 1 + MAX_NAME_BYTES && kept.starts_with("http:é"), "{kept}");
+    }
+
+    /// Sends raw HTTP/1.1 requests one after the other on ONE keep-alive connection; returns
+    /// each answer's head (lower case) and body, or the I/O error that ended the connection.
+    fn on_one_connection(addr: std::net::SocketAddr, requests: Vec<Vec<u8>>) -> Vec<Result<(String, String), String>> {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut writer = conn;
+        let mut out = Vec::new();
+        for req in requests {
+            let answer = (|| -> std::io::Result<(String, String)> {
+                writer.write_all(&req)?;
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line)? == 0 {
+                        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line.to_ascii_lowercase());
+                }
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                let mut body = vec![0u8; len];
+                reader.read_exact(&mut body)?;
+                Ok((head, String::from_utf8_lossy(&body).into_owned()))
+            })();
+            let stop = answer.is_err();
+            out.push(answer.map_err(|e| e.to_string()));
+            if stop {
+                break;
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_503_keeps_the_keep_alive_connection_usable_and_other_refusals_close_it() {
+        let f = fixture(HttpConfig { max_body_bytes: 300_000, ..HttpConfig::default() }, Some("tok"), 1);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, f.state.clone(), shutdown.clone()));
+        let post = |id: &str, len: usize| {
+            let mut r = format!("POST /v1/images?id={id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+            r.extend(std::iter::repeat_n(7u8, len));
+            r
+        };
+        let health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        // The first fills the one-image queue; the second is refused (503) before its body is
+        // read; the health check after it must still be answered on the same connection.
+        let requests = vec![post("first", 10), post("second", 200_000), health.clone()];
+        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, requests)).await.unwrap();
+        assert_eq!(answers.len(), 3, "{answers:?}");
+        let (h0, _) = answers[0].as_ref().unwrap();
+        assert!(h0.starts_with("http/1.1 202"), "{h0}");
+        let (h1, b1) = answers[1].as_ref().unwrap();
+        assert!(h1.starts_with("http/1.1 503") && h1.contains("retry-after: 1") && b1.contains("busy"), "{h1}{b1}");
+        assert!(!h1.contains("connection: close"), "{h1}");
+        let (h2, b2) = answers[2].as_ref().unwrap_or_else(|e| panic!("the connection broke after the 503: {e}"));
+        assert!(h2.starts_with("http/1.1 200") && b2 == "ok", "{h2}{b2}");
+        assert!(!f.state.spool.contains("second"), "refused: nothing spooled");
+
+        // A refusal whose body is not read (wrong token; a body too large to drain) says
+        // `Connection: close`, so the client does not write its next request into a dead socket.
+        let bad_token = b"POST /v1/images?id=x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nContent-Length: 5\r\n\r\nhello".to_vec();
+        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![bad_token])).await.unwrap();
+        let (h, _) = answers[0].as_ref().unwrap();
+        assert!(h.starts_with("http/1.1 401") && h.contains("connection: close"), "{h}");
+        let huge = format!("POST /v1/images?id=y HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Length: 900000\r\n\r\n").into_bytes();
+        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![huge])).await.unwrap();
+        let (h, _) = answers[0].as_ref().unwrap();
+        assert!(h.starts_with("http/1.1 503") && h.contains("connection: close"), "{h}");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -1132,7 +1345,7 @@ mod tests {
             (5, b"fff"),
         ] {
             let entry = f.rx.try_recv().unwrap();
-            assert_eq!((entry.id.as_str(), entry.source.as_str()), (ids[i], "http"));
+            assert_eq!((entry.id.as_str(), entry.source.clone()), (ids[i], upload_source(names[i])));
             assert_eq!(entry.original_name, names[i]);
             assert_eq!(std::fs::read(&entry.bytes_path).unwrap(), want);
             assert!(f.state.spool.contains(ids[i]));

@@ -13,6 +13,8 @@ use tokio::sync::oneshot;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServedPrediction {
     pub id: String,
+    /// The acceptance this result is of (a later upload of the same id has a higher seq).
+    pub seq: u64,
     pub model_id: String,
     pub predicted_class: Option<String>,
     pub confidence: Option<f32>,
@@ -20,6 +22,13 @@ pub struct ServedPrediction {
     pub top_probabilities: Vec<f32>,
     /// Set when the image could not be classified (bad input, ...); the class fields are then empty.
     pub error: Option<String>,
+    /// Where the refused image was put (set with `error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
+    /// `too_small` or `blank`: predicted, but not an organism.
+    pub flag: Option<String>,
+    pub image_height: Option<u32>,
+    pub image_width: Option<u32>,
     pub received_unix_ms: u64,
     /// From acceptance to prediction.
     pub latency_ms: f64,
@@ -27,6 +36,8 @@ pub struct ServedPrediction {
 
 struct Waiter {
     key: u64,
+    /// Only a result of this acceptance or a later one wakes it.
+    min_seq: u64,
     tx: oneshot::Sender<ServedPrediction>,
 }
 
@@ -59,17 +70,29 @@ impl ResultStore {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores the result (replacing an earlier one for the same id, which keeps its place in the
-    /// eviction order) and wakes every waiter of that id.
+    /// Stores the result (replacing an earlier acceptance's result for the same id, which keeps
+    /// its place in the eviction order; a result older than the stored one is not kept) and
+    /// wakes every waiter of that id whose acceptance it is.
     pub fn publish(&self, p: ServedPrediction) {
         let mut inner = self.lock();
         if let Some(waiters) = inner.waiters.remove(&p.id) {
+            let mut still = Vec::new();
             for w in waiters {
-                // A waiter that gave up has dropped its receiver: nothing to do.
-                let _ = w.tx.send(p.clone());
+                if p.seq >= w.min_seq {
+                    // A waiter that gave up has dropped its receiver: nothing to do.
+                    let _ = w.tx.send(p.clone());
+                } else {
+                    still.push(w);
+                }
+            }
+            if !still.is_empty() {
+                inner.waiters.insert(p.id.clone(), still);
             }
         }
         if self.capacity == 0 {
+            return;
+        }
+        if inner.results.get(&p.id).is_some_and(|old| old.seq > p.seq) {
             return;
         }
         let id = p.id.clone();
@@ -98,9 +121,10 @@ impl ResultStore {
         self.len() == 0
     }
 
-    /// Waits up to `timeout` for the result of `id`; returns at once when it is already known.
-    /// None on timeout.
-    pub async fn wait(&self, id: &str, timeout: Duration) -> Option<ServedPrediction> {
+    /// Waits up to `timeout` for the result of acceptance `min_seq` (or a later one) of `id`;
+    /// returns at once when it is already known. None on timeout.
+    pub async fn wait(&self, id: &str, min_seq: u64, timeout: Duration) -> Option<ServedPrediction> {
+        let fresh = |p: &ServedPrediction| p.seq >= min_seq;
         let (key, rx) = {
             let mut inner = self.lock();
             // Register first, then look: a publish cannot slip between the look and the
@@ -112,8 +136,8 @@ impl ResultStore {
                 .waiters
                 .entry(id.to_string())
                 .or_default()
-                .push(Waiter { key, tx });
-            if let Some(p) = inner.results.get(id).cloned() {
+                .push(Waiter { key, min_seq, tx });
+            if let Some(p) = inner.results.get(id).filter(|p| fresh(p)).cloned() {
                 remove_waiter(&mut inner, id, key);
                 return Some(p);
             }
@@ -128,7 +152,7 @@ impl ResultStore {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(p)) => Some(p),
             // Timed out (or, impossibly, the sender vanished): it may have landed just now.
-            _ => self.get(id),
+            _ => self.get(id).filter(fresh),
         }
     }
 
@@ -167,6 +191,11 @@ mod tests {
     fn pred(id: &str, class: &str) -> ServedPrediction {
         ServedPrediction {
             id: id.into(),
+            seq: 0,
+            quarantined: None,
+            flag: None,
+            image_height: None,
+            image_width: None,
             model_id: "m".into(),
             predicted_class: Some(class.into()),
             confidence: Some(0.9),
@@ -205,7 +234,7 @@ mod tests {
     async fn wait_returns_a_known_result_at_once() {
         let store = ResultStore::new(4);
         store.publish(pred("a", "x"));
-        let got = store.wait("a", Duration::from_secs(5)).await;
+        let got = store.wait("a", 0, Duration::from_secs(5)).await;
         assert_eq!(got, Some(pred("a", "x")));
         assert_eq!(store.waiter_count(), 0);
     }
@@ -217,7 +246,7 @@ mod tests {
         for _ in 0..3 {
             let s = store.clone();
             tasks.push(tokio::spawn(async move {
-                s.wait("a", Duration::from_secs(10)).await
+                s.wait("a", 0, Duration::from_secs(10)).await
             }));
         }
         while store.waiter_count() < 3 {
@@ -237,13 +266,33 @@ mod tests {
     async fn wait_times_out_and_cleans_up() {
         let store = ResultStore::new(4);
         let start = std::time::Instant::now();
-        assert_eq!(store.wait("a", Duration::from_millis(50)).await, None);
+        assert_eq!(store.wait("a", 0, Duration::from_millis(50)).await, None);
         assert!(start.elapsed() >= Duration::from_millis(50));
         assert_eq!(store.waiter_count(), 0);
         // A waiter whose future is dropped is removed too.
-        let fut = store.wait("b", Duration::from_secs(10));
+        let fut = store.wait("b", 0, Duration::from_secs(10));
         let _ = tokio::time::timeout(Duration::from_millis(10), fut).await;
         assert_eq!(store.waiter_count(), 0);
         store.publish(pred("a", "x"));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_for_a_new_acceptance_ignores_the_old_result() {
+        let store = Arc::new(ResultStore::new(4));
+        let old = ServedPrediction { seq: 5, error: Some("truncated".into()), predicted_class: None, ..pred("fix1", "x") };
+        store.publish(old.clone());
+        assert_eq!(store.wait("fix1", 6, Duration::from_millis(30)).await, None);
+        let s = store.clone();
+        let waiting = tokio::spawn(async move { s.wait("fix1", 6, Duration::from_secs(10)).await });
+        while store.waiter_count() < 1 {
+            tokio::task::yield_now().await;
+        }
+        store.publish(old.clone()); // a late copy of the old one wakes nobody and stores nothing
+        assert_eq!(store.waiter_count(), 1);
+        let new = ServedPrediction { seq: 6, ..pred("fix1", "y") };
+        store.publish(new.clone());
+        assert_eq!(waiting.await.unwrap(), Some(new.clone()));
+        store.publish(old);
+        assert_eq!(store.get("fix1"), Some(new), "an older result does not replace a newer one");
     }
 }

@@ -8,8 +8,21 @@
 //!  <dir>/seq                    high-water mark of the acceptance counter (reserved in blocks)
 //!  <dir>/pending/<id>.bytes     the image bytes, exactly as received
 //!  <dir>/pending/<id>.json      the sidecar (SpoolEntry); its presence marks a complete entry
+//!  <dir>/quarantined/<id>.<seq>.json  a quarantined entry whose error row is not yet in a
+//!                               finished file (its bytes are in the quarantine folder)
+//!  <dir>/daemon.lock            held (flock) by the one daemon using this spool
 //!  <dir>/.tmp-* , pending/.tmp-*  files being written (deleted at open: never acknowledged)
 //! ```
+//!
+//! An entry is one acceptance: (id, seq). The same id can be accepted again once its earlier
+//! entry has left `pending/` (completed or quarantined), and [`Spool::complete`] removes only
+//! the entry whose row was written, never a newer one with the same id.
+//!
+//! Quarantine keeps the promise that every acknowledged image ends as a row: the record in
+//! `quarantined/` is written first (fsynced), then the `.reason` file and the bytes go to the
+//! quarantine folder, then the pending sidecar goes. A crash anywhere in between is finished at
+//! the next open, and the record stays (listed by [`Spool::pending`] with `quarantined` set, so
+//! the engine writes its error row again) until the row is in a finished file.
 //!
 //! Accept: bytes and sidecar are written to temp names and fsynced, renamed into place (bytes
 //! first, sidecar last), then the directory is fsynced; only then does `accept` return. A crash
@@ -54,10 +67,32 @@ pub struct SpoolEntry {
     pub seq: u64,
     /// Where the image bytes are in the spool.
     pub bytes_path: PathBuf,
+    /// Set once the image was refused (bad input): its bytes are in the quarantine folder and
+    /// only its error row is still owed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<Quarantined>,
+}
+
+/// Where a refused image went and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub reason: String,
+    /// The image's bytes in the quarantine folder (`<that>.reason` beside it).
+    pub path: PathBuf,
+}
+
+/// One acceptance of an image: the id and the acceptance's seq.
+pub type EntryKey = (String, u64);
+
+impl SpoolEntry {
+    pub fn key(&self) -> EntryKey {
+        (self.id.clone(), self.seq)
+    }
 }
 
 pub const MAX_ID_LEN: usize = 200;
 const PENDING: &str = "pending";
+const QUARANTINED: &str = "quarantined";
 const SEQ_FILE: &str = "seq";
 const TMP_PREFIX: &str = ".tmp-";
 const BYTES_SUFFIX: &str = ".bytes";
@@ -69,6 +104,7 @@ const SEQ_BLOCK: u64 = 4096;
 pub struct Spool {
     dir: PathBuf,
     pending_dir: PathBuf,
+    quarantined_dir: PathBuf,
     /// Next seq to hand out; `seq_reserved` is the durable bound it may not pass without
     /// reserving the next block.
     next_seq: AtomicU64,
@@ -151,18 +187,39 @@ enum Payload<'a> {
 }
 
 impl Spool {
-    /// Creates `dir` (and `dir/pending`), deletes leftover temp files and orphan bytes (never
-    /// acknowledged), and continues seq after the highest one ever reserved.
+    /// Creates `dir` (and `dir/pending`, `dir/quarantined`), deletes leftover temp files and
+    /// orphan bytes (never acknowledged), finishes quarantines a crash interrupted, and continues
+    /// seq after the highest one ever reserved.
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
         let pending_dir = dir.join(PENDING);
-        fs::create_dir_all(&pending_dir).map_err(|e| io_err(&pending_dir, e))?;
-        for d in [dir, pending_dir.as_path()] {
+        let quarantined_dir = dir.join(QUARANTINED);
+        for d in [&pending_dir, &quarantined_dir] {
+            fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
+        }
+        for d in [dir, pending_dir.as_path(), quarantined_dir.as_path()] {
             for name in list_names(d)? {
                 if name.starts_with(TMP_PREFIX) {
                     let p = d.join(&name);
                     tracing::info!(path = %p.display(), "spool: removing a temp file left by an interrupted write");
                     remove_if_present(&p)?;
                 }
+            }
+        }
+        let mut records = Vec::new();
+        for name in list_names(&quarantined_dir)? {
+            if !name.ends_with(SIDECAR_SUFFIX) {
+                continue;
+            }
+            let p = quarantined_dir.join(&name);
+            match fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<SpoolEntry>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(e) if e.quarantined.is_some() && sanitize_id(&e.id).is_ok() => {
+                    records.push(e)
+                }
+                Ok(_) => tracing::error!(path = %p.display(), "spool: ignoring a quarantine record without a quarantine"),
+                Err(e) => tracing::error!(path = %p.display(), error = %e, "spool: unreadable quarantine record ignored"),
             }
         }
         let names = list_names(&pending_dir)?;
@@ -192,7 +249,7 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io_err(&seq_path, e)),
         };
-        let mut max_seen = None::<u64>;
+        let mut max_seen = records.iter().map(|r| r.seq).max();
         for id in &sidecars {
             let p = pending_dir.join(format!("{id}{SIDECAR_SUFFIX}"));
             if let Some(e) = fs::read(&p)
@@ -206,15 +263,65 @@ impl Spool {
         let spool = Spool {
             dir: dir.to_path_buf(),
             pending_dir,
+            quarantined_dir,
             next_seq: AtomicU64::new(next),
             seq_reserved: Mutex::new(next),
-            count: AtomicUsize::new(sidecars.len()),
+            count: AtomicUsize::new(0),
             busy: Mutex::new(HashSet::new()),
             busy_cv: Condvar::new(),
             tmp_counter: AtomicU64::new(0),
         };
-        tracing::info!(dir = %dir.display(), pending = sidecars.len(), next_seq = next, "spool opened");
+        let mut finished_sidecars = 0;
+        for r in &records {
+            if spool.finish_quarantine(r)? {
+                tracing::info!(id = %r.id, seq = r.seq, "spool: finished a quarantine a crash interrupted");
+                finished_sidecars += 1;
+            }
+        }
+        let count = sidecars.len() - finished_sidecars + records.len();
+        spool.count.store(count, Ordering::SeqCst);
+        tracing::info!(dir = %dir.display(), pending = count, quarantined = records.len(), next_seq = next, "spool opened");
         Ok(spool)
+    }
+
+    /// Completes the steps of a quarantine after its record was written (idempotent): the
+    /// `.reason` file, the bytes moved out of `pending/`, the pending sidecar removed. Returns
+    /// whether a pending sidecar of this entry was still there (and is now removed).
+    fn finish_quarantine(&self, record: &SpoolEntry) -> Result<bool, SpoolError> {
+        let q = record
+            .quarantined
+            .as_ref()
+            .expect("a quarantine record");
+        let sidecar = self.sidecar_path(&record.id);
+        // A pending sidecar with another seq is a later acceptance of the same id: it is not
+        // ours, so this quarantine had already finished.
+        let ours = match fs::read(&sidecar) {
+            Ok(b) => serde_json::from_slice::<SpoolEntry>(&b).is_ok_and(|e| e.seq == record.seq),
+            Err(_) => false,
+        };
+        if !ours {
+            return Ok(false);
+        }
+        let reason_path = reason_path_of(&q.path);
+        if !reason_path.exists() {
+            if let Some(dir) = reason_path.parent() {
+                fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+            }
+            let tmp = self.tmp_path(reason_path.parent().unwrap_or(Path::new(".")), "reason");
+            write_synced(&tmp, reason_text(record, &q.reason).as_bytes())?;
+            fs::rename(&tmp, &reason_path).map_err(|e| io_err(&reason_path, e))?;
+        }
+        let src = self.bytes_path(&record.id);
+        if src.exists() {
+            move_file(&src, &q.path, |dir, what| self.tmp_path(dir, what))?;
+        }
+        if let Some(dir) = q.path.parent() {
+            sync_dir(dir)?;
+        }
+        remove_if_present(&sidecar)?;
+        remove_if_present(&src)?;
+        sync_dir(&self.pending_dir)?;
+        Ok(true)
     }
 
     pub fn dir(&self) -> &Path {
@@ -227,6 +334,10 @@ impl Spool {
 
     fn sidecar_path(&self, id: &str) -> PathBuf {
         self.pending_dir.join(format!("{id}{SIDECAR_SUFFIX}"))
+    }
+
+    fn record_path(&self, id: &str, seq: u64) -> PathBuf {
+        self.quarantined_dir.join(format!("{id}.{seq}{SIDECAR_SUFFIX}"))
     }
 
     fn tmp_path(&self, dir: &Path, what: &str) -> PathBuf {
@@ -270,6 +381,7 @@ impl Spool {
                     .map_err(|e| io_err(&p, format!("corrupt sidecar: {e}")))?;
                 e.id = id.to_string();
                 e.bytes_path = self.bytes_path(id);
+                e.quarantined = None;
                 Ok(Some(e))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -334,6 +446,7 @@ impl Spool {
                 received_unix_ms: now_ms(),
                 seq,
                 bytes_path: self.bytes_path(&id),
+                quarantined: None,
             },
             Err(e) => {
                 let _ = fs::remove_file(&tmp_bytes);
@@ -362,11 +475,27 @@ impl Spool {
         Ok(entry)
     }
 
-    /// Complete entries, sorted by seq. An entry whose bytes are missing is logged and removed;
-    /// one whose sidecar is corrupt but whose bytes exist is kept with a rebuilt sidecar.
+    /// Complete entries, sorted by seq: the images to process and the quarantined ones whose
+    /// error row is still owed (`quarantined` set). An entry whose bytes are missing is logged
+    /// and removed; one whose sidecar is corrupt but whose bytes exist is kept with a rebuilt
+    /// sidecar.
     pub fn pending(&self) -> Result<Vec<SpoolEntry>, SpoolError> {
         let mut out = Vec::new();
         let mut dropped = false;
+        for name in list_names(&self.quarantined_dir)? {
+            if !name.ends_with(SIDECAR_SUFFIX) {
+                continue;
+            }
+            let p = self.quarantined_dir.join(&name);
+            match fs::read(&p) {
+                Ok(b) => match serde_json::from_slice::<SpoolEntry>(&b) {
+                    Ok(e) if e.quarantined.is_some() && sanitize_id(&e.id).is_ok() => out.push(e),
+                    _ => {}
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {} // completed meanwhile
+                Err(e) => return Err(io_err(&p, e)),
+            }
+        }
         for name in list_names(&self.pending_dir)? {
             let Some(id) = name.strip_suffix(SIDECAR_SUFFIX) else {
                 continue;
@@ -404,6 +533,7 @@ impl Spool {
                             received_unix_ms: received,
                             seq: self.alloc_seq()?,
                             bytes_path: bytes_path.clone(),
+                            quarantined: None,
                         };
                         let tmp = self.tmp_path(&self.pending_dir, "json");
                         let dest = self.sidecar_path(id);
@@ -446,15 +576,37 @@ impl Spool {
         self.len() == 0
     }
 
-    /// Removes entries (ids not pending, or not valid ids, are fine); fsyncs the directory once.
-    pub fn complete(&self, ids: &[String]) -> Result<(), SpoolError> {
+    /// Removes the entries whose rows are in a finished file: each (id, seq) removes that
+    /// acceptance only, never a later one of the same id (keys not pending, or with invalid
+    /// ids, are fine). fsyncs each touched directory once.
+    pub fn complete(&self, keys: &[EntryKey]) -> Result<(), SpoolError> {
         let mut first_err = None;
-        let mut touched = false;
-        for id in ids {
+        let (mut touched, mut touched_records) = (false, false);
+        for (id, seq) in keys {
             if sanitize_id(id).is_err() {
                 continue;
             }
             let _claim = self.claim(id);
+            match remove_if_present(&self.record_path(id, *seq)) {
+                Ok(true) => {
+                    self.count.fetch_sub(1, Ordering::SeqCst);
+                    touched_records = true;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                    continue;
+                }
+            }
+            match self.read_sidecar(id) {
+                Ok(Some(e)) if e.seq == *seq => {}
+                Ok(_) => continue, // gone, or a later acceptance of the same id
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                    continue;
+                }
+            }
             match remove_if_present(&self.sidecar_path(id)) {
                 Ok(true) => {
                     self.count.fetch_sub(1, Ordering::SeqCst);
@@ -476,20 +628,34 @@ impl Spool {
         if touched {
             sync_dir(&self.pending_dir)?;
         }
+        if touched_records {
+            sync_dir(&self.quarantined_dir)?;
+        }
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Moves the entry's bytes to `quarantine_dir/<id>` (`<id>.<n>` if that name is taken),
-    /// writes `<that>.reason` beside it, and removes the spool entry. Returns the moved file.
+    /// Refuses a pending entry: records it in `quarantined/` (so its error row is owed until
+    /// [`Spool::complete`]), moves its bytes to `quarantine_dir/<id>` (`<id>.<n>` if that name is
+    /// taken) with `<that>.reason` beside it, and frees the id for a new acceptance. Returns the
+    /// record (the entry with `quarantined` set).
     pub fn quarantine(
         &self,
         entry: &SpoolEntry,
         reason: &str,
         quarantine_dir: &Path,
-    ) -> Result<PathBuf, SpoolError> {
+    ) -> Result<SpoolEntry, SpoolError> {
         let id = sanitize_id(&entry.id)?;
         fs::create_dir_all(quarantine_dir).map_err(|e| io_err(quarantine_dir, e))?;
         let _claim = self.claim(&id);
+        match self.read_sidecar(&id)? {
+            Some(e) if e.seq == entry.seq => {}
+            _ => {
+                return Err(io_err(
+                    &self.sidecar_path(&id),
+                    format!("entry (id {id}, seq {}) is not pending", entry.seq),
+                ))
+            }
+        }
         let mut name = id.clone();
         let mut n = 1u64;
         while quarantine_dir.join(&name).exists()
@@ -499,48 +665,92 @@ impl Spool {
             n += 1;
         }
         let dest = quarantine_dir.join(&name);
-        let reason_path = quarantine_dir.join(format!("{name}.reason"));
-        let text = format!(
-            "reason: {}\nid: {}\nsource: {}\noriginal_name: {}\nreceived_unix_ms: {}\nseq: {}\nquarantined_unix_ms: {}\n",
-            reason.escape_debug(),
-            id,
-            entry.source.escape_debug(),
-            entry.original_name.escape_debug(),
-            entry.received_unix_ms,
-            entry.seq,
-            now_ms()
-        );
-        let tmp = self.tmp_path(quarantine_dir, "reason");
-        write_synced(&tmp, text.as_bytes())?;
-        fs::rename(&tmp, &reason_path).map_err(|e| io_err(&reason_path, e))?;
-        let src = self.bytes_path(&id);
-        if let Err(e) = fs::rename(&src, &dest) {
-            if e.kind() == io::ErrorKind::NotFound {
-                return Err(io_err(&src, e));
-            }
-            // Another file system (EXDEV) or similar: copy, then remove.
-            let tmp = self.tmp_path(quarantine_dir, "bytes");
-            copy_synced(&src, &tmp)?;
-            fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
-        }
-        sync_dir(quarantine_dir)?;
-        if remove_if_present(&self.sidecar_path(&id))? {
+        let mut record = entry.clone();
+        record.id = id.clone();
+        record.quarantined = Some(Quarantined {
+            reason: reason.to_string(),
+            path: dest.clone(),
+        });
+        let tmp = self.tmp_path(&self.quarantined_dir, "json");
+        let record_path = self.record_path(&id, entry.seq);
+        write_synced(
+            &tmp,
+            &serde_json::to_vec(&record).expect("SpoolEntry serialises"),
+        )?;
+        fs::rename(&tmp, &record_path).map_err(|e| io_err(&record_path, e))?;
+        sync_dir(&self.quarantined_dir)?;
+        // The record now owes the row: the rest is finished at the next open if a crash cuts it.
+        self.count.fetch_add(1, Ordering::SeqCst);
+        let sidecar_removed = self.finish_quarantine(&record)?;
+        if sidecar_removed {
             self.count.fetch_sub(1, Ordering::SeqCst);
         }
-        remove_if_present(&src)?;
-        sync_dir(&self.pending_dir)?;
-        tracing::warn!(id = %id, reason = %reason, path = %dest.display(), "spool: image quarantined");
-        Ok(dest)
+        tracing::warn!(id = %id, source = %entry.source, reason = %reason, path = %dest.display(), "image quarantined");
+        Ok(record)
     }
 }
 
-/// Copies `src` to a new file `dest` and fsyncs it.
+/// The `.reason` file beside a quarantined image.
+fn reason_path_of(quarantined: &Path) -> PathBuf {
+    let mut p = quarantined.as_os_str().to_owned();
+    p.push(".reason");
+    PathBuf::from(p)
+}
+
+fn reason_text(entry: &SpoolEntry, reason: &str) -> String {
+    format!(
+        "reason: {}\nid: {}\nsource: {}\noriginal_name: {}\nreceived_unix_ms: {}\nseq: {}\nquarantined_unix_ms: {}\n",
+        reason.escape_debug(),
+        entry.id,
+        entry.source.escape_debug(),
+        entry.original_name.escape_debug(),
+        entry.received_unix_ms,
+        entry.seq,
+        now_ms()
+    )
+}
+
+/// Moves `src` to `dest` (rename; across file systems: copy with the same mode, then remove).
+fn move_file(
+    src: &Path,
+    dest: &Path,
+    tmp_in: impl Fn(&Path, &str) -> PathBuf,
+) -> Result<(), SpoolError> {
+    match fs::rename(src, dest) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(io_err(src, e)),
+        Err(_) => {
+            // Another file system (EXDEV) or similar: copy, then remove.
+            let tmp = tmp_in(dest.parent().unwrap_or(Path::new(".")), "bytes");
+            copy_synced(src, &tmp)?;
+            fs::rename(&tmp, dest).map_err(|e| io_err(dest, e))?;
+            remove_if_present(src).map(|_| ())
+        }
+    }
+}
+
+/// Copies `src` to a new file `dest` with the same permission bits (a file readable by its
+/// owner only stays so) and fsyncs it. `src` itself must not be a symbolic link: a link swapped
+/// in after the folder was scanned is refused, not followed.
 fn copy_synced(src: &Path, dest: &Path) -> Result<(), SpoolError> {
-    let mut from = File::open(src).map_err(|e| io_err(src, e))?;
+    let mut open = OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        open.custom_flags(libc::O_NOFOLLOW);
+    }
+    let mut from = open.open(src).map_err(|e| io_err(src, e))?;
+    let meta = from.metadata().map_err(|e| io_err(src, e))?;
+    if !meta.is_file() {
+        return Err(io_err(src, "not a regular file"));
+    }
     let mut to = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dest)
+        .map_err(|e| io_err(dest, e))?;
+    to.set_permissions(meta.permissions())
         .map_err(|e| io_err(dest, e))?;
     io::copy(&mut from, &mut to).map_err(|e| io_err(src, e))?;
     to.sync_all().map_err(|e| io_err(dest, e))
@@ -682,9 +892,7 @@ mod tests {
         assert_eq!(spool.pending().unwrap(), vec![a.clone(), b.clone()]);
         let c = spool.accept("c", "http", "z.png", b"three").unwrap();
         assert!(c.seq > b.seq);
-        spool
-            .complete(&["b-first".into(), "a-second".into(), "c".into()])
-            .unwrap();
+        spool.complete(&[a.key(), b.key(), c.key()]).unwrap();
         assert!(spool.is_empty());
         drop(spool);
         // Even with nothing pending, seq keeps growing after a restart.
@@ -703,7 +911,7 @@ mod tests {
         assert_eq!(fs::read(&a.bytes_path).unwrap(), b"first");
         assert_eq!(spool.len(), 1);
         spool
-            .complete(&["img".into(), "never-was".into(), "../bad".into()])
+            .complete(&[a.key(), ("never-was".into(), 0), ("../bad".into(), 1)])
             .unwrap();
         assert!(!spool.contains("img") && spool.is_empty());
         assert!(!a.bytes_path.exists());
@@ -787,7 +995,8 @@ mod tests {
         let e = spool
             .accept("bad", "http", "evil\nname.png", b"notanimage")
             .unwrap();
-        let moved = spool.quarantine(&e, "decode: not an image", &q).unwrap();
+        let record = spool.quarantine(&e, "decode: not an image", &q).unwrap();
+        let moved = record.quarantined.clone().unwrap().path;
         assert_eq!(moved, q.join("bad"));
         assert_eq!(fs::read(&moved).unwrap(), b"notanimage");
         let reason = fs::read_to_string(q.join("bad.reason")).unwrap();
@@ -797,13 +1006,93 @@ mod tests {
                 && reason.contains("source: http"),
             "{reason}"
         );
-        assert!(!spool.contains("bad") && spool.is_empty() && !e.bytes_path.exists());
+        assert!(!spool.contains("bad") && !e.bytes_path.exists());
+        // Its error row is still owed: listed (quarantined) until completed.
+        assert_eq!(spool.len(), 1);
+        assert_eq!(spool.pending().unwrap(), vec![record.clone()]);
         // The same id quarantined again does not overwrite the first.
         let e2 = spool.accept("bad", "http", "again.png", b"again").unwrap();
-        let moved2 = spool.quarantine(&e2, "again", &q).unwrap();
-        assert_eq!(moved2, q.join("bad.1"));
+        let record2 = spool.quarantine(&e2, "again", &q).unwrap();
+        assert_eq!(record2.quarantined.unwrap().path, q.join("bad.1"));
         assert!(q.join("bad.1.reason").exists());
         assert_eq!(fs::read(&moved).unwrap(), b"notanimage");
+        spool.complete(&[e.key(), e2.key()]).unwrap();
+        assert!(spool.is_empty() && spool.pending().unwrap().is_empty());
+        assert!(q.join("bad").is_file() && q.join("bad.1").is_file());
+    }
+
+    #[test]
+    fn an_id_reused_after_a_quarantine_is_a_new_entry_that_completing_the_old_one_keeps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&tmp.path().join("spool")).unwrap();
+        let q = tmp.path().join("quarantine");
+        let bad = spool.accept("fix1", "http", "", b"truncated").unwrap();
+        spool.quarantine(&bad, "truncated", &q).unwrap();
+        let good = spool.accept("fix1", "http", "", b"good image").unwrap();
+        assert!(good.seq > bad.seq && good.quarantined.is_none());
+        assert_eq!(fs::read(&good.bytes_path).unwrap(), b"good image");
+        // The error row's file is finished first: the new acceptance must stay.
+        spool.complete(&[bad.key()]).unwrap();
+        assert!(spool.contains("fix1"));
+        assert_eq!(spool.pending().unwrap(), vec![good.clone()]);
+        spool.complete(&[good.key()]).unwrap();
+        assert!(spool.is_empty() && !spool.contains("fix1"));
+    }
+
+    #[test]
+    fn a_quarantine_cut_by_a_crash_is_finished_at_open_and_its_row_still_owed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("spool");
+        let q = tmp.path().join("quarantine");
+        let spool = Spool::open(&dir).unwrap();
+        let e = spool.accept("cut", "http", "c.jpg", b"bytes").unwrap();
+        drop(spool);
+        // The crash came right after the record was written: bytes and sidecar still pending.
+        let mut record = e.clone();
+        record.quarantined = Some(Quarantined {
+            reason: "truncated".into(),
+            path: q.join("cut"),
+        });
+        fs::write(
+            dir.join(QUARANTINED).join(format!("cut.{}.json", e.seq)),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        let spool = Spool::open(&dir).unwrap();
+        assert_eq!(fs::read(q.join("cut")).unwrap(), b"bytes");
+        assert!(fs::read_to_string(q.join("cut.reason"))
+            .unwrap()
+            .contains("truncated"));
+        assert!(!spool.contains("cut") && !e.bytes_path.exists());
+        let listed = spool.pending().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].quarantined.as_ref().unwrap().reason, "truncated");
+        assert_eq!(spool.len(), 1);
+        spool.complete(&[e.key()]).unwrap();
+        drop(spool);
+        let spool = Spool::open(&dir).unwrap();
+        assert!(spool.is_empty() && spool.pending().unwrap().is_empty());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn accept_file_keeps_the_mode_and_refuses_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&tmp.path().join("s")).unwrap();
+        let q = tmp.path().join("q");
+        let private = tmp.path().join("private.jpg");
+        fs::write(&private, b"secret").unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o600)).unwrap();
+        let e = spool.accept_file("p", &private, "private.jpg").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&e.bytes_path), 0o600);
+        let record = spool.quarantine(&e, "bad", &q).unwrap();
+        assert_eq!(mode(&record.quarantined.unwrap().path), 0o600);
+        let link = tmp.path().join("link.jpg");
+        std::os::unix::fs::symlink(&private, &link).unwrap();
+        assert!(spool.accept_file("l", &link, "link.jpg").is_err());
+        assert!(!spool.contains("l"));
     }
 
     #[test]

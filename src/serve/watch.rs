@@ -27,9 +27,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::serve::config::{Backpressure, WatchConfig, WatchMode};
+use crate::serve::config::{Backpressure, SymlinkPolicy, WatchConfig, WatchMode};
 use crate::serve::spool::{id_for_path, Spool, SpoolEntry, SpoolError};
-use crate::telemetry::{STAGE_ERRORS, STAGE_RECEIVED};
+use crate::telemetry::{STAGE_DROPPED, STAGE_ERRORS, STAGE_RECEIVED};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -79,6 +79,8 @@ impl FileState {
 #[derive(Debug)]
 struct SeenFile {
     rel: PathBuf,
+    /// What is read: the file itself, or (a link followed under `symlinks = "inside"`) the
+    /// link's target inside the folder.
     abs: PathBuf,
     state: FileState,
 }
@@ -86,6 +88,8 @@ struct SeenFile {
 #[derive(Debug, Default)]
 struct Scan {
     files: Vec<SeenFile>,
+    /// Symbolic links not followed, with why.
+    skipped_links: Vec<(PathBuf, &'static str)>,
     /// Folders that could not be listed (then nothing is forgotten on this scan's evidence).
     errors: Vec<(PathBuf, String)>,
 }
@@ -97,10 +101,13 @@ fn ignored(name: &str, ignore_suffixes: &[String]) -> bool {
             .any(|s| !s.is_empty() && name.ends_with(s.as_str()))
 }
 
-/// Lists candidate files under `root` (blocking). Symlinked files are followed, symlinked
-/// folders are not (no loops).
-fn scan(root: &Path, recursive: bool, ignore_suffixes: &[String]) -> Scan {
+/// Lists candidate files under `root` (blocking). Symbolic links are never followed out of
+/// the folder: under [`SymlinkPolicy::Skip`] none is, under [`SymlinkPolicy::Inside`] a link to a
+/// regular file inside `root` is (read at its target); symlinked folders never are (no loops).
+fn scan(root: &Path, recursive: bool, ignore_suffixes: &[String], symlinks: SymlinkPolicy) -> Scan {
     let mut out = Scan::default();
+    // Canonical root for the "inside" test (the folder itself may be reached through a link).
+    let canonical_root = fs::canonicalize(root).ok();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel_dir) = stack.pop() {
         let abs_dir = root.join(&rel_dir);
@@ -131,14 +138,34 @@ fn scan(root: &Path, recursive: bool, ignore_suffixes: &[String]) -> Scan {
                 }
                 continue;
             }
-            let meta = if ft.is_symlink() {
-                fs::metadata(ent.path())
+            let (abs, meta) = if ft.is_symlink() {
+                if symlinks == SymlinkPolicy::Skip {
+                    out.skipped_links.push((ent.path(), "symlinks are not followed (watch.symlinks = \"skip\")"));
+                    continue;
+                }
+                let target = match fs::canonicalize(ent.path()) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        out.skipped_links.push((ent.path(), "dangling symlink"));
+                        continue;
+                    }
+                    Err(e) => {
+                        out.errors.push((ent.path(), e.to_string()));
+                        continue;
+                    }
+                };
+                if !canonical_root.as_ref().is_some_and(|r| target.starts_with(r)) {
+                    out.skipped_links.push((ent.path(), "symlink to a file outside the watched folder"));
+                    continue;
+                }
+                let meta = fs::symlink_metadata(&target);
+                (target, meta)
             } else {
-                ent.metadata()
+                (ent.path(), ent.metadata())
             };
             match meta {
                 Ok(m) if m.is_file() => out.files.push(SeenFile {
-                    abs: ent.path(),
+                    abs,
                     rel,
                     state: FileState::of(&m),
                 }),
@@ -151,38 +178,88 @@ fn scan(root: &Path, recursive: bool, ignore_suffixes: &[String]) -> Scan {
     out
 }
 
-/// The ledger's text form of a relative path (tab, newline and backslash escaped).
+/// The ledger's text form of a relative path: its bytes, with tab, newline, carriage return
+/// and backslash escaped, and bytes that are not UTF-8 written as `\\xNN`, so every name
+/// (a camera's Latin-1 file name too) round-trips exactly and is found again after a restart.
 fn ledger_key(rel: &Path) -> String {
     let mut s = String::new();
-    for c in rel.to_string_lossy().chars() {
-        match c {
-            '\\' => s.push_str("\\\\"),
-            '\t' => s.push_str("\\t"),
-            '\n' => s.push_str("\\n"),
-            '\r' => s.push_str("\\r"),
-            c => s.push(c),
+    let mut rest = path_bytes(rel);
+    while !rest.is_empty() {
+        let (valid, bad) = match std::str::from_utf8(rest) {
+            Ok(v) => (v, &[][..]),
+            Err(e) => {
+                let (v, after) = rest.split_at(e.valid_up_to());
+                let n = e.error_len().unwrap_or(after.len());
+                (std::str::from_utf8(v).expect("valid prefix"), &after[..n])
+            }
+        };
+        for c in valid.chars() {
+            match c {
+                '\\' => s.push_str("\\\\"),
+                '\t' => s.push_str("\\t"),
+                '\n' => s.push_str("\\n"),
+                '\r' => s.push_str("\\r"),
+                c => s.push(c),
+            }
         }
+        for b in bad {
+            s.push_str(&format!("\\x{b:02x}"));
+        }
+        rest = &rest[valid.len() + bad.len()..];
     }
     s
 }
 
+#[cfg(unix)]
+fn path_bytes(p: &Path) -> &[u8] {
+    use std::os::unix::ffi::OsStrExt;
+    p.as_os_str().as_bytes()
+}
+
+#[cfg(not(unix))]
+fn path_bytes(p: &Path) -> &[u8] {
+    p.to_str().map(str::as_bytes).unwrap_or_default()
+}
+
 fn unescape_key(key: &str) -> PathBuf {
-    let mut s = String::new();
+    let mut out: Vec<u8> = Vec::with_capacity(key.len());
     let mut chars = key.chars();
     while let Some(c) = chars.next() {
-        if c == '\\' {
-            match chars.next() {
-                Some('t') => s.push('\t'),
-                Some('n') => s.push('\n'),
-                Some('r') => s.push('\r'),
-                Some(o) => s.push(o),
-                None => s.push('\\'),
+        if c != '\\' {
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push(b'\t'),
+            Some('n') => out.push(b'\n'),
+            Some('r') => out.push(b'\r'),
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                match u8::from_str_radix(&hex, 16) {
+                    Ok(b) if hex.len() == 2 => out.push(b),
+                    _ => out.extend_from_slice(format!("\\x{hex}").as_bytes()),
+                }
             }
-        } else {
-            s.push(c);
+            Some(o) => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(o.encode_utf8(&mut buf).as_bytes());
+            }
+            None => out.push(b'\\'),
         }
     }
-    PathBuf::from(s)
+    path_from_bytes(out)
+}
+
+#[cfg(unix)]
+fn path_from_bytes(b: Vec<u8>) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(b))
+}
+
+#[cfg(not(unix))]
+fn path_from_bytes(b: Vec<u8>) -> PathBuf {
+    PathBuf::from(String::from_utf8_lossy(&b).into_owned())
 }
 
 /// Files already taken: `rel_path \t size \t mtime_ns`, one line each, appended and fsynced.
@@ -359,14 +436,17 @@ pub async fn run_watch(
     // Files that could not be read, by the version that failed (retried once they change).
     let mut failed: HashMap<String, FileState> = HashMap::new();
     let mut last_errors: HashSet<PathBuf> = HashSet::new();
+    // Links skipped on the last scan (each is logged and counted once while it stays).
+    let mut skipped_links: HashSet<PathBuf> = HashSet::new();
     let mut taken = 0u64;
 
     loop {
         let scan_started = Instant::now();
         let found = {
-            let (root, ignore, recursive) =
-                (root.clone(), cfg.ignore_suffixes.clone(), cfg.recursive);
-            let job = tokio::task::spawn_blocking(move || scan(&root, recursive, &ignore));
+            let (root, ignore, recursive, symlinks) =
+                (root.clone(), cfg.ignore_suffixes.clone(), cfg.recursive, cfg.symlinks);
+            let job =
+                tokio::task::spawn_blocking(move || scan(&root, recursive, &ignore, symlinks));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = job => r.expect("folder scan panicked"),
@@ -381,6 +461,14 @@ pub async fn run_watch(
         }
         let complete = errors.is_empty();
         last_errors = errors;
+        let links: HashSet<PathBuf> = found.skipped_links.iter().map(|(p, _)| p.clone()).collect();
+        for (path, why) in &found.skipped_links {
+            if !skipped_links.contains(path) {
+                tracing::warn!(path = %path.display(), reason = why, "watch: symbolic link skipped");
+                metrics::counter!(STAGE_DROPPED, "stage" => "watch", "reason" => "symlink").increment(1);
+            }
+        }
+        skipped_links = links;
 
         let now = Instant::now();
         let mut ready = Vec::new();
@@ -706,7 +794,7 @@ mod tests {
         let a = w.next().await;
         let b = w.next().await;
         assert_eq!(w.stop().await, 2);
-        spool.complete(&[a.id, b.id]).unwrap();
+        spool.complete(&[a.key(), b.key()]).unwrap();
         fs::remove_file(dir.join("gone.jpg")).unwrap();
         drop(spool);
 
@@ -748,12 +836,57 @@ mod tests {
         assert_eq!(spool.pending().unwrap().len(), 2);
     }
 
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn symlinks_are_not_followed_out_of_the_folder() {
+        use std::os::unix::fs::symlink;
+        for policy in [SymlinkPolicy::Skip, SymlinkPolicy::Inside] {
+            let (tmp, dir, spool) = setup();
+            fs::create_dir_all(dir.join("sub")).unwrap();
+            let outside = tmp.path().join("secret.jpg");
+            fs::write(&outside, b"outside").unwrap();
+            fs::write(dir.join("sub/real.jpg"), b"inside").unwrap();
+            symlink(&outside, dir.join("out.jpg")).unwrap();
+            symlink(dir.join("sub/real.jpg"), dir.join("in.jpg")).unwrap();
+            symlink(tmp.path().join("nowhere"), dir.join("dangling.jpg")).unwrap();
+            symlink(tmp.path(), dir.join("loop")).unwrap();
+            let mut cfg = config(&dir, WatchMode::Poll);
+            cfg.symlinks = policy;
+            let w = start(cfg, &spool, 16);
+            let mut got = vec![w.next().await];
+            if policy == SymlinkPolicy::Inside {
+                got.push(w.next().await);
+            }
+            w.none_for(QUIET).await;
+            let mut names: Vec<String> = got.iter().map(|e| e.original_name.clone()).collect();
+            names.sort();
+            let want: &[&str] = match policy {
+                SymlinkPolicy::Skip => &["real.jpg"],
+                SymlinkPolicy::Inside => &["in.jpg", "real.jpg"],
+            };
+            assert_eq!(names, want, "{policy:?}");
+            for e in &got {
+                assert_eq!(fs::read(&e.bytes_path).unwrap(), b"inside", "{policy:?}");
+            }
+            w.stop().await;
+        }
+    }
+
     #[test]
     fn ledger_keys_round_trip() {
-        for p in ["a/b.jpg", "tab\there", "new\nline", "back\\slash", "ü.png"] {
+        for p in ["a/b.jpg", "tab\there", "new\nline", "back\\slash", "ü.png", "lit\\x41eral"] {
             let key = ledger_key(Path::new(p));
             assert!(!key.contains('\t') && !key.contains('\n'));
             assert_eq!(unescape_key(&key), PathBuf::from(p));
+        }
+        #[cfg(unix)]
+        {
+            // Not UTF-8 (Latin-1 "é", a lone continuation byte): exact round trip, distinct keys.
+            let latin1 = path_from_bytes(b"caf\xe9/\x80x.jpg".to_vec());
+            let key = ledger_key(&latin1);
+            assert_eq!(key, "caf\\xe9/\\x80x.jpg");
+            assert_eq!(unescape_key(&key), latin1);
+            assert_ne!(ledger_key(&path_from_bytes(b"caf\xe8".to_vec())), ledger_key(&path_from_bytes(b"caf\xe9".to_vec())));
         }
         assert!(
             ignored(".x", &[])

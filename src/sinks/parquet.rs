@@ -17,6 +17,15 @@
 //! | `views` | uint16 | test-time transforms averaged (0 for an image that failed) |
 //! | `error` | utf8, nullable | why an image has no prediction (unreadable, too large...) |
 //!
+//! The daemon (`plankton serve`) adds five columns after these:
+//!
+//! | column | type | |
+//! |---|---|---|
+//! | `seq` | uint64 | the spool's acceptance number (grows across restarts): of two rows with one `image_id`, the higher `seq` is the later upload |
+//! | `received_at` | timestamp[ms, UTC] | when the image was accepted (acknowledged) |
+//! | `image_height`, `image_width` | uint32, nullable | the decoded image's size (null when it could not be decoded) |
+//! | `flag` | utf8, nullable | `too_small` or `blank` ([serve] `[checks]`): predicted, but not an organism |
+//!
 //! An image that could not be read keeps its row, with null predictions and the reason in
 //! `error`, so nothing is silently lost. The file is written under a temporary name and renamed
 //! into place when complete: a crash never leaves a truncated file under the final name.
@@ -27,9 +36,10 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, FixedSizeListArray, FixedSizeListBuilder, Float32Array, Float32Builder,
-    ListBuilder, StringArray, StringBuilder, UInt16Array, UInt16Builder,
+    ListBuilder, StringArray, StringBuilder, TimestampMillisecondBuilder, UInt16Array,
+    UInt16Builder, UInt32Builder, UInt64Builder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
@@ -76,6 +86,16 @@ pub struct PredictionRow {
     pub error: Option<String>,
 }
 
+/// What the daemon records of each image beside its prediction (see the module's table).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ServeColumns {
+    pub seq: u64,
+    pub received_unix_ms: u64,
+    /// (height, width) of the decoded image.
+    pub image_size: Option<(u32, u32)>,
+    pub flag: Option<String>,
+}
+
 /// Indices of the `k` largest entries, largest first (ties: lower index first).
 pub fn top_k(p: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..p.len()).collect();
@@ -84,10 +104,31 @@ pub fn top_k(p: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+fn serve_fields() -> Vec<Field> {
+    vec![
+        Field::new("seq", DataType::UInt64, false),
+        Field::new(
+            "received_at",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("image_height", DataType::UInt32, true),
+        Field::new("image_width", DataType::UInt32, true),
+        Field::new("flag", DataType::Utf8, true),
+    ]
+}
+
 pub fn schema(classes: usize, metadata: std::collections::HashMap<String, String>) -> SchemaRef {
+    schema_with(classes, metadata, false)
+}
+
+fn schema_with(
+    classes: usize,
+    metadata: std::collections::HashMap<String, String>,
+    serve_columns: bool,
+) -> SchemaRef {
     let item = Arc::new(Field::new("item", DataType::Float32, false));
-    Arc::new(Schema::new_with_metadata(
-        vec![
+    let mut fields = vec![
             Field::new("image_id", DataType::Utf8, false),
             Field::new("source_path", DataType::Utf8, false),
             Field::new("model_id", DataType::Utf8, false),
@@ -112,9 +153,11 @@ pub fn schema(classes: usize, metadata: std::collections::HashMap<String, String
             ),
             Field::new("views", DataType::UInt16, false),
             Field::new("error", DataType::Utf8, true),
-        ],
-        metadata,
-    ))
+    ];
+    if serve_columns {
+        fields.extend(serve_fields());
+    }
+    Arc::new(Schema::new_with_metadata(fields, metadata))
 }
 
 /// Streams prediction rows into a Parquet file.
@@ -127,6 +170,8 @@ pub struct PredictionWriter {
     model_id: String,
     top_k: usize,
     rows: Vec<PredictionRow>,
+    /// The daemon's columns of `rows` (None: a writer without them).
+    serve: Option<Vec<ServeColumns>>,
     written: usize,
 }
 
@@ -138,6 +183,29 @@ impl PredictionWriter {
         model_id: &str,
         model_metadata: &serde_json::Value,
         top_k: usize,
+    ) -> Result<Self, ParquetSinkError> {
+        Self::create_with(path, class_names, model_id, model_metadata, top_k, false)
+    }
+
+    /// As [`PredictionWriter::create`], with the daemon's columns ([`ServeColumns`]): rows go
+    /// in with [`PredictionWriter::push_served`].
+    pub fn create_served(
+        path: &Path,
+        class_names: Vec<String>,
+        model_id: &str,
+        model_metadata: &serde_json::Value,
+        top_k: usize,
+    ) -> Result<Self, ParquetSinkError> {
+        Self::create_with(path, class_names, model_id, model_metadata, top_k, true)
+    }
+
+    fn create_with(
+        path: &Path,
+        class_names: Vec<String>,
+        model_id: &str,
+        model_metadata: &serde_json::Value,
+        top_k: usize,
+        serve_columns: bool,
     ) -> Result<Self, ParquetSinkError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| io(dir)(e.to_string()))?;
@@ -154,7 +222,7 @@ impl PredictionWriter {
             (META_MODEL.to_string(), model_metadata.to_string()),
             (META_FORMAT.to_string(), FORMAT.to_string()),
         ];
-        let schema = schema(class_names.len(), kv.iter().cloned().collect());
+        let schema = schema_with(class_names.len(), kv.iter().cloned().collect(), serve_columns);
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(65_536))
@@ -176,11 +244,30 @@ impl PredictionWriter {
             model_id: model_id.to_string(),
             top_k: top_k.max(1),
             rows: Vec::with_capacity(ROWS_PER_BATCH),
+            serve: serve_columns.then(|| Vec::with_capacity(ROWS_PER_BATCH)),
             written: 0,
         })
     }
 
     pub fn push(&mut self, row: PredictionRow) -> Result<(), ParquetSinkError> {
+        assert!(self.serve.is_none(), "a served writer takes push_served");
+        self.push_row(row)
+    }
+
+    /// A row with the daemon's columns (the writer must come from `create_served`).
+    pub fn push_served(
+        &mut self,
+        row: PredictionRow,
+        serve: ServeColumns,
+    ) -> Result<(), ParquetSinkError> {
+        self.serve
+            .as_mut()
+            .expect("a writer made by create_served")
+            .push(serve);
+        self.push_row(row)
+    }
+
+    fn push_row(&mut self, row: PredictionRow) -> Result<(), ParquetSinkError> {
         if let Some(p) = &row.probabilities {
             assert_eq!(p.len(), self.class_names.len(), "one probability per class");
         }
@@ -212,6 +299,9 @@ impl PredictionWriter {
             .map_err(|e| io(&self.tmp)(e.to_string()))?;
         self.written += self.rows.len();
         self.rows.clear();
+        if let Some(s) = self.serve.as_mut() {
+            s.clear();
+        }
         Ok(())
     }
 
@@ -265,7 +355,7 @@ impl PredictionWriter {
                 }
             }
         }
-        let columns: Vec<ArrayRef> = vec![
+        let mut columns: Vec<ArrayRef> = vec![
             Arc::new(ids.finish()),
             Arc::new(paths.finish()),
             Arc::new(models.finish()),
@@ -279,6 +369,25 @@ impl PredictionWriter {
             Arc::new(views.finish()),
             Arc::new(errors.finish()),
         ];
+        if let Some(serve) = &self.serve {
+            let mut seq = UInt64Builder::new();
+            let mut received = TimestampMillisecondBuilder::new().with_timezone("UTC");
+            let mut heights = UInt32Builder::new();
+            let mut widths = UInt32Builder::new();
+            let mut flags = StringBuilder::new();
+            for s in serve {
+                seq.append_value(s.seq);
+                received.append_value(s.received_unix_ms as i64);
+                heights.append_option(s.image_size.map(|(h, _)| h));
+                widths.append_option(s.image_size.map(|(_, w)| w));
+                flags.append_option(s.flag.as_deref());
+            }
+            columns.push(Arc::new(seq.finish()));
+            columns.push(Arc::new(received.finish()));
+            columns.push(Arc::new(heights.finish()));
+            columns.push(Arc::new(widths.finish()));
+            columns.push(Arc::new(flags.finish()));
+        }
         RecordBatch::try_new(self.schema.clone(), columns).expect("columns match the schema")
     }
 
