@@ -3,6 +3,7 @@
 #   make test   - the whole test suite (what CI runs)
 #   make bench  - criterion benchmarks + Python baselines (see docs/BENCHMARKS.md)
 #   make bench-train - a training step, ours vs the same network in PyTorch (docs/BENCHMARKS.md)
+#   make crash-test - the daemon under random kill -9s (docs/BENCHMARKS.md)
 #   make GPU=1 ...  - GPU build mode (see README "GPU build")
 
 SHELL := /bin/bash
@@ -27,7 +28,7 @@ else
 TORCH_PIP := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: promtool all libtorch build demo test bench bench-train pytools pytorch fixtures clean-demo
+.PHONY: promtool all libtorch build demo test bench bench-train crash-test pytools pytorch fixtures clean-demo
 
 all: build
 
@@ -80,6 +81,7 @@ promtool: $(PROMTOOL)
 test: libtorch pytools promtool
 	$(CARGO) bench --no-run $(CARGO_FEATURES)
 	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 $(CARGO) test --release $(CARGO_FEATURES) 2>&1 | tee target/test-output.log
+	$(PYENV_DIR)/bin/python scripts/serve_crash_test.py --uploads 300 --kills 3 --out target/crash-test-smoke
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test-output.log
 
 bench: build pytools
@@ -88,6 +90,13 @@ bench: build pytools
 # A training step of convroll4 (full, 1/4 and 1/2 width), ours vs PyTorch, alternating runs.
 bench-train: build pytorch
 	PLANKTON_TORCH_PYTHON=$(abspath $(PYENV_TORCH_DIR))/bin/python scripts/train_step_compare.sh
+
+# The daemon under random kill -9s: acknowledged vs present vs duplicated ids (make test runs a
+# short one so the script cannot rot).
+CRASH_UPLOADS ?= 20000
+CRASH_KILLS ?= 20
+crash-test: build pytools
+	$(PYENV_DIR)/bin/python scripts/serve_crash_test.py --uploads $(CRASH_UPLOADS) --kills $(CRASH_KILLS) --out target/crash-test
 
 # Regenerate the golden fixtures from the Python oracles (scikit-image, Pillow, mahotas, scipy).
 fixtures: pytools

@@ -111,6 +111,12 @@ transforms = 4
     })
 }
 
+/// The binary under test: this build's, or `PLANKTON_SERVE_BIN` (to run these tests against
+/// another build, e.g. to show that a test fails on the build before its fix).
+fn plankton_bin() -> PathBuf {
+    std::env::var_os("PLANKTON_SERVE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_plankton")), PathBuf::from)
+}
+
 fn image_bytes(i: usize) -> Vec<u8> {
     let imgs = &trained().images;
     std::fs::read(&imgs[i % imgs.len()]).unwrap()
@@ -339,7 +345,7 @@ impl Daemon {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_plankton"))
+        let mut child = Command::new(plankton_bin())
             .arg("serve")
             .arg("--pipeline")
             .arg(site.config())
@@ -1370,7 +1376,7 @@ fn served_rows(site: &Site) -> Vec<ServedRow> {
 
 /// Starts a daemon that must refuse to start: its exit status and log (stdout + stderr).
 fn start_expecting_failure(site: &Site) -> (ExitStatus, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_plankton"))
+    let mut child = Command::new(plankton_bin())
         .arg("serve")
         .arg("--pipeline")
         .arg(site.config())
