@@ -269,11 +269,16 @@ def main():
     partial = [p.name for p in outdir.iterdir() if p.name.endswith(".partial")]
     rows = collections.defaultdict(list)  # id -> [(seq, has_probabilities)]
     for f in sorted(outdir.glob("predictions-*.parquet")):
-        t = pq.read_table(f, columns=["image_id", "seq", "probabilities", "error"]).to_pylist()
-        for r in t:
-            rows[r["image_id"]].append((r["seq"], r["probabilities"] is not None))
-    spool_left = sorted(p.name for p in (work / "spool" / "pending").iterdir())
-    owed_left = sorted(p.name for p in (work / "spool" / "quarantined").iterdir())
+        # `seq` came with issue 12: an older daemon's files (run for comparison) lack it.
+        names = pq.read_schema(f).names
+        cols = ["image_id", "probabilities"] + (["seq"] if "seq" in names else [])
+        for r in pq.read_table(f, columns=cols).to_pylist():
+            rows[r["image_id"]].append((r.get("seq", 0), r["probabilities"] is not None))
+    def listing(d):
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    spool_left = listing(work / "spool" / "pending")
+    owed_left = listing(work / "spool" / "quarantined")
     quarantined = {p.name for p in (work / "quarantine").iterdir() if not p.name.endswith(".reason")}
 
     missing, reuse_wrong, bad_missing = [], [], []
@@ -286,7 +291,7 @@ def main():
         if "reused" in kinds:
             bad_seqs = [s for s, ok in have if not ok]
             good_seqs = [s for s, ok in have if ok]
-            if not good_seqs or (bad_seqs and max(good_seqs) < min(bad_seqs)):
+            if not good_seqs or (bad_seqs and max(good_seqs) < max(bad_seqs)):
                 reuse_wrong.append(uid)
     unacked = [t for t in tasks if t[2] not in acked.get(t[0], [])]
     duplicated = sum(1 for uid, have in rows.items() if len(have) > len(acked.get(uid, [])))
