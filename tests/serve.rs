@@ -1632,3 +1632,54 @@ fn served_rows_keep_the_upload_name_the_decoded_size_and_flag_non_organisms() {
     assert!(!log.contains('\u{1b}'), "colour escape codes in a log file");
     assert!(log.lines().all(|l| !l.trim().is_empty()), "no line split by a decoder message");
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_crash_between_a_files_rename_and_the_spool_release_duplicates_no_row() {
+    let site = Site::new(&Cfg::new());
+    let d = site.start();
+    for (i, id) in ["w1", "w2", "w3"].iter().enumerate() {
+        d.predict(id, &image_bytes(i));
+    }
+    // The spool as it is while their rows are in the open file...
+    let saved = site.root().join("saved-pending");
+    copy_dir(&site.spool().join("pending"), &saved);
+    d.stop();
+    assert!(site.pending_ids().is_empty());
+    // ...put back after the file was finished: the state a kill -9 leaves when it comes between
+    // the file's rename and the release of its images.
+    copy_dir(&saved, &site.spool().join("pending"));
+    assert_eq!(site.pending_ids().len(), 3);
+    let d = site.start();
+    assert!(d.ready.contains("(0 spooled image(s) replayed)"), "{}", d.ready);
+    d.predict("w4", &image_bytes(3));
+    let log = d.log();
+    d.stop();
+    assert!(log.contains("already in a finished file"), "{log}");
+    let want: BTreeMap<String, usize> = ["w1", "w2", "w3", "w4"].iter().map(|id| (id.to_string(), 1)).collect();
+    assert_eq!(site.finished_counts(), want, "one row each");
+    assert!(site.pending_ids().is_empty());
+
+    // Files of another spool (a copied output folder) are not taken as this spool's rows.
+    let other = Site::new(&Cfg::new());
+    let d = other.start();
+    d.upload("w1", &image_bytes(0));
+    let mut d = d;
+    d.signal("KILL");
+    d.wait_exit();
+    drop(d);
+    for n in names(&site.out()).into_iter().filter(|n| n.ends_with(".parquet")) {
+        std::fs::copy(site.out().join(&n), other.out().join(&n)).unwrap();
+    }
+    let d = other.start();
+    d.wait_predicted("w1");
+    d.stop();
+    assert_eq!(other.finished_rows().iter().filter(|(r, _)| r.image_id == "w1").count(), 2, "its own row, and the copied file's");
+}

@@ -159,8 +159,9 @@ pub async fn run(
     if cleaned > 0 {
         tracing::warn!(files = cleaned, "removed unfinished prediction files of an earlier run (their images are still spooled)");
     }
-    // Accepted before a crash or a stop: processed again (outputs are idempotent by id).
-    let pending = spool.pending()?;
+    // Accepted before a crash or a stop: processed again (outputs are idempotent by id), but
+    // for those whose rows made it into a finished file before the crash.
+    let pending = engine::release_already_written(&spool, &cfg.output.dir, spool.pending()?);
     let cfg_c = cfg.clone();
     let model = tokio::task::spawn_blocking(move || engine::load_model(&cfg_c)).await.map_err(|e| ServeError::Crashed(e.to_string()))??;
     let model_id = model.model_id.clone();

@@ -505,6 +505,50 @@ struct OpenFile {
     path: PathBuf,
 }
 
+/// Spool entries whose rows are already in a finished file of this spool (a crash between a
+/// file's rename and the release of its images) are released instead of predicted again, so
+/// a `kill -9` does not duplicate rows. Only files finished since the oldest entry was accepted
+/// are read (two columns each). Returns the entries still to process.
+pub fn release_already_written(spool: &Spool, out_dir: &Path, pending: Vec<SpoolEntry>) -> Vec<SpoolEntry> {
+    let Some(oldest) = pending.iter().map(|e| e.received_unix_ms).min() else { return pending };
+    // A little slack for a file system whose clock is not ours (a network mount).
+    let since = UNIX_EPOCH + Duration::from_millis(oldest.saturating_sub(5_000));
+    let mut written = HashSet::new();
+    let Ok(listing) = std::fs::read_dir(out_dir) else { return pending };
+    for e in listing.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("predictions-") && name.ends_with(".parquet")) {
+            continue;
+        }
+        if e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < since) {
+            continue;
+        }
+        match crate::sinks::parquet::served_keys(&e.path()) {
+            Ok((model, keys)) if model.get("spool_id").and_then(|v| v.as_str()) == Some(spool.id()) => written.extend(keys),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(file = %e.path().display(), error = %err, "cannot read a finished prediction file; its images are predicted again"),
+        }
+    }
+    let (done, todo): (Vec<SpoolEntry>, Vec<SpoolEntry>) = pending.into_iter().partition(|e| written.contains(&e.key()));
+    if done.is_empty() {
+        return todo;
+    }
+    let keys: Vec<EntryKey> = done.iter().map(SpoolEntry::key).collect();
+    match spool.complete(&keys) {
+        Ok(()) => {
+            tracing::info!(images = keys.len(), "released spooled images whose rows were already in a finished file (a crash came between the two)");
+            todo
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot release images already written; they are predicted again");
+            let mut all = todo;
+            all.extend(done);
+            all.sort_by_key(|e| e.seq);
+            all
+        }
+    }
+}
+
 /// Removes unfinished output files a crash left behind (their images are still in the spool).
 pub fn clean_partial_outputs(dir: &Path) -> std::io::Result<usize> {
     let mut n = 0;
@@ -524,7 +568,7 @@ impl WriterCtx {
         *seq += 1;
         let stamp = format!("{}-{:04}", unix_ms(), seq);
         let path = self.cfg.output.dir.join(format!("predictions-{stamp}.parquet"));
-        let model = serde_json::json!({ "model_id": model_id, "daemon": self.cfg.name, "tta": self.cfg.tta, "aggregation": self.cfg.aggregation });
+        let model = serde_json::json!({ "model_id": model_id, "daemon": self.cfg.name, "tta": self.cfg.tta, "aggregation": self.cfg.aggregation, "spool_id": self.spool.id() });
         let writer = PredictionWriter::create_served(&path, self.class_names.clone(), model_id, &model, self.cfg.output.top_k).map_err(|e| e.to_string())?;
         let features = if self.feature_sets.is_empty() {
             None

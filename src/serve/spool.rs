@@ -11,6 +11,8 @@
 //!  <dir>/quarantined/<id>.<seq>.json  a quarantined entry whose error row is not yet in a
 //!                               finished file (its bytes are in the quarantine folder)
 //!  <dir>/daemon.lock            held (flock) by the one daemon using this spool
+//!  <dir>/spool-id               this spool's identity (random, made once): the daemon's output
+//!                               files name it, so a restart can tell its own rows from others
 //!  <dir>/.tmp-* , pending/.tmp-*  files being written (deleted at open: never acknowledged)
 //! ```
 //!
@@ -94,6 +96,7 @@ pub const MAX_ID_LEN: usize = 200;
 const PENDING: &str = "pending";
 const QUARANTINED: &str = "quarantined";
 const SEQ_FILE: &str = "seq";
+const ID_FILE: &str = "spool-id";
 const TMP_PREFIX: &str = ".tmp-";
 const BYTES_SUFFIX: &str = ".bytes";
 const SIDECAR_SUFFIX: &str = ".json";
@@ -103,6 +106,8 @@ const SEQ_BLOCK: u64 = 4096;
 
 pub struct Spool {
     dir: PathBuf,
+    /// See [`Spool::id`].
+    spool_id: String,
     pending_dir: PathBuf,
     quarantined_dir: PathBuf,
     /// Next seq to hand out; `seq_reserved` is the durable bound it may not pass without
@@ -260,8 +265,10 @@ impl Spool {
             }
         }
         let next = stored.max(max_seen.map_or(0, |m| m + 1));
+        let spool_id = spool_identity(dir)?;
         let spool = Spool {
             dir: dir.to_path_buf(),
+            spool_id,
             pending_dir,
             quarantined_dir,
             next_seq: AtomicU64::new(next),
@@ -322,6 +329,12 @@ impl Spool {
         remove_if_present(&src)?;
         sync_dir(&self.pending_dir)?;
         Ok(true)
+    }
+
+    /// This spool's identity: made once (random), kept in `<dir>/spool-id`. Together with an
+    /// entry's seq it names one acceptance for good: seqs restart if a spool is deleted, ids do not.
+    pub fn id(&self) -> &str {
+        &self.spool_id
     }
 
     pub fn dir(&self) -> &Path {
@@ -690,6 +703,24 @@ impl Spool {
     }
 }
 
+/// Reads `<dir>/spool-id`, or makes it (durably) the first time.
+fn spool_identity(dir: &Path) -> Result<String, SpoolError> {
+    let path = dir.join(ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&path, e)),
+    }
+    let id = format!("spool-{}", new_id());
+    let tmp = dir.join(format!("{TMP_PREFIX}{}-id", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    write_synced(&tmp, format!("{id}\n").as_bytes())?;
+    fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    sync_dir(dir)?;
+    Ok(id)
+}
+
 /// The `.reason` file beside a quarantined image.
 fn reason_path_of(quarantined: &Path) -> PathBuf {
     let mut p = quarantined.as_os_str().to_owned();
@@ -894,9 +925,12 @@ mod tests {
         assert!(c.seq > b.seq);
         spool.complete(&[a.key(), b.key(), c.key()]).unwrap();
         assert!(spool.is_empty());
+        let first_id = spool.id().to_string();
         drop(spool);
-        // Even with nothing pending, seq keeps growing after a restart.
+        // Even with nothing pending, seq keeps growing after a restart; the identity stays.
         let spool = Spool::open(&dir).unwrap();
+        assert_eq!(spool.id(), first_id);
+        assert!(first_id.starts_with("spool-") && sanitize_id(&first_id).is_ok());
         let d = spool.accept("d", "http", "w.png", b"four").unwrap();
         assert!(d.seq > c.seq, "{} > {}", d.seq, c.seq);
     }

@@ -410,6 +410,43 @@ impl Drop for PredictionWriter {
     }
 }
 
+/// The `plankton.model` JSON and the (image_id, seq) of every row of a daemon's predictions
+/// file (only those two columns are read). A file without `seq` (not the daemon's) gives none.
+pub fn served_keys(path: &Path) -> Result<(serde_json::Value, Vec<(String, u64)>), ParquetSinkError> {
+    use arrow::array::UInt64Array;
+    use parquet::arrow::ProjectionMask;
+    let bad = |reason: String| ParquetSinkError::Format { path: path.to_path_buf(), reason };
+    let file = File::open(path).map_err(|e| io(path)(e.to_string()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
+    let model = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|e| e.key == META_MODEL).and_then(|e| e.value.clone()))
+        .and_then(|v| serde_json::from_str(&v).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let fields = builder.schema().fields();
+    let (Some(id_col), Some(seq_col)) = (
+        fields.iter().position(|f| f.name() == "image_id"),
+        fields.iter().position(|f| f.name() == "seq"),
+    ) else {
+        return Ok((model, Vec::new()));
+    };
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [id_col, seq_col]);
+    let reader = builder.with_projection(mask).build().map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
+    let mut keys = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
+        let ids = batch.column_by_name("image_id").and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+        let seqs = batch.column_by_name("seq").and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
+        let (Some(ids), Some(seqs)) = (ids, seqs) else {
+            return Err(bad("`image_id` is not utf8 or `seq` is not uint64".into()));
+        };
+        keys.extend((0..batch.num_rows()).map(|i| (ids.value(i).to_string(), seqs.value(i))));
+    }
+    Ok((model, keys))
+}
+
 /// A predictions file read back whole (for evaluation, calibration and submissions).
 #[derive(Debug, Clone)]
 pub struct Predictions {
