@@ -155,9 +155,11 @@ roll_seconds = 2
 
 def main():
     args = parse_args()
+    args.binary = args.binary.resolve()
     rng = random.Random(args.seed)
     out = args.out or Path(tempfile.mkdtemp(prefix="plankton-crash-"))
     out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()  # the daemon's config takes paths relative to its own folder
     work = out / "work"
     if work.exists():
         shutil.rmtree(work)

@@ -1484,11 +1484,7 @@ fn a_second_daemon_on_the_same_spool_refuses_to_start_and_leaves_the_first_intac
     d.stop();
     assert_eq!(site.finished_counts(), BTreeMap::from([("first".to_string(), 1), ("second".to_string(), 1)]));
     assert!(site.pending_ids().is_empty());
-    assert!(!d_log_mentions_unfinished(&site), "the first daemon finished its file");
-}
-
-fn d_log_mentions_unfinished(site: &Site) -> bool {
-    std::fs::read_to_string(site.root().join("daemon.log")).unwrap_or_default().contains("not finished")
+    assert!(!d_log_mentions("not finished", &site), "the first daemon finished its file");
 }
 
 #[cfg(unix)]
@@ -1682,4 +1678,63 @@ fn a_crash_between_a_files_rename_and_the_spool_release_duplicates_no_row() {
     d.wait_predicted("w1");
     d.stop();
     assert_eq!(other.finished_rows().iter().filter(|(r, _)| r.image_id == "w1").count(), 2, "its own row, and the copied file's");
+}
+
+#[test]
+fn the_output_folder_stays_locked_when_removed_while_running() {
+    let site = Site::new(&Cfg::new());
+    let d = site.start();
+    d.predict("o1", &image_bytes(0));
+    // Someone removes the output folder (with the open file and its lock) while running.
+    std::fs::remove_dir_all(site.out()).unwrap();
+    poll("the output folder made again and locked", || site.out().join(".plankton-serve.lock").is_file().then_some(()));
+    d.predict("o2", &image_bytes(1));
+    // A second daemon with its own spool but this output folder is still refused.
+    let other = Site::new(&Cfg::new());
+    let text = std::fs::read_to_string(other.config()).unwrap();
+    let text = text.replace(&format!("{:?}", other.out().to_str().unwrap()), &format!("{:?}", site.out().to_str().unwrap()));
+    std::fs::write(other.config(), text).unwrap();
+    let (status, log) = start_expecting_failure(&other);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("output folder") && log.contains("in use by another daemon"), "{log}");
+    d.stop();
+    assert!(d_log_mentions("output folder was removed while running", &site));
+    // The rows of the file open at the removal went with it: their images stayed spooled and
+    // are predicted at the next start.
+    site.start().stop();
+    let counts = site.finished_counts();
+    assert!(counts.contains_key("o1") && counts.contains_key("o2"), "{counts:?}");
+    assert!(site.pending_ids().is_empty());
+}
+
+fn d_log_mentions(what: &str, site: &Site) -> bool {
+    std::fs::read_to_string(site.root().join("daemon.log")).unwrap_or_default().contains(what)
+}
+
+#[test]
+fn a_wrong_model_folder_is_refused_before_anything_is_created() {
+    let site = Site::new(&Cfg { run: PathBuf::from("/nonexistent/run"), ..Cfg::new() });
+    let (status, log) = start_expecting_failure(&site);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("/nonexistent/run") && log.contains("no such run directory"), "{log}");
+    assert!(!site.spool().exists() && !site.out().exists() && !site.quarantine().exists());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_watched_file_name_with_a_newline_stays_one_line_in_rows_and_logs() {
+    let site = Site::new(&Cfg { watch: true, ..Cfg::new() });
+    let d = site.start();
+    std::fs::write(site.input().join("bad\nname.jpg"), b"not an image").unwrap();
+    let id = plankton::serve::spool::id_for_path(Path::new("bad\nname.jpg"));
+    d.wait_predicted(&id);
+    let log = d.log();
+    d.stop();
+    let rows = served_rows(&site);
+    let row = rows.iter().find(|r| r.id == id).unwrap();
+    let err = row.error.as_deref().unwrap();
+    assert!(!err.contains('\n') && err.contains("bad\\nname.jpg"), "{err:?}");
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("image quarantined")).collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("name.jpg"), "the whole record on one line: {}", warned[0]);
 }

@@ -136,6 +136,9 @@ pub struct HttpConfig {
     /// Also serves /metrics, /healthz and /readyz.
     pub bind: String,
     pub max_body_bytes: usize,
+    /// An upload's body must arrive within this (408 otherwise: a stalled client does not hold
+    /// a connection forever).
+    pub body_timeout_ms: u64,
     /// File holding the bearer token uploads must present; required when `bind` is not loopback.
     pub token_file: Option<PathBuf>,
     /// How long `?wait=true` waits for the prediction.
@@ -152,6 +155,7 @@ impl Default for HttpConfig {
             enabled: true,
             bind: "127.0.0.1:8470".into(),
             max_body_bytes: 16 << 20,
+            body_timeout_ms: 60_000,
             token_file: None,
             sync_timeout_ms: 10_000,
             backpressure: Backpressure::Reject,
@@ -304,14 +308,24 @@ impl ServeConfig {
             if self.http.max_body_bytes == 0 {
                 return Err("http.max_body_bytes must be > 0".into());
             }
+            if self.http.body_timeout_ms == 0 {
+                return Err("http.body_timeout_ms must be > 0".into());
+            }
         }
         if self.watch.enabled && self.watch.poll_interval_ms == 0 {
             return Err("watch.poll_interval_ms must be > 0".into());
         }
-        let dirs = [("spool", &self.spool), ("quarantine", &self.quarantine), ("output.dir", &self.output.dir)];
-        for (name, d) in dirs {
-            if self.watch.enabled && (d.starts_with(&self.watch.dir) || self.watch.dir.starts_with(d)) {
-                return Err(format!("{name} ({}) and watch.dir ({}) must not contain each other", d.display(), self.watch.dir.display()));
+        let mut dirs = vec![("spool", &self.spool), ("quarantine", &self.quarantine), ("output.dir", &self.output.dir)];
+        if self.watch.enabled {
+            dirs.push(("watch.dir", &self.watch.dir));
+        }
+        // Each folder has one owner: a quarantined upload named like an output file, or the
+        // spool's own files, must never land among another folder's files.
+        for (i, (a, da)) in dirs.iter().enumerate() {
+            for (b, db) in &dirs[i + 1..] {
+                if da.starts_with(db) || db.starts_with(da) {
+                    return Err(format!("{a} ({}) and {b} ({}) must be separate folders, neither inside the other", da.display(), db.display()));
+                }
             }
         }
         Ok(())
@@ -356,7 +370,10 @@ mod tests {
             ("[http]\nbind = \"0.0.0.0:80\"\n", "token_file"),
             ("[http]\nenabled = false\n", "no source"),
             ("[batch]\nmax_images = 0\n", "max_images"),
-            ("[watch]\nenabled = true\ndir = \"x\"\n[output]\ndir = \"x/out\"\n", "must not contain"),
+            ("[watch]\nenabled = true\ndir = \"x\"\n[output]\ndir = \"x/out\"\n", "output.dir (./x/out) and watch.dir (./x) must be separate folders"),
+            ("quarantine = \"o\"\n[output]\ndir = \"o\"\n", "quarantine (./o) and output.dir (./o) must be separate"),
+            ("spool = \"s\"\nquarantine = \"s/q\"\n", "spool (./s) and quarantine (./s/q) must be separate"),
+            ("[http]\nbody_timeout_ms = 0\n", "body_timeout_ms"),
             ("[htp]\n", "unknown field"),
             ("[output]\nfeatures = [\"moments\", \"colour\"]\n", "output.features: unknown feature set `colour`"),
             ("[watch]\nsymlinks = \"follow\"\n", "unknown variant `follow`"),

@@ -135,6 +135,13 @@ pub async fn run(
     reload: Arc<tokio::sync::Notify>,
     mut on_event: impl FnMut(ServeEvent) + Send,
 ) -> Result<ServeSummary, ServeError> {
+    // A wrong `model` must not leave folders behind (the run is loaded later, after the lock).
+    if !cfg.model.is_dir() {
+        return Err(ServeError::Io {
+            path: cfg.model.clone(),
+            message: "model: no such run directory (a folder written by `plankton train`)".into(),
+        });
+    }
     // One daemon per spool and output folder, before anything in them is touched: a second
     // one started by mistake must not delete the first one's open `.partial` file.
     let _spool_lock = DirLock::acquire(&cfg.spool, SPOOL_LOCK, "spool")?;

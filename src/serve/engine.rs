@@ -216,6 +216,8 @@ impl Engine {
             patches: patches_weak,
             rows: rows_weak,
             spool: self.spool.clone(),
+            output_dir: self.cfg.output.dir.clone(),
+            relock: None,
         };
         threads.push(spawn("serve-gauges".into(), Box::new(move || gauges.run()))?);
         Ok(Running { threads })
@@ -224,19 +226,39 @@ impl Engine {
 
 /// Samples the queue depths into their gauges from one place, a few times a second, so they
 /// fall back to zero when the pipeline goes idle (setting them at each send left the last
-/// busy value standing). Holds the queues weakly: it ends when they close.
+/// busy value standing), and keeps the output folder locked. Holds the queues weakly: it ends
+/// when they close.
 struct QueueGauges {
     ingest: async_channel::WeakReceiver<SpoolEntry>,
     patches: async_channel::WeakReceiver<PatchSet>,
     rows: async_channel::WeakReceiver<OutRow>,
     spool: Arc<Spool>,
+    output_dir: PathBuf,
+    /// The output folder's lock, taken again if the folder was removed while running.
+    relock: Option<super::daemon::DirLock>,
 }
 
 /// How often the queue gauges are sampled.
 pub const GAUGE_PERIOD: Duration = Duration::from_millis(200);
 
 impl QueueGauges {
-    fn run(self) {
+    /// The output folder was removed while running: make it again and take its lock again, so
+    /// that a second daemon still cannot start on it. (The rows of the file open at that moment
+    /// went with it; their images stay spooled and are predicted again at the next start.)
+    fn ensure_output_lock(&mut self) {
+        if self.output_dir.join(super::daemon::OUTPUT_LOCK).exists() {
+            return;
+        }
+        match super::daemon::DirLock::acquire(&self.output_dir, super::daemon::OUTPUT_LOCK, "output folder") {
+            Ok(l) => {
+                tracing::warn!(dir = %self.output_dir.display(), "the output folder was removed while running: made again and locked (the images of the file open then stay spooled until the next start)");
+                self.relock = Some(l);
+            }
+            Err(e) => tracing::error!(error = %e, "the output folder was removed while running and cannot be locked again"),
+        }
+    }
+
+    fn run(mut self) {
         let depth = |queue: &'static str, n: Option<usize>| {
             metrics::gauge!(telemetry::QUEUE_DEPTH, "queue" => queue).set(n.unwrap_or(0) as f64);
             n.is_some()
@@ -252,6 +274,7 @@ impl QueueGauges {
             if !open.iter().any(|&o| o) {
                 return;
             }
+            self.ensure_output_lock();
             std::thread::sleep(GAUGE_PERIOD);
         }
     }
@@ -292,7 +315,7 @@ impl WorkerCtx {
                 .map_err(|e| (format!("{}: cannot read spooled image: {e}", entry.bytes_path.display()), "io"))
                 .and_then(|bytes| {
                     // Errors name the image by its id (and the client's file name, if any).
-                    let name = if entry.original_name.is_empty() { entry.id.clone() } else { format!("{} ({})", entry.id, entry.original_name) };
+                    let name = if entry.original_name.is_empty() { entry.id.clone() } else { format!("{} ({})", entry.id, super::one_line(&entry.original_name)) };
                     decode_bytes(&bytes, Path::new(&name), &model.cfg.decode).map_err(|e| (e.to_string(), e.kind()))
                 });
             match result {
@@ -503,6 +526,18 @@ struct OpenFile {
     /// The spool entries whose rows are in this file.
     keys: Vec<EntryKey>,
     path: PathBuf,
+    /// flocks held on the `.partial` files while they are written: another daemon's start-up
+    /// clean-up skips them.
+    _partial_locks: Vec<std::fs::File>,
+}
+
+/// Holds an flock on a `.partial` file being written (best effort: the file is ours anyway).
+fn lock_partial(final_path: &Path) -> Option<std::fs::File> {
+    let mut p = final_path.as_os_str().to_owned();
+    p.push(".partial");
+    let f = std::fs::File::open(PathBuf::from(p)).ok()?;
+    f.try_lock().ok()?;
+    Some(f)
 }
 
 /// Spool entries whose rows are already in a finished file of this spool (a crash between a
@@ -550,11 +585,17 @@ pub fn release_already_written(spool: &Spool, out_dir: &Path, pending: Vec<Spool
 }
 
 /// Removes unfinished output files a crash left behind (their images are still in the spool).
+/// A `.partial` file another running daemon holds (flock) is left alone: its writer is alive.
 pub fn clean_partial_outputs(dir: &Path) -> std::io::Result<usize> {
     let mut n = 0;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().ends_with(".partial") {
+                let in_use = std::fs::File::open(e.path()).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
+                if in_use {
+                    tracing::warn!(file = %e.path().display(), "an unfinished prediction file is being written by another process: left alone");
+                    continue;
+                }
                 std::fs::remove_file(e.path())?;
                 n += 1;
             }
@@ -575,7 +616,11 @@ impl WriterCtx {
         } else {
             Some(FeatureWriter::create(&self.cfg.output.dir.join(format!("features-{stamp}.parquet")), &self.feature_sets).map_err(|e| e.to_string())?)
         };
-        Ok(OpenFile { writer, features, model_id: model_id.to_string(), opened: Instant::now(), keys: Vec::new(), path })
+        let mut partial_locks: Vec<std::fs::File> = lock_partial(&path).into_iter().collect();
+        if features.is_some() {
+            partial_locks.extend(lock_partial(&self.cfg.output.dir.join(format!("features-{stamp}.parquet"))));
+        }
+        Ok(OpenFile { writer, features, model_id: model_id.to_string(), opened: Instant::now(), keys: Vec::new(), path, _partial_locks: partial_locks })
     }
 
     fn finish(&self, file: OpenFile) {
@@ -717,5 +762,26 @@ fn recv_timeout<T>(rt: &tokio::runtime::Runtime, rx: &async_channel::Receiver<T>
         Ok(Ok(v)) => Recv::Row(v),
         Ok(Err(_)) => Recv::Closed,
         Err(_) => Recv::Timeout,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_clean_up_leaves_a_partial_file_another_process_is_writing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("predictions-1-0001.parquet.partial"), b"left by a crash").unwrap();
+        std::fs::write(dir.join("predictions-2-0001.parquet.partial"), b"being written").unwrap();
+        std::fs::write(dir.join("predictions-0-0001.parquet"), b"finished").unwrap();
+        let held = lock_partial(&dir.join("predictions-2-0001.parquet")).expect("locked");
+        assert_eq!(clean_partial_outputs(dir).unwrap(), 1);
+        assert!(!dir.join("predictions-1-0001.parquet.partial").exists());
+        assert!(dir.join("predictions-2-0001.parquet.partial").exists(), "in use: kept");
+        assert!(dir.join("predictions-0-0001.parquet").exists());
+        drop(held);
+        assert_eq!(clean_partial_outputs(dir).unwrap(), 1);
     }
 }

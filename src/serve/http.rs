@@ -77,7 +77,31 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(refusals_close_unread_bodies))
         .with_state(state)
+}
+
+/// A refused request that carried a body answers `Connection: close` (its body may be unread,
+/// so the connection cannot carry another request, and a client told so opens a new one
+/// instead of writing into a closing socket): uploads refused before reading, 404s and 405s
+/// alike. Not a 422 (the body was read) nor a 503 busy whose body was drained ([`busy`]: the
+/// connection stays usable for the retry).
+async fn refusals_close_unread_bodies(request: Request, next: axum::middleware::Next) -> Response {
+    use axum::body::HttpBody;
+    let may_have_body = request.body().size_hint().exact() != Some(0);
+    let mut response = next.run(request).await;
+    let status = response.status();
+    let refused = status.is_client_error() || status.is_server_error();
+    if may_have_body
+        && refused
+        && status != StatusCode::UNPROCESSABLE_ENTITY
+        && !response.headers().contains_key(header::CONNECTION)
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// Beyond `sync_timeout_ms`, how long requests in flight at shutdown may still take.
@@ -144,6 +168,32 @@ fn unavailable(cfg: &HttpConfig, status: &str, message: &str) -> Response {
         HeaderValue::from(cfg.retry_after_seconds),
     );
     r
+}
+
+/// 413 at once for a body declared (`Content-Length`) larger than `max_body_bytes`, before any
+/// of it is read (a client that does not send `Expect: 100-continue` would otherwise wait).
+fn declared_too_large(cfg: &HttpConfig, headers: &HeaderMap) -> Option<Response> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())?;
+    (declared > cfg.max_body_bytes as u64).then(|| {
+        reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body of {declared} bytes is larger than http.max_body_bytes = {}", cfg.max_body_bytes),
+        )
+    })
+}
+
+/// 408 for a body that did not arrive within `body_timeout_ms` (a stalled or very slow client;
+/// nothing of it was spooled).
+fn body_timeout(cfg: &HttpConfig) -> Response {
+    reject(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        format!("the body did not arrive within http.body_timeout_ms = {} ms", cfg.body_timeout_ms),
+    )
 }
 
 /// How long a refused upload's body may take to be read and thrown away (see [`busy`]).
@@ -217,28 +267,8 @@ fn authorized(state: &HttpState, headers: &HeaderMap) -> bool {
         && constant_time_eq(presented.trim().as_bytes(), token.as_bytes())
 }
 
-/// `POST /v1/images`. A refused upload answers `Connection: close` (its body may be unread, so
-/// the connection cannot carry another request, and a client told so opens a new one instead
-/// of writing into a closing socket), except a 422 (the body was read) and a 503 busy whose
-/// body was drained ([`busy`]: the connection stays usable for the retry).
+/// `POST /v1/images`: one image, or several in a multipart body.
 async fn upload(
-    state: State<Arc<HttpState>>,
-    query: Result<Query<UploadQuery>, QueryRejection>,
-    headers: HeaderMap,
-    request: Request,
-) -> Response {
-    let mut response = upload_one_or_many(state, query, headers, request).await;
-    let status = response.status();
-    let refused = status.is_client_error() || status.is_server_error();
-    if refused && status != StatusCode::UNPROCESSABLE_ENTITY && !response.headers().contains_key(header::CONNECTION) {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
-}
-
-async fn upload_one_or_many(
     State(state): State<Arc<HttpState>>,
     query: Result<Query<UploadQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -312,7 +342,14 @@ async fn upload_one_or_many(
         return busy(&state.cfg, request, "ingest queue full: retry later").await;
     }
 
-    let bytes = match Bytes::from_request(request, &()).await {
+    if let Some(r) = declared_too_large(&state.cfg, &headers) {
+        return r;
+    }
+    let read = Bytes::from_request(request, &());
+    let Ok(read) = tokio::time::timeout(Duration::from_millis(state.cfg.body_timeout_ms), read).await else {
+        return body_timeout(&state.cfg);
+    };
+    let bytes = match read {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             return reject(
@@ -346,6 +383,9 @@ async fn upload_one_or_many(
     .await;
     let (entry, duplicate) = match spooled {
         Ok(Ok(x)) => x,
+        Ok(Err(e @ spool::SpoolError::Conflict { .. })) => {
+            return reject(StatusCode::CONFLICT, "conflict", e.to_string());
+        }
         Ok(Err(e)) => {
             tracing::error!(id = %id, error = %e, "cannot spool an upload");
             return reject(
@@ -498,20 +538,30 @@ async fn upload_multipart(
         return busy(&state.cfg, request, "ingest queue full: retry later").await;
     }
 
+    if let Some(r) = declared_too_large(&state.cfg, headers) {
+        return r;
+    }
     let mut multipart = match Multipart::from_request(request, &()).await {
         Ok(m) => m,
         Err(e) => return reject(e.status(), "bad_multipart", e.body_text()),
     };
+    let read_by = tokio::time::Instant::now() + Duration::from_millis(state.cfg.body_timeout_ms);
     let mut parts = Vec::new();
     loop {
-        let field = match multipart.next_field().await {
+        let Ok(next) = tokio::time::timeout_at(read_by, multipart.next_field()).await else {
+            return body_timeout(&state.cfg);
+        };
+        let field = match next {
             Ok(Some(field)) => field,
             Ok(None) => break,
             Err(e) => return multipart_error(&state.cfg, e),
         };
         let field_name = field.name().map(str::to_string);
         let file_name = field.file_name().unwrap_or_default().to_string();
-        match field.bytes().await {
+        let Ok(read) = tokio::time::timeout_at(read_by, field.bytes()).await else {
+            return body_timeout(&state.cfg);
+        };
+        match read {
             Ok(bytes) => parts.push(Part {
                 field_name,
                 file_name,
@@ -605,6 +655,7 @@ async fn upload_multipart(
         }
     };
     let mut spool_failed = false;
+    let mut conflict = false;
     for (i, id, result) in spooled {
         outcomes[i] = Some(match result {
             Ok((entry, duplicate)) => {
@@ -616,6 +667,12 @@ async fn upload_multipart(
                     }
                 }
                 PartOutcome::Accepted { duplicate }
+            }
+            Err(e @ spool::SpoolError::Conflict { .. }) => {
+                metrics::counter!(STAGE_ERRORS, "stage" => "http", "reason" => "conflict")
+                    .increment(1);
+                conflict = true;
+                PartOutcome::Rejected(e.to_string())
             }
             Err(e) => {
                 tracing::error!(id = %id, error = %e, "cannot spool an upload");
@@ -654,6 +711,8 @@ async fn upload_multipart(
         StatusCode::ACCEPTED
     } else if spool_failed {
         StatusCode::INTERNAL_SERVER_ERROR
+    } else if conflict {
+        StatusCode::CONFLICT
     } else {
         StatusCode::BAD_REQUEST
     };
@@ -860,9 +919,15 @@ mod tests {
         // The same id again while pending: acknowledged, not queued twice.
         let (status, _, json, _) = call(&f.state, upload_req("/v1/images?id=img-1", b"abc")).await;
         assert_eq!(
-            (status, json["status"].as_str()),
-            (StatusCode::ACCEPTED, Some("accepted"))
+            (status, json["status"].as_str(), json["duplicate"].as_bool()),
+            (StatusCode::ACCEPTED, Some("accepted"), Some(true))
         );
+        assert!(f.rx.is_empty());
+        // Other bytes under that id while it is pending: 409, the spooled image unchanged.
+        let (status, headers, json, _) = call(&f.state, upload_req("/v1/images?id=img-1", b"xyz")).await;
+        assert_eq!((status, json["reason"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{json}");
+        assert!(json["error"].as_str().is_some_and(|e| e.contains("already spooled with other bytes")), "{json}");
+        assert_eq!(headers[header::CONNECTION], "close");
         assert!(f.rx.is_empty());
 
         let (status, _, json, _) = call(&f.state, upload_req("/v1/images?id=img-9", b"")).await;
@@ -1138,6 +1203,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn oversized_declared_bodies_get_413_at_once_stalled_ones_408_and_404_405_close() {
+        let cfg = HttpConfig { max_body_bytes: 1000, body_timeout_ms: 300, ..HttpConfig::default() };
+        let f = fixture(cfg, None, 8);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, f.state.clone(), shutdown.clone()));
+        let head = |method: &str, path: &str, len: u64| format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+        let health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let t0 = std::time::Instant::now();
+        let answers = tokio::task::spawn_blocking({
+            let big = head("POST", "/v1/images?id=big", 99_999_999_999);
+            move || on_one_connection(addr, vec![big])
+        })
+        .await
+        .unwrap();
+        let (h, b) = answers[0].as_ref().unwrap();
+        assert!(h.starts_with("http/1.1 413") && h.contains("connection: close") && b.contains("99999999999"), "{h}{b}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "answered before any body was sent");
+        // Half a body, then nothing: 408 after body_timeout_ms, nothing spooled.
+        let mut stalled = head("POST", "/v1/images?id=slow", 500);
+        stalled.extend_from_slice(&[1u8; 100]);
+        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![stalled])).await.unwrap();
+        let (h, _) = answers[0].as_ref().unwrap();
+        assert!(h.starts_with("http/1.1 408") && h.contains("connection: close"), "{h}");
+        assert!(!f.state.spool.contains("slow"));
+        // Wrong method or path with a body: closed, and said so.
+        for (method, path) in [("PUT", "/v1/images"), ("POST", "/v1/predictions/x"), ("POST", "/nowhere")] {
+            let mut req = head(method, path, 10);
+            req.extend_from_slice(b"0123456789");
+            let answers = tokio::task::spawn_blocking({
+                let health = health.clone();
+                move || on_one_connection(addr, vec![req, health])
+            })
+            .await
+            .unwrap();
+            let (h, _) = answers[0].as_ref().unwrap();
+            assert!((h.starts_with("http/1.1 405") || h.starts_with("http/1.1 404")) && h.contains("connection: close"), "{method} {path}: {h}");
+        }
+        // A GET that is refused carries no body: its connection stays open.
+        let answers = tokio::task::spawn_blocking({
+            let health = health.clone();
+            move || on_one_connection(addr, vec![b"GET /v1/predictions/nope HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), health])
+        })
+        .await
+        .unwrap();
+        assert!(answers.len() == 2 && answers[1].as_ref().is_ok_and(|(h, _)| h.starts_with("http/1.1 200")), "{answers:?}");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn a_503_keeps_the_keep_alive_connection_usable_and_other_refusals_close_it() {
         let f = fixture(HttpConfig { max_body_bytes: 300_000, ..HttpConfig::default() }, Some("tok"), 1);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1360,6 +1477,12 @@ mod tests {
             json,
             json!({"images": [{"id": "mp-1", "name": "a.jpg", "status": "accepted", "duplicate": true}]})
         );
+        assert!(f.rx.is_empty());
+        // Other bytes under it: that part is rejected (409 when no part is accepted).
+        let body = multipart_body(&[(Some("mp-1"), Some("a.jpg"), b"other")]);
+        let (status, _, json, _) = call(&f.state, multipart_req("/v1/images", body)).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{json}");
+        assert_eq!(json["images"][0]["status"], "rejected");
         assert!(f.rx.is_empty());
 
         // Nothing acceptable: 400 with the list; no parts at all: 400.

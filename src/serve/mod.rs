@@ -13,3 +13,25 @@ pub mod spool;
 pub mod watch;
 
 pub use daemon::{prometheus, run, ServeError, ServeEvent, ServeSummary};
+
+/// Text from outside (a watched file's name, a client's file name) for a log line or the
+/// `error` column: control characters escaped (`\n`, `\t`, `\u{1b}`...), everything else kept, so
+/// one record stays one line.
+pub fn one_line(text: impl std::fmt::Display) -> String {
+    let text = text.to_string();
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_line_escapes_control_characters_only() {
+        assert_eq!(super::one_line("bad\nname\t\u{1b}[31m.jpg"), "bad\\nname\\t\\u{1b}[31m.jpg");
+        assert_eq!(super::one_line("café ü.jpg"), "café ü.jpg");
+    }
+}

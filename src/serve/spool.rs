@@ -54,6 +54,8 @@ pub enum SpoolError {
     Io { path: PathBuf, message: String },
     #[error("bad image id `{id}`: {reason}")]
     BadId { id: String, reason: String },
+    #[error("image id `{id}` is already spooled with other bytes (accepted as seq {seq}, not yet in a finished file): send it again once its row is written, or use another id")]
+    Conflict { id: String, seq: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -403,7 +405,9 @@ impl Spool {
     }
 
     /// Stores `bytes` durably under `id` and returns once it would survive a crash. If `id` is
-    /// already pending, returns the existing entry unchanged (the new bytes are not written).
+    /// already pending with the same bytes (a retry), returns the existing entry unchanged; with
+    /// other bytes, [`SpoolError::Conflict`] (one id names one image until its row is written:
+    /// silently keeping either would break the promise made to the other upload).
     pub fn accept(
         &self,
         id: &str,
@@ -435,7 +439,19 @@ impl Spool {
         let id = sanitize_id(id)?;
         let _claim = self.claim(&id);
         match self.read_sidecar(&id) {
-            Ok(Some(existing)) => return Ok(existing),
+            Ok(Some(existing)) => {
+                let same = match payload {
+                    Payload::Bytes(b) => fs::read(&existing.bytes_path).is_ok_and(|old| old == b),
+                    Payload::File(src) => match (fs::read(&existing.bytes_path), fs::read(src)) {
+                        (Ok(old), Ok(new)) => old == new,
+                        _ => false,
+                    },
+                };
+                if same {
+                    return Ok(existing);
+                }
+                return Err(SpoolError::Conflict { id, seq: existing.seq });
+            }
             Ok(None) => {}
             // A sidecar we cannot read is replaced by the new entry (it may be corrupt).
             Err(e) => {
@@ -524,7 +540,7 @@ impl Spool {
                 Ok(None) => continue, // completed meanwhile
                 Ok(Some(entry)) if bytes_meta.is_ok() => out.push(entry),
                 Ok(Some(entry)) => {
-                    tracing::error!(id = %id, seq = entry.seq, source = %entry.source, bytes = %bytes_path.display(),
+                    tracing::error!(id = %id, seq = entry.seq, source = %super::one_line(&entry.source), bytes = %bytes_path.display(),
                         "spool: entry's image bytes are missing; dropping the entry");
                     if remove_if_present(&self.sidecar_path(id))? {
                         self.count.fetch_sub(1, Ordering::SeqCst);
@@ -698,7 +714,7 @@ impl Spool {
         if sidecar_removed {
             self.count.fetch_sub(1, Ordering::SeqCst);
         }
-        tracing::warn!(id = %id, source = %entry.source, reason = %reason, path = %dest.display(), "image quarantined");
+        tracing::warn!(id = %id, source = %super::one_line(&entry.source), reason = %super::one_line(reason), path = %dest.display(), "image quarantined");
         Ok(record)
     }
 }
@@ -760,10 +776,14 @@ fn move_file(
     }
 }
 
-/// Copies `src` to a new file `dest` with the same permission bits (a file readable by its
-/// owner only stays so) and fsyncs it. `src` itself must not be a symbolic link: a link swapped
-/// in after the folder was scanned is refused, not followed.
+/// Copies `src` to a new file `dest` with the same read/write/execute bits (a file readable by
+/// its owner only stays so; setuid, setgid and sticky bits are dropped: a daemon running as
+/// root must not turn a user's file into a root-owned setuid one) and fsyncs it. `src` itself
+/// must not be a symbolic link: a link swapped in after the folder was scanned is refused, not
+/// followed. Errors name the file that failed: `src` for reading, `dest` for writing (a full
+/// spool is not the source file's fault).
 fn copy_synced(src: &Path, dest: &Path) -> Result<(), SpoolError> {
+    use std::io::Read;
     let mut open = OpenOptions::new();
     open.read(true);
     #[cfg(unix)]
@@ -781,9 +801,22 @@ fn copy_synced(src: &Path, dest: &Path) -> Result<(), SpoolError> {
         .create_new(true)
         .open(dest)
         .map_err(|e| io_err(dest, e))?;
-    to.set_permissions(meta.permissions())
-        .map_err(|e| io_err(dest, e))?;
-    io::copy(&mut from, &mut to).map_err(|e| io_err(src, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        to.set_permissions(fs::Permissions::from_mode(meta.permissions().mode() & 0o777))
+            .map_err(|e| io_err(dest, e))?;
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(src, e)),
+        };
+        to.write_all(&buf[..n]).map_err(|e| io_err(dest, e))?;
+    }
     to.sync_all().map_err(|e| io_err(dest, e))
 }
 
@@ -940,8 +973,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let spool = Spool::open(tmp.path()).unwrap();
         let a = spool.accept("img", "http", "a.png", b"first").unwrap();
-        let again = spool.accept("img", "http", "other.png", b"second").unwrap();
-        assert_eq!(a, again);
+        let again = spool.accept("img", "http", "other.png", b"first").unwrap();
+        assert_eq!(a, again, "a retry with the same bytes is the same entry");
+        // Other bytes under a pending id: refused, never silently dropped.
+        match spool.accept("img", "http", "other.png", b"second") {
+            Err(SpoolError::Conflict { id, seq }) => assert_eq!((id.as_str(), seq), ("img", a.seq)),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(fs::read(&a.bytes_path).unwrap(), b"first");
         assert_eq!(spool.len(), 1);
         spool
@@ -1119,8 +1157,16 @@ mod tests {
         fs::write(&private, b"secret").unwrap();
         fs::set_permissions(&private, fs::Permissions::from_mode(0o600)).unwrap();
         let e = spool.accept_file("p", &private, "private.jpg").unwrap();
-        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&e.bytes_path), 0o600);
+        // A setuid/setgid/sticky file keeps its rwx bits only.
+        let suid = tmp.path().join("suid.jpg");
+        fs::write(&suid, b"binary").unwrap();
+        fs::set_permissions(&suid, fs::Permissions::from_mode(0o7755)).unwrap();
+        let s = spool.accept_file("s", &suid, "suid.jpg").unwrap();
+        assert_eq!(mode(&s.bytes_path), 0o755);
+        let qs = spool.quarantine(&s, "bad", &q).unwrap();
+        assert_eq!(mode(&qs.quarantined.unwrap().path), 0o755);
         let record = spool.quarantine(&e, "bad", &q).unwrap();
         assert_eq!(mode(&record.quarantined.unwrap().path), 0o600);
         let link = tmp.path().join("link.jpg");
@@ -1199,14 +1245,21 @@ mod tests {
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 let s = spool.clone();
-                std::thread::spawn(move || {
-                    s.accept("same", "http", "n", format!("{i}").as_bytes())
-                        .unwrap()
-                })
+                std::thread::spawn(move || s.accept("same", "http", "n", format!("{}", i % 2).as_bytes()))
             })
             .collect();
-        let entries: Vec<SpoolEntry> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        // The first accept wins; the same bytes again are that entry, other bytes a conflict.
+        let entries: Vec<&SpoolEntry> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
         assert!(entries.windows(2).all(|w| w[0] == w[1]));
+        let kept = fs::read(&entries[0].bytes_path).unwrap();
+        assert_eq!(entries.len(), 4, "the four uploads of the winning bytes");
+        assert!(results.iter().all(|r| match r {
+            Ok(_) => true,
+            Err(SpoolError::Conflict { .. }) => true,
+            Err(e) => panic!("{e}"),
+        }));
+        assert!(kept == b"0" || kept == b"1");
         assert_eq!(spool.len(), 1);
         assert_eq!(spool.pending().unwrap().len(), 1);
     }

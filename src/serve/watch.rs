@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::serve::config::{Backpressure, SymlinkPolicy, WatchConfig, WatchMode};
+use crate::serve::one_line;
 use crate::serve::spool::{id_for_path, Spool, SpoolEntry, SpoolError};
 use crate::telemetry::{STAGE_DROPPED, STAGE_ERRORS, STAGE_RECEIVED};
 
@@ -455,7 +456,7 @@ pub async fn run_watch(
         let errors: HashSet<PathBuf> = found.errors.iter().map(|(p, _)| p.clone()).collect();
         for (path, message) in &found.errors {
             if !last_errors.contains(path) {
-                tracing::warn!(path = %path.display(), error = %message, "watch: cannot list");
+                tracing::warn!(path = %one_line(path.display()), error = %one_line(message), "watch: cannot list");
                 error_metric("scan");
             }
         }
@@ -464,7 +465,7 @@ pub async fn run_watch(
         let links: HashSet<PathBuf> = found.skipped_links.iter().map(|(p, _)| p.clone()).collect();
         for (path, why) in &found.skipped_links {
             if !skipped_links.contains(path) {
-                tracing::warn!(path = %path.display(), reason = why, "watch: symbolic link skipped");
+                tracing::warn!(path = %one_line(path.display()), reason = why, "watch: symbolic link skipped");
                 metrics::counter!(STAGE_DROPPED, "stage" => "watch", "reason" => "symlink").increment(1);
             }
         }
@@ -537,7 +538,7 @@ pub async fn run_watch(
             }
             let id = id_for_path(&f.rel);
             if spool.contains(&id) {
-                tracing::debug!(file = %f.abs.display(), id = %id, "watch: previous version still pending; taking it later");
+                tracing::debug!(file = %one_line(f.abs.display()), id = %id, "watch: previous version still pending; taking it later");
                 continue;
             }
             let name = f
@@ -566,14 +567,14 @@ pub async fn run_watch(
                     let source_problem =
                         matches!(&e, SpoolError::Io { path, .. } if *path == f.abs);
                     if !f.abs.exists() {
-                        tracing::warn!(file = %f.abs.display(), "watch: file vanished before it could be taken");
+                        tracing::warn!(file = %one_line(f.abs.display()), "watch: file vanished before it could be taken");
                         error_metric("vanished");
                     } else if source_problem {
-                        tracing::warn!(file = %f.abs.display(), error = %e, "watch: cannot read file; skipped until it changes");
+                        tracing::warn!(file = %one_line(f.abs.display()), error = %one_line(&e), "watch: cannot read file; skipped until it changes");
                         error_metric("unreadable");
                         failed.insert(key, f.state);
                     } else {
-                        tracing::error!(file = %f.abs.display(), error = %e, "watch: cannot store file in the spool; retrying later");
+                        tracing::error!(file = %one_line(f.abs.display()), error = %one_line(&e), "watch: cannot store file in the spool; retrying later");
                         error_metric("spool");
                     }
                     continue;
@@ -582,7 +583,7 @@ pub async fn run_watch(
             candidates.remove(&key);
             taken += 1;
             metrics::counter!(STAGE_RECEIVED, "stage" => "watch").increment(1);
-            tracing::debug!(file = %f.abs.display(), id = %entry.id, seq = entry.seq, "watch: taken");
+            tracing::debug!(file = %one_line(f.abs.display()), id = %entry.id, seq = entry.seq, "watch: taken");
             // Block policy: wait for room. A cancelled wait loses nothing: the entry is spooled.
             tokio::select! {
                 biased;
