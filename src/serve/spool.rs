@@ -75,6 +75,20 @@ pub struct SpoolEntry {
     /// only its error row is still owed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<Quarantined>,
+    /// For a file taken from the watched folder: which version of which file (the folder
+    /// source's ledger key and state), so a restart knows it was taken even when a crash came
+    /// before the ledger line was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watched: Option<WatchedFile>,
+}
+
+/// The version of a watched file an entry holds (see `serve::watch`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchedFile {
+    /// The watch ledger's key of its path relative to the watched folder.
+    pub key: String,
+    pub size: u64,
+    pub mtime_ns: u64,
 }
 
 /// Where a refused image went and why.
@@ -415,18 +429,20 @@ impl Spool {
         original_name: &str,
         bytes: &[u8],
     ) -> Result<SpoolEntry, SpoolError> {
-        self.accept_payload(id, source, original_name, Payload::Bytes(bytes))
+        self.accept_payload(id, source, original_name, Payload::Bytes(bytes), None)
     }
 
-    /// As [`Spool::accept`], copying `source_file` (which is neither modified nor removed).
+    /// As [`Spool::accept`], copying `source_file` (which is neither modified nor removed);
+    /// `watched` says which version of a watched file it is.
     pub fn accept_file(
         &self,
         id: &str,
         source_file: &Path,
         original_name: &str,
+        watched: Option<WatchedFile>,
     ) -> Result<SpoolEntry, SpoolError> {
         let source = source_file.to_string_lossy();
-        self.accept_payload(id, &source, original_name, Payload::File(source_file))
+        self.accept_payload(id, &source, original_name, Payload::File(source_file), watched)
     }
 
     fn accept_payload(
@@ -435,6 +451,7 @@ impl Spool {
         source: &str,
         original_name: &str,
         payload: Payload<'_>,
+        watched: Option<WatchedFile>,
     ) -> Result<SpoolEntry, SpoolError> {
         let id = sanitize_id(id)?;
         let _claim = self.claim(&id);
@@ -476,6 +493,7 @@ impl Spool {
                 seq,
                 bytes_path: self.bytes_path(&id),
                 quarantined: None,
+                watched,
             },
             Err(e) => {
                 let _ = fs::remove_file(&tmp_bytes);
@@ -563,6 +581,7 @@ impl Spool {
                             seq: self.alloc_seq()?,
                             bytes_path: bytes_path.clone(),
                             quarantined: None,
+                            watched: None,
                         };
                         let tmp = self.tmp_path(&self.pending_dir, "json");
                         let dest = self.sidecar_path(id);
@@ -1001,13 +1020,13 @@ mod tests {
         let src = tmp.path().join("in.jpg");
         fs::write(&src, b"jpegdata").unwrap();
         let e = spool
-            .accept_file(&id_for_path(Path::new("in.jpg")), &src, "in.jpg")
+            .accept_file(&id_for_path(Path::new("in.jpg")), &src, "in.jpg", None)
             .unwrap();
         assert_eq!(fs::read(&src).unwrap(), b"jpegdata");
         assert_eq!(fs::read(&e.bytes_path).unwrap(), b"jpegdata");
         assert_eq!(e.source, src.to_string_lossy());
         assert!(spool
-            .accept_file("missing", &tmp.path().join("nope"), "nope")
+            .accept_file("missing", &tmp.path().join("nope"), "nope", None)
             .is_err());
         assert_eq!(spool.len(), 1);
         let leftovers: Vec<String> = list_names(&tmp.path().join("s").join(PENDING)).unwrap();
@@ -1156,14 +1175,14 @@ mod tests {
         let private = tmp.path().join("private.jpg");
         fs::write(&private, b"secret").unwrap();
         fs::set_permissions(&private, fs::Permissions::from_mode(0o600)).unwrap();
-        let e = spool.accept_file("p", &private, "private.jpg").unwrap();
+        let e = spool.accept_file("p", &private, "private.jpg", None).unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&e.bytes_path), 0o600);
         // A setuid/setgid/sticky file keeps its rwx bits only.
         let suid = tmp.path().join("suid.jpg");
         fs::write(&suid, b"binary").unwrap();
         fs::set_permissions(&suid, fs::Permissions::from_mode(0o7755)).unwrap();
-        let s = spool.accept_file("s", &suid, "suid.jpg").unwrap();
+        let s = spool.accept_file("s", &suid, "suid.jpg", None).unwrap();
         assert_eq!(mode(&s.bytes_path), 0o755);
         let qs = spool.quarantine(&s, "bad", &q).unwrap();
         assert_eq!(mode(&qs.quarantined.unwrap().path), 0o755);
@@ -1171,7 +1190,7 @@ mod tests {
         assert_eq!(mode(&record.quarantined.unwrap().path), 0o600);
         let link = tmp.path().join("link.jpg");
         std::os::unix::fs::symlink(&private, &link).unwrap();
-        assert!(spool.accept_file("l", &link, "link.jpg").is_err());
+        assert!(spool.accept_file("l", &link, "link.jpg", None).is_err());
         assert!(!spool.contains("l"));
     }
 

@@ -8,9 +8,9 @@
 //! restart does not take the same file again; the folder itself is never modified.
 //!
 //! Crash windows: after the spool copy but before the ledger line, the entry is in the spool
-//! (the engine replays it from `Spool::pending`) and the file is taken again once that entry has
-//! completed (a duplicate row with the same id: at-least-once). After the ledger line but before
-//! the send, the spool replays it. While a file's id is still pending in the spool, the file is
+//! (the engine replays it from `Spool::pending`) and records which version of which file it
+//! holds, so the watcher's next start writes the missing ledger line and the file is not taken
+//! a second time. After the ledger line but before the send, the spool replays it. While a file's id is still pending in the spool, the file is
 //! not taken again (a rewritten file waits for its previous version to finish).
 //!
 //! Notify mode: filesystem events trigger an early rescan; a rescan every `poll_interval_ms`
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::serve::config::{Backpressure, SymlinkPolicy, WatchConfig, WatchMode};
 use crate::serve::one_line;
-use crate::serve::spool::{id_for_path, Spool, SpoolEntry, SpoolError};
+use crate::serve::spool::{id_for_path, Spool, SpoolEntry, SpoolError, WatchedFile};
 use crate::telemetry::{STAGE_DROPPED, STAGE_ERRORS, STAGE_RECEIVED};
 
 #[derive(Debug, thiserror::Error)]
@@ -410,10 +410,22 @@ pub async fn run_watch(
     let root = cfg.dir.clone();
     fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
     let ledger = {
-        let (spool_dir, root) = (spool.dir().to_path_buf(), root.clone());
-        tokio::task::spawn_blocking(move || Ledger::load_and_compact(&spool_dir, &root))
-            .await
-            .expect("ledger load panicked")?
+        let (spool, root) = (spool.clone(), root.clone());
+        tokio::task::spawn_blocking(move || -> Result<Ledger, WatchError> {
+            let mut ledger = Ledger::load_and_compact(spool.dir(), &root)?;
+            // A crash between a file's spool copy and its ledger line: the spooled entry says
+            // which version it holds, so that version is not taken a second time.
+            let pending = spool.pending().map_err(|e| io_err(spool.dir(), e))?;
+            for w in pending.into_iter().filter_map(|e| e.watched) {
+                let state = FileState { size: w.size, mtime_ns: w.mtime_ns };
+                if !ledger.taken(&w.key, state) {
+                    ledger.record(w.key, state)?;
+                }
+            }
+            Ok(ledger)
+        })
+        .await
+        .expect("ledger load panicked")?
     };
     let ledger = Arc::new(Mutex::new(ledger));
     let wake = Arc::new(Notify::new());
@@ -551,7 +563,8 @@ pub async fn run_watch(
                     (spool.clone(), ledger.clone(), f.abs.clone(), key.clone());
                 let state = f.state;
                 tokio::task::spawn_blocking(move || -> Result<SpoolEntry, SpoolError> {
-                    let entry = spool.accept_file(&id, &abs, &name)?;
+                    let watched = WatchedFile { key: key.clone(), size: state.size, mtime_ns: state.mtime_ns };
+                    let entry = spool.accept_file(&id, &abs, &name, Some(watched))?;
                     if let Err(e) = lock(&ledger).record(key, state) {
                         // Still sent: at worst the file is taken again after a restart.
                         tracing::error!(error = %e, "watch: cannot append to the ledger");
@@ -871,6 +884,35 @@ mod tests {
             }
             w.stop().await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_spooled_before_its_ledger_line_is_not_taken_again() {
+        let (tmp, dir, spool) = setup();
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.jpg"), b"image-a").unwrap();
+        let w = start(config(&dir, WatchMode::Poll), &spool, 16);
+        let e = w.next().await;
+        assert!(e.watched.as_ref().is_some_and(|f| f.key == "a.jpg" && f.size == 7), "{e:?}");
+        w.stop().await;
+        // The crash came before the ledger line: the entry is spooled, the ledger knows nothing.
+        fs::remove_file(spool.dir().join(LEDGER_FILE)).unwrap();
+        drop(spool);
+        let spool = Arc::new(Spool::open(&tmp.path().join("spool")).unwrap());
+        let w = start(config(&dir, WatchMode::Poll), &spool, 16);
+        // The watcher's start restores the ledger line from the spooled entry...
+        let deadline = Instant::now() + WAIT;
+        while !fs::read_to_string(spool.dir().join(LEDGER_FILE)).is_ok_and(|l| l.starts_with("a.jpg\t")) {
+            assert!(Instant::now() < deadline, "ledger line not restored");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // ...the engine replays the spooled entry and finishes it...
+        spool.complete(&[e.key()]).unwrap();
+        // ...and the file itself is not taken a second time.
+        w.none_for(QUIET).await;
+        assert_eq!(w.stop().await, 0);
+        let ledger = fs::read_to_string(spool.dir().join(LEDGER_FILE)).unwrap();
+        assert!(ledger.starts_with("a.jpg\t7\t"), "{ledger}");
     }
 
     #[test]
