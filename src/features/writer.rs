@@ -167,7 +167,7 @@ impl FeatureWriter {
         self.flush()?;
         let writer = self.writer.take().expect("open until finished");
         writer.close().map_err(|e| io(&self.tmp, e.to_string()))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| io(&self.path, e.to_string()))?;
+        crate::sinks::durable_rename(&self.tmp, &self.path).map_err(|e| io(&self.path, e.to_string()))?;
         Ok(self.written)
     }
 }

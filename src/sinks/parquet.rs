@@ -396,7 +396,7 @@ impl PredictionWriter {
         self.flush_rows()?;
         let writer = self.writer.take().expect("open writer");
         writer.close().map_err(|e| io(&self.tmp)(e.to_string()))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| io(&self.path)(e.to_string()))?;
+        super::durable_rename(&self.tmp, &self.path).map_err(|e| io(&self.path)(e.to_string()))?;
         Ok(self.written)
     }
 }
