@@ -1287,7 +1287,7 @@ mod tests {
         let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![bad_token])).await.unwrap();
         let (h, _) = answers[0].as_ref().unwrap();
         assert!(h.starts_with("http/1.1 401") && h.contains("connection: close"), "{h}");
-        let huge = format!("POST /v1/images?id=y HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Length: 900000\r\n\r\n").into_bytes();
+        let huge = b"POST /v1/images?id=y HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Length: 900000\r\n\r\n".to_vec();
         let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![huge])).await.unwrap();
         let (h, _) = answers[0].as_ref().unwrap();
         assert!(h.starts_with("http/1.1 503") && h.contains("connection: close"), "{h}");
