@@ -1718,6 +1718,13 @@ fn a_wrong_model_folder_is_refused_before_anything_is_created() {
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("/nonexistent/run") && log.contains("no such run directory"), "{log}");
     assert!(!site.spool().exists() && !site.out().exists() && !site.quarantine().exists());
+    // A folder that exists but holds no trained run: the same.
+    let empty = tempfile::tempdir().unwrap();
+    let site = Site::new(&Cfg { run: empty.path().to_path_buf(), ..Cfg::new() });
+    let (status, log) = start_expecting_failure(&site);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("not a trained run"), "{log}");
+    assert!(!site.spool().exists() && !site.out().exists() && !site.quarantine().exists());
 }
 
 #[cfg(unix)]

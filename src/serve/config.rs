@@ -136,9 +136,9 @@ pub struct HttpConfig {
     /// Also serves /metrics, /healthz and /readyz.
     pub bind: String,
     pub max_body_bytes: usize,
-    /// An upload's body must arrive within this (408 otherwise: a stalled client does not hold
-    /// a connection forever).
-    pub body_timeout_ms: u64,
+    /// An upload whose body stops arriving for this long gets 408 (a stalled client does not
+    /// hold a connection forever; a slow but steady one is never cut).
+    pub body_idle_timeout_ms: u64,
     /// File holding the bearer token uploads must present; required when `bind` is not loopback.
     pub token_file: Option<PathBuf>,
     /// How long `?wait=true` waits for the prediction.
@@ -155,7 +155,7 @@ impl Default for HttpConfig {
             enabled: true,
             bind: "127.0.0.1:8470".into(),
             max_body_bytes: 16 << 20,
-            body_timeout_ms: 60_000,
+            body_idle_timeout_ms: 30_000,
             token_file: None,
             sync_timeout_ms: 10_000,
             backpressure: Backpressure::Reject,
@@ -216,6 +216,38 @@ impl Default for OutputConfig {
     fn default() -> Self {
         OutputConfig { dir: PathBuf::from("serve/out"), roll_rows: 10_000, roll_seconds: 300, top_k: 5, features: Vec::new() }
     }
+}
+
+/// `path` as the file system resolves it: its longest existing ancestor canonicalised (symbolic
+/// links and `..` resolved), the rest appended with `.` dropped and `..` applied.
+pub fn resolve_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    let base = loop {
+        if let Ok(c) = std::fs::canonicalize(&existing) {
+            break c;
+        }
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            // Nothing of it exists (or a `..` tail): resolve the text alone.
+            _ => break std::env::current_dir().unwrap_or_default().join(&existing),
+        }
+    };
+    let mut out = PathBuf::new();
+    for c in base.components().chain(rest.iter().rev().flat_map(|n| Path::new(n).components())) {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// Obvious non-organisms, flagged in the row's `flag` column (they are still predicted: the
@@ -308,8 +340,8 @@ impl ServeConfig {
             if self.http.max_body_bytes == 0 {
                 return Err("http.max_body_bytes must be > 0".into());
             }
-            if self.http.body_timeout_ms == 0 {
-                return Err("http.body_timeout_ms must be > 0".into());
+            if self.http.body_idle_timeout_ms == 0 {
+                return Err("http.body_idle_timeout_ms must be > 0".into());
             }
         }
         if self.watch.enabled && self.watch.poll_interval_ms == 0 {
@@ -320,10 +352,14 @@ impl ServeConfig {
             dirs.push(("watch.dir", &self.watch.dir));
         }
         // Each folder has one owner: a quarantined upload named like an output file, or the
-        // spool's own files, must never land among another folder's files.
+        // spool's own files, must never land among another folder's files (a watched folder
+        // holding the output takes every finished file back in, without end). Compared as the
+        // file system will resolve them: `..` and symbolic links of the existing part resolved.
+        let resolved: Vec<PathBuf> = dirs.iter().map(|(_, d)| resolve_path(d)).collect();
         for (i, (a, da)) in dirs.iter().enumerate() {
-            for (b, db) in &dirs[i + 1..] {
-                if da.starts_with(db) || db.starts_with(da) {
+            for (j, (b, db)) in dirs.iter().enumerate().skip(i + 1) {
+                let (ra, rb) = (&resolved[i], &resolved[j]);
+                if ra.starts_with(rb) || rb.starts_with(ra) {
                     return Err(format!("{a} ({}) and {b} ({}) must be separate folders, neither inside the other", da.display(), db.display()));
                 }
             }
@@ -343,6 +379,31 @@ mod tests {
         assert_eq!(cfg.spool, PathBuf::from("/etc/p/serve/spool"));
         assert_eq!(cfg.http.backpressure, Backpressure::Reject);
         assert_eq!(cfg.watch.symlinks, SymlinkPolicy::Skip);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn folders_are_compared_as_the_file_system_resolves_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = tmp.path();
+        std::fs::create_dir_all(r.join("x")).unwrap();
+        std::fs::create_dir_all(r.join("real")).unwrap();
+        std::fs::create_dir_all(r.join("a")).unwrap();
+        std::os::unix::fs::symlink(r.join("real"), r.join("link")).unwrap();
+        std::os::unix::fs::symlink(r.join("a"), r.join("b")).unwrap();
+        let q = |p: &Path| format!("{:?}", p.to_str().unwrap());
+        for (text, want) in [
+            (format!("spool = {}\nquarantine = {}\n", q(&r.join("s")), q(&r.join("x/../s"))), "spool"),
+            (format!("spool = {}\n[watch]\nenabled = true\ndir = {}\n", q(&r.join("real")), q(&r.join("link"))), "watch.dir"),
+            (format!("[output]\ndir = {}\n[watch]\nenabled = true\ndir = {}\n", q(&r.join("b/o")), q(&r.join("a"))), "output.dir"),
+            (format!("[output]\ndir = {}\n[watch]\nenabled = true\ndir = {}\n", q(&r.join("x/../w/out")), q(&r.join("w"))), "must be separate"),
+        ] {
+            let err = ServeConfig::from_toml_str(&text, Path::new("d.toml"), r).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("must be separate folders"), "{text}: {err}");
+        }
+        // Siblings that merely share a prefix of their names are fine.
+        let ok = format!("spool = {}\nquarantine = {}\n", q(&r.join("s")), q(&r.join("s2")));
+        ServeConfig::from_toml_str(&ok, Path::new("d.toml"), r).unwrap();
     }
 
     #[test]
@@ -373,7 +434,7 @@ mod tests {
             ("[watch]\nenabled = true\ndir = \"x\"\n[output]\ndir = \"x/out\"\n", "output.dir (./x/out) and watch.dir (./x) must be separate folders"),
             ("quarantine = \"o\"\n[output]\ndir = \"o\"\n", "quarantine (./o) and output.dir (./o) must be separate"),
             ("spool = \"s\"\nquarantine = \"s/q\"\n", "spool (./s) and quarantine (./s/q) must be separate"),
-            ("[http]\nbody_timeout_ms = 0\n", "body_timeout_ms"),
+            ("[http]\nbody_idle_timeout_ms = 0\n", "body_idle_timeout_ms"),
             ("[htp]\n", "unknown field"),
             ("[output]\nfeatures = [\"moments\", \"colour\"]\n", "output.features: unknown feature set `colour`"),
             ("[watch]\nsymlinks = \"follow\"\n", "unknown variant `follow`"),

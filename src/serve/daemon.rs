@@ -136,10 +136,11 @@ pub async fn run(
     mut on_event: impl FnMut(ServeEvent) + Send,
 ) -> Result<ServeSummary, ServeError> {
     // A wrong `model` must not leave folders behind (the run is loaded later, after the lock).
-    if !cfg.model.is_dir() {
+    if !cfg.model.join("pipeline.toml").is_file() {
+        let why = if cfg.model.is_dir() { "not a trained run (no pipeline.toml in it)" } else { "no such run directory" };
         return Err(ServeError::Io {
             path: cfg.model.clone(),
-            message: "model: no such run directory (a folder written by `plankton train`)".into(),
+            message: format!("model: {why}: name a folder written by `plankton train`"),
         });
     }
     // One daemon per spool and output folder, before anything in them is touched: a second

@@ -186,14 +186,44 @@ fn declared_too_large(cfg: &HttpConfig, headers: &HeaderMap) -> Option<Response>
     })
 }
 
-/// 408 for a body that did not arrive within `body_timeout_ms` (a stalled or very slow client;
-/// nothing of it was spooled).
-fn body_timeout(cfg: &HttpConfig) -> Response {
+/// 408 for a body that stopped arriving for `body_idle_timeout_ms` (a stalled client; nothing
+/// of it was spooled). A slow but steady upload is never cut.
+fn body_stalled(cfg: &HttpConfig) -> Response {
     reject(
         StatusCode::REQUEST_TIMEOUT,
-        "body_timeout",
-        format!("the body did not arrive within http.body_timeout_ms = {} ms", cfg.body_timeout_ms),
+        "body_stalled",
+        format!("no part of the body arrived for http.body_idle_timeout_ms = {} ms", cfg.body_idle_timeout_ms),
     )
+}
+
+enum BodyError {
+    TooLarge,
+    Stalled,
+    Broken(String),
+}
+
+/// The whole body, at most `limit` bytes; a pause longer than `idle` between two pieces of it is
+/// a stall (however long the whole upload takes).
+async fn read_body(request: Request, limit: usize, idle: Duration) -> Result<Bytes, BodyError> {
+    use axum::body::HttpBody;
+    let mut body = request.into_body();
+    let mut out = Vec::new();
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx));
+        match tokio::time::timeout(idle, frame).await {
+            Err(_) => return Err(BodyError::Stalled),
+            Ok(None) => return Ok(Bytes::from(out)),
+            Ok(Some(Err(e))) => return Err(BodyError::Broken(e.to_string())),
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if out.len() + data.len() > limit {
+                        return Err(BodyError::TooLarge);
+                    }
+                    out.extend_from_slice(data);
+                }
+            }
+        }
+    }
 }
 
 /// How long a refused upload's body may take to be read and thrown away (see [`busy`]).
@@ -345,13 +375,10 @@ async fn upload(
     if let Some(r) = declared_too_large(&state.cfg, &headers) {
         return r;
     }
-    let read = Bytes::from_request(request, &());
-    let Ok(read) = tokio::time::timeout(Duration::from_millis(state.cfg.body_timeout_ms), read).await else {
-        return body_timeout(&state.cfg);
-    };
-    let bytes = match read {
+    let idle = Duration::from_millis(state.cfg.body_idle_timeout_ms);
+    let bytes = match read_body(request, state.cfg.max_body_bytes, idle).await {
         Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+        Err(BodyError::TooLarge) => {
             return reject(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
@@ -361,7 +388,8 @@ async fn upload(
                 ),
             )
         }
-        Err(e) => return reject(e.status(), "body", e.body_text()),
+        Err(BodyError::Stalled) => return body_stalled(&state.cfg),
+        Err(BodyError::Broken(e)) => return reject(StatusCode::BAD_REQUEST, "body", format!("cannot read the body: {e}")),
     };
     if bytes.is_empty() {
         return reject(
@@ -545,11 +573,11 @@ async fn upload_multipart(
         Ok(m) => m,
         Err(e) => return reject(e.status(), "bad_multipart", e.body_text()),
     };
-    let read_by = tokio::time::Instant::now() + Duration::from_millis(state.cfg.body_timeout_ms);
+    let idle = Duration::from_millis(state.cfg.body_idle_timeout_ms);
     let mut parts = Vec::new();
     loop {
-        let Ok(next) = tokio::time::timeout_at(read_by, multipart.next_field()).await else {
-            return body_timeout(&state.cfg);
+        let Ok(next) = tokio::time::timeout(idle, multipart.next_field()).await else {
+            return body_stalled(&state.cfg);
         };
         let field = match next {
             Ok(Some(field)) => field,
@@ -558,17 +586,24 @@ async fn upload_multipart(
         };
         let field_name = field.name().map(str::to_string);
         let file_name = field.file_name().unwrap_or_default().to_string();
-        let Ok(read) = tokio::time::timeout_at(read_by, field.bytes()).await else {
-            return body_timeout(&state.cfg);
-        };
-        match read {
-            Ok(bytes) => parts.push(Part {
-                field_name,
-                file_name,
-                bytes,
-            }),
-            Err(e) => return multipart_error(&state.cfg, e),
+        // Piece by piece, so that only a pause, not a slow link, ends the upload.
+        let mut field = field;
+        let mut bytes = Vec::new();
+        loop {
+            let Ok(chunk) = tokio::time::timeout(idle, field.chunk()).await else {
+                return body_stalled(&state.cfg);
+            };
+            match chunk {
+                Ok(Some(c)) => bytes.extend_from_slice(&c),
+                Ok(None) => break,
+                Err(e) => return multipart_error(&state.cfg, e),
+            }
         }
+        parts.push(Part {
+            field_name,
+            file_name,
+            bytes: Bytes::from(bytes),
+        });
     }
     if parts.is_empty() {
         return reject(
@@ -621,11 +656,14 @@ async fn upload_multipart(
             if capacity.saturating_sub(state.ingest.len()) < to_spool.len() {
                 metrics::counter!(STAGE_DROPPED, "stage" => "http")
                     .increment(to_spool.len() as u64);
-                return unavailable(
+                // The body was read: the connection stays usable for the retry.
+                let mut r = unavailable(
                     &state.cfg,
                     "busy",
                     "ingest queue has no room for all the images: retry later",
                 );
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+                return r;
             }
         }
     }
@@ -1204,7 +1242,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_declared_bodies_get_413_at_once_stalled_ones_408_and_404_405_close() {
-        let cfg = HttpConfig { max_body_bytes: 1000, body_timeout_ms: 300, ..HttpConfig::default() };
+        let cfg = HttpConfig { max_body_bytes: 1000, body_idle_timeout_ms: 300, ..HttpConfig::default() };
         let f = fixture(cfg, None, 8);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1222,13 +1260,31 @@ mod tests {
         let (h, b) = answers[0].as_ref().unwrap();
         assert!(h.starts_with("http/1.1 413") && h.contains("connection: close") && b.contains("99999999999"), "{h}{b}");
         assert!(t0.elapsed() < Duration::from_secs(5), "answered before any body was sent");
-        // Half a body, then nothing: 408 after body_timeout_ms, nothing spooled.
+        // Half a body, then nothing: 408 after body_idle_timeout_ms, nothing spooled.
         let mut stalled = head("POST", "/v1/images?id=slow", 500);
         stalled.extend_from_slice(&[1u8; 100]);
         let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![stalled])).await.unwrap();
         let (h, _) = answers[0].as_ref().unwrap();
         assert!(h.starts_with("http/1.1 408") && h.contains("connection: close"), "{h}");
         assert!(!f.state.spool.contains("slow"));
+        // Slow but steady (the whole body takes three idle timeouts, no pause is one): accepted.
+        let steady = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut conn = std::net::TcpStream::connect(addr).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            conn.write_all(b"POST /v1/images?id=steady HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 500\r\n\r\n").unwrap();
+            for _ in 0..10 {
+                std::thread::sleep(Duration::from_millis(100));
+                conn.write_all(&[5u8; 50]).unwrap();
+            }
+            let mut answer = String::new();
+            conn.read_to_string(&mut answer).unwrap();
+            answer
+        })
+        .await
+        .unwrap();
+        assert!(steady.starts_with("HTTP/1.1 202"), "{steady}");
+        assert!(f.state.spool.contains("steady"));
         // Wrong method or path with a body: closed, and said so.
         for (method, path) in [("PUT", "/v1/images"), ("POST", "/v1/predictions/x"), ("POST", "/nowhere")] {
             let mut req = head(method, path, 10);
@@ -1581,6 +1637,7 @@ mod tests {
         let (status, headers, json, _) = call(&f.state, multipart_req("/v1/images", three())).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
         assert_eq!(headers[header::RETRY_AFTER], "5");
+        assert_eq!(headers[header::CONNECTION], "keep-alive", "the body was read: the retry may use this connection");
         assert_eq!(json["status"], "busy");
         assert_eq!(files_under(&f.spool_dir), before);
         assert_eq!(f.rx.len(), 1);

@@ -19,11 +19,13 @@ pub use daemon::{prometheus, run, ServeError, ServeEvent, ServeSummary};
 /// one record stays one line.
 pub fn one_line(text: impl std::fmt::Display) -> String {
     let text = text.to_string();
-    if !text.chars().any(char::is_control) {
+    // Control characters, and the Unicode line and paragraph separators some log viewers break on.
+    let breaks = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !text.chars().any(breaks) {
         return text;
     }
     text.chars()
-        .map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() })
+        .map(|c| if breaks(c) { c.escape_unicode().to_string().replace("\\u{a}", "\\n").replace("\\u{9}", "\\t").replace("\\u{d}", "\\r") } else { c.to_string() })
         .collect()
 }
 
@@ -33,5 +35,6 @@ mod tests {
     fn one_line_escapes_control_characters_only() {
         assert_eq!(super::one_line("bad\nname\t\u{1b}[31m.jpg"), "bad\\nname\\t\\u{1b}[31m.jpg");
         assert_eq!(super::one_line("café ü.jpg"), "café ü.jpg");
+        assert_eq!(super::one_line("a\u{2028}b\u{85}c"), "a\\u{2028}b\\u{85}c");
     }
 }

@@ -766,10 +766,10 @@ fn reason_path_of(quarantined: &Path) -> PathBuf {
 fn reason_text(entry: &SpoolEntry, reason: &str) -> String {
     format!(
         "reason: {}\nid: {}\nsource: {}\noriginal_name: {}\nreceived_unix_ms: {}\nseq: {}\nquarantined_unix_ms: {}\n",
-        reason.escape_debug(),
+        super::one_line(reason),
         entry.id,
-        entry.source.escape_debug(),
-        entry.original_name.escape_debug(),
+        super::one_line(&entry.source),
+        super::one_line(&entry.original_name),
         entry.received_unix_ms,
         entry.seq,
         now_ms()

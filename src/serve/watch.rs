@@ -42,6 +42,8 @@ pub enum WatchError {
 
 pub const LEDGER_FILE: &str = "watch-ledger.tsv";
 const LEDGER_TMP: &str = ".tmp-watch-ledger.tsv";
+/// A spool that keeps failing (a full disk) is logged at most this often.
+const SPOOL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Event-triggered rescans are at least this far apart (a burst of writes is one rescan).
 const EVENT_GAP: Duration = Duration::from_millis(25);
 
@@ -449,6 +451,8 @@ pub async fn run_watch(
     // Files that could not be read, by the version that failed (retried once they change).
     let mut failed: HashMap<String, FileState> = HashMap::new();
     let mut last_errors: HashSet<PathBuf> = HashSet::new();
+    let mut last_spool_error: Option<Instant> = None;
+    let mut spool_errors = 0u64;
     // Links skipped on the last scan (each is logged and counted once while it stays).
     let mut skipped_links: HashSet<PathBuf> = HashSet::new();
     let mut taken = 0u64;
@@ -587,8 +591,15 @@ pub async fn run_watch(
                         error_metric("unreadable");
                         failed.insert(key, f.state);
                     } else {
-                        tracing::error!(file = %one_line(f.abs.display()), error = %one_line(&e), "watch: cannot store file in the spool; retrying later");
+                        // Retried at every scan until the spool takes it (a full disk): logged
+                        // once per SPOOL_ERROR_LOG_EVERY, with how many failures it stands for.
                         error_metric("spool");
+                        spool_errors += 1;
+                        if last_spool_error.is_none_or(|t: Instant| t.elapsed() >= SPOOL_ERROR_LOG_EVERY) {
+                            tracing::error!(file = %one_line(f.abs.display()), error = %one_line(&e), failures = spool_errors, "watch: cannot store files in the spool; retrying at every scan");
+                            last_spool_error = Some(Instant::now());
+                            spool_errors = 0;
+                        }
                     }
                     continue;
                 }
