@@ -43,32 +43,8 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY_PIPELINE = """
-name = "crash-test-tiny"
-seed = 3
-[[patch]]
-rows = 23
-cols = 23
-target = 20.0
-[zmuv]
-samples = 32
-[batch]
-size = 8
-[model]
-preset = "convroll4"
-width = 0.125
-dense_units = 16
-[train]
-steps = 8
-learning_rate = 0.01
-validate_every = 4
-checkpoint_every = 4
-threads = 1
-[split]
-valid_fraction = 0.25
-[tta]
-transforms = 4
-"""
+# The tiny run the daemon's tests train too.
+TINY_PIPELINE = ROOT / "pipelines" / "tiny-serve.toml"
 
 
 def parse_args():
@@ -94,8 +70,7 @@ def sh(*cmd):
 def tiny_run(binary, work):
     data, run = work / "data", work / "run"
     sh(binary, "synth", "--out", data, "--classes", 4, "--per-class", 8, "--test", 40, "--seed", 11, "--threads", 1)
-    (work / "tiny.toml").write_text(TINY_PIPELINE)
-    sh(binary, "train", "--pipeline", work / "tiny.toml", "--data", data, "--out", run)
+    sh(binary, "train", "--pipeline", TINY_PIPELINE, "--data", data, "--out", run)
     return run, sorted((data / "test").glob("*"))
 
 

@@ -33,8 +33,8 @@ struct Trained {
     images: Vec<PathBuf>,
 }
 
-/// One small run shared by the tests of this file: 4 classes, 23x23 patches, a few steps (the
-/// daemon's behaviour, not the model's accuracy, is under test).
+/// One small run shared by the tests of this file (pipelines/tiny-serve.toml: 4 classes, 23x23
+/// patches, a few steps; the daemon's behaviour, not the model's accuracy, is under test).
 fn trained() -> &'static Trained {
     static RUN: OnceLock<Trained> = OnceLock::new();
     RUN.get_or_init(|| {
@@ -52,33 +52,8 @@ fn trained() -> &'static Trained {
         )
         .unwrap();
         let config = PipelineConfig::from_toml_str(
-            r#"
-name = "tiny-serve"
-seed = 3
-[[patch]]
-rows = 23
-cols = 23
-target = 20.0
-[zmuv]
-samples = 32
-[batch]
-size = 8
-[model]
-preset = "convroll4"
-width = 0.125
-dense_units = 16
-[train]
-steps = 8
-learning_rate = 0.01
-validate_every = 4
-checkpoint_every = 4
-threads = 1
-[split]
-valid_fraction = 0.25
-[tta]
-transforms = 4
-"#,
-            Path::new("tiny-serve.toml"),
+            include_str!("../pipelines/tiny-serve.toml"),
+            Path::new("pipelines/tiny-serve.toml"),
         )
         .unwrap();
         let run = dir.path().join("run");
