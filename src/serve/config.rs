@@ -139,6 +139,8 @@ pub struct HttpConfig {
     /// An upload whose body stops arriving for this long gets 408 (a stalled client does not
     /// hold a connection forever; a slow but steady one is never cut).
     pub body_idle_timeout_ms: u64,
+    /// A connection whose request head (line and headers) does not arrive within this is closed.
+    pub header_timeout_ms: u64,
     /// File holding the bearer token uploads must present; required when `bind` is not loopback.
     pub token_file: Option<PathBuf>,
     /// How long `?wait=true` waits for the prediction.
@@ -156,6 +158,7 @@ impl Default for HttpConfig {
             bind: "127.0.0.1:8470".into(),
             max_body_bytes: 16 << 20,
             body_idle_timeout_ms: 30_000,
+            header_timeout_ms: 30_000,
             token_file: None,
             sync_timeout_ms: 10_000,
             backpressure: Backpressure::Reject,
@@ -340,8 +343,8 @@ impl ServeConfig {
             if self.http.max_body_bytes == 0 {
                 return Err("http.max_body_bytes must be > 0".into());
             }
-            if self.http.body_idle_timeout_ms == 0 {
-                return Err("http.body_idle_timeout_ms must be > 0".into());
+            if self.http.body_idle_timeout_ms == 0 || self.http.header_timeout_ms == 0 {
+                return Err("http.body_idle_timeout_ms and http.header_timeout_ms must be > 0".into());
             }
         }
         if self.watch.enabled && self.watch.poll_interval_ms == 0 {

@@ -109,25 +109,62 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves until `shutdown` is cancelled, then finishes the requests in flight (graceful) for at
 /// most `sync_timeout_ms` + [`SHUTDOWN_GRACE`]: a client that stalls mid-upload must not keep
-/// the daemon from stopping (its image was never spooled nor acknowledged).
+/// the daemon from stopping (its image was never spooled nor acknowledged). A connection whose
+/// request head does not arrive within `header_timeout_ms` is closed (a client that sends half
+/// its headers holds nothing for long).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let grace = Duration::from_millis(state.cfg.sync_timeout_ms) + SHUTDOWN_GRACE;
-    let stop = shutdown.clone();
-    let server = std::future::IntoFuture::into_future(
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async move { shutdown.cancelled().await }),
-    );
-    tokio::select! {
-        r = server => r,
-        _ = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "http: requests still in flight after the shutdown grace period are dropped");
-            Ok(())
-        }
+    let header_timeout = Duration::from_millis(state.cfg.header_timeout_ms);
+    let app = router(state);
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            // Finished connection tasks are reaped as they go, so the set stays small.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    tracing::warn!(error = %e, "http: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut closing = closing_rx.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
     }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace_ms = grace.as_millis() as u64, "http: requests still in flight after the shutdown grace period are dropped");
+        connections.abort_all();
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -1306,6 +1343,34 @@ mod tests {
         .await
         .unwrap();
         assert!(answers.len() == 2 && answers[1].as_ref().is_ok_and(|(h, _)| h.starts_with("http/1.1 200")), "{answers:?}");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_request_head_is_dropped_after_header_timeout_ms() {
+        let f = fixture(HttpConfig { header_timeout_ms: 300, ..HttpConfig::default() }, None, 8);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, f.state.clone(), shutdown.clone()));
+        let (took, got) = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut conn = std::net::TcpStream::connect(addr).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let t0 = std::time::Instant::now();
+            conn.write_all(b"POST /v1/images?id=half HTTP/1.1\r\nHost: x\r\nContent-Le").unwrap();
+            let mut buf = Vec::new();
+            let r = conn.read_to_end(&mut buf);
+            (t0.elapsed(), r.map(|_| String::from_utf8_lossy(&buf).into_owned()).map_err(|e| e.kind()))
+        })
+        .await
+        .unwrap();
+        assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(5), "closed after {took:?}: {got:?}");
+        assert!(got.as_ref().map_or(true, |text| !text.contains("202")), "{got:?}");
+        // Normal requests are served meanwhile, and the daemon stops at once.
+        let (status, _, _, _) = call(&f.state, get_req("/healthz")).await;
+        assert_eq!(status, StatusCode::OK);
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
     }
