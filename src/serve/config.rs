@@ -139,7 +139,9 @@ pub struct HttpConfig {
     /// An upload whose body stops arriving for this long gets 408 (a stalled client does not
     /// hold a connection forever; a slow but steady one is never cut).
     pub body_idle_timeout_ms: u64,
-    /// A connection whose request head (line and headers) does not arrive within this is closed.
+    /// A connection with no complete request head (line and headers) for this long is closed:
+    /// one sending its head too slowly, and one idle between two requests (keep-alive), alike.
+    /// Answers say so (`Keep-Alive: timeout=N`).
     pub header_timeout_ms: u64,
     /// File holding the bearer token uploads must present; required when `bind` is not loopback.
     pub token_file: Option<PathBuf>,
@@ -158,7 +160,7 @@ impl Default for HttpConfig {
             bind: "127.0.0.1:8470".into(),
             max_body_bytes: 16 << 20,
             body_idle_timeout_ms: 30_000,
-            header_timeout_ms: 30_000,
+            header_timeout_ms: 75_000,
             token_file: None,
             sync_timeout_ms: 10_000,
             backpressure: Backpressure::Reject,

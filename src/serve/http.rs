@@ -77,7 +77,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn(refusals_close_unread_bodies))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), refusals_close_unread_bodies))
         .with_state(state)
 }
 
@@ -86,7 +86,11 @@ pub fn router(state: Arc<HttpState>) -> Router {
 /// instead of writing into a closing socket): uploads refused before reading, 404s and 405s
 /// alike. Not a 422 (the body was read) nor a 503 busy whose body was drained ([`busy`]: the
 /// connection stays usable for the retry).
-async fn refusals_close_unread_bodies(request: Request, next: axum::middleware::Next) -> Response {
+async fn refusals_close_unread_bodies(
+    State(state): State<Arc<HttpState>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
     use axum::body::HttpBody;
     let may_have_body = request.body().size_hint().exact() != Some(0);
     let mut response = next.run(request).await;
@@ -101,6 +105,13 @@ async fn refusals_close_unread_bodies(request: Request, next: axum::middleware::
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    // How long this connection may then sit idle before the daemon closes it (see `serve`).
+    if response.headers().get(header::CONNECTION).is_none_or(|v| v != "close") {
+        let secs = (state.cfg.header_timeout_ms / 1000).max(1);
+        if let Ok(v) = HeaderValue::from_str(&format!("timeout={secs}")) {
+            response.headers_mut().insert("keep-alive", v);
+        }
+    }
     response
 }
 
@@ -109,9 +120,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves until `shutdown` is cancelled, then finishes the requests in flight (graceful) for at
 /// most `sync_timeout_ms` + [`SHUTDOWN_GRACE`]: a client that stalls mid-upload must not keep
-/// the daemon from stopping (its image was never spooled nor acknowledged). A connection whose
-/// request head does not arrive within `header_timeout_ms` is closed (a client that sends half
-/// its headers holds nothing for long).
+/// the daemon from stopping (its image was never spooled nor acknowledged). A connection with
+/// no complete request head for `header_timeout_ms` is closed: one sending half its headers,
+/// and one left idle between requests alike (hyper's timer runs from the previous answer), so
+/// answers announce it as `Keep-Alive: timeout=N` for clients that reuse connections.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
@@ -123,6 +135,8 @@ pub async fn serve(
     let app = router(state);
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    let mut accept_failures = 0u64;
+    let mut last_accept_log: Option<tokio::time::Instant> = None;
     loop {
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -131,10 +145,18 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and the like: wait a little, keep serving.
-                    tracing::warn!(error = %e, "http: cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // Out of file descriptors and the like: wait a second (connections close
+                    // meanwhile), keep serving, and say so once per ten seconds.
+                    accept_failures += 1;
+                    if last_accept_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, failures = accept_failures, "http: cannot accept connections; retrying every second");
+                        last_accept_log = Some(tokio::time::Instant::now());
+                        accept_failures = 0;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
                 }
             },
         };
@@ -161,7 +183,7 @@ pub async fn serve(
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "http: requests still in flight after the shutdown grace period are dropped");
+        tracing::warn!(grace_ms = grace.as_millis() as u64, connections = connections.len(), "http: connections still open after the shutdown grace period (a request or its head still arriving) are closed");
         connections.abort_all();
     }
     Ok(())
@@ -1368,9 +1390,16 @@ mod tests {
         .unwrap();
         assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(5), "closed after {took:?}: {got:?}");
         assert!(got.as_ref().map_or(true, |text| !text.contains("202")), "{got:?}");
-        // Normal requests are served meanwhile, and the daemon stops at once.
-        let (status, _, _, _) = call(&f.state, get_req("/healthz")).await;
+        // Normal requests are served meanwhile, and say how long an idle connection is kept.
+        let (status, headers, _, _) = call(&f.state, get_req("/healthz")).await;
         assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["keep-alive"], "timeout=1");
+        let f75 = fixture(HttpConfig::default(), None, 8);
+        let (_, headers, _, _) = call(&f75.state, upload_req("/v1/images?id=k", b"abc")).await;
+        assert_eq!(headers["keep-alive"], "timeout=75");
+        // A refusal that closes the connection does not announce a keep-alive.
+        let (status, headers, _, _) = call(&f75.state, upload_req("/v1/images?id=.bad", b"abc")).await;
+        assert_eq!((status, headers.get("keep-alive")), (StatusCode::BAD_REQUEST, None));
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
     }
