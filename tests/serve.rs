@@ -92,6 +92,18 @@ fn plankton_bin() -> PathBuf {
     std::env::var_os("PLANKTON_SERVE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_plankton")), PathBuf::from)
 }
 
+/// `plankton serve` on the site's config, stdout piped (its `listening on` / `ready:` lines).
+fn serve_command(site: &Site) -> Command {
+    let mut c = Command::new(plankton_bin());
+    c.arg("serve")
+        .arg("--pipeline")
+        .arg(site.config())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    c
+}
+
 fn image_bytes(i: usize) -> Vec<u8> {
     let imgs = &trained().images;
     std::fs::read(&imgs[i % imgs.len()]).unwrap()
@@ -320,13 +332,7 @@ impl Daemon {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut child = Command::new(plankton_bin())
-            .arg("serve")
-            .arg("--pipeline")
-            .arg(site.config())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+        let mut child = serve_command(site)
             .stderr(err)
             .spawn()
             .unwrap();
@@ -1351,13 +1357,7 @@ fn served_rows(site: &Site) -> Vec<ServedRow> {
 
 /// Starts a daemon that must refuse to start: its exit status and log (stdout + stderr).
 fn start_expecting_failure(site: &Site) -> (ExitStatus, String) {
-    let mut child = Command::new(plankton_bin())
-        .arg("serve")
-        .arg("--pipeline")
-        .arg(site.config())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+    let mut child = serve_command(site)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

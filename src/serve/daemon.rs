@@ -169,7 +169,10 @@ pub async fn run(
     }
     // Accepted before a crash or a stop: processed again (outputs are idempotent by id), but
     // for those whose rows made it into a finished file before the crash.
-    let pending = engine::release_already_written(&spool, &cfg.output.dir, spool.pending()?);
+    let pending = spool.pending()?;
+    // The watcher counts these files as taken, released below or not.
+    let spooled_files: Vec<spool::WatchedFile> = pending.iter().filter_map(|e| e.watched.clone()).collect();
+    let pending = engine::release_already_written(&spool, &cfg.output.dir, pending);
     let cfg_c = cfg.clone();
     let model = tokio::task::spawn_blocking(move || engine::load_model(&cfg_c)).await.map_err(|e| ServeError::Crashed(e.to_string()))??;
     let model_id = model.model_id.clone();
@@ -204,7 +207,7 @@ pub async fn run(
     }
     if cfg.watch.enabled {
         let (wcfg, sp, tx, stop) = (cfg.watch.clone(), spool.clone(), ingest_tx.clone(), sources.clone());
-        tasks.push(tokio::spawn(async move { watch::run_watch(wcfg, sp, tx, stop).await.map_err(|e| e.to_string()) }));
+        tasks.push(tokio::spawn(async move { watch::run_watch(wcfg, sp, spooled_files, tx, stop).await.map_err(|e| e.to_string()) }));
     }
     let ready = Arc::new(AtomicBool::new(false));
     let accepting = Arc::new(AtomicBool::new(true));

@@ -211,7 +211,7 @@ impl Engine {
             feature_sets,
         };
         threads.push(spawn("serve-writer".into(), Box::new(move || writer.run()))?);
-        let gauges = QueueGauges {
+        let housekeeping = Housekeeping {
             ingest: self.ingest.downgrade(),
             patches: patches_weak,
             rows: rows_weak,
@@ -219,16 +219,16 @@ impl Engine {
             output_dir: self.cfg.output.dir.clone(),
             relock: None,
         };
-        threads.push(spawn("serve-gauges".into(), Box::new(move || gauges.run()))?);
+        threads.push(spawn("serve-housekeeping".into(), Box::new(move || housekeeping.run()))?);
         Ok(Running { threads })
     }
 }
 
-/// Samples the queue depths into their gauges from one place, a few times a second, so they
-/// fall back to zero when the pipeline goes idle (setting them at each send left the last
-/// busy value standing), and keeps the output folder locked. Holds the queues weakly: it ends
-/// when they close.
-struct QueueGauges {
+/// The daemon's periodic chores, a few times a second: samples the queue depths into their
+/// gauges from one place, so they fall back to zero when the pipeline goes idle (setting them
+/// at each send left the last busy value standing), and keeps the output folder locked. Holds
+/// the queues weakly: it ends when they close.
+struct Housekeeping {
     ingest: async_channel::WeakReceiver<SpoolEntry>,
     patches: async_channel::WeakReceiver<PatchSet>,
     rows: async_channel::WeakReceiver<OutRow>,
@@ -238,10 +238,10 @@ struct QueueGauges {
     relock: Option<super::daemon::DirLock>,
 }
 
-/// How often the queue gauges are sampled.
+/// How often the housekeeping thread runs (the queue gauges are sampled).
 pub const GAUGE_PERIOD: Duration = Duration::from_millis(200);
 
-impl QueueGauges {
+impl Housekeeping {
     /// The output folder was removed while running: make it again and take its lock again, so
     /// that a second daemon still cannot start on it. (The rows of the file open at that moment
     /// went with it; their images stay spooled and are predicted again at the next start.)

@@ -77,7 +77,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), refusals_close_unread_bodies))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            refusals_close_unread_bodies,
+        ))
         .with_state(state)
 }
 
@@ -106,7 +109,11 @@ async fn refusals_close_unread_bodies(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     // How long this connection may then sit idle before the daemon closes it (see `serve`).
-    if response.headers().get(header::CONNECTION).is_none_or(|v| v != "close") {
+    if response
+        .headers()
+        .get(header::CONNECTION)
+        .is_none_or(|v| v != "close")
+    {
         let secs = (state.cfg.header_timeout_ms / 1000).max(1);
         if let Ok(v) = HeaderValue::from_str(&format!("timeout={secs}")) {
             response.headers_mut().insert("keep-alive", v);
@@ -164,7 +171,9 @@ pub async fn serve(
         let mut closing = closing_rx.clone();
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -232,17 +241,25 @@ fn unavailable(cfg: &HttpConfig, status: &str, message: &str) -> Response {
 /// 413 at once for a body declared (`Content-Length`) larger than `max_body_bytes`, before any
 /// of it is read (a client that does not send `Expect: 100-continue` would otherwise wait).
 fn declared_too_large(cfg: &HttpConfig, headers: &HeaderMap) -> Option<Response> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())?;
+    let declared = declared_length(headers)?;
     (declared > cfg.max_body_bytes as u64).then(|| {
         reject(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("body of {declared} bytes is larger than http.max_body_bytes = {}", cfg.max_body_bytes),
+            format!(
+                "body of {declared} bytes is larger than http.max_body_bytes = {}",
+                cfg.max_body_bytes
+            ),
         )
     })
+}
+
+/// The body length a request declares (`Content-Length`), if it does.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// 408 for a body that stopped arriving for `body_idle_timeout_ms` (a stalled client; nothing
@@ -251,7 +268,10 @@ fn body_stalled(cfg: &HttpConfig) -> Response {
     reject(
         StatusCode::REQUEST_TIMEOUT,
         "body_stalled",
-        format!("no part of the body arrived for http.body_idle_timeout_ms = {} ms", cfg.body_idle_timeout_ms),
+        format!(
+            "no part of the body arrived for http.body_idle_timeout_ms = {} ms",
+            cfg.body_idle_timeout_ms
+        ),
     )
 }
 
@@ -264,21 +284,34 @@ enum BodyError {
 /// The whole body, at most `limit` bytes; a pause longer than `idle` between two pieces of it is
 /// a stall (however long the whole upload takes).
 async fn read_body(request: Request, limit: usize, idle: Duration) -> Result<Bytes, BodyError> {
+    let mut out = Vec::new();
+    consume_body(request, limit, idle, |data| out.extend_from_slice(data)).await?;
+    Ok(Bytes::from(out))
+}
+
+/// Hands the body to `take` piece by piece: at most `limit` bytes, no pause longer than `idle`.
+async fn consume_body(
+    request: Request,
+    limit: usize,
+    idle: Duration,
+    mut take: impl FnMut(&[u8]),
+) -> Result<(), BodyError> {
     use axum::body::HttpBody;
     let mut body = request.into_body();
-    let mut out = Vec::new();
+    let mut seen = 0usize;
     loop {
         let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx));
         match tokio::time::timeout(idle, frame).await {
             Err(_) => return Err(BodyError::Stalled),
-            Ok(None) => return Ok(Bytes::from(out)),
+            Ok(None) => return Ok(()),
             Ok(Some(Err(e))) => return Err(BodyError::Broken(e.to_string())),
             Ok(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    if out.len() + data.len() > limit {
+                    seen += data.len();
+                    if seen > limit {
                         return Err(BodyError::TooLarge);
                     }
-                    out.extend_from_slice(data);
+                    take(data);
                 }
             }
         }
@@ -294,32 +327,12 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// input makes the kernel reset it, and a keep-alive client then sees a broken pipe instead
 /// of the 503. A body too large or too slow to drain gets the 503 with `Connection: close`.
 async fn busy(cfg: &HttpConfig, request: Request, message: &str) -> Response {
-    use axum::body::HttpBody;
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let limit = cfg.max_body_bytes as u64;
-    let drained = declared.is_none_or(|n| n <= limit) && {
-        let mut body = request.into_body();
-        let drain = async {
-            let mut seen = 0u64;
-            loop {
-                match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
-                    None => return true,
-                    Some(Ok(frame)) => {
-                        seen += frame.data_ref().map_or(0, |d| d.len() as u64);
-                        if seen > limit {
-                            return false;
-                        }
-                    }
-                    Some(Err(_)) => return false,
-                }
-            }
-        };
-        tokio::time::timeout(DRAIN_TIMEOUT, drain).await.unwrap_or(false)
-    };
+    let limit = cfg.max_body_bytes;
+    let idle = Duration::from_millis(cfg.body_idle_timeout_ms);
+    let drained = declared_length(request.headers()).is_none_or(|n| n <= limit as u64)
+        && tokio::time::timeout(DRAIN_TIMEOUT, consume_body(request, limit, idle, |_| {}))
+            .await
+            .is_ok_and(|r| r.is_ok());
     let mut r = unavailable(cfg, "busy", message);
     r.headers_mut().insert(
         header::CONNECTION,
@@ -448,7 +461,13 @@ async fn upload(
             )
         }
         Err(BodyError::Stalled) => return body_stalled(&state.cfg),
-        Err(BodyError::Broken(e)) => return reject(StatusCode::BAD_REQUEST, "body", format!("cannot read the body: {e}")),
+        Err(BodyError::Broken(e)) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                "body",
+                format!("cannot read the body: {e}"),
+            )
+        }
     };
     if bytes.is_empty() {
         return reject(
@@ -464,7 +483,12 @@ async fn upload(
     let spooled = tokio::task::spawn_blocking(move || {
         let already = spool.contains(&accept_id);
         spool
-            .accept(&accept_id, &upload_source(&accept_name), &accept_name, &bytes)
+            .accept(
+                &accept_id,
+                &upload_source(&accept_name),
+                &accept_name,
+                &bytes,
+            )
             .map(|entry| (entry, already))
     })
     .await;
@@ -721,7 +745,8 @@ async fn upload_multipart(
                     "busy",
                     "ingest queue has no room for all the images: retry later",
                 );
-                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
                 return r;
             }
         }
@@ -1021,9 +1046,19 @@ mod tests {
         );
         assert!(f.rx.is_empty());
         // Other bytes under that id while it is pending: 409, the spooled image unchanged.
-        let (status, headers, json, _) = call(&f.state, upload_req("/v1/images?id=img-1", b"xyz")).await;
-        assert_eq!((status, json["reason"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{json}");
-        assert!(json["error"].as_str().is_some_and(|e| e.contains("already spooled with other bytes")), "{json}");
+        let (status, headers, json, _) =
+            call(&f.state, upload_req("/v1/images?id=img-1", b"xyz")).await;
+        assert_eq!(
+            (status, json["reason"].as_str()),
+            (StatusCode::CONFLICT, Some("conflict")),
+            "{json}"
+        );
+        assert!(
+            json["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("already spooled with other bytes")),
+            "{json}"
+        );
         assert_eq!(headers[header::CONNECTION], "close");
         assert!(f.rx.is_empty());
 
@@ -1202,7 +1237,10 @@ mod tests {
         let engine = tokio::spawn(async move {
             let entry = rx.recv().await.unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
-            results.publish(ServedPrediction { seq: entry.seq, ..pred(&entry.id) });
+            results.publish(ServedPrediction {
+                seq: entry.seq,
+                ..pred(&entry.id)
+            });
         });
         let (status, _, json, _) =
             call(&f.state, upload_req("/v1/images?id=w1&wait=true", b"abc")).await;
@@ -1240,9 +1278,15 @@ mod tests {
         let (status, headers, json, _) =
             call(&f.state, upload_req("/v1/images?id=w3&wait=true", b"abc")).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{json}");
-        assert_eq!((json["status"].as_str(), json["error"].as_str()), (Some("quarantined"), Some("w3: not an image")));
+        assert_eq!(
+            (json["status"].as_str(), json["error"].as_str()),
+            (Some("quarantined"), Some("w3: not an image"))
+        );
         assert_eq!(json["quarantined"], "/q/w3");
-        assert!(headers.get(header::CONNECTION).is_none(), "the body was read: the connection stays usable");
+        assert!(
+            headers.get(header::CONNECTION).is_none(),
+            "the body was read: the connection stays usable"
+        );
         engine.await.unwrap();
     }
 
@@ -1256,15 +1300,22 @@ mod tests {
         assert_eq!(upload_source("dir/"), "http");
         let long = format!("{}.jpg", "é".repeat(300));
         let kept = upload_source(&long);
-        assert!(kept.len() <= SOURCE.len() + 1 + MAX_NAME_BYTES && kept.starts_with("http:é"), "{kept}");
+        assert!(
+            kept.len() <= SOURCE.len() + 1 + MAX_NAME_BYTES && kept.starts_with("http:é"),
+            "{kept}"
+        );
     }
 
     /// Sends raw HTTP/1.1 requests one after the other on ONE keep-alive connection; returns
     /// each answer's head (lower case) and body, or the I/O error that ended the connection.
-    fn on_one_connection(addr: std::net::SocketAddr, requests: Vec<Vec<u8>>) -> Vec<Result<(String, String), String>> {
+    fn on_one_connection(
+        addr: std::net::SocketAddr,
+        requests: Vec<Vec<u8>>,
+    ) -> Vec<Result<(String, String), String>> {
         use std::io::{BufRead, BufReader, Read, Write};
         let conn = std::net::TcpStream::connect(addr).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut reader = BufReader::new(conn.try_clone().unwrap());
         let mut writer = conn;
         let mut out = Vec::new();
@@ -1275,7 +1326,10 @@ mod tests {
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line)? == 0 {
-                        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "closed",
+                        ));
                     }
                     if line == "\r\n" {
                         break;
@@ -1301,13 +1355,20 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_declared_bodies_get_413_at_once_stalled_ones_408_and_404_405_close() {
-        let cfg = HttpConfig { max_body_bytes: 1000, body_idle_timeout_ms: 300, ..HttpConfig::default() };
+        let cfg = HttpConfig {
+            max_body_bytes: 1000,
+            body_idle_timeout_ms: 300,
+            ..HttpConfig::default()
+        };
         let f = fixture(cfg, None, 8);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(serve(listener, f.state.clone(), shutdown.clone()));
-        let head = |method: &str, path: &str, len: u64| format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+        let head = |method: &str, path: &str, len: u64| {
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n")
+                .into_bytes()
+        };
         let health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
         let t0 = std::time::Instant::now();
         let answers = tokio::task::spawn_blocking({
@@ -1317,14 +1378,27 @@ mod tests {
         .await
         .unwrap();
         let (h, b) = answers[0].as_ref().unwrap();
-        assert!(h.starts_with("http/1.1 413") && h.contains("connection: close") && b.contains("99999999999"), "{h}{b}");
-        assert!(t0.elapsed() < Duration::from_secs(5), "answered before any body was sent");
+        assert!(
+            h.starts_with("http/1.1 413")
+                && h.contains("connection: close")
+                && b.contains("99999999999"),
+            "{h}{b}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "answered before any body was sent"
+        );
         // Half a body, then nothing: 408 after body_idle_timeout_ms, nothing spooled.
         let mut stalled = head("POST", "/v1/images?id=slow", 500);
         stalled.extend_from_slice(&[1u8; 100]);
-        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![stalled])).await.unwrap();
+        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![stalled]))
+            .await
+            .unwrap();
         let (h, _) = answers[0].as_ref().unwrap();
-        assert!(h.starts_with("http/1.1 408") && h.contains("connection: close"), "{h}");
+        assert!(
+            h.starts_with("http/1.1 408") && h.contains("connection: close"),
+            "{h}"
+        );
         assert!(!f.state.spool.contains("slow"));
         // Slow but steady (the whole body takes three idle timeouts, no pause is one): accepted.
         let steady = tokio::task::spawn_blocking(move || {
@@ -1345,7 +1419,11 @@ mod tests {
         assert!(steady.starts_with("HTTP/1.1 202"), "{steady}");
         assert!(f.state.spool.contains("steady"));
         // Wrong method or path with a body: closed, and said so.
-        for (method, path) in [("PUT", "/v1/images"), ("POST", "/v1/predictions/x"), ("POST", "/nowhere")] {
+        for (method, path) in [
+            ("PUT", "/v1/images"),
+            ("POST", "/v1/predictions/x"),
+            ("POST", "/nowhere"),
+        ] {
             let mut req = head(method, path, 10);
             req.extend_from_slice(b"0123456789");
             let answers = tokio::task::spawn_blocking({
@@ -1355,23 +1433,52 @@ mod tests {
             .await
             .unwrap();
             let (h, _) = answers[0].as_ref().unwrap();
-            assert!((h.starts_with("http/1.1 405") || h.starts_with("http/1.1 404")) && h.contains("connection: close"), "{method} {path}: {h}");
+            assert!(
+                (h.starts_with("http/1.1 405") || h.starts_with("http/1.1 404"))
+                    && h.contains("connection: close"),
+                "{method} {path}: {h}"
+            );
         }
         // A GET that is refused carries no body: its connection stays open.
         let answers = tokio::task::spawn_blocking({
             let health = health.clone();
-            move || on_one_connection(addr, vec![b"GET /v1/predictions/nope HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), health])
+            move || {
+                on_one_connection(
+                    addr,
+                    vec![
+                        b"GET /v1/predictions/nope HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                        health,
+                    ],
+                )
+            }
         })
         .await
         .unwrap();
-        assert!(answers.len() == 2 && answers[1].as_ref().is_ok_and(|(h, _)| h.starts_with("http/1.1 200")), "{answers:?}");
+        assert!(
+            answers.len() == 2
+                && answers[1]
+                    .as_ref()
+                    .is_ok_and(|(h, _)| h.starts_with("http/1.1 200")),
+            "{answers:?}"
+        );
         shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
     async fn a_half_sent_request_head_is_dropped_after_header_timeout_ms() {
-        let f = fixture(HttpConfig { header_timeout_ms: 300, ..HttpConfig::default() }, None, 8);
+        let f = fixture(
+            HttpConfig {
+                header_timeout_ms: 300,
+                ..HttpConfig::default()
+            },
+            None,
+            8,
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -1379,17 +1486,29 @@ mod tests {
         let (took, got) = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
             let mut conn = std::net::TcpStream::connect(addr).unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
             let t0 = std::time::Instant::now();
-            conn.write_all(b"POST /v1/images?id=half HTTP/1.1\r\nHost: x\r\nContent-Le").unwrap();
+            conn.write_all(b"POST /v1/images?id=half HTTP/1.1\r\nHost: x\r\nContent-Le")
+                .unwrap();
             let mut buf = Vec::new();
             let r = conn.read_to_end(&mut buf);
-            (t0.elapsed(), r.map(|_| String::from_utf8_lossy(&buf).into_owned()).map_err(|e| e.kind()))
+            (
+                t0.elapsed(),
+                r.map(|_| String::from_utf8_lossy(&buf).into_owned())
+                    .map_err(|e| e.kind()),
+            )
         })
         .await
         .unwrap();
-        assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(5), "closed after {took:?}: {got:?}");
-        assert!(got.as_ref().map_or(true, |text| !text.contains("202")), "{got:?}");
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+            "closed after {took:?}: {got:?}"
+        );
+        assert!(
+            got.as_ref().map_or(true, |text| !text.contains("202")),
+            "{got:?}"
+        );
         // Normal requests are served meanwhile, and say how long an idle connection is kept.
         let (status, headers, _, _) = call(&f.state, get_req("/healthz")).await;
         assert_eq!(status, StatusCode::OK);
@@ -1398,15 +1517,30 @@ mod tests {
         let (_, headers, _, _) = call(&f75.state, upload_req("/v1/images?id=k", b"abc")).await;
         assert_eq!(headers["keep-alive"], "timeout=75");
         // A refusal that closes the connection does not announce a keep-alive.
-        let (status, headers, _, _) = call(&f75.state, upload_req("/v1/images?id=.bad", b"abc")).await;
-        assert_eq!((status, headers.get("keep-alive")), (StatusCode::BAD_REQUEST, None));
+        let (status, headers, _, _) =
+            call(&f75.state, upload_req("/v1/images?id=.bad", b"abc")).await;
+        assert_eq!(
+            (status, headers.get("keep-alive")),
+            (StatusCode::BAD_REQUEST, None)
+        );
         shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
     async fn a_503_keeps_the_keep_alive_connection_usable_and_other_refusals_close_it() {
-        let f = fixture(HttpConfig { max_body_bytes: 300_000, ..HttpConfig::default() }, Some("tok"), 1);
+        let f = fixture(
+            HttpConfig {
+                max_body_bytes: 300_000,
+                ..HttpConfig::default()
+            },
+            Some("tok"),
+            1,
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -1420,29 +1554,53 @@ mod tests {
         // The first fills the one-image queue; the second is refused (503) before its body is
         // read; the health check after it must still be answered on the same connection.
         let requests = vec![post("first", 10), post("second", 200_000), health.clone()];
-        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, requests)).await.unwrap();
+        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, requests))
+            .await
+            .unwrap();
         assert_eq!(answers.len(), 3, "{answers:?}");
         let (h0, _) = answers[0].as_ref().unwrap();
         assert!(h0.starts_with("http/1.1 202"), "{h0}");
         let (h1, b1) = answers[1].as_ref().unwrap();
-        assert!(h1.starts_with("http/1.1 503") && h1.contains("retry-after: 1") && b1.contains("busy"), "{h1}{b1}");
+        assert!(
+            h1.starts_with("http/1.1 503") && h1.contains("retry-after: 1") && b1.contains("busy"),
+            "{h1}{b1}"
+        );
         assert!(!h1.contains("connection: close"), "{h1}");
-        let (h2, b2) = answers[2].as_ref().unwrap_or_else(|e| panic!("the connection broke after the 503: {e}"));
+        let (h2, b2) = answers[2]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("the connection broke after the 503: {e}"));
         assert!(h2.starts_with("http/1.1 200") && b2 == "ok", "{h2}{b2}");
-        assert!(!f.state.spool.contains("second"), "refused: nothing spooled");
+        assert!(
+            !f.state.spool.contains("second"),
+            "refused: nothing spooled"
+        );
 
         // A refusal whose body is not read (wrong token; a body too large to drain) says
         // `Connection: close`, so the client does not write its next request into a dead socket.
         let bad_token = b"POST /v1/images?id=x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nContent-Length: 5\r\n\r\nhello".to_vec();
-        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![bad_token])).await.unwrap();
+        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![bad_token]))
+            .await
+            .unwrap();
         let (h, _) = answers[0].as_ref().unwrap();
-        assert!(h.starts_with("http/1.1 401") && h.contains("connection: close"), "{h}");
+        assert!(
+            h.starts_with("http/1.1 401") && h.contains("connection: close"),
+            "{h}"
+        );
         let huge = b"POST /v1/images?id=y HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Length: 900000\r\n\r\n".to_vec();
-        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![huge])).await.unwrap();
+        let answers = tokio::task::spawn_blocking(move || on_one_connection(addr, vec![huge]))
+            .await
+            .unwrap();
         let (h, _) = answers[0].as_ref().unwrap();
-        assert!(h.starts_with("http/1.1 503") && h.contains("connection: close"), "{h}");
+        assert!(
+            h.starts_with("http/1.1 503") && h.contains("connection: close"),
+            "{h}"
+        );
         shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
@@ -1612,7 +1770,10 @@ mod tests {
             (5, b"fff"),
         ] {
             let entry = f.rx.try_recv().unwrap();
-            assert_eq!((entry.id.as_str(), entry.source.clone()), (ids[i], upload_source(names[i])));
+            assert_eq!(
+                (entry.id.as_str(), entry.source.clone()),
+                (ids[i], upload_source(names[i]))
+            );
             assert_eq!(entry.original_name, names[i]);
             assert_eq!(std::fs::read(&entry.bytes_path).unwrap(), want);
             assert!(f.state.spool.contains(ids[i]));
@@ -1731,7 +1892,11 @@ mod tests {
         let (status, headers, json, _) = call(&f.state, multipart_req("/v1/images", three())).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
         assert_eq!(headers[header::RETRY_AFTER], "5");
-        assert_eq!(headers[header::CONNECTION], "keep-alive", "the body was read: the retry may use this connection");
+        assert_eq!(
+            headers[header::CONNECTION],
+            "keep-alive",
+            "the body was read: the retry may use this connection"
+        );
         assert_eq!(json["status"], "busy");
         assert_eq!(files_under(&f.spool_dir), before);
         assert_eq!(f.rx.len(), 1);

@@ -25,7 +25,13 @@ pub fn one_line(text: impl std::fmt::Display) -> String {
         return text;
     }
     text.chars()
-        .map(|c| if breaks(c) { c.escape_unicode().to_string().replace("\\u{a}", "\\n").replace("\\u{9}", "\\t").replace("\\u{d}", "\\r") } else { c.to_string() })
+        .map(|c| match c {
+            '\n' => "\\n".to_string(),
+            '\t' => "\\t".to_string(),
+            '\r' => "\\r".to_string(),
+            c if breaks(c) => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
         .collect()
 }
 
@@ -33,7 +39,10 @@ pub fn one_line(text: impl std::fmt::Display) -> String {
 mod tests {
     #[test]
     fn one_line_escapes_control_characters_only() {
-        assert_eq!(super::one_line("bad\nname\t\u{1b}[31m.jpg"), "bad\\nname\\t\\u{1b}[31m.jpg");
+        assert_eq!(
+            super::one_line("bad\nname\t\u{1b}[31m.jpg"),
+            "bad\\nname\\t\\u{1b}[31m.jpg"
+        );
         assert_eq!(super::one_line("café ü.jpg"), "café ü.jpg");
         assert_eq!(super::one_line("a\u{2028}b\u{85}c"), "a\\u{2028}b\\u{85}c");
     }

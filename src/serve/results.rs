@@ -123,7 +123,12 @@ impl ResultStore {
 
     /// Waits up to `timeout` for the result of acceptance `min_seq` (or a later one) of `id`;
     /// returns at once when it is already known. None on timeout.
-    pub async fn wait(&self, id: &str, min_seq: u64, timeout: Duration) -> Option<ServedPrediction> {
+    pub async fn wait(
+        &self,
+        id: &str,
+        min_seq: u64,
+        timeout: Duration,
+    ) -> Option<ServedPrediction> {
         let fresh = |p: &ServedPrediction| p.seq >= min_seq;
         let (key, rx) = {
             let mut inner = self.lock();
@@ -279,7 +284,12 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_for_a_new_acceptance_ignores_the_old_result() {
         let store = Arc::new(ResultStore::new(4));
-        let old = ServedPrediction { seq: 5, error: Some("truncated".into()), predicted_class: None, ..pred("fix1", "x") };
+        let old = ServedPrediction {
+            seq: 5,
+            error: Some("truncated".into()),
+            predicted_class: None,
+            ..pred("fix1", "x")
+        };
         store.publish(old.clone());
         assert_eq!(store.wait("fix1", 6, Duration::from_millis(30)).await, None);
         let s = store.clone();
@@ -289,10 +299,17 @@ mod tests {
         }
         store.publish(old.clone()); // a late copy of the old one wakes nobody and stores nothing
         assert_eq!(store.waiter_count(), 1);
-        let new = ServedPrediction { seq: 6, ..pred("fix1", "y") };
+        let new = ServedPrediction {
+            seq: 6,
+            ..pred("fix1", "y")
+        };
         store.publish(new.clone());
         assert_eq!(waiting.await.unwrap(), Some(new.clone()));
         store.publish(old);
-        assert_eq!(store.get("fix1"), Some(new), "an older result does not replace a newer one");
+        assert_eq!(
+            store.get("fix1"),
+            Some(new),
+            "an older result does not replace a newer one"
+        );
     }
 }

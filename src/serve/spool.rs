@@ -236,11 +236,13 @@ impl Spool {
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<SpoolEntry>(&b).map_err(|e| e.to_string()))
             {
-                Ok(e) if e.quarantined.is_some() && sanitize_id(&e.id).is_ok() => {
-                    records.push(e)
+                Ok(e) if e.quarantined.is_some() && sanitize_id(&e.id).is_ok() => records.push(e),
+                Ok(_) => {
+                    tracing::error!(path = %p.display(), "spool: ignoring a quarantine record without a quarantine")
                 }
-                Ok(_) => tracing::error!(path = %p.display(), "spool: ignoring a quarantine record without a quarantine"),
-                Err(e) => tracing::error!(path = %p.display(), error = %e, "spool: unreadable quarantine record ignored"),
+                Err(e) => {
+                    tracing::error!(path = %p.display(), error = %e, "spool: unreadable quarantine record ignored")
+                }
             }
         }
         let names = list_names(&pending_dir)?;
@@ -311,10 +313,7 @@ impl Spool {
     /// `.reason` file, the bytes moved out of `pending/`, the pending sidecar removed. Returns
     /// whether a pending sidecar of this entry was still there (and is now removed).
     fn finish_quarantine(&self, record: &SpoolEntry) -> Result<bool, SpoolError> {
-        let q = record
-            .quarantined
-            .as_ref()
-            .expect("a quarantine record");
+        let q = record.quarantined.as_ref().expect("a quarantine record");
         let sidecar = self.sidecar_path(&record.id);
         // A pending sidecar with another seq is a later acceptance of the same id: it is not
         // ours, so this quarantine had already finished.
@@ -366,7 +365,8 @@ impl Spool {
     }
 
     fn record_path(&self, id: &str, seq: u64) -> PathBuf {
-        self.quarantined_dir.join(format!("{id}.{seq}{SIDECAR_SUFFIX}"))
+        self.quarantined_dir
+            .join(format!("{id}.{seq}{SIDECAR_SUFFIX}"))
     }
 
     fn tmp_path(&self, dir: &Path, what: &str) -> PathBuf {
@@ -442,7 +442,13 @@ impl Spool {
         watched: Option<WatchedFile>,
     ) -> Result<SpoolEntry, SpoolError> {
         let source = source_file.to_string_lossy();
-        self.accept_payload(id, &source, original_name, Payload::File(source_file), watched)
+        self.accept_payload(
+            id,
+            &source,
+            original_name,
+            Payload::File(source_file),
+            watched,
+        )
     }
 
     fn accept_payload(
@@ -467,7 +473,10 @@ impl Spool {
                 if same {
                     return Ok(existing);
                 }
-                return Err(SpoolError::Conflict { id, seq: existing.seq });
+                return Err(SpoolError::Conflict {
+                    id,
+                    seq: existing.seq,
+                });
             }
             Ok(None) => {}
             // A sidecar we cannot read is replaced by the new entry (it may be corrupt).
@@ -823,8 +832,10 @@ fn copy_synced(src: &Path, dest: &Path) -> Result<(), SpoolError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        to.set_permissions(fs::Permissions::from_mode(meta.permissions().mode() & 0o777))
-            .map_err(|e| io_err(dest, e))?;
+        to.set_permissions(fs::Permissions::from_mode(
+            meta.permissions().mode() & 0o777,
+        ))
+        .map_err(|e| io_err(dest, e))?;
     }
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -1175,7 +1186,9 @@ mod tests {
         let private = tmp.path().join("private.jpg");
         fs::write(&private, b"secret").unwrap();
         fs::set_permissions(&private, fs::Permissions::from_mode(0o600)).unwrap();
-        let e = spool.accept_file("p", &private, "private.jpg", None).unwrap();
+        let e = spool
+            .accept_file("p", &private, "private.jpg", None)
+            .unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&e.bytes_path), 0o600);
         // A setuid/setgid/sticky file keeps its rwx bits only.
@@ -1264,7 +1277,9 @@ mod tests {
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 let s = spool.clone();
-                std::thread::spawn(move || s.accept("same", "http", "n", format!("{}", i % 2).as_bytes()))
+                std::thread::spawn(move || {
+                    s.accept("same", "http", "n", format!("{}", i % 2).as_bytes())
+                })
             })
             .collect();
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();

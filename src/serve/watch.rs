@@ -143,7 +143,10 @@ fn scan(root: &Path, recursive: bool, ignore_suffixes: &[String], symlinks: Syml
             }
             let (abs, meta) = if ft.is_symlink() {
                 if symlinks == SymlinkPolicy::Skip {
-                    out.skipped_links.push((ent.path(), "symlinks are not followed (watch.symlinks = \"skip\")"));
+                    out.skipped_links.push((
+                        ent.path(),
+                        "symlinks are not followed (watch.symlinks = \"skip\")",
+                    ));
                     continue;
                 }
                 let target = match fs::canonicalize(ent.path()) {
@@ -157,8 +160,12 @@ fn scan(root: &Path, recursive: bool, ignore_suffixes: &[String], symlinks: Syml
                         continue;
                     }
                 };
-                if !canonical_root.as_ref().is_some_and(|r| target.starts_with(r)) {
-                    out.skipped_links.push((ent.path(), "symlink to a file outside the watched folder"));
+                if !canonical_root
+                    .as_ref()
+                    .is_some_and(|r| target.starts_with(r))
+                {
+                    out.skipped_links
+                        .push((ent.path(), "symlink to a file outside the watched folder"));
                     continue;
                 }
                 let meta = fs::symlink_metadata(&target);
@@ -400,12 +407,15 @@ fn make_watcher(
     Ok(watcher)
 }
 
-/// Watches `cfg.dir` and feeds complete new files into the spool and then `tx`. Returns the
-/// number of files taken when `shutdown` is cancelled. Fails only if the folder or the ledger
-/// cannot be set up, or if `tx` closes while `shutdown` is not cancelled.
+/// Watches `cfg.dir` and feeds complete new files into the spool and then `tx`. `spooled`: the
+/// watched files the spool held at the daemon's start (from its `pending` list, before any was
+/// released), which count as taken. Returns the number of files taken when `shutdown` is
+/// cancelled. Fails only if the folder or the ledger cannot be set up, or if `tx` closes while
+/// `shutdown` is not cancelled.
 pub async fn run_watch(
     cfg: WatchConfig,
     spool: Arc<Spool>,
+    spooled: Vec<WatchedFile>,
     tx: async_channel::Sender<SpoolEntry>,
     shutdown: CancellationToken,
 ) -> Result<u64, WatchError> {
@@ -417,9 +427,11 @@ pub async fn run_watch(
             let mut ledger = Ledger::load_and_compact(spool.dir(), &root)?;
             // A crash between a file's spool copy and its ledger line: the spooled entry says
             // which version it holds, so that version is not taken a second time.
-            let pending = spool.pending().map_err(|e| io_err(spool.dir(), e))?;
-            for w in pending.into_iter().filter_map(|e| e.watched) {
-                let state = FileState { size: w.size, mtime_ns: w.mtime_ns };
+            for w in spooled {
+                let state = FileState {
+                    size: w.size,
+                    mtime_ns: w.mtime_ns,
+                };
                 if !ledger.taken(&w.key, state) {
                     ledger.record(w.key, state)?;
                 }
@@ -460,8 +472,12 @@ pub async fn run_watch(
     loop {
         let scan_started = Instant::now();
         let found = {
-            let (root, ignore, recursive, symlinks) =
-                (root.clone(), cfg.ignore_suffixes.clone(), cfg.recursive, cfg.symlinks);
+            let (root, ignore, recursive, symlinks) = (
+                root.clone(),
+                cfg.ignore_suffixes.clone(),
+                cfg.recursive,
+                cfg.symlinks,
+            );
             let job =
                 tokio::task::spawn_blocking(move || scan(&root, recursive, &ignore, symlinks));
             tokio::select! {
@@ -482,7 +498,8 @@ pub async fn run_watch(
         for (path, why) in &found.skipped_links {
             if !skipped_links.contains(path) {
                 tracing::warn!(path = %one_line(path.display()), reason = why, "watch: symbolic link skipped");
-                metrics::counter!(STAGE_DROPPED, "stage" => "watch", "reason" => "symlink").increment(1);
+                metrics::counter!(STAGE_DROPPED, "stage" => "watch", "reason" => "symlink")
+                    .increment(1);
             }
         }
         skipped_links = links;
@@ -567,7 +584,11 @@ pub async fn run_watch(
                     (spool.clone(), ledger.clone(), f.abs.clone(), key.clone());
                 let state = f.state;
                 tokio::task::spawn_blocking(move || -> Result<SpoolEntry, SpoolError> {
-                    let watched = WatchedFile { key: key.clone(), size: state.size, mtime_ns: state.mtime_ns };
+                    let watched = WatchedFile {
+                        key: key.clone(),
+                        size: state.size,
+                        mtime_ns: state.mtime_ns,
+                    };
                     let entry = spool.accept_file(&id, &abs, &name, Some(watched))?;
                     if let Err(e) = lock(&ledger).record(key, state) {
                         // Still sent: at worst the file is taken again after a restart.
@@ -595,7 +616,9 @@ pub async fn run_watch(
                         // once per SPOOL_ERROR_LOG_EVERY, with how many failures it stands for.
                         error_metric("spool");
                         spool_errors += 1;
-                        if last_spool_error.is_none_or(|t: Instant| t.elapsed() >= SPOOL_ERROR_LOG_EVERY) {
+                        if last_spool_error
+                            .is_none_or(|t: Instant| t.elapsed() >= SPOOL_ERROR_LOG_EVERY)
+                        {
                             tracing::error!(file = %one_line(f.abs.display()), error = %one_line(&e), failures = spool_errors, "watch: cannot store files in the spool; retrying at every scan");
                             last_spool_error = Some(Instant::now());
                             spool_errors = 0;
@@ -680,7 +703,14 @@ mod tests {
     fn start(cfg: WatchConfig, spool: &Arc<Spool>, capacity: usize) -> Running {
         let (tx, rx) = async_channel::bounded(capacity);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run_watch(cfg, spool.clone(), tx, shutdown.clone()));
+        // What the daemon passes: the watched files its spool holds at start.
+        let spooled = spool
+            .pending()
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| e.watched)
+            .collect();
+        let task = tokio::spawn(run_watch(cfg, spool.clone(), spooled, tx, shutdown.clone()));
         Running { task, rx, shutdown }
     }
 
@@ -904,7 +934,12 @@ mod tests {
         fs::write(dir.join("a.jpg"), b"image-a").unwrap();
         let w = start(config(&dir, WatchMode::Poll), &spool, 16);
         let e = w.next().await;
-        assert!(e.watched.as_ref().is_some_and(|f| f.key == "a.jpg" && f.size == 7), "{e:?}");
+        assert!(
+            e.watched
+                .as_ref()
+                .is_some_and(|f| f.key == "a.jpg" && f.size == 7),
+            "{e:?}"
+        );
         w.stop().await;
         // The crash came before the ledger line: the entry is spooled, the ledger knows nothing.
         fs::remove_file(spool.dir().join(LEDGER_FILE)).unwrap();
@@ -913,7 +948,9 @@ mod tests {
         let w = start(config(&dir, WatchMode::Poll), &spool, 16);
         // The watcher's start restores the ledger line from the spooled entry...
         let deadline = Instant::now() + WAIT;
-        while !fs::read_to_string(spool.dir().join(LEDGER_FILE)).is_ok_and(|l| l.starts_with("a.jpg\t")) {
+        while !fs::read_to_string(spool.dir().join(LEDGER_FILE))
+            .is_ok_and(|l| l.starts_with("a.jpg\t"))
+        {
             assert!(Instant::now() < deadline, "ledger line not restored");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -928,7 +965,14 @@ mod tests {
 
     #[test]
     fn ledger_keys_round_trip() {
-        for p in ["a/b.jpg", "tab\there", "new\nline", "back\\slash", "ü.png", "lit\\x41eral"] {
+        for p in [
+            "a/b.jpg",
+            "tab\there",
+            "new\nline",
+            "back\\slash",
+            "ü.png",
+            "lit\\x41eral",
+        ] {
             let key = ledger_key(Path::new(p));
             assert!(!key.contains('\t') && !key.contains('\n'));
             assert_eq!(unescape_key(&key), PathBuf::from(p));
@@ -940,7 +984,10 @@ mod tests {
             let key = ledger_key(&latin1);
             assert_eq!(key, "caf\\xe9/\\x80x.jpg");
             assert_eq!(unescape_key(&key), latin1);
-            assert_ne!(ledger_key(&path_from_bytes(b"caf\xe8".to_vec())), ledger_key(&path_from_bytes(b"caf\xe9".to_vec())));
+            assert_ne!(
+                ledger_key(&path_from_bytes(b"caf\xe8".to_vec())),
+                ledger_key(&path_from_bytes(b"caf\xe9".to_vec()))
+            );
         }
         assert!(
             ignored(".x", &[])

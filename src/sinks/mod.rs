@@ -15,7 +15,11 @@ pub fn durable_rename(tmp: &std::path::Path, dest: &std::path::Path) -> std::io:
     std::fs::rename(tmp, dest)?;
     #[cfg(unix)]
     if let Some(dir) = dest.parent() {
-        let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())

@@ -229,7 +229,10 @@ mod tests {
             assert_eq!(err.kind(), "corrupt", "{name}");
             // One line: it goes into log lines and the predictions' `error` column.
             let text = err.to_string();
-            assert!(!text.contains('\n') && text == text.trim(), "{name}: {text:?}");
+            assert!(
+                !text.contains('\n') && text == text.trim(),
+                "{name}: {text:?}"
+            );
         }
     }
 }
