@@ -1176,6 +1176,28 @@ mod tests {
         assert!(spool.is_empty() && spool.pending().unwrap().is_empty());
     }
 
+    #[test]
+    fn copy_errors_name_the_side_that_failed() {
+        // The watcher tells "cannot read the file" (skip it until it changes) from "cannot store
+        // it" (a full spool: retry) by the path an error names.
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("in.jpg");
+        fs::write(&src, b"jpegdata").unwrap();
+        let dest = tmp.path().join("no-such-folder").join("copy");
+        match copy_synced(&src, &dest) {
+            Err(SpoolError::Io { path, .. }) => assert_eq!(path, dest),
+            other => panic!("{other:?}"),
+        }
+        let folder = tmp.path().join("a-folder");
+        fs::create_dir(&folder).unwrap();
+        match copy_synced(&folder, &tmp.path().join("copy2")) {
+            Err(SpoolError::Io { path, message }) => {
+                assert_eq!(path, folder, "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[cfg(unix)]
     #[test]
     fn accept_file_keeps_the_mode_and_refuses_a_symlink() {
