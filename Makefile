@@ -8,7 +8,7 @@
 
 SHELL := /bin/bash
 PYTHON ?= python3
-TORCH_VERSION := 2.13.0
+TORCH_VERSION := 2.11.0
 LIBTORCH_DIR := .libtorch
 LIBTORCH_STAMP := $(LIBTORCH_DIR)/.installed-$(TORCH_VERSION)$(if $(GPU),-gpu,-cpu)
 PIP_FLAGS ?=
