@@ -4,7 +4,8 @@
 #   make bench  - criterion benchmarks + Python baselines (see docs/BENCHMARKS.md)
 #   make bench-train - a training step, ours vs the same network in PyTorch (docs/BENCHMARKS.md)
 #   make crash-test - the daemon under random kill -9s (docs/BENCHMARKS.md)
-#   make GPU=1 ...  - GPU build mode (see README "GPU build")
+#   make GPU=1 libtorch - libtorch with its CUDA libraries, for a GPU machine that reaches PyPI
+#                         (the same binary then uses the GPU; see README "On a GPU")
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -17,11 +18,13 @@ PYENV_STAMP := $(PYENV_DIR)/.installed-v1
 PYENV_TORCH_DIR := .pyenv-torch
 PYENV_TORCH_STAMP := $(PYENV_TORCH_DIR)/.installed-v1
 CARGO ?= cargo
-CARGO_FEATURES := $(if $(GPU),--features gpu,)
 DEMO_DIR ?= demo-out
 
 # CPU: libtorch_cpu needs only these two small CUDA runtime libraries (found via its rpath).
-# GPU: the full CUDA dependency set that the torch wheel declares.
+# GPU: the full CUDA dependency set that the torch wheel declares, so that libtorch_cuda.so,
+# which the binary loads at run time for --device cuda/auto, finds its libraries. The build is
+# the same either way. TORCH_VERSION is the GPU machine's PyTorch (2.11), so that a binary built
+# here runs there against its own torch install (scripts/gpu_check.sh).
 ifeq ($(GPU),)
 TORCH_PIP := --no-deps torch==$(TORCH_VERSION) nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
 else
@@ -43,7 +46,7 @@ $(LIBTORCH_STAMP):
 libtorch: $(LIBTORCH_STAMP)
 
 build: libtorch
-	$(CARGO) build --release $(CARGO_FEATURES)
+	$(CARGO) build --release
 
 # Python oracle/baseline tools (numpy, scipy, scikit-image, Pillow; pyarrow, pandas, DuckDB and
 # scikit-learn for the prediction reader test) for the tests, fixtures and benches.
@@ -79,8 +82,8 @@ promtool: $(PROMTOOL)
 # Benches are compiled too (so they cannot rot); the last line totals every test binary.
 # PLANKTON_REQUIRE_PYTHON: the Parquet reader test must run (not skip) here.
 test: libtorch pytools promtool
-	$(CARGO) bench --no-run $(CARGO_FEATURES)
-	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 $(CARGO) test --release $(CARGO_FEATURES) 2>&1 | tee target/test-output.log
+	$(CARGO) bench --no-run
+	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 $(CARGO) test --release 2>&1 | tee target/test-output.log
 	$(PYENV_DIR)/bin/python scripts/serve_crash_test.py --uploads 300 --kills 3 --out target/crash-test-smoke
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test-output.log
 

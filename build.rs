@@ -1,7 +1,6 @@
-//! Gives binaries, tests and benches an rpath to libtorch (torch-sys adds none), and in the
-//! GPU build mode forces libtorch_cuda onto the link line: with the linker's default
-//! `--as-needed` it is dropped (no symbol references it) and CUDA then silently reports
-//! unavailable (tch-rs issue 980).
+//! Gives binaries, tests and benches an rpath to libtorch (torch-sys adds none), and compiles
+//! the C++ shim. There is no GPU build: the binary links libtorch_cpu only and loads
+//! libtorch_cuda at run time when a CUDA device is asked for (src/device.rs).
 use std::path::PathBuf;
 
 fn main() {
@@ -20,21 +19,18 @@ fn main() {
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     compile_shim(&PathBuf::from(std::env::var_os("LIBTORCH").unwrap()));
-    if std::env::var_os("CARGO_FEATURE_GPU").is_some() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
 }
 
-/// csrc/: the few libtorch calls tch does not expose (see csrc/leaky_relu.cpp), compiled against
+/// csrc/: the few libtorch calls tch does not expose (csrc/leaky_relu.cpp, csrc/compute.cpp), compiled against
 /// the same headers and C++ ABI as the libtorch wheel (the CXX11 ABI since torch 2.x wheels).
 fn compile_shim(libtorch: &std::path::Path) {
     println!("cargo:rerun-if-changed=csrc/leaky_relu.cpp");
+    println!("cargo:rerun-if-changed=csrc/compute.cpp");
     let include = libtorch.join("include");
     cc::Build::new()
         .cpp(true)
         .file("csrc/leaky_relu.cpp")
+        .file("csrc/compute.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -114,7 +114,9 @@ fn timing_mode(spec: &str) {
         write_check(&mut s, &path);
         return;
     }
-    let mut step = || train_step(&mut s.net, &mut s.optimizer, &s.inputs, &s.labels, LR);
+    // Reads the loss back, as the PyTorch side's `loss.item()` does.
+    let mut step =
+        || train_step(&mut s.net, &mut s.optimizer, &s.inputs, &s.labels, LR).double_value(&[]);
     for _ in 0..warmup {
         std::hint::black_box(step());
     }
@@ -214,11 +216,16 @@ fn bench_train_step(c: &mut Criterion) {
             let mut s = setup(size, width);
             // Roughly ten steps' worth, so criterion does not warn for the slow cases.
             let t0 = Instant::now();
-            train_step(&mut s.net, &mut s.optimizer, &s.inputs, &s.labels, LR);
+            train_step(&mut s.net, &mut s.optimizer, &s.inputs, &s.labels, LR).double_value(&[]);
             group.measurement_time((t0.elapsed() * 11).max(Duration::from_secs(2)));
             group.bench_function(
                 BenchmarkId::new(format!("convroll4_{name}"), format!("t{t}")),
-                |b| b.iter(|| train_step(&mut s.net, &mut s.optimizer, &s.inputs, &s.labels, LR)),
+                |b| {
+                    b.iter(|| {
+                        train_step(&mut s.net, &mut s.optimizer, &s.inputs, &s.labels, LR)
+                            .double_value(&[])
+                    })
+                },
             );
         }
     }

@@ -44,6 +44,8 @@ pub struct PipelineConfig {
     pub tta: crate::predict::tta::TtaConfig,
     /// Pseudo-labelled images mixed into training batches (off unless `predictions` is set).
     pub pseudo: crate::train::pseudo::PseudoConfig,
+    /// How the network computes (precision, memory layout, cuDNN autotuning, TF32).
+    pub compute: crate::device::ComputeConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

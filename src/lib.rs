@@ -3,6 +3,7 @@ pub mod blend;
 pub mod config;
 pub mod data_path;
 pub mod demo;
+pub mod device;
 pub mod evaluate;
 pub mod features;
 pub mod fusion;

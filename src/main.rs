@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use plankton::config::PipelineConfig;
@@ -50,6 +50,8 @@ enum Command {
     Train(TrainArgs),
     /// Print a pipeline's network: layers, shapes, parameters, multiply-accumulates.
     Model(ModelArgs),
+    /// What this binary finds to compute on: its libtorch, CUDA (loaded or why not), devices.
+    Devices(DevicesArgs),
     /// Predict images with a trained run (quasi-random TTA) into a Parquet file, and optionally
     /// a Kaggle submission CSV.
     Predict(PredictArgs),
@@ -134,8 +136,8 @@ struct ReplayArgs {
     /// Output folder; rerunning with the same folder skips the steps already done.
     #[arg(long)]
     out: PathBuf,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (cuda:0 when a GPU is usable, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     device: String,
 }
 
@@ -190,12 +192,15 @@ struct PredictArgs {
     /// best, final, or a .safetensors path.
     #[arg(long, default_value = "best")]
     weights: plankton::predict::job::Weights,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (cuda:0 when a GPU is usable, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     device: String,
     /// Patches per forward pass (default: the run's batch size).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// fp32 or bf16 (default: the run's [compute] precision).
+    #[arg(long)]
+    precision: Option<plankton::device::Precision>,
     /// Ignore the run's calibration.json.
     #[arg(long)]
     no_calibration: bool,
@@ -415,8 +420,8 @@ struct TrainArgs {
     /// Continue the run in --out from its last checkpoint, with its own pipeline.toml.
     #[arg(long)]
     resume: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (cuda:0 when a GPU is usable, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     device: String,
     /// Use this split file (path,class,subset; see `plankton split`) instead of a fresh one.
     #[arg(long)]
@@ -424,6 +429,9 @@ struct TrainArgs {
     /// Override train.steps.
     #[arg(long)]
     steps: Option<u64>,
+    /// Write every step's training loss to this CSV (step,loss), e.g. to compare devices.
+    #[arg(long)]
+    loss_log: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -433,6 +441,23 @@ struct ModelArgs {
     /// Number of classes (121 in the competition).
     #[arg(long, default_value_t = 121)]
     classes: usize,
+    /// Build the network here (auto, cpu, cuda, cuda:N).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Check the cyclic network's 90-degree invariance on random inputs (on --device) and print
+    /// the largest relative difference of the logits; exits 1 if it exceeds 1e-4.
+    #[arg(long)]
+    check_invariance: bool,
+    /// Also write the invariance check as JSON.
+    #[arg(long, requires = "check_invariance")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DevicesArgs {
+    /// JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -707,16 +732,46 @@ async fn main() -> Result<()> {
         }
         Command::Model(a) => {
             let cfg = a.pipeline.load()?;
+            let device = parse_device(&a.device)?;
             let sizes = plankton::train::patch_sizes(&cfg)?;
-            let net = plankton::model::Network::new(&cfg.model, &sizes, a.classes, tch::Device::Cpu)?;
-            print!("{}", net.describe());
+            let net = plankton::model::Network::new(&cfg.model, &sizes, a.classes, device)?;
+            if !a.check_invariance {
+                print!("{}", net.describe());
+                return Ok(());
+            }
+            let check = plankton::model::invariance::check(&net, &sizes, 8, 1);
+            let ok = check.max_relative_difference <= plankton::model::invariance::TOLERANCE;
+            println!(
+                "90-degree invariance on {}: max |logit difference| {:.3e} ({:.3e} relative to max |logit| {:.3e}) over {} rotations of {} inputs: {}",
+                a.device, check.max_abs_difference, check.max_relative_difference, check.max_abs_logit, check.rotations, check.images,
+                if ok { "ok" } else { "FAILED" }
+            );
+            if let Some(path) = &a.json {
+                let mut v = serde_json::to_value(&check)?;
+                v["ok"] = ok.into();
+                v["device"] = format!("{device:?}").into();
+                v["tolerance"] = plankton::model::invariance::TOLERANCE.into();
+                std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| path.display().to_string())?;
+            }
+            if !ok {
+                anyhow::bail!("the network is not invariant to 90-degree rotations on {}", a.device);
+            }
+            Ok(())
+        }
+        Command::Devices(a) => {
+            let r = plankton::device::cuda_report();
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.render());
+            }
             Ok(())
         }
     }
 }
 
 fn parse_device(s: &str) -> Result<tch::Device> {
-    plankton::train::parse_device(s).map_err(|e| anyhow::anyhow!("--device: {e}"))
+    plankton::device::select(s).map_err(|e| anyhow::anyhow!("--device: {e}"))
 }
 
 fn evaluation_text(s: &plankton::evaluate::EvaluateSummary) -> String {
@@ -784,6 +839,7 @@ async fn predict(a: PredictArgs) -> Result<()> {
     opts.weights = a.weights;
     opts.device = parse_device(&a.device)?;
     opts.batch_size = a.batch_size;
+    opts.precision = a.precision;
     opts.calibrate = !a.no_calibration;
     opts.model_id = a.model_id;
     opts.top_k = a.top_k;
@@ -850,6 +906,7 @@ fn predict_text(s: &plankton::predict::job::PredictSummary) -> String {
 
 async fn train(a: TrainArgs) -> Result<()> {
     use plankton::train::{self, TrainEvent, TrainOptions};
+    use std::io::Write;
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut config = a.pipeline.load()?;
     if let Some(steps) = a.steps {
@@ -874,9 +931,18 @@ async fn train(a: TrainArgs) -> Result<()> {
         split_file: a.split,
         stop: Some(stop),
     };
+    let mut loss_log = match &a.loss_log {
+        Some(path) => {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("--loss-log {}", path.display()))?);
+            writeln!(f, "step,loss")?;
+            Some((path.clone(), f))
+        }
+        None => None,
+    };
     let handle = tokio::runtime::Handle::current();
     let summary = tokio::task::spawn_blocking(move || {
         let log_every = opts.config.train.log_every;
+        let mut log_error: Option<std::io::Error> = None;
         let mut pb: Option<ProgressBar> = None;
         let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut on_event = |e: TrainEvent| match e {
@@ -895,6 +961,11 @@ async fn train(a: TrainArgs) -> Result<()> {
                 }
             }
             TrainEvent::Step { step, total_steps, loss, learning_rate, images_per_second, epoch } => {
+                if let Some((_, f)) = &mut loss_log {
+                    if let Err(e) = writeln!(f, "{step},{loss}") {
+                        log_error.get_or_insert(e);
+                    }
+                }
                 if let Some(bar) = &pb {
                     bar.set_position(step);
                     bar.set_prefix(format!("epoch {epoch}"));
@@ -917,7 +988,12 @@ async fn train(a: TrainArgs) -> Result<()> {
         if let Some(bar) = pb {
             bar.finish_and_clear();
         }
-        r
+        let logged = match (loss_log, log_error) {
+            (Some((path, _)), Some(e)) => Err(anyhow::anyhow!("--loss-log {}: {e}", path.display())),
+            (Some((path, mut f)), None) => f.flush().with_context(|| format!("--loss-log {}", path.display())),
+            (None, _) => Ok(()),
+        };
+        anyhow::Ok(r?).and_then(|s| logged.map(|_| s))
     })
     .await??;
     for f in &summary.failures {

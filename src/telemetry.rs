@@ -14,6 +14,15 @@ pub const STAGE_ERRORS: &str = "plankton_stage_errors_total";
 pub const STAGE_DROPPED: &str = "plankton_stage_dropped_total";
 /// Microseconds because `metrics` counters are integers; seconds would round busy time away.
 pub const STAGE_BUSY_MICROSECONDS: &str = "plankton_stage_busy_microseconds_total";
+
+/// Time a daemon stage spent on one item or batch; its `_sum` is the stage's busy seconds, so
+/// `rate(plankton_stage_busy_seconds_sum[1m])` says where the daemon's time goes.
+pub const STAGE_BUSY_SECONDS: &str = "plankton_stage_busy_seconds";
+
+/// Records the time since `started` as busy time of `stage`.
+pub fn busy_since(stage: &'static str, started: std::time::Instant) {
+    metrics::histogram!(STAGE_BUSY_SECONDS, "stage" => stage).record(started.elapsed().as_secs_f64());
+}
 pub const QUEUE_DEPTH: &str = "plankton_queue_depth";
 pub const QUEUE_CAPACITY: &str = "plankton_queue_capacity";
 /// How long the consumer (the model) waited for each batch: the "is the accelerator starved?"
@@ -46,6 +55,7 @@ pub fn describe() {
     describe_gauge!(TRAIN_LEARNING_RATE, "Current learning rate");
     describe_gauge!(VALID_LOG_LOSS, "Validation log loss (Kaggle clipping) at the last validation");
     describe_gauge!(VALID_TOP1, "Validation top-1 accuracy at the last validation");
+    describe_histogram!(STAGE_BUSY_SECONDS, Unit::Seconds, "Busy time of a daemon stage per item or batch (spool: copy + fsync; decode: decode + warp; model: forward pass; writer: rows and finished files)");
     describe_histogram!(PREDICT_BATCH_SECONDS, Unit::Seconds, "Model compute time per prediction batch (all TTA views in it)");
     describe_counter!(PREDICT_IMAGES, "Images predicted (after combining their TTA views)");
     describe_counter!(PREDICT_PATCHES, "Patches (image x TTA view) through the model");

@@ -484,21 +484,7 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Relative logit differences between the batch and the batch rotated by 90, 180, 270 degrees.
 fn rotation_diffs(net: &Network, sizes: &[usize], batch: i64, seed: i64) -> Vec<f64> {
-    tch::manual_seed(seed);
-    let inputs: Vec<Tensor> = sizes
-        .iter()
-        .map(|&s| randn(&[batch, 1, s as i64, s as i64]))
-        .collect();
-    tch::no_grad(|| {
-        let base = net.forward_t(&inputs, false);
-        assert_eq!(base.size(), vec![batch, net.num_classes as i64]);
-        (1..4)
-            .map(|k| {
-                let rotated: Vec<Tensor> = inputs.iter().map(|x| rot90(x, k)).collect();
-                max_rel_diff(&base, &net.forward_t(&rotated, false))
-            })
-            .collect()
-    })
+    plankton::model::invariance::check(net, sizes, batch as usize, seed).per_rotation
 }
 
 fn assert_invariant(what: &str, net: &Network, sizes: &[usize]) {

@@ -1172,6 +1172,11 @@ fn metrics_exposition_has_the_daemon_series_and_passes_promtool() {
         Some(2.0),
         "{text}"
     );
+    // Where the time goes: every stage that touched the image has busy time.
+    for stage in ["spool", "decode", "model", "writer"] {
+        let busy = metric_value(&text, &format!("plankton_stage_busy_seconds_sum{{stage=\"{stage}\"}}"));
+        assert!(busy.is_some_and(|b| b > 0.0), "no busy time for {stage}: {text}");
+    }
     d.stop();
 
     match which("promtool") {

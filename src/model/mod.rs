@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod cyclic;
+pub mod invariance;
 pub mod network;
 
 pub use config::{Activation, BranchConfig, LayerSpec, ModelConfig, Preset};

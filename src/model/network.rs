@@ -7,6 +7,8 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::device::{self, ComputeConfig, Precision};
+
 use super::config::{Activation, BranchConfig, LayerSpec, ModelConfig};
 use super::cyclic::{self, PoolFunction};
 use super::ModelError;
@@ -62,6 +64,10 @@ pub struct Network {
     pub num_classes: usize,
     pub device: Device,
     pub summary: Vec<LayerInfo>,
+    /// bf16 autocast in `forward_t` (see `set_compute`).
+    precision: Precision,
+    /// Inputs and conv weights laid out channels-last.
+    channels_last: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -196,11 +202,48 @@ impl Network {
             num_classes,
             device,
             summary,
+            precision: Precision::Fp32,
+            channels_last: false,
         })
     }
 
-    /// Logits (B x classes) for one batch: `inputs[k]` is B x 1 x H x W for patch k.
+    /// Applies a pipeline's `[compute]`: precision of the forward pass and the memory layout.
+    /// Call it before creating the optimiser (channels-last replaces the conv weight tensors;
+    /// loading weights afterwards keeps the layout).
+    pub fn set_compute(&mut self, compute: &ComputeConfig) {
+        self.precision = compute.precision;
+        if compute.channels_last != self.channels_last {
+            let _guard = tch::no_grad_guard();
+            for p in self.params.iter_mut().filter(|p| p.tensor.dim() == 4) {
+                let t = if compute.channels_last { device::channels_last(&p.tensor) } else { p.tensor.contiguous() };
+                p.tensor = t.detach().set_requires_grad(true);
+            }
+            self.channels_last = compute.channels_last;
+        }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// A host batch tensor on this network's device, in its layout (pinned memory and a
+    /// non-blocking copy on CUDA, so the host does not wait for it).
+    pub fn upload(&self, host: &Tensor) -> Tensor {
+        device::upload(host, self.device, self.channels_last)
+    }
+
+    /// Logits (B x classes, fp32) for one batch: `inputs[k]` is B x 1 x H x W for patch k. In
+    /// bf16 precision the layers run under autocast and the logits come back as fp32, so the
+    /// softmax and the loss stay fp32.
     pub fn forward_t(&self, inputs: &[Tensor], train: bool) -> Tensor {
+        if self.precision == Precision::Bf16 {
+            let _autocast = device::Autocast::enter(self.device);
+            return self.forward_layers(inputs, train).to_kind(Kind::Float);
+        }
+        self.forward_layers(inputs, train)
+    }
+
+    fn forward_layers(&self, inputs: &[Tensor], train: bool) -> Tensor {
         let feats: Vec<Tensor> = self
             .branches
             .iter()

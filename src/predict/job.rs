@@ -15,6 +15,7 @@ use tch::{Device, Kind};
 use super::aggregate::{Aggregation, Aggregator};
 use super::tta::{quasi_random_transforms, TtaConfig};
 use crate::config::PipelineConfig;
+use crate::device::{download, Download};
 use crate::evaluate::calibration::{apply_temperature, TemperatureFit};
 use crate::model::Network;
 use crate::scoring::{self, Scores};
@@ -22,9 +23,10 @@ use crate::sinks::parquet::{ParquetSinkError, PredictionRow, PredictionWriter};
 use crate::sinks::submission::{self, SubmissionRow, SubmissionSummary};
 use crate::sources::{Dataset, ImageRecord};
 use crate::split::Split;
+use crate::stages::batch::Batch;
 use crate::stages::normalise::ZmuvStats;
 use crate::topology::{Loader, LoaderSpec, SamplePlan};
-use crate::train::{check_device, patch_sizes, RunDir, TrainError};
+use crate::train::{patch_sizes, RunDir, TrainError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
@@ -108,6 +110,8 @@ pub struct PredictOptions {
     pub tta: Option<usize>,
     pub aggregation: Option<Aggregation>,
     pub device: Device,
+    /// Overrides the run's `[compute] precision`.
+    pub precision: Option<crate::device::Precision>,
     /// Patches per forward pass (default: the run's `[batch] size`).
     pub batch_size: Option<usize>,
     /// Apply the run's calibration.json when present.
@@ -130,6 +134,7 @@ impl PredictOptions {
             tta: None,
             aggregation: None,
             device: Device::Cpu,
+            precision: None,
             batch_size: None,
             calibrate: true,
             model_id: None,
@@ -224,7 +229,7 @@ impl LoadedModel {
                 return Err(bad(format!("{} is missing (is this a folder written by `plankton train`?)", needed.display())));
             }
         }
-        check_device(device)?;
+        crate::device::ensure(device).map_err(TrainError::from)?;
         let cfg = PipelineConfig::load(&run.pipeline()).map_err(|e| bad(e.to_string()))?;
         let class_names = read_class_names(&run.classes())?;
         let zmuv = ZmuvStats::load(&run.zmuv())?;
@@ -240,7 +245,9 @@ impl LoadedModel {
             return Err(bad(format!("{} is missing (did training finish?)", weights_path.display())));
         }
         let sizes = patch_sizes(&cfg)?;
-        let net = Network::load_from(&cfg.model, &sizes, class_names.len(), device, &weights_path)?;
+        let mut net = Network::load_from(&cfg.model, &sizes, class_names.len(), device, &weights_path)?;
+        net.set_compute(&cfg.compute);
+        cfg.compute.apply_globals(device);
         let hash = content_hash(&weights_path)?;
         let run_name = model
             .canonicalize()
@@ -250,6 +257,12 @@ impl LoadedModel {
         let model_id = format!("{run_name}/{kind}@{:08x}", hash >> 32);
         let calibration = if calibrate { read_calibration(&run)? } else { None };
         Ok(LoadedModel { cfg, class_names, zmuv, net, weights_path, model_id, calibration })
+    }
+
+    /// Overrides the run's `[compute] precision` (a model trained in fp32 can predict in bf16).
+    pub fn set_precision(&mut self, precision: crate::device::Precision) {
+        self.cfg.compute.precision = precision;
+        self.net.set_compute(&self.cfg.compute);
     }
 }
 
@@ -360,7 +373,10 @@ fn class_prior(run: &RunDir, class_names: &[String]) -> Vec<f64> {
 /// runtime the data path runs on.
 pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn FnMut(PredictEvent)) -> Result<PredictSummary, PredictError> {
     let started = Instant::now();
-    let model = LoadedModel::load(&opts.model, &opts.weights, opts.device, opts.calibrate)?;
+    let mut model = LoadedModel::load(&opts.model, &opts.weights, opts.device, opts.calibrate)?;
+    if let Some(precision) = opts.precision {
+        model.set_precision(precision);
+    }
     let run_dir = RunDir::new(&opts.model);
     let (records, found_sample) = resolve_inputs(&opts.data, opts.subset, &run_dir, &model.class_names)?;
     let mut cfg = model.cfg.clone();
@@ -431,11 +447,23 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
     let batch_seconds = metrics::histogram!(crate::telemetry::PREDICT_BATCH_SECONDS);
     let images_total = metrics::counter!(crate::telemetry::PREDICT_IMAGES);
     let patches_total = metrics::counter!(crate::telemetry::PREDICT_PATCHES);
-    while let Some(batch) = rt.block_on(loader.next_batch()) {
-        let t_batch = Instant::now();
-        let inputs: Vec<tch::Tensor> = (0..batch.inputs.len()).map(|k| batch.input_tensor(k).to_device(model.net.device)).collect();
-        let log_probs = model.net.forward_t(&inputs, false).log_softmax(-1, Kind::Float).to_device(Device::Cpu);
-        let flat: Vec<f32> = Vec::try_from(log_probs.flatten(0, -1)).expect("float tensor");
+    // One batch in flight: the next batch's forward pass is enqueued before this one's result
+    // is read back, so a GPU computes while the host aggregates and writes.
+    let mut in_flight: Option<(Batch, Download, Instant)> = None;
+    loop {
+        let launched = rt.block_on(loader.next_batch()).map(|batch| {
+            let t_batch = Instant::now();
+            let inputs: Vec<tch::Tensor> = (0..batch.inputs.len()).map(|k| model.net.upload(&batch.input_tensor(k))).collect();
+            let log_probs = download(&model.net.forward_t(&inputs, false).log_softmax(-1, Kind::Float));
+            (batch, log_probs, t_batch)
+        });
+        let Some((batch, log_probs, t_batch)) = std::mem::replace(&mut in_flight, launched) else {
+            if in_flight.is_none() {
+                break;
+            }
+            continue;
+        };
+        let flat: Vec<f32> = Vec::try_from(log_probs.wait().flatten(0, -1)).expect("float tensor");
         batch_seconds.record(t_batch.elapsed().as_secs_f64());
         patches_total.increment(batch.len as u64);
         for (i, &record) in batch.record_indices[..batch.len].iter().enumerate() {

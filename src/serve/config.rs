@@ -36,8 +36,10 @@ pub struct ServeConfig {
     pub model: PathBuf,
     /// "best", "final" or a .safetensors path.
     pub weights: String,
-    /// cpu, cuda or cuda:N.
+    /// auto (cuda:0 when a GPU is usable, else the CPU), cpu, cuda or cuda:N.
     pub device: String,
+    /// Overrides the run's `[compute] precision` ("fp32" or "bf16").
+    pub precision: Option<crate::device::Precision>,
     /// Test-time transforms per image (1 = one pass: lowest latency).
     pub tta: usize,
     pub aggregation: Aggregation,
@@ -61,7 +63,8 @@ impl Default for ServeConfig {
             name: "camera-daemon".into(),
             model: PathBuf::from("run"),
             weights: "best".into(),
-            device: "cpu".into(),
+            device: "auto".into(),
+            precision: None,
             tta: 1,
             aggregation: Aggregation::MeanProbability,
             threads: 0,

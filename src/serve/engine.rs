@@ -153,8 +153,12 @@ impl Running {
 
 pub fn load_model(cfg: &ServeConfig) -> Result<LoadedModel, PredictError> {
     let weights: Weights = cfg.weights.parse().expect("infallible");
-    let device = crate::train::parse_device(&cfg.device).map_err(PredictError::Input)?;
-    LoadedModel::load(&cfg.model, &weights, device, true)
+    let device = crate::device::select(&cfg.device).map_err(|e| PredictError::Input(e.to_string()))?;
+    let mut model = LoadedModel::load(&cfg.model, &weights, device, true)?;
+    if let Some(precision) = cfg.precision {
+        model.set_precision(precision);
+    }
+    Ok(model)
 }
 
 fn set_model_info(old: Option<&str>, new: &str) {
@@ -311,6 +315,7 @@ impl WorkerCtx {
                 continue;
             }
             let augs = &model.transforms;
+            let decode_started = Instant::now();
             let result = std::fs::read(&entry.bytes_path)
                 .map_err(|e| (format!("{}: cannot read spooled image: {e}", entry.bytes_path.display()), "io"))
                 .and_then(|bytes| {
@@ -367,6 +372,7 @@ impl WorkerCtx {
                         metrics::counter!(telemetry::SERVE_FLAGGED, "flag" => flag).increment(1);
                     }
                     metrics::counter!(telemetry::STAGE_SENT, "stage" => "decode").increment(1);
+                    telemetry::busy_since("decode", decode_started);
                     let size = (img.height(), img.width());
                     if self.patches.send_blocking(PatchSet { entry, size, flag, features, views, accepted }).is_err() {
                         break;
@@ -469,12 +475,13 @@ impl ModelCtx {
                             flat.extend_from_slice(&v[k]);
                         }
                     }
-                    tch::Tensor::from_slice(&flat).view([(batch.len() * views) as i64, 1, p.rows as i64, p.cols as i64]).to_device(model.net.device)
+                    model.net.upload(&tch::Tensor::from_slice(&flat).view([(batch.len() * views) as i64, 1, p.rows as i64, p.cols as i64]))
                 })
                 .collect();
             let log_probs = model.net.forward_t(&inputs, false).log_softmax(-1, Kind::Float).to_device(Device::Cpu);
             let flat: Vec<f32> = Vec::try_from(log_probs.flatten(0, -1)).expect("float tensor");
             forward_seconds.record(t0.elapsed().as_secs_f64());
+            telemetry::busy_since("model", t0);
             metrics::counter!(telemetry::PREDICT_PATCHES).increment((batch.len() * views) as u64);
             let mut out = vec![0f64; classes];
             for (i, set) in batch.into_iter().enumerate() {
@@ -624,6 +631,12 @@ impl WriterCtx {
     }
 
     fn finish(&self, file: OpenFile) {
+        let started = Instant::now();
+        self.finish_timed(file);
+        telemetry::busy_since("writer", started);
+    }
+
+    fn finish_timed(&self, file: OpenFile) {
         let OpenFile { writer, features, keys, path, .. } = file;
         // The features file first: the images leave the spool only once both files are in place.
         if let Some(f) = features {
@@ -675,6 +688,7 @@ impl WriterCtx {
                 self.finish(open.take().expect("open"));
             }
             let Some(mut row) = row else { continue };
+            let row_started = Instant::now();
             if open.is_none() {
                 match self.open(&row.model_id, &mut seq) {
                     Ok(f) => open = Some(f),
@@ -734,6 +748,7 @@ impl WriterCtx {
             f.keys.push(row.entry.key());
             self.results.publish(served);
             metrics::counter!(telemetry::STAGE_SENT, "stage" => "writer").increment(1);
+            telemetry::busy_since("writer", row_started);
             // Reading /proc costs a syscall and a parse: once a second is enough for a gauge.
             if last_rss.elapsed() >= Duration::from_secs(1) {
                 last_rss = Instant::now();

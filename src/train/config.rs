@@ -43,6 +43,10 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Steps between structured log lines when no terminal shows a progress bar.
     pub log_every: u64,
+    /// Steps between read-backs of the training loss from the device (each waits for the
+    /// device to finish). 0: every step on the CPU (free there), every `log_every` steps on a
+    /// GPU, so it never waits for the host in between.
+    pub loss_readback_every: u64,
     /// Dropout while training. The reference switched it off for its final pseudo-labelled
     /// models: the soft targets regularise enough.
     pub dropout: bool,
@@ -67,6 +71,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             threads: 0,
             log_every: 100,
+            loss_readback_every: 0,
             dropout: true,
         }
     }

@@ -50,8 +50,8 @@ pub enum TrainError {
     Loader(#[from] crate::topology::LoaderError),
     #[error("training diverged at step {step}: loss is {loss} (lower the learning rate; the last checkpoint is intact)")]
     Diverged { step: u64, loss: f64 },
-    #[error("device {0}: {1}")]
-    Device(String, String),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
 }
 
 impl TrainError {
@@ -100,32 +100,6 @@ pub struct TrainSummary {
     pub failures: Vec<Failure>,
 }
 
-/// `cpu`, `cuda` or `cuda:N`, as the CLI and the daemon config spell devices.
-pub fn parse_device(s: &str) -> Result<Device, String> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(Device::Cuda(i)),
-            _ => Err(format!("device `{s}`: expected cpu, cuda or cuda:N")),
-        },
-    }
-}
-
-/// Checks that the device exists in this build (a CPU-only build has no CUDA).
-pub fn check_device(device: Device) -> Result<(), TrainError> {
-    if let Device::Cuda(i) = device {
-        let n = tch::Cuda::device_count();
-        if (i as i64) >= n {
-            return Err(TrainError::Device(
-                format!("cuda:{i}"),
-                format!("{n} CUDA device(s) visible to libtorch (a GPU run needs the GPU build: `make GPU=1 build`, see README)"),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Square patch sizes of the pipeline (the cyclic layers rotate by 90 degrees).
 pub fn patch_sizes(cfg: &PipelineConfig) -> Result<Vec<usize>, TrainError> {
     cfg.patches
@@ -169,7 +143,7 @@ pub fn predict_probabilities(
     let mut labels = Vec::new();
     let _guard = tch::no_grad_guard();
     while let Some(batch) = rt.block_on(loader.next_batch()) {
-        let inputs = batch_inputs(&batch, net.device);
+        let inputs = batch_inputs(&batch, net);
         let p = net.forward_t(&inputs, false).softmax(-1, Kind::Float).to_device(Device::Cpu);
         let flat: Vec<f32> = Vec::try_from(p.flatten(0, -1)).expect("float tensor");
         probs.extend_from_slice(&flat);
@@ -180,8 +154,10 @@ pub fn predict_probabilities(
 }
 
 /// One optimisation step on one batch (forward in training mode, cross-entropy on the logits,
-/// backward, update); returns the batch's mean loss. A non-finite loss skips the update.
-pub fn train_step(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor], labels: &Tensor, lr: f64) -> f64 {
+/// backward, update). Returns the batch's mean loss as a 0-d tensor on the network's device,
+/// not read back: reading it (`double_value`) waits for the device, which a GPU run does only
+/// every `log_every` steps.
+pub fn train_step(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor], labels: &Tensor, lr: f64) -> Tensor {
     let logits = net.forward_t(inputs, true);
     let loss = logits.cross_entropy_for_logits(labels);
     apply_loss(net, optimizer, loss, lr)
@@ -190,19 +166,16 @@ pub fn train_step(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor
 /// One step on soft targets (`N x C` rows summing to 1): the cross-entropy
 /// `-sum_c t_c log softmax(z)_c`, which equals the usual loss on one-hot rows, so labelled and
 /// pseudo-labelled images share one batch. `dropout = false` trains with dropout off.
-pub fn train_step_soft(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor], targets: &Tensor, lr: f64, dropout: bool) -> f64 {
+pub fn train_step_soft(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor], targets: &Tensor, lr: f64, dropout: bool) -> Tensor {
     let logits = net.forward_t(inputs, dropout);
     let loss = -(targets * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
     apply_loss(net, optimizer, loss, lr)
 }
 
-fn apply_loss(net: &mut Network, optimizer: &mut Optimizer, loss: Tensor, lr: f64) -> f64 {
+fn apply_loss(net: &mut Network, optimizer: &mut Optimizer, loss: Tensor, lr: f64) -> Tensor {
     loss.backward();
-    let value = loss.double_value(&[]);
-    if value.is_finite() {
-        optimizer.step(&mut net.params, lr);
-    }
-    value
+    optimizer.step(&mut net.params, lr);
+    loss.detach()
 }
 
 /// Salt of the pseudo-labelled loader's random streams, so its shuffling and augmentation are
@@ -254,8 +227,8 @@ impl PseudoFeed {
     }
 }
 
-fn batch_inputs(batch: &Batch, device: Device) -> Vec<Tensor> {
-    (0..batch.inputs.len()).map(|k| batch.input_tensor(k).to_device(device)).collect()
+fn batch_inputs(batch: &Batch, net: &Network) -> Vec<Tensor> {
+    (0..batch.inputs.len()).map(|k| net.upload(&batch.input_tensor(k))).collect()
 }
 
 fn subset(ds: &Dataset, idx: &[usize]) -> Arc<Vec<ImageRecord>> {
@@ -276,7 +249,7 @@ struct Prepared {
 }
 
 fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Result<Prepared, TrainError> {
-    check_device(opts.device)?;
+    crate::device::ensure(opts.device)?;
     let ds = Dataset::open(&opts.data)?;
     for p in &ds.problems {
         tracing::warn!(path = %p.path.display(), reason = %p.reason, "layout problem: skipped");
@@ -361,6 +334,8 @@ fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Re
 
     tch::manual_seed(mix64(cfg.seed) as i64);
     let mut net = Network::new(&cfg.model, &sizes, ds.class_names.len(), opts.device)?;
+    net.set_compute(&cfg.compute);
+    cfg.compute.apply_globals(opts.device);
     let mut optimizer = Optimizer::new(&cfg.train, &net.params);
     let mut state = TrainState {
         step: 0,
@@ -463,6 +438,16 @@ pub fn run(
     let mut stopped_early = false;
     let mut ema_rate: Option<f64> = None;
     let mut last_scores: Option<(u64, Scores)> = None;
+    // Losses stay on the device until read back (`loss_readback_every`): every step on the
+    // CPU (reading costs nothing there), every `log_every` steps on a GPU, which then never
+    // waits for the host in between. Every validation, checkpoint and stop reads back first, so
+    // a diverged run stops before it saves anything.
+    let readback_every = match tc.loss_readback_every {
+        0 if net.device.is_cuda() => tc.log_every.max(1),
+        0 => 1,
+        n => n,
+    };
+    let mut unread = Unread::default();
 
     while state.step < tc.steps {
         let t_wait = Instant::now();
@@ -487,53 +472,73 @@ pub fn run(
         // Dropout masks depend only on (seed, step), so a resumed run draws the same ones.
         tch::manual_seed((mix64(cfg.seed ^ mix64(state.step.wrapping_add(1))) >> 1) as i64);
         let mut images = batch.len as u64;
-        let loss_value = match feed.as_mut() {
+        let loss = match feed.as_mut() {
             None if tc.dropout => {
-                let inputs = batch_inputs(&batch, net.device);
-                let labels = batch.labels_tensor().to_device(net.device);
+                let inputs = batch_inputs(&batch, &net);
+                let labels = net.upload(&batch.labels_tensor());
                 train_step(&mut net, &mut optimizer, &inputs, &labels, lr)
             }
             None => {
-                let inputs = batch_inputs(&batch, net.device);
-                let targets = batch.labels_tensor().one_hot(net.num_classes as i64).to_kind(Kind::Float).to_device(net.device);
+                let inputs = batch_inputs(&batch, &net);
+                let targets = net.upload(&batch.labels_tensor().one_hot(net.num_classes as i64).to_kind(Kind::Float));
                 train_step_soft(&mut net, &mut optimizer, &inputs, &targets, lr, false)
             }
             Some(feed) => {
                 let pb = feed.next(state.step, tc.steps - state.step, &zmuv, rt, &mut failures)?;
-                let inputs: Vec<Tensor> = (0..batch.inputs.len())
-                    .map(|k| Tensor::cat(&[batch.input_tensor(k), pb.input_tensor(k)], 0).to_device(net.device))
-                    .collect();
-                let targets = feed.targets(&batch, &pb, net.num_classes).to_device(net.device);
+                let inputs: Vec<Tensor> = (0..batch.inputs.len()).map(|k| net.upload(&Tensor::cat(&[batch.input_tensor(k), pb.input_tensor(k)], 0))).collect();
+                let targets = net.upload(&feed.targets(&batch, &pb, net.num_classes));
                 images += pb.len as u64;
                 train_step_soft(&mut net, &mut optimizer, &inputs, &targets, lr, tc.dropout)
             }
         };
-        if !loss_value.is_finite() {
-            return Err(TrainError::Diverged { step: state.step, loss: loss_value });
-        }
+        unread.losses.push(loss);
+        unread.steps.push((state.step, lr, state.epoch));
         state.step += 1;
         state.batches_in_epoch += 1;
         state.images_seen += images;
         state.optimizer_updates = optimizer.updates;
-        let step_time = t_step.elapsed();
         drop(batch);
+        unread.images += images;
+        unread.wait += waited;
 
-        total_wait += waited;
-        window.add(loss_value, images, waited, waited + step_time);
-        step_seconds.record(step_time.as_secs_f64());
-        images_total.increment(images);
-        metrics::gauge!(telemetry::TRAIN_LOSS).set(loss_value);
-        metrics::gauge!(telemetry::TRAIN_LEARNING_RATE).set(lr);
-        let rate = images as f64 / (waited + step_time).as_secs_f64().max(1e-9);
-        let ema = ema_rate.map_or(rate, |e| 0.9 * e + 0.1 * rate);
-        ema_rate = Some(ema);
-        metrics::gauge!(telemetry::TRAIN_IMAGES_PER_SECOND).set(ema);
-        on_event(TrainEvent::Step { step: state.step, total_steps: tc.steps, loss: loss_value, learning_rate: lr, images_per_second: ema, epoch: state.epoch });
-
-        let stop = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
         let last = state.step == tc.steps;
+        let validate = state.step % tc.validate_every == 0 || last;
+        let mut stop = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+        let read_now = unread.steps.len() as u64 >= readback_every || validate || state.step % tc.checkpoint_every == 0 || last || stop;
+        if read_now {
+            let losses = unread.read_back();
+            // The wait for the device counts as this step's time.
+            unread.wall += waited + t_step.elapsed();
+            for (&value, &(step, _, _)) in losses.iter().zip(&unread.steps) {
+                if !value.is_finite() {
+                    return Err(TrainError::Diverged { step, loss: value });
+                }
+            }
+            let (images, wait, wall) = (unread.images, unread.wait, unread.wall);
+            total_wait += wait;
+            window.add(&losses, images, wait, wall);
+            let rate = images as f64 / wall.as_secs_f64().max(1e-9);
+            let ema = ema_rate.map_or(rate, |e| 0.9 * e + 0.1 * rate);
+            ema_rate = Some(ema);
+            images_total.increment(images);
+            metrics::gauge!(telemetry::TRAIN_IMAGES_PER_SECOND).set(ema);
+            let per_step = wall.as_secs_f64() / losses.len() as f64;
+            for (&loss_value, &(step, lr, epoch)) in losses.iter().zip(&unread.steps) {
+                step_seconds.record(per_step);
+                metrics::gauge!(telemetry::TRAIN_LOSS).set(loss_value);
+                metrics::gauge!(telemetry::TRAIN_LEARNING_RATE).set(lr);
+                on_event(TrainEvent::Step { step: step + 1, total_steps: tc.steps, loss: loss_value, learning_rate: lr, images_per_second: ema, epoch });
+            }
+            unread = Unread::default();
+            // A stop asked for from an event handler counts for this step, as Ctrl-C does.
+            stop = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+        } else {
+            unread.wall += waited + t_step.elapsed();
+        }
+        let checkpoint = state.step % tc.checkpoint_every == 0 || last || stop;
+
         state.elapsed_seconds = elapsed_before + run_started.elapsed().as_secs_f64();
-        if state.step % tc.validate_every == 0 || last {
+        if validate {
             let (scores, bad) = if valid.is_empty() {
                 (Scores { log_loss: f64::NAN, top1: f64::NAN, top5: f64::NAN, n: 0 }, Vec::new())
             } else {
@@ -563,7 +568,7 @@ pub fn run(
             last_scores = Some((state.step, scores));
             on_event(TrainEvent::Validated(row));
         }
-        if state.step % tc.checkpoint_every == 0 || last || stop {
+        if checkpoint {
             let path = run.save_checkpoint(&state, tc.keep_checkpoints, |dir| {
                 net.save(&dir.join("model.safetensors"))?;
                 optimizer.save(&net.params, &dir.join("optimizer.safetensors"))?;
@@ -615,6 +620,25 @@ fn merge_failures(into: &mut Vec<Failure>, new: Vec<Failure>) {
     }
 }
 
+/// Steps whose losses are still on the device, and the loop's time spent on them.
+#[derive(Default)]
+struct Unread {
+    losses: Vec<Tensor>,
+    /// (0-based step, learning rate, epoch) of each loss.
+    steps: Vec<(u64, f64, u64)>,
+    images: u64,
+    wait: Duration,
+    wall: Duration,
+}
+
+impl Unread {
+    /// One copy for all the pending losses (waits for the device to finish them).
+    fn read_back(&self) -> Vec<f64> {
+        let all = Tensor::stack(&self.losses, 0).to_kind(Kind::Double).to_device(Device::Cpu);
+        Vec::<f64>::try_from(&all).expect("a 1-d double tensor")
+    }
+}
+
 /// Training statistics between two history rows.
 #[derive(Default)]
 struct Window {
@@ -626,9 +650,9 @@ struct Window {
 }
 
 impl Window {
-    fn add(&mut self, loss: f64, images: u64, wait: Duration, wall: Duration) {
-        self.loss_sum += loss;
-        self.steps += 1;
+    fn add(&mut self, losses: &[f64], images: u64, wait: Duration, wall: Duration) {
+        self.loss_sum += losses.iter().sum::<f64>();
+        self.steps += losses.len() as u64;
         self.images += images;
         self.wait += wait;
         self.wall += wall;
@@ -648,20 +672,5 @@ impl Window {
             batch_wait_fraction: self.wait.as_secs_f64() / wall,
             elapsed_seconds: elapsed,
         }
-    }
-}
-
-#[cfg(test)]
-mod device_tests {
-    use super::*;
-
-    #[test]
-    fn devices_parse_and_bad_ones_are_named() {
-        assert_eq!(parse_device("cpu"), Ok(Device::Cpu));
-        assert_eq!(parse_device("cuda"), Ok(Device::Cuda(0)));
-        assert_eq!(parse_device("cuda:3"), Ok(Device::Cuda(3)));
-        let err = parse_device("gpu0").unwrap_err();
-        assert!(err.contains("gpu0") && err.contains("cuda:N"), "{err}");
-        assert!(parse_device("cuda:x").is_err());
     }
 }

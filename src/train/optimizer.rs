@@ -83,9 +83,10 @@ impl Optimizer {
     pub fn save(&self, params: &[Param], path: &Path) -> Result<(), TrainError> {
         let mut named: Vec<(String, Tensor)> = Vec::new();
         for (i, p) in params.iter().enumerate() {
-            named.push((format!("first.{}", p.name), self.first[i].to_device(Device::Cpu)));
+            // contiguous(): channels-last state is saved in the standard layout.
+            named.push((format!("first.{}", p.name), self.first[i].to_device(Device::Cpu).contiguous()));
             if let Some(s) = self.second.get(i) {
-                named.push((format!("second.{}", p.name), s.to_device(Device::Cpu)));
+                named.push((format!("second.{}", p.name), s.to_device(Device::Cpu).contiguous()));
             }
         }
         Tensor::write_safetensors(&named, path).map_err(|e| TrainError::io(path, e))
