@@ -4,6 +4,7 @@
 #   make bench  - criterion benchmarks + Python baselines (see docs/BENCHMARKS.md)
 #   make bench-train - a training step, ours vs the same network in PyTorch (docs/BENCHMARKS.md)
 #   make crash-test - the daemon under random kill -9s (docs/BENCHMARKS.md)
+#   make gpu-check-pack - the binary for the one-run GPU check (scripts/gpu_check.sh)
 #   make GPU=1 libtorch - libtorch with its CUDA libraries, for a GPU machine that reaches PyPI
 #                         (the same binary then uses the GPU; see README "On a GPU")
 
@@ -31,7 +32,7 @@ else
 TORCH_PIP := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: promtool all libtorch build demo test bench bench-train crash-test pytools pytorch fixtures clean-demo
+.PHONY: promtool all libtorch build demo test bench bench-train crash-test gpu-check-pack pytools pytorch fixtures clean-demo
 
 all: build
 
@@ -85,6 +86,7 @@ test: libtorch pytools promtool
 	$(CARGO) bench --no-run
 	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 $(CARGO) test --release 2>&1 | tee target/test-output.log
 	$(PYENV_DIR)/bin/python scripts/serve_crash_test.py --uploads 300 --kills 3 --out target/crash-test-smoke
+	scripts/gpu_check.sh run --device cpu --tiny --binary target/release/plankton --out target/gpu-check-dry
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test-output.log
 
 bench: build pytools
@@ -100,6 +102,12 @@ CRASH_UPLOADS ?= 20000
 CRASH_KILLS ?= 20
 crash-test: build pytools
 	$(PYENV_DIR)/bin/python scripts/serve_crash_test.py --uploads $(CRASH_UPLOADS) --kills $(CRASH_KILLS) --out target/crash-test
+
+# The one-run GPU check (scripts/gpu_check.sh): the stripped release binary in target/gpu-pack,
+# to carry to a GPU machine, which runs `scripts/gpu_check.sh run --out DIR` there against its
+# own PyTorch (make test runs the CPU dry run, so the script cannot rot).
+gpu-check-pack: libtorch
+	scripts/gpu_check.sh pack
 
 # Regenerate the golden fixtures from the Python oracles (scikit-image, Pillow, mahotas, scipy).
 fixtures: pytools

@@ -18,6 +18,12 @@ initial parameters and input batch instead of timing, and checks the logits and 
 after two optimiser steps (dropout off) against plankton's.
 
     python scripts/pytorch_train_step.py --case 95_w0.25 --threads 2 --warmup 3 --steps 10
+
+Throughput mode (scripts/gpu_check.sh): --device cuda --batch 128 --precision bf16
+--channels-last --compile times --steps steps after --warmup as one block between two device
+synchronisations (no per-step loss read-back, as a PyTorch user would train on a GPU), on one
+fixed batch already on the device: the model's speed without any data loading. TF32 is off unless
+--tf32 (plankton's [compute] default), so fp32 means the same arithmetic on both sides.
 """
 
 import argparse
@@ -241,7 +247,16 @@ def main():
     ap.add_argument("--activation", choices=["leaky_relu", "prelu"], default="leaky_relu",
                     help="prelu: plankton's formulation of the leaky ReLU (diagnosis)")
     ap.add_argument("--check", metavar="FILE", help="compare with the bench binary's check file instead of timing")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: with cuda, throughput mode")
+    ap.add_argument("--batch", type=int, default=BATCH, help="images per step (throughput mode)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (throughput mode)")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last model and input (throughput mode)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (throughput mode)")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 in convolutions and matmuls")
+    ap.add_argument("--no-benchmark", action="store_true", help="leave cudnn.benchmark off")
     args = ap.parse_args()
+    if args.device != "cpu" or args.compile or args.precision != "fp32" or args.channels_last or args.batch != BATCH:
+        sys.exit(throughput(args))
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -297,6 +312,61 @@ def main():
         "case": args.case, "threads": torch.get_num_threads(), "params": n_params, "torch": torch.__version__,
         "step_s": r(times), "forward_s": r(fwd), "backward_s": r(bwd), "optimizer_s": r(upd),
     }, separators=(",", ":")))
+
+
+def throughput(args):
+    """Images/s of training steps on one fixed batch on the device; one JSON line."""
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cudnn.benchmark = not args.no_benchmark
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    size, width = CASES[args.case]
+    torch.manual_seed(0)
+    net = ConvRoll4(size, width).to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    net.train()
+    opt = opt_for(net)
+    inputs = torch.randn(args.batch, 1, size, size, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, CLASSES, (args.batch,), device=device)
+    model = torch.compile(net) if args.compile else net
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(inputs).float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warm_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync()
+    wall = time.perf_counter() - t0
+    last = loss.item()
+    print(json.dumps({
+        "impl": "pytorch-compile" if args.compile else "pytorch-eager", "case": args.case, "device": args.device,
+        "batch": args.batch, "precision": args.precision, "channels_last": args.channels_last, "tf32": args.tf32,
+        "torch": torch.__version__, "steps": args.steps, "warmup_s": round(warm_s, 3), "seconds": round(wall, 4),
+        "images_per_second": round(args.steps * args.batch / wall, 1), "last_loss": last,
+        "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+    }, separators=(",", ":")))
+    return 0 if math.isfinite(last) else 1
 
 
 if __name__ == "__main__":

@@ -10,31 +10,48 @@ end-to-end latency p50/p99 (upload sent -> prediction received), and the daemon'
 memory (VmHWM). Prints a Markdown table.
 
 Usage: python3 scripts/serve_load.py RUN_DIR IMAGE_DIR [RATE] [SECONDS] [CLIENTS]
+           [--binary B] [--device D] [--only fixed|overload] [--json]
+--device puts the model on D (auto, cpu, cuda, ...); --json ends with one JSON line for the
+overload phase, with each daemon stage's busy time per wall-clock second (spool = copy + fsync,
+decode = decode + warp, model = forward pass, writer = Parquet rows and finished files):
+scripts/gpu_check.py reads it.
 """
+import argparse
 import http.client
+import json
 import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-run, image_dir = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
-rate = float(sys.argv[3]) if len(sys.argv) > 3 else 20.0
-seconds = float(sys.argv[4]) if len(sys.argv) > 4 else 15.0
-clients = int(sys.argv[5]) if len(sys.argv) > 5 else 16
-binary = Path(__file__).resolve().parent.parent / "target/release/plankton"
-images = [p.read_bytes() for p in sorted(image_dir.rglob("*.jpg"))][:200]
-assert images, f"no .jpg under {image_dir}"
+ap = argparse.ArgumentParser()
+ap.add_argument("run")
+ap.add_argument("image_dir")
+ap.add_argument("rate", nargs="?", type=float, default=20.0)
+ap.add_argument("seconds", nargs="?", type=float, default=15.0)
+ap.add_argument("clients", nargs="?", type=int, default=16)
+ap.add_argument("--binary", default=str(Path(__file__).resolve().parent.parent / "target/release/plankton"))
+ap.add_argument("--device", default="cpu")
+ap.add_argument("--only", choices=["fixed", "overload"])
+ap.add_argument("--json", action="store_true")
+args = ap.parse_args()
+run, image_dir = Path(args.run).resolve(), Path(args.image_dir)
+rate, seconds, clients = args.rate, args.seconds, args.clients
+binary = Path(args.binary)
+images = [p.read_bytes() for p in sorted(image_dir.rglob("*.jpg")) + sorted(image_dir.rglob("*.png"))][:200]
+assert images, f"no .jpg or .png under {image_dir}"
+STAGES = ("spool", "decode", "model", "writer")
 
 
 def start(work, ingest):
     cfg = work / "daemon.toml"
     cfg.write_text(f"""
 model = "{run}"
+device = "{args.device}"
 threads = 0
 spool = "{work}/spool"
 quarantine = "{work}/quarantine"
@@ -106,69 +123,86 @@ def summarise(name, results, wall, pid, latencies=None):
             f"{1000 * q[49]:.0f} | {1000 * q[98]:.0f} | {peak_rss_mib(pid):.0f} |")
 
 
+def busy_seconds(host, port):
+    return {st: metric(host, port, f'plankton_stage_busy_seconds_sum{{stage="{st}"}}') for st in STAGES}
+
+
 rows = []
+last = None
 with tempfile.TemporaryDirectory() as tmp:
-    work = Path(tmp) / "fixed"
-    work.mkdir()
-    proc, host, port = start(work, ingest=1024)
-    results, threads = [], []
-    n = int(rate * seconds)
-    t_start = time.monotonic()
-    for i in range(n):
-        delay = t_start + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        t = threading.Thread(target=upload, args=(host, port, i, results))
-        t.start()
-        threads.append(t)
-    for t in threads:
-        t.join()
-    rows.append(summarise(f"fixed rate {rate:g}/s", results, time.monotonic() - t_start, proc.pid))
-    proc.terminate()
-    proc.wait(timeout=60)
+    if args.only != "overload":
+        work = Path(tmp) / "fixed"
+        work.mkdir()
+        proc, host, port = start(work, ingest=1024)
+        results, threads = [], []
+        n = int(rate * seconds)
+        t_start = time.monotonic()
+        for i in range(n):
+            delay = t_start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            t = threading.Thread(target=upload, args=(host, port, i, results))
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+        rows.append(summarise(f"fixed rate {rate:g}/s", results, time.monotonic() - t_start, proc.pid))
+        proc.terminate()
+        proc.wait(timeout=60)
 
-    work = Path(tmp) / "overload"
-    work.mkdir()
-    proc, host, port = start(work, ingest=8)
-    results = []
-    stop = time.monotonic() + seconds
-    counter = iter(range(10**9))
-    lock = threading.Lock()
+    if args.only != "fixed":
+        work = Path(tmp) / "overload"
+        work.mkdir()
+        proc, host, port = start(work, ingest=8)
+        results = []
+        stop = time.monotonic() + seconds
+        counter = iter(range(10**9))
+        lock = threading.Lock()
 
-    def client():
-        while time.monotonic() < stop:
-            with lock:
-                i = next(counter)
-            upload(host, port, i, results, wait=False)
+        def client():
+            while time.monotonic() < stop:
+                with lock:
+                    i = next(counter)
+                upload(host, port, i, results, wait=False)
 
-    t_start = time.monotonic()
-    workers = [threading.Thread(target=client) for _ in range(clients)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    # Every accepted upload must come out predicted: wait for the count (bounded).
-    accepted = sum(1 for s, _ in results if s == 202)
-    deadline = time.monotonic() + 120
-    while metric(host, port, "plankton_predict_images_total") < accepted and time.monotonic() < deadline:
-        time.sleep(0.1)
-    wall = time.monotonic() - t_start
-    predicted = metric(host, port, "plankton_predict_images_total")
-    assert predicted >= accepted, f"only {predicted} of {accepted} accepted uploads predicted"
-    # Latency: the daemon's own histogram (accepted -> row), the clients did not wait.
-    p50 = metric(host, port, 'plankton_serve_latency_seconds{quantile="0.5"}')
-    p99 = metric(host, port, 'plankton_serve_latency_seconds{quantile="0.99"}')
-    refused = sum(1 for s, _ in results if s == 503)
-    other = sum(1 for s, _ in results if s not in (202, 503))
-    rows.append(f"| overload ({clients} clients back to back, no wait, ingest queue 8) | {len(results)} | {accepted} | "
-                f"{refused} | {other} | {accepted / wall:.1f} | {1000 * p50:.0f}* | {1000 * p99:.0f}* | {peak_rss_mib(proc.pid):.0f} |")
-    proc.terminate()
-    code = proc.wait(timeout=60)
-    assert code == 0, f"daemon exited {code}"
+        busy_before = busy_seconds(host, port)
+        t_start = time.monotonic()
+        workers = [threading.Thread(target=client) for _ in range(clients)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        # Every accepted upload must come out predicted: wait for the count (bounded).
+        accepted = sum(1 for s, _ in results if s == 202)
+        deadline = time.monotonic() + 120
+        while metric(host, port, "plankton_predict_images_total") < accepted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        wall = time.monotonic() - t_start
+        predicted = metric(host, port, "plankton_predict_images_total")
+        assert predicted >= accepted, f"only {predicted} of {accepted} accepted uploads predicted"
+        busy_after = busy_seconds(host, port)
+        # Latency: the daemon's own histogram (accepted -> row), the clients did not wait.
+        p50 = metric(host, port, 'plankton_serve_latency_seconds{quantile="0.5"}')
+        p99 = metric(host, port, 'plankton_serve_latency_seconds{quantile="0.99"}')
+        refused = sum(1 for s, _ in results if s == 503)
+        other = sum(1 for s, _ in results if s not in (202, 503))
+        rss = peak_rss_mib(proc.pid)
+        rows.append(f"| overload ({clients} clients back to back, no wait, ingest queue 8) | {len(results)} | {accepted} | "
+                    f"{refused} | {other} | {accepted / wall:.1f} | {1000 * p50:.0f}* | {1000 * p99:.0f}* | {rss:.0f} |")
+        last = {"uploads": len(results), "accepted": accepted, "refused": refused, "other_errors": other,
+                "seconds": round(wall, 2), "predictions_per_second": round(accepted / wall, 1),
+                "latency_p50_ms": round(1000 * p50, 1), "latency_p99_ms": round(1000 * p99, 1), "peak_rss_mib": round(rss),
+                "busy_per_second": {st: round((busy_after[st] - busy_before[st]) / wall, 3) for st in STAGES},
+                "device": args.device, "clients": clients}
+        proc.terminate()
+        code = proc.wait(timeout=60)
+        assert code == 0, f"daemon exited {code}"
 
 print("| phase | uploads | predicted | refused (503) | other errors | predictions/s | p50 ms | p99 ms | peak RSS MiB |")
 print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     print(r)
-print(f"\nmodel: {run}; {len(images)} distinct images from {image_dir}; {os.cpu_count()} cores")
+print(f"\nmodel: {run} on {args.device}; {len(images)} distinct images from {image_dir}; {os.cpu_count()} cores")
 print("* overload latency: the daemon's histogram (spooled -> row), clients did not wait for answers")
+if args.json and last:
+    print(json.dumps(last))
