@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_IMAGES = 215_040 * 32  # the reference convroll4 schedule: 215,040 steps of 32 images
 TRAIN_REL_TOL = 1e-3
 PREDICT_ABS_TOL = 1e-4
+CORRECTNESS = ("train_parity", "invariance", "predict_parity")
 
 
 class Check:
@@ -53,6 +55,8 @@ class Check:
         self.work.mkdir()
         self.results = self.out / "results.jsonl"
         self.results.write_text("")
+        for stale in ("summary.json", "summary.md"):
+            (self.out / stale).unlink(missing_ok=True)
         self.started = time.monotonic()
         self.deadline = self.started + args.budget_s
         self.env = os.environ.copy()
@@ -98,13 +102,14 @@ class Check:
     def phase(self, name, need_s, fn):
         if self.left() < need_s:
             self.record(name, skipped=f"budget: {self.left():.0f} s left, needs about {need_s} s")
+            # A correctness check that did not run has not passed.
+            self.failed |= name in CORRECTNESS
             return
         try:
             fn()
         except Exception as e:  # recorded; the next phase still runs
             self.record(name, error=str(e)[:2000])
-            if name in ("train_parity", "invariance", "predict_parity"):
-                self.failed = True
+            self.failed |= name in CORRECTNESS
 
     def ensure_libtorch(self):
         """A binary built elsewhere finds libtorch through LD_LIBRARY_PATH: the torch install of
@@ -324,17 +329,28 @@ channels_last = {str(channels_last).lower()}
         self.record("daemon", model=run.name, **r)
 
     def all(self):
-        self.phase("environment", 5, self.environment)
-        self.phase("data", 10, self.data)
-        self.phase("train_parity", 20, self.train_parity)
-        self.phase("invariance", 5, self.invariance)
-        self.phase("predict_parity", 10, self.predict_parity)
-        self.phase("train_speed", 60, self.train_speed)
-        self.phase("tta_speed", 30, self.tta_speed)
-        self.phase("daemon", 40, self.daemon)
-        self.phase("pytorch_speed", 40, self.pytorch_speed)
-        summarise(self.out, self.results)
-        return 1 if self.failed else 0
+        # SIGTERM (a timeout) ends the run like Ctrl-C: what was measured is still summarised.
+        signal.signal(signal.SIGTERM, interrupted)
+        try:
+            self.phase("environment", 5, self.environment)
+            self.phase("data", 10, self.data)
+            self.phase("train_parity", 20, self.train_parity)
+            self.phase("invariance", 5, self.invariance)
+            self.phase("predict_parity", 10, self.predict_parity)
+            self.phase("train_speed", 60, self.train_speed)
+            self.phase("tta_speed", 30, self.tta_speed)
+            self.phase("daemon", 40, self.daemon)
+            self.phase("pytorch_speed", 40, self.pytorch_speed)
+        except KeyboardInterrupt:
+            self.record("interrupted", error="the run was interrupted; later phases did not run")
+            self.failed = True
+        finally:
+            ok = summarise(self.out, self.results)
+        return 0 if ok and not self.failed else 1
+
+
+def interrupted(*_):
+    raise KeyboardInterrupt
 
 
 class GpuMemory:
@@ -370,9 +386,11 @@ def summarise(out, results):
     env = (by.get("environment") or [{}])[0]
     summary = {"results": rows}
     md = ["# GPU check", ""]
-    if env:
+    if "device" in env:
         md += [f"device `{env.get('device')}`, {env.get('nvidia_smi') or 'no nvidia-smi'}, {env.get('cpus')} cores, "
                f"binary {env.get('binary_mib')} MiB" + (" (tiny sizes: a dry run, not figures)" if env.get("tiny") else ""), ""]
+    else:
+        md += ["(the environment phase did not run)", ""]
     md += ["| check | result |", "|---|---|"]
     for name, key, tol in (("train_parity", "max_relative_difference", "relative"), ("predict_parity", "max_abs_difference", "absolute"),
                            ("invariance", "max_relative_difference", "relative")):
@@ -403,7 +421,10 @@ def summarise(out, results):
                 ratios[f"{cfg} vs PyTorch {'compile' if suffix else 'eager'}"] = round(rate / theirs[cfg + suffix], 3)
     summary["ratios"] = ratios
     if ratios:
-        md += ["", "| ours / PyTorch (same network, batch, precision) | ratio |", "|---|---|"]
+        title = "ours / PyTorch (same network, batch, precision)"
+        if env.get("tiny"):
+            title += ", tiny sizes: not a figure"
+        md += ["", f"| {title} | ratio |", "|---|---|"]
         md += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
     for r in by.get("tta_speed", []):
         if "images_per_second" in r:
@@ -417,10 +438,14 @@ def summarise(out, results):
     bad = [r for r in rows if "error" in r]
     if bad:
         md += ["", "errors:"] + [f"- {r['phase']} {r.get('config', '')}: {r['error'][:300]}" for r in bad]
-    summary["ok"] = all(r.get("ok", True) for r in rows) and not any(r["phase"] in ("train_parity", "invariance", "predict_parity") and "error" in r for r in rows)
+    # Passed only if every correctness check ran and passed.
+    checks = {r["phase"]: r.get("ok") for r in rows if r["phase"] in CORRECTNESS}
+    summary["ok"] = all(checks.get(c) is True for c in CORRECTNESS) and not any("interrupted" == r["phase"] for r in rows)
+    md.insert(2, f"**{'all correctness checks passed' if summary['ok'] else 'NOT PASSED: a correctness check failed or did not run'}**\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    return summary["ok"]
 
 
 def pack(args):

@@ -74,12 +74,18 @@ roll_seconds = 30
     proc = subprocess.Popen([str(binary), "serve", "--pipeline", str(cfg)], stdout=subprocess.PIPE,
                             stderr=open(work / "daemon.log", "w"), text=True)
     addr = None
+    ready = False
     for line in proc.stdout:
         m = re.match(r"listening on http://(\S+)", line)
         if m:
             addr = m.group(1)
         if line.startswith("ready"):
+            ready = True
             break
+    if not ready:
+        code = proc.wait(timeout=60)
+        log = (work / "daemon.log").read_text().strip().splitlines()
+        raise SystemExit(f"the daemon did not start (exit {code}): " + " | ".join(log[-5:]))
     host, port = addr.rsplit(":", 1)
     return proc, host, int(port)
 
@@ -193,7 +199,7 @@ with tempfile.TemporaryDirectory() as tmp:
                 "seconds": round(wall, 2), "predictions_per_second": round(accepted / wall, 1),
                 "latency_p50_ms": round(1000 * p50, 1), "latency_p99_ms": round(1000 * p99, 1), "peak_rss_mib": round(rss),
                 "busy_per_second": {st: round((busy_after[st] - busy_before[st]) / wall, 3) for st in STAGES},
-                "device": args.device, "clients": clients}
+                "device_asked": args.device, "clients": clients}
         proc.terminate()
         code = proc.wait(timeout=60)
         assert code == 0, f"daemon exited {code}"

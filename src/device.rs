@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DeviceError {
-    #[error("`{0}` is not a device: expected auto, cpu, cuda or cuda:N")]
+    #[error("`{0}` is not a device: expected auto, cpu, cuda or cuda:N (N from 0 to 127)")]
     Unknown(String),
     #[error("{asked}: CUDA could not be loaded: {reason}")]
     NoCuda { asked: String, reason: String },
@@ -47,8 +47,9 @@ impl std::str::FromStr for DeviceChoice {
             "auto" => Ok(DeviceChoice::Auto),
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" => Ok(DeviceChoice::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(i)) => Ok(DeviceChoice::Cuda(i)),
+            // libtorch's device index is an 8-bit integer.
+            _ => match s.strip_prefix("cuda:").map(str::parse::<i8>) {
+                Some(Ok(i)) if i >= 0 => Ok(DeviceChoice::Cuda(i as usize)),
                 _ => Err(DeviceError::Unknown(s.to_string())),
             },
         }
@@ -62,6 +63,15 @@ impl std::fmt::Display for DeviceChoice {
             DeviceChoice::Cpu => write!(f, "cpu"),
             DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
         }
+    }
+}
+
+/// A device as the CLI spells it (`cpu`, `cuda:0`).
+pub fn name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Cpu => "cpu".into(),
+        other => format!("{other:?}").to_lowercase(),
     }
 }
 
@@ -527,6 +537,15 @@ mod tests {
         );
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
         assert!("cuda:".parse::<DeviceChoice>().is_err());
+        assert_eq!("cuda:127".parse(), Ok(DeviceChoice::Cuda(127)));
+        for huge in [
+            "cuda:128",
+            "cuda:-1",
+            "cuda:18446744073709551615",
+            "cuda:9223372036854775808",
+        ] {
+            assert!(huge.parse::<DeviceChoice>().is_err(), "{huge}");
+        }
     }
 
     #[test]

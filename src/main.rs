@@ -734,27 +734,33 @@ async fn main() -> Result<()> {
             let cfg = a.pipeline.load()?;
             let device = parse_device(&a.device)?;
             let sizes = plankton::train::patch_sizes(&cfg)?;
-            let net = plankton::model::Network::new(&cfg.model, &sizes, a.classes, device)?;
+            let mut net = plankton::model::Network::new(&cfg.model, &sizes, a.classes, device)?;
             if !a.check_invariance {
                 print!("{}", net.describe());
                 return Ok(());
             }
-            let check = plankton::model::invariance::check(&net, &sizes, 8, 1);
-            let ok = check.max_relative_difference <= plankton::model::invariance::TOLERANCE;
+            // As the pipeline computes: its [compute] precision and layout.
+            net.set_compute(&cfg.compute);
+            use plankton::model::invariance;
+            let check = invariance::check(&net, &sizes, 8, 1);
+            let tolerance = invariance::tolerance(cfg.compute.precision);
+            let ok = check.max_relative_difference <= tolerance;
+            let on = format!("{} ({:?})", plankton::device::name(device), cfg.compute.precision).to_lowercase();
             println!(
-                "90-degree invariance on {}: max |logit difference| {:.3e} ({:.3e} relative to max |logit| {:.3e}) over {} rotations of {} inputs: {}",
-                a.device, check.max_abs_difference, check.max_relative_difference, check.max_abs_logit, check.rotations, check.images,
+                "90-degree invariance on {on}: max |logit difference| {:.3e} ({:.3e} relative to max |logit| {:.3e}, tolerance {tolerance:.0e}) over {} rotations of {} inputs: {}",
+                check.max_abs_difference, check.max_relative_difference, check.max_abs_logit, check.rotations, check.images,
                 if ok { "ok" } else { "FAILED" }
             );
             if let Some(path) = &a.json {
                 let mut v = serde_json::to_value(&check)?;
                 v["ok"] = ok.into();
-                v["device"] = format!("{device:?}").into();
-                v["tolerance"] = plankton::model::invariance::TOLERANCE.into();
-                std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| path.display().to_string())?;
+                v["device"] = plankton::device::name(device).into();
+                v["precision"] = serde_json::to_value(cfg.compute.precision)?;
+                v["tolerance"] = tolerance.into();
+                std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("--json {}", path.display()))?;
             }
             if !ok {
-                anyhow::bail!("the network is not invariant to 90-degree rotations on {}", a.device);
+                anyhow::bail!("the network is not invariant to 90-degree rotations on {on}");
             }
             Ok(())
         }
@@ -914,13 +920,24 @@ async fn train(a: TrainArgs) -> Result<()> {
     }
     let stop = Arc::new(AtomicBool::new(false));
     {
+        // SIGINT (Ctrl-C) and SIGTERM (a scheduler's or `timeout`'s stop) both end the run with
+        // a checkpoint after the current step.
+        use tokio::signal::unix::{signal, SignalKind};
         let stop = stop.clone();
+        let mut term = signal(SignalKind::terminate())?;
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::warn!("interrupted: stopping after this step and writing a checkpoint");
-                stop.store(true, Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
+            tracing::warn!("interrupted: stopping after this step and writing a checkpoint");
+            stop.store(true, Ordering::Relaxed);
         });
+    }
+    if let Some(path) = &a.loss_log {
+        if path.is_dir() || path == &a.out {
+            bail!("--loss-log {}: a file is needed (not a folder, nor the run folder)", path.display());
+        }
     }
     let opts = TrainOptions {
         config,
@@ -931,13 +948,24 @@ async fn train(a: TrainArgs) -> Result<()> {
         split_file: a.split,
         stop: Some(stop),
     };
-    let mut loss_log = match &a.loss_log {
-        Some(path) => {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("--loss-log {}", path.display()))?);
-            writeln!(f, "step,loss")?;
-            Some((path.clone(), f))
+    // Opened once the run starts (the run folder exists then); a resumed run keeps the rows of
+    // the steps before its checkpoint, so the log reads as one run.
+    let resuming = opts.resume;
+    let log_path = a.loss_log.clone();
+    let mut loss_log: Option<(PathBuf, std::io::BufWriter<std::fs::File>)> = None;
+    let open_loss_log = move |start_step: u64| -> std::io::Result<Option<(PathBuf, std::io::BufWriter<std::fs::File>)>> {
+        let Some(path) = a.loss_log.clone() else { return Ok(None) };
+        let kept: Vec<String> = match resuming.then(|| std::fs::read_to_string(&path)) {
+            Some(Ok(text)) => text.lines().skip(1).filter(|l| l.split(',').next().and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s <= start_step)).map(String::from).collect(),
+            _ => Vec::new(),
+        };
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        writeln!(f, "step,loss")?;
+        for l in kept {
+            writeln!(f, "{l}")?;
         }
-        None => None,
+        f.flush()?;
+        Ok(Some((path, f)))
     };
     let handle = tokio::runtime::Handle::current();
     let summary = tokio::task::spawn_blocking(move || {
@@ -948,6 +976,12 @@ async fn train(a: TrainArgs) -> Result<()> {
         let mut on_event = |e: TrainEvent| match e {
             TrainEvent::Started { start_step, total_steps, train_images, valid_images, pseudo_images, parameters } => {
                 tracing::info!(start_step, total_steps, train_images, valid_images, pseudo_images, parameters, "training");
+                match open_loss_log(start_step) {
+                    Ok(f) => loss_log = f,
+                    Err(e) => {
+                        log_error.get_or_insert(e);
+                    }
+                }
                 if terminal {
                     let bar = progress(total_steps, "train");
                     bar.set_style(
@@ -961,8 +995,12 @@ async fn train(a: TrainArgs) -> Result<()> {
                 }
             }
             TrainEvent::Step { step, total_steps, loss, learning_rate, images_per_second, epoch } => {
-                if let Some((_, f)) = &mut loss_log {
-                    if let Err(e) = writeln!(f, "{step},{loss}") {
+                if let Some((path, f)) = &mut loss_log {
+                    // Flushed as it goes, so a killed run leaves the losses it read back.
+                    if let Err(e) = writeln!(f, "{step},{loss}").and_then(|_| f.flush()) {
+                        if log_error.is_none() {
+                            tracing::error!(path = %path.display(), error = %e, "--loss-log: cannot write");
+                        }
                         log_error.get_or_insert(e);
                     }
                 }
@@ -989,9 +1027,9 @@ async fn train(a: TrainArgs) -> Result<()> {
             bar.finish_and_clear();
         }
         let logged = match (loss_log, log_error) {
-            (Some((path, _)), Some(e)) => Err(anyhow::anyhow!("--loss-log {}: {e}", path.display())),
+            (_, Some(e)) => Err(anyhow::anyhow!("--loss-log {}: {e}", log_path.as_deref().unwrap_or(Path::new("?")).display())),
             (Some((path, mut f)), None) => f.flush().with_context(|| format!("--loss-log {}", path.display())),
-            (None, _) => Ok(()),
+            (None, None) => Ok(()),
         };
         anyhow::Ok(r?).and_then(|s| logged.map(|_| s))
     })

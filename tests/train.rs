@@ -287,3 +287,31 @@ fn a_small_cyclic_net_learns_synthetic_classes() {
     assert!(last.top1 >= 0.85, "top-1 {} after 600 steps: {:?}", last.top1, s.history);
     assert!(last.log_loss < first.valid_loss && last.log_loss < 0.6, "{:?}", s.history);
 }
+
+/// A resumed run's loss log keeps the rows up to its checkpoint and goes on from there, so it
+/// reads as one run; a folder is refused as the log.
+#[test]
+fn the_loss_log_of_a_resumed_run_reads_as_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path(), 3, 8, 9);
+    let p = write(&dir.path().join("p.toml"), &tiny_pipeline(20, ""));
+    let run = dir.path().join("run");
+    let log = dir.path().join("losses.csv");
+    run_ok(bin().args(["train", "--device", "cpu", "--data"]).arg(&data).arg("--pipeline").arg(&p).arg("--out").arg(&run).arg("--loss-log").arg(&log));
+    // Continue to 30 steps from the checkpoint at 20, and pretend steps 21-25 were logged
+    // before a crash: they are replaced, not repeated.
+    let stored = std::fs::read_to_string(run.join("pipeline.toml")).unwrap();
+    std::fs::write(run.join("pipeline.toml"), stored.replace("steps = 20", "steps = 30")).unwrap();
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text += "21,9.9\n25,9.9\n";
+    std::fs::write(&log, text).unwrap();
+    run_ok(bin().args(["train", "--resume", "--device", "cpu", "--data"]).arg(&data).arg("--out").arg(&run).arg("--loss-log").arg(&log));
+    let steps: Vec<u64> = loss_log(&log).iter().map(|l| l.0).collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+    assert!(loss_log(&log).iter().all(|l| l.1 < 9.0));
+
+    let out = bin().args(["train", "--device", "cpu", "--data"]).arg(&data).arg("--pipeline").arg(&p).arg("--out").arg(dir.path().join("r2")).arg("--loss-log").arg(dir.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--loss-log") && err.contains("a file is needed"), "{err}");
+    assert!(!dir.path().join("r2").exists(), "nothing was started");
+}

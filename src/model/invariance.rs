@@ -10,6 +10,16 @@ use super::Network;
 
 /// Largest relative logit change accepted in fp32.
 pub const TOLERANCE: f64 = 1e-4;
+/// ... and under bf16 autocast, where a rotated input rounds differently (8-bit mantissa).
+pub const TOLERANCE_BF16: f64 = 5e-2;
+
+/// The tolerance for a network's precision.
+pub fn tolerance(precision: crate::device::Precision) -> f64 {
+    match precision {
+        crate::device::Precision::Fp32 => TOLERANCE,
+        crate::device::Precision::Bf16 => TOLERANCE_BF16,
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct InvarianceCheck {

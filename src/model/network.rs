@@ -159,6 +159,9 @@ impl Network {
         device: Device,
         init: bool,
     ) -> Result<Network, ModelError> {
+        if num_classes == 0 {
+            return Err(ModelError::Invalid("the network needs at least one class".into()));
+        }
         let branches_cfg = cfg.branches(patch_sizes);
         if branches_cfg.is_empty() {
             return Err(ModelError::Invalid("the model has no branch (preset = \"custom\" needs [[model.branch]])".into()));

@@ -419,6 +419,8 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
         "views": views,
         "temperature": temperature,
         "calibration": model.calibration,
+        "device": crate::device::name(model.net.device),
+        "precision": model.net.precision(),
         "plankton_version": env!("CARGO_PKG_VERSION"),
         "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
     });

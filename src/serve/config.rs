@@ -321,6 +321,9 @@ impl ServeConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if let Err(e) = self.device.parse::<crate::device::DeviceChoice>() {
+            return Err(format!("device: {e}"));
+        }
         if !self.watch.enabled && !self.http.enabled {
             return Err("no source: enable [watch] and/or [http]".into());
         }
