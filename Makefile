@@ -12,7 +12,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 TORCH_VERSION := 2.11.0
 LIBTORCH_DIR := .libtorch
-LIBTORCH_STAMP := $(LIBTORCH_DIR)/.installed-$(TORCH_VERSION)$(if $(GPU),-gpu,-cpu)
+# A GPU install (with the CUDA libraries) also serves the CPU: it is not replaced by a CPU one.
+LIBTORCH_STAMP := $(firstword $(wildcard $(LIBTORCH_DIR)/.installed-$(TORCH_VERSION)-gpu) $(LIBTORCH_DIR)/.installed-$(TORCH_VERSION)$(if $(GPU),-gpu,-cpu))
 PIP_FLAGS ?=
 PYENV_DIR := .pyenv-tools
 PYENV_STAMP := $(PYENV_DIR)/.installed-v1

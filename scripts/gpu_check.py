@@ -50,9 +50,10 @@ class Check:
         self.args = args
         self.out = Path(args.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.work = self.out / "work"
+        # Thousands of small files: keep them out of --out where that folder is shipped back.
+        self.work = Path(args.work).resolve() if args.work else self.out / "work"
         shutil.rmtree(self.work, ignore_errors=True)
-        self.work.mkdir()
+        self.work.mkdir(parents=True)
         self.results = self.out / "results.jsonl"
         self.results.write_text("")
         for stale in ("summary.json", "summary.md"):
@@ -474,6 +475,7 @@ def main():
     r.add_argument("--out", required=True, help="folder for results.jsonl, summary.json, summary.md and work/")
     r.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (the dry run)")
     r.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU dry run)")
+    r.add_argument("--work", help="folder for the data, runs and logs (default: <out>/work)")
     r.add_argument("--binary", help="plankton binary (default target/gpu-pack/plankton, else target/release/plankton)")
     r.add_argument("--budget-s", type=float, default=480, help="skip phases that would end later than this")
     r.add_argument("--torch-python", default=shutil.which("python3") or sys.executable,
