@@ -309,12 +309,15 @@ channels_last = {str(channels_last).lower()}
         if not (run / "final.safetensors").exists() and not any(run.glob("*.safetensors")):
             run = self.work / "parity-cpu"
         out = self.work / "tta.parquet"
+        # Four images' views per forward pass on the GPU (the run's own batch of 32 patches would
+        # leave it mostly idle); the tiny run keeps the run's batch.
+        extra = [] if self.args.tiny else ["--batch-size", 4 * s["tta"]]
         text = self.plankton("predict", "--model", run, "--data", self.work / "data", "--out", out, "--device", self.device,
-                             "--tta", s["tta"], "--weights", "final", log="tta.log")
+                             "--tta", s["tta"], "--weights", "final", *extra, log="tta.log")
         m = re.search(r"predicted (\d+) of (\d+) images x (\d+) view.*?in ([\d.]+) s: ([\d.]+) images/s, ([\d.]+) patches/s", text)
         if not m:
             raise RuntimeError("no rate line in predict's output: " + text[-300:])
-        self.record("tta_speed", model=run.name, images=int(m.group(1)), views=int(m.group(3)), seconds=float(m.group(4)),
+        self.record("tta_speed", model=run.name, batch_size=extra[1] if extra else None, images=int(m.group(1)), views=int(m.group(3)), seconds=float(m.group(4)),
                     images_per_second=float(m.group(5)), patches_per_second=float(m.group(6)))
 
     def daemon(self):
