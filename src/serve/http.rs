@@ -481,7 +481,7 @@ async fn upload(
     let spool = state.spool.clone();
     let (accept_id, accept_name) = (id.clone(), name.clone());
     let spooled = tokio::task::spawn_blocking(move || {
-        let already = spool.contains(&accept_id);
+        let before = spool.pending_key(&accept_id);
         spool
             .accept(
                 &accept_id,
@@ -489,7 +489,10 @@ async fn upload(
                 &accept_name,
                 &bytes,
             )
-            .map(|entry| (entry, already))
+            .map(|entry| {
+                let duplicate = before.as_ref() == Some(&entry.key());
+                (entry, duplicate)
+            })
     })
     .await;
     let (entry, duplicate) = match spooled {
@@ -758,9 +761,12 @@ async fn upload_multipart(
         to_spool
             .into_iter()
             .map(|(i, id, name, bytes)| {
-                let already = spool.contains(&id);
+                let before = spool.pending_key(&id);
                 let result = spool.accept(&id, &upload_source(&name), &name, &bytes);
-                (i, id, result.map(|entry| (entry, already)))
+                (i, id, result.map(|entry| {
+                    let duplicate = before.as_ref() == Some(&entry.key());
+                    (entry, duplicate)
+                }))
             })
             .collect::<Vec<_>>()
     })

@@ -634,6 +634,14 @@ impl Spool {
     }
 
     /// Whether `id` is pending (false for ids that are not valid).
+    /// The key of the acceptance pending under `id`, if any. Compare it with the key that
+    /// `accept` returns to tell a retry (same key) from a new acceptance: between the two calls
+    /// the pending one may have been quarantined or completed, which frees the id.
+    pub fn pending_key(&self, id: &str) -> Option<EntryKey> {
+        let id = sanitize_id(id).ok()?;
+        self.read_sidecar(&id).ok().flatten().map(|e| e.key())
+    }
+
     pub fn contains(&self, id: &str) -> bool {
         sanitize_id(id).is_ok() && self.sidecar_path(id).exists()
     }
@@ -977,6 +985,31 @@ mod tests {
 
     fn ids(entries: &[SpoolEntry]) -> Vec<&str> {
         entries.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_new_acceptance_after_a_quarantine_has_a_new_key() {
+        // What the HTTP handler relies on to tell a retry from a new acceptance: the id can be
+        // freed (quarantined) between its look and its accept.
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let bad = spool.accept("same", "http", "", b"not an image").unwrap();
+        assert_eq!(spool.pending_key("same"), Some(bad.key()));
+        let retry = spool.accept("same", "http", "", b"not an image").unwrap();
+        assert_eq!(retry.key(), bad.key(), "a retry is the same acceptance");
+        let before = spool.pending_key("same");
+        spool
+            .quarantine(&bad, "corrupt", &dir.path().join("q"))
+            .unwrap();
+        let good = spool.accept("same", "http", "", b"an image").unwrap();
+        assert_ne!(
+            before,
+            Some(good.key()),
+            "a new acceptance must be sent down the pipeline"
+        );
+        assert_eq!(spool.pending_key("same"), Some(good.key()));
+        assert_eq!(spool.pending_key("other"), None);
+        assert_eq!(spool.pending_key("../bad"), None);
     }
 
     #[test]
