@@ -1187,6 +1187,7 @@ async fn run_loader_bench(
 
 fn write_folds(ds: &Dataset, out: &Path, folds: usize, seed: u64) -> Result<()> {
     let labels: Vec<u32> = ds.train.iter().map(|r| r.label.unwrap_or(u32::MAX)).collect();
+    plankton::split::check_folds(&labels, &ds.class_names, folds)?;
     let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "split".into());
     for (k, split) in plankton::split::stratified_folds(&labels, folds, seed)?.into_iter().enumerate() {
         let path = out.with_file_name(format!("{stem}-fold{k}.csv"));

@@ -23,6 +23,8 @@ pub enum SplitError {
     BadFraction(f64),
     #[error("cross-validation needs at least 2 folds, got {0}")]
     BadFolds(usize),
+    #[error("{folds} folds, but class `{class}` has only {images} image(s): every fold must validate every class, so use at most {images} folds")]
+    TooManyFolds { folds: usize, class: String, images: usize },
 }
 
 /// Indices into `Dataset::train`.
@@ -72,6 +74,25 @@ fn indices_by_class(labels: &[u32]) -> Vec<(u32, Vec<usize>)> {
     let mut classes: Vec<_> = by_class.into_iter().collect();
     classes.sort();
     classes
+}
+
+/// For cross-validation folds that are trained on (`plankton split --folds`): every fold must
+/// validate every class, so no class may have fewer images than there are folds. (The blend and
+/// fusion jobs cut validation predictions into folds too, where a rare class legitimately
+/// misses some folds; they do not ask for this.)
+pub fn check_folds(labels: &[u32], class_names: &[String], folds: usize) -> Result<(), SplitError> {
+    if folds < 2 {
+        return Err(SplitError::BadFolds(folds));
+    }
+    let smallest = indices_by_class(labels).into_iter().map(|(c, idx)| (idx.len(), c)).min();
+    match smallest {
+        Some((images, class)) if images < folds => Err(SplitError::TooManyFolds {
+            folds,
+            class: class_names.get(class as usize).cloned().unwrap_or_else(|| class.to_string()),
+            images,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// `folds` stratified folds for cross-validation: each class's images are shuffled and dealt
@@ -244,6 +265,16 @@ mod tests {
         }
         assert!(seen.iter().all(|&s| s == 1), "every image validated exactly once");
         assert!(stratified_folds(&labels, 1, 7).is_err());
+    }
+
+    #[test]
+    fn more_folds_than_the_smallest_class_has_images_are_refused_naming_it() {
+        let labels = [0u32, 0, 0, 1, 1, 2, 2, 2, 2];
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert!(check_folds(&labels, &names, 2).is_ok());
+        let err = check_folds(&labels, &names, 3).unwrap_err().to_string();
+        assert!(err.contains("class `b`") && err.contains("only 2 image(s)") && err.contains("at most 2 folds"), "{err}");
+        assert!(matches!(check_folds(&labels, &names, 1), Err(SplitError::BadFolds(1))));
     }
 
     fn labels() -> Vec<u32> {

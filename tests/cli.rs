@@ -201,4 +201,26 @@ fn bad_arguments_get_clear_errors() {
         !out.status.success() && err.contains("missing.jpg"),
         "{err}"
     );
+
+    // More folds than the smallest class has images: refused, nothing written.
+    let data = dir.path().join("data");
+    let out = bin()
+        .args(["synth", "--classes", "2", "--per-class", "4", "--test", "0", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = bin()
+        .args(["split", "--folds", "200", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("cv.csv"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("200 folds") && err.contains("at most 4 folds"),
+        "{err}"
+    );
+    assert!(!dir.path().join("cv-fold0.csv").exists());
 }
