@@ -205,7 +205,16 @@ fn bad_arguments_get_clear_errors() {
     // More folds than the smallest class has images: refused, nothing written.
     let data = dir.path().join("data");
     let out = bin()
-        .args(["synth", "--classes", "2", "--per-class", "4", "--test", "0", "--out"])
+        .args([
+            "synth",
+            "--classes",
+            "2",
+            "--per-class",
+            "4",
+            "--test",
+            "0",
+            "--out",
+        ])
         .arg(&data)
         .output()
         .unwrap();
