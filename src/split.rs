@@ -27,6 +27,41 @@ pub enum SplitError {
     TooManyFolds { folds: usize, class: String, images: usize },
 }
 
+/// One row of a split file (`path,class,subset`, CSV-quoted as needed).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SplitRow {
+    pub path: String,
+    pub class: String,
+    pub subset: String,
+}
+
+/// The rows of a split file with their line numbers, header checked.
+pub fn read_rows(path: &Path) -> Result<Vec<(usize, SplitRow)>, SplitError> {
+    let invalid = |reason: String| SplitError::Invalid { path: path.to_path_buf(), reason };
+    let mut r = csv::ReaderBuilder::new().from_path(path).map_err(|e| match e.into_kind() {
+        csv::ErrorKind::Io(source) => SplitError::Io { path: path.to_path_buf(), source },
+        other => invalid(format!("{other:?}")),
+    })?;
+    let header = r.headers().map_err(|e| invalid(e.to_string()))?.clone();
+    if header.iter().map(|h| h.trim_start_matches('\u{feff}').trim()).collect::<Vec<_>>() != ["path", "class", "subset"] {
+        return Err(invalid("expected header `path,class,subset`".into()));
+    }
+    let mut rows = Vec::new();
+    for record in r.records() {
+        let record = record.map_err(|e| invalid(e.to_string()))?;
+        let line = record.position().map_or(0, |p| p.line() as usize);
+        if record.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
+        if record.len() != 3 {
+            return Err(invalid(format!("line {line}: expected 3 columns")));
+        }
+        let row: SplitRow = record.deserialize(Some(&header)).map_err(|e| invalid(format!("line {line}: {e}")))?;
+        rows.push((line, row));
+    }
+    Ok(rows)
+}
+
 /// Indices into `Dataset::train`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Split {
@@ -178,14 +213,18 @@ impl Split {
         let mut rows: Vec<(usize, &str)> = self.train.iter().map(|&i| (i, "train")).collect();
         rows.extend(self.valid.iter().map(|&i| (i, "valid")));
         rows.sort();
-        let mut text = String::from("path,class,subset\n");
+        // Through the csv crate: a file name may hold commas and quotes.
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let bad = |e: csv::Error| SplitError::Invalid { path: path.to_path_buf(), reason: e.to_string() };
+        w.write_record(["path", "class", "subset"]).map_err(bad)?;
         for (i, subset) in rows {
             let class = ds.train[i]
                 .label
                 .map(|l| ds.class_names[l as usize].as_str())
                 .unwrap_or("");
-            text.push_str(&format!("{},{},{}\n", relative(ds, i), class, subset));
+            w.write_record([relative(ds, i).as_str(), class, subset]).map_err(bad)?;
         }
+        let text = w.into_inner().map_err(|e| SplitError::Invalid { path: path.to_path_buf(), reason: e.to_string() })?;
         let io = |source| SplitError::Io {
             path: path.to_path_buf(),
             source,
@@ -200,39 +239,27 @@ impl Split {
 
     /// Loads a split for `ds`; every listed path must exist in the dataset.
     pub fn load(ds: &Dataset, path: &Path) -> Result<Split, SplitError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SplitError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
         let invalid = |reason: String| SplitError::Invalid {
             path: path.to_path_buf(),
             reason,
         };
+        let rows = read_rows(path)?;
         let index: HashMap<String, usize> =
             (0..ds.train.len()).map(|i| (relative(ds, i), i)).collect();
-        let mut lines = text.lines();
-        if lines.next().map(str::trim) != Some("path,class,subset") {
-            return Err(invalid("expected header `path,class,subset`".into()));
-        }
         let mut split = Split {
             train: Vec::new(),
             valid: Vec::new(),
         };
-        for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let cols: Vec<&str> = line.split(',').collect();
-            let [p, _class, subset] = cols[..] else {
-                return Err(invalid(format!("line {}: expected 3 columns", n + 2)));
-            };
+        for (line, row) in rows {
             let &i = index
-                .get(p)
-                .ok_or_else(|| invalid(format!("line {}: `{p}` is not in the dataset", n + 2)))?;
-            match subset {
+                .get(&row.path)
+                .ok_or_else(|| invalid(format!("line {line}: `{}` is not in the dataset", row.path)))?;
+            match row.subset.as_str() {
                 "train" => split.train.push(i),
                 "valid" => split.valid.push(i),
                 s => {
                     return Err(invalid(format!(
-                        "line {}: subset `{s}` is not train/valid",
-                        n + 2
+                        "line {line}: subset `{s}` is not train/valid"
                     )))
                 }
             }

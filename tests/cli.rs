@@ -233,3 +233,57 @@ fn bad_arguments_get_clear_errors() {
     );
     assert!(!dir.path().join("cv-fold0.csv").exists());
 }
+
+/// File names with a comma and with a quote survive a split file: `plankton split` writes it,
+/// `plankton train --split` (through `Split::load`) reads every row back to the same image.
+#[test]
+fn file_names_with_commas_and_quotes_survive_the_split_file() {
+    use plankton::sources::Dataset;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    run_ok(
+        bin()
+            .args([
+                "synth",
+                "--classes",
+                "2",
+                "--per-class",
+                "4",
+                "--test",
+                "0",
+                "--out",
+            ])
+            .arg(&data),
+    );
+    let class_dir = std::fs::read_dir(data.join("train"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let images: Vec<PathBuf> = std::fs::read_dir(&class_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    std::fs::rename(&images[0], class_dir.join("a,b.png")).unwrap();
+    std::fs::rename(&images[1], class_dir.join("say \"cheese\".png")).unwrap();
+    let out = dir.path().join("split.csv");
+    run_ok(
+        bin()
+            .args(["split", "--valid-fraction", "0.5", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out),
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.contains("\"a,b.png\"") || text.contains("/a,b.png\""),
+        "the comma is quoted: {text}"
+    );
+    let ds = Dataset::open(&data).unwrap();
+    let split = plankton::split::Split::load(&ds, &out).unwrap();
+    assert_eq!(split.train.len() + split.valid.len(), ds.train.len());
+    let mut all: Vec<usize> = split.train.iter().chain(&split.valid).copied().collect();
+    all.sort();
+    assert_eq!(all, (0..ds.train.len()).collect::<Vec<_>>());
+}

@@ -355,13 +355,10 @@ pub fn resolve_inputs(
 /// uniform when the split is not available.
 fn class_prior(run: &RunDir, class_names: &[String]) -> Vec<f64> {
     let mut counts = vec![1.0f64; class_names.len()]; // add-one: no class gets probability 0
-    if let Ok(text) = std::fs::read_to_string(run.split()) {
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split(',').collect();
-            if let [_, class, "train"] = cols[..] {
-                if let Some(i) = class_names.iter().position(|c| c == class) {
-                    counts[i] += 1.0;
-                }
+    if let Ok(rows) = crate::split::read_rows(&run.split()) {
+        for (_, row) in rows.iter().filter(|(_, r)| r.subset == "train") {
+            if let Some(i) = class_names.iter().position(|c| *c == row.class) {
+                counts[i] += 1.0;
             }
         }
     }
