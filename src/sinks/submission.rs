@@ -6,7 +6,6 @@
 //! gets a row: the fallback distribution (the training-set class prior, the best constant
 //! answer under log loss), and is counted.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,17 +88,14 @@ pub fn write_submission(
     tmp.push(".partial");
     let tmp = PathBuf::from(tmp);
     let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    let mut out = std::io::BufWriter::new(file);
-    let mut line = String::from("image");
-    for c in columns {
-        line.push(',');
-        line.push_str(c);
-    }
-    line.push('\n');
+    // Through the csv crate: an image id (a file name) may hold commas and quotes.
+    let mut out = csv::Writer::from_writer(std::io::BufWriter::new(file));
     let mut fallback_rows = 0;
     let mut values = vec![0f64; model_classes.len()];
+    let to_io = |e: csv::Error| std::io::Error::other(e.to_string());
     let result = (|| -> std::io::Result<()> {
-        out.write_all(line.as_bytes())?;
+        out.write_record(std::iter::once("image").chain(columns.iter().map(String::as_str))).map_err(to_io)?;
+        let mut record: Vec<String> = Vec::with_capacity(mapping.len() + 1);
         for row in rows {
             match row.probabilities {
                 Some(p) => {
@@ -114,8 +110,8 @@ pub fn write_submission(
             }
             let sum: f64 = values.iter().sum();
             let uniform = 1.0 / values.len() as f64;
-            line.clear();
-            line.push_str(row.image_id);
+            record.clear();
+            record.push(row.image_id.to_string());
             for &m in &mapping {
                 let v = if sum > 0.0 && sum.is_finite() {
                     values[m] / sum
@@ -124,16 +120,14 @@ pub fn write_submission(
                 };
                 // Shortest text that reads back to the same f32: small probabilities keep their
                 // digits (a fixed number of decimals would round them to 0).
-                line.push(',');
-                line.push_str(&format!("{:e}", v as f32));
+                record.push(format!("{:e}", v as f32));
             }
-            line.push('\n');
-            out.write_all(line.as_bytes())?;
+            out.write_record(&record).map_err(to_io)?;
         }
         out.flush()
     })();
     result.map_err(|e| io(&tmp, e))?;
-    drop(out);
+    out.into_inner().map_err(|e| io(&tmp, std::io::Error::other(e.to_string())))?;
     std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
     Ok(SubmissionSummary {
         rows: rows.len(),
@@ -184,6 +178,24 @@ mod tests {
         assert!(msg.contains("sampleSubmission.csv") && msg.contains("zz"), "{msg}");
         let err = column_mapping(&model, &names(&["a"]), Path::new("s.csv")).unwrap_err();
         assert!(err.to_string().contains("lacks: b"), "{err}");
+    }
+
+    #[test]
+    fn ids_and_class_names_with_commas_and_quotes_are_quoted_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.csv");
+        let model = names(&["plain", "with,comma"]);
+        let p = [0.25f32, 0.75];
+        let rows = [SubmissionRow { image_id: "a,b \"c\".jpg", probabilities: Some(&p) }];
+        write_submission(&path, &model, &model, Path::new("x"), &rows, &[0.5, 0.5]).unwrap();
+        // What a reader of the submission sees: the class header the dataset reader parses, and
+        // the rows through an ordinary CSV reader.
+        assert_eq!(crate::sources::dataset::read_submission_classes(&path).unwrap(), model);
+        let mut r = csv::Reader::from_path(&path).unwrap();
+        let rec = r.records().next().unwrap().unwrap();
+        assert_eq!(&rec[0], "a,b \"c\".jpg");
+        assert_eq!(rec.len(), 3);
+        assert!((rec[2].parse::<f64>().unwrap() - 0.75).abs() < 1e-7);
     }
 
     #[test]

@@ -81,16 +81,33 @@ fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>, DatasetError> {
 
 /// Reads the class order from a `sampleSubmission.csv` header: `image,<class 1>,...`.
 pub fn read_submission_classes(path: &Path) -> Result<Vec<String>, DatasetError> {
-    use std::io::BufRead;
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut header = String::new();
-    std::io::BufReader::new(file)
-        .read_line(&mut header)
-        .map_err(io_err(path))?;
-    let mut cols = header
-        .trim_end_matches(['\r', '\n'])
-        .trim_start_matches('\u{feff}')
-        .split(',');
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_path(path)
+        .map_err(|e| match e.into_kind() {
+            csv::ErrorKind::Io(e) => io_err(path)(e),
+            other => DatasetError::BadCsv {
+                path: path.to_path_buf(),
+                reason: format!("{other:?}"),
+            },
+        })?;
+    // Only the header: class names may be quoted (and hold commas).
+    let mut first = csv::StringRecord::new();
+    let read = reader.read_record(&mut first);
+    let header: Vec<String> = match read {
+        Ok(true) => first
+            .iter()
+            .map(|c| c.trim_start_matches('\u{feff}').to_string())
+            .collect(),
+        Ok(false) => Vec::new(),
+        Err(e) => {
+            return Err(DatasetError::BadCsv {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        }
+    };
+    let mut cols = header.iter().map(String::as_str);
     let bad = |reason: &str| DatasetError::BadCsv {
         path: path.to_path_buf(),
         reason: reason.into(),
@@ -111,29 +128,40 @@ pub fn read_submission_classes(path: &Path) -> Result<Vec<String>, DatasetError>
 
 /// Reads `image,class` rows.
 pub fn read_labels_csv(path: &Path) -> Result<Vec<(String, String)>, DatasetError> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let mut lines = text.lines();
     let bad = |reason: String| DatasetError::BadCsv {
         path: path.to_path_buf(),
         reason,
     };
-    match lines
-        .next()
+    // Through the csv crate: an image name may hold commas and quotes.
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .map_err(|e| match e.into_kind() {
+            csv::ErrorKind::Io(e) => io_err(path)(e),
+            other => bad(format!("{other:?}")),
+        })?;
+    let header = reader.headers().map_err(|e| bad(e.to_string()))?.clone();
+    let names: Vec<&str> = header
+        .iter()
         .map(|h| h.trim_start_matches('\u{feff}').trim())
-    {
-        Some("image,class") => {}
-        other => {
-            return Err(bad(format!(
-                "expected header `image,class`, found {other:?}"
-            )))
-        }
+        .collect();
+    if names != ["image", "class"] {
+        return Err(bad(format!(
+            "expected header `image,class`, found {:?}",
+            names.join(",")
+        )));
     }
     let mut rows = Vec::new();
-    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let (image, class) = line
-            .split_once(',')
-            .ok_or_else(|| bad(format!("line {}: expected `image,class`", i + 2)))?;
-        rows.push((image.trim().to_string(), class.trim().to_string()));
+    for record in reader.records() {
+        let record = record.map_err(|e| bad(e.to_string()))?;
+        let line = record.position().map_or(0, |p| p.line());
+        if record.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
+        if record.len() != 2 {
+            return Err(bad(format!("line {line}: expected `image,class`")));
+        }
+        rows.push((record[0].trim().to_string(), record[1].trim().to_string()));
     }
     Ok(rows)
 }
@@ -262,5 +290,37 @@ impl Dataset {
             }
         }
         counts
+    }
+}
+
+#[cfg(test)]
+mod csv_tests {
+    use super::*;
+
+    #[test]
+    fn labels_with_commas_and_quotes_in_image_names_are_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test_labels.csv");
+        std::fs::write(&path, "image,class\n\"a,b.jpg\",copepod\n\"say \"\"hi\"\".png\",\"odd,class\"\n\nplain.jpg,copepod\n").unwrap();
+        let rows = read_labels_csv(&path).unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                ("a,b.jpg".to_string(), "copepod".to_string()),
+                ("say \"hi\".png".to_string(), "odd,class".to_string()),
+                ("plain.jpg".to_string(), "copepod".to_string()),
+            ]
+        );
+        std::fs::write(&path, "image,class\nx.jpg,a,b\n").unwrap();
+        let err = read_labels_csv(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("test_labels.csv") && err.contains("expected `image,class`"),
+            "{err}"
+        );
+        std::fs::write(&path, "img,label\n").unwrap();
+        assert!(read_labels_csv(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("expected header"));
     }
 }
