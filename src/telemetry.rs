@@ -23,6 +23,21 @@ pub const STAGE_BUSY_SECONDS: &str = "plankton_stage_busy_seconds";
 pub fn busy_since(stage: &'static str, started: std::time::Instant) {
     metrics::histogram!(STAGE_BUSY_SECONDS, "stage" => stage).record(started.elapsed().as_secs_f64());
 }
+
+/// Records a stage's busy time when dropped: for a function with several ways out.
+pub struct Busy(&'static str, std::time::Instant);
+
+impl Busy {
+    pub fn start(stage: &'static str) -> Busy {
+        Busy(stage, std::time::Instant::now())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        busy_since(self.0, self.1);
+    }
+}
 pub const QUEUE_DEPTH: &str = "plankton_queue_depth";
 pub const QUEUE_CAPACITY: &str = "plankton_queue_capacity";
 /// How long the consumer (the model) waited for each batch: the "is the accelerator starved?"

@@ -632,12 +632,7 @@ impl WriterCtx {
     }
 
     fn finish(&self, file: OpenFile) {
-        let started = Instant::now();
-        self.finish_timed(file);
-        telemetry::busy_since("writer", started);
-    }
-
-    fn finish_timed(&self, file: OpenFile) {
+        let _busy = telemetry::Busy::start("writer");
         let OpenFile { writer, features, keys, path, .. } = file;
         // The features file first: the images leave the spool only once both files are in place.
         if let Some(f) = features {

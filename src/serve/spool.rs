@@ -459,20 +459,7 @@ impl Spool {
         payload: Payload<'_>,
         watched: Option<WatchedFile>,
     ) -> Result<SpoolEntry, SpoolError> {
-        let started = std::time::Instant::now();
-        let accepted = self.accept_payload_timed(id, source, original_name, payload, watched);
-        crate::telemetry::busy_since("spool", started);
-        accepted
-    }
-
-    fn accept_payload_timed(
-        &self,
-        id: &str,
-        source: &str,
-        original_name: &str,
-        payload: Payload<'_>,
-        watched: Option<WatchedFile>,
-    ) -> Result<SpoolEntry, SpoolError> {
+        let _busy = crate::telemetry::Busy::start("spool");
         let id = sanitize_id(id)?;
         let _claim = self.claim(&id);
         match self.read_sidecar(&id) {
