@@ -39,7 +39,10 @@ fn compile_shim(libtorch: &std::path::Path) {
         .warnings(false)
         .compile("plankton_shim");
     // The shim calls into libtorch_cpu and c10, which torch-sys links as well.
-    println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
+    println!(
+        "cargo:rustc-link-search=native={}",
+        libtorch.join("lib").display()
+    );
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
 }

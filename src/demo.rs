@@ -59,8 +59,11 @@ pub enum DemoError {
 
 /// The pipeline the demo trains with (`pipelines/demo-train.toml`, embedded).
 pub fn embedded_train_pipeline() -> PipelineConfig {
-    PipelineConfig::from_toml_str(include_str!("../pipelines/demo-train.toml"), std::path::Path::new("pipelines/demo-train.toml"))
-        .expect("embedded demo-train pipeline is valid (tested)")
+    PipelineConfig::from_toml_str(
+        include_str!("../pipelines/demo-train.toml"),
+        std::path::Path::new("pipelines/demo-train.toml"),
+    )
+    .expect("embedded demo-train pipeline is valid (tested)")
 }
 
 /// Runs the demo; `say` receives one line per step, `on_batch` each loaded batch (progress).
@@ -181,7 +184,8 @@ pub async fn run(
     ));
 
     // 5. The data path alone, as loader-bench runs it.
-    let report = data_path::loader_bench(&cfg, Arc::new(ds.train.clone()), opts.epochs, on_batch).await?;
+    let report =
+        data_path::loader_bench(&cfg, Arc::new(ds.train.clone()), opts.epochs, on_batch).await?;
     say("[5/9] data path:".into());
     say(report.render());
 
@@ -248,14 +252,16 @@ pub async fn run(
     let (run_c, data_c, pred_c) = (run_dir.clone(), data.clone(), predictions.clone());
     let (valid, fit, test, eval) = tokio::task::spawn_blocking(move || -> Result<_, DemoError> {
         use crate::predict::job::{run, PredictOptions, Subset};
-        let mut opts = PredictOptions::new(&run_c, vec![data_c.clone()], &pred_c.join("valid.parquet"));
+        let mut opts =
+            PredictOptions::new(&run_c, vec![data_c.clone()], &pred_c.join("valid.parquet"));
         opts.subset = Subset::Valid;
         opts.calibrate = false;
         let valid = run(&opts, &handle, &mut |_| {})?;
         // Shown, not stored: the demo run has far too few validation images for a temperature
         // to be trusted (`plankton calibrate` refuses below MIN_CALIBRATION_IMAGES).
         let (fit, _) = crate::evaluate::fit_calibration(&valid.out, &[])?;
-        let mut opts = PredictOptions::new(&run_c, vec![data_c.clone()], &pred_c.join("test.parquet"));
+        let mut opts =
+            PredictOptions::new(&run_c, vec![data_c.clone()], &pred_c.join("test.parquet"));
         opts.submission = Some(pred_c.join("submission.csv"));
         let test = run(&opts, &handle, &mut |_| {})?;
         let eval = crate::evaluate::run(&test.out, &[data_c], Some(&pred_c.join("report")), 20)?;
@@ -264,7 +270,9 @@ pub async fn run(
     .await
     .map_err(|e| DemoError::Join(e.to_string()))??;
     let scores = |s: &Option<crate::scoring::Scores>| {
-        s.map_or("no labels".into(), |s| format!("log loss {:.3}, top-1 {:.2}", s.log_loss, s.top1))
+        s.map_or("no labels".into(), |s| {
+            format!("log loss {:.3}, top-1 {:.2}", s.log_loss, s.top1)
+        })
     };
     say(format!(
         "[7/9] validation images with {} quasi-random transforms: {} ({:.0} patches/s) -> {}",

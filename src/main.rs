@@ -605,7 +605,12 @@ async fn main() -> Result<()> {
         Command::Split(a) if a.folds.is_some() => {
             let cfg = a.pipeline.load()?;
             let ds = open_dataset(&a.data)?;
-            write_folds(&ds, &a.out, a.folds.unwrap_or(5), a.seed.unwrap_or(cfg.seed))
+            write_folds(
+                &ds,
+                &a.out,
+                a.folds.unwrap_or(5),
+                a.seed.unwrap_or(cfg.seed),
+            )
         }
         Command::Split(a) => {
             let cfg = a.pipeline.load()?;
@@ -665,12 +670,21 @@ async fn main() -> Result<()> {
             use plankton::fusion::{self, ApplyOptions, FitOptions};
             let s = tokio::task::spawn_blocking(move || -> Result<fusion::FusionSummary> {
                 let Some(model_out) = a.model_out else {
-                    let mut o = ApplyOptions::new(a.model.as_deref().expect("clap: --model or --model-out"), &a.predictions, &a.features, &a.out);
+                    let mut o = ApplyOptions::new(
+                        a.model.as_deref().expect("clap: --model or --model-out"),
+                        &a.predictions,
+                        &a.features,
+                        &a.out,
+                    );
                     (o.data, o.threads, o.report, o.top_k) = (a.data, a.threads, a.report, a.top_k);
                     return Ok(fusion::apply(&o)?);
                 };
                 let mut o = FitOptions::new(&a.predictions, &a.features, &a.out, &model_out);
-                (o.data, o.repeats, o.folds, o.seed, o.threads, o.report, o.top_k) = (a.data, a.repeats, a.folds, a.seed, a.threads, a.report, a.top_k);
+                (
+                    o.data, o.repeats, o.folds, o.seed, o.threads, o.report, o.top_k,
+                ) = (
+                    a.data, a.repeats, a.folds, a.seed, a.threads, a.report, a.top_k,
+                );
                 o.sets = fusion::SetSpec::parse_list(&a.sets)?;
                 o.train.steps = a.steps;
                 fusion::job::scale_learning_rate(&mut o.train, a.learning_rate);
@@ -687,12 +701,18 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Evaluate(a) => {
-            let s = plankton::evaluate::run(&a.predictions, &a.data, a.out.as_deref(), a.least_confident)?;
+            let s = plankton::evaluate::run(
+                &a.predictions,
+                &a.data,
+                a.out.as_deref(),
+                a.least_confident,
+            )?;
             print!("{}", evaluation_text(&s));
             Ok(())
         }
         Command::Calibrate(a) => {
-            let fit = plankton::evaluate::calibrate_run(&a.model, &a.predictions, &a.data, a.min_images)?;
+            let fit =
+                plankton::evaluate::calibrate_run(&a.model, &a.predictions, &a.data, a.min_images)?;
             println!(
                 "temperature {:.3} fitted on {} images: log loss {:.4} -> {:.4}, ECE {:.4} -> {:.4}; stored in {}",
                 fit.temperature,
@@ -720,7 +740,11 @@ async fn main() -> Result<()> {
                     o.weights_out = a.weights_out;
                     o.report = a.report;
                     o.select = a.select;
-                    o.weighting = if a.uniform { Weighting::Uniform } else { Weighting::Fitted };
+                    o.weighting = if a.uniform {
+                        Weighting::Uniform
+                    } else {
+                        Weighting::Fitted
+                    };
                     o.folds = a.folds;
                     o.top_k = a.top_k;
                     blend::fit(&o)?.render()
@@ -745,7 +769,12 @@ async fn main() -> Result<()> {
             let check = invariance::check(&net, &sizes, 8, 1);
             let tolerance = invariance::tolerance(cfg.compute.precision);
             let ok = check.max_relative_difference <= tolerance;
-            let on = format!("{} ({:?})", plankton::device::name(device), cfg.compute.precision).to_lowercase();
+            let on = format!(
+                "{} ({:?})",
+                plankton::device::name(device),
+                cfg.compute.precision
+            )
+            .to_lowercase();
             println!(
                 "90-degree invariance on {on}: max |logit difference| {:.3e} ({:.3e} relative to max |logit| {:.3e}, tolerance {tolerance:.0e}) over {} rotations of {} inputs: {}",
                 check.max_abs_difference, check.max_relative_difference, check.max_abs_logit, check.rotations, check.images,
@@ -757,7 +786,8 @@ async fn main() -> Result<()> {
                 v["device"] = plankton::device::name(device).into();
                 v["precision"] = serde_json::to_value(cfg.compute.precision)?;
                 v["tolerance"] = tolerance.into();
-                std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("--json {}", path.display()))?;
+                std::fs::write(path, serde_json::to_string_pretty(&v)?)
+                    .with_context(|| format!("--json {}", path.display()))?;
             }
             if !ok {
                 anyhow::bail!("the network is not invariant to 90-degree rotations on {on}");
@@ -791,7 +821,10 @@ fn evaluation_text(s: &plankton::evaluate::EvaluateSummary) -> String {
         e.ece, e.macro_avg.precision, e.macro_avg.recall
     ));
     if s.failed > 0 || s.unlabelled > 0 {
-        t.push_str(&format!("not scored: {} unreadable image(s), {} without a known class\n", s.failed, s.unlabelled));
+        t.push_str(&format!(
+            "not scored: {} unreadable image(s), {} without a known class\n",
+            s.failed, s.unlabelled
+        ));
     }
     if let Some(f) = &s.files {
         t.push_str(&format!("report: {} (summary.md, report.json, confusion_matrix.png, reliability.png, least_confident.csv)\n", f.summary_md.parent().unwrap_or(Path::new(".")).display()));
@@ -824,7 +857,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let summary = serve::run(cfg, shutdown, reload, |e| {
         let line = match e {
             ServeEvent::Listening(addr) => format!("listening on http://{addr}"),
-            ServeEvent::Ready { model_id, replayed } => format!("ready: serving {model_id} ({replayed} spooled image(s) replayed)"),
+            ServeEvent::Ready { model_id, replayed } => {
+                format!("ready: serving {model_id} ({replayed} spooled image(s) replayed)")
+            }
         };
         println!("{line}");
         let _ = std::io::stdout().flush();
@@ -853,13 +888,25 @@ async fn predict(a: PredictArgs) -> Result<()> {
     let s = tokio::task::spawn_blocking(move || {
         let mut pb: Option<ProgressBar> = None;
         let mut on_event = |e: PredictEvent| match e {
-            PredictEvent::Started { images, views, model_id } => {
+            PredictEvent::Started {
+                images,
+                views,
+                model_id,
+            } => {
                 tracing::info!(images, views, model_id = %model_id, "predicting");
                 let bar = progress(images as u64, "predict");
-                bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images ETA {eta}").unwrap().progress_chars("=> "));
+                bar.set_style(
+                    ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images ETA {eta}")
+                        .unwrap()
+                        .progress_chars("=> "),
+                );
                 pb = Some(bar);
             }
-            PredictEvent::Progress { images_done, images_per_second, .. } => {
+            PredictEvent::Progress {
+                images_done,
+                images_per_second,
+                ..
+            } => {
                 if let Some(bar) = &pb {
                     bar.set_position(images_done as u64);
                     bar.set_message(format!("predict {images_per_second:.1} img/s"));
@@ -896,16 +943,27 @@ fn predict_text(s: &plankton::predict::job::PredictSummary) -> String {
         t.push_str(&format!("calibrated with temperature {temp:.3}\n"));
     }
     if !s.failed.is_empty() {
-        t.push_str(&format!("{} image(s) set aside (rows kept with the reason in `error`):\n", s.failed.len()));
+        t.push_str(&format!(
+            "{} image(s) set aside (rows kept with the reason in `error`):\n",
+            s.failed.len()
+        ));
         for (p, r) in s.failed.iter().take(10) {
             t.push_str(&format!("  {}: {r}\n", p.display()));
         }
     }
     if let Some(sc) = &s.scores {
-        t.push_str(&format!("on the {} images with a known class: log loss {:.4}, top-1 {:.3}, top-5 {:.3}\n", sc.n, sc.log_loss, sc.top1, sc.top5));
+        t.push_str(&format!(
+            "on the {} images with a known class: log loss {:.4}, top-1 {:.3}, top-5 {:.3}\n",
+            sc.n, sc.log_loss, sc.top1, sc.top5
+        ));
     }
     if let Some((p, sub)) = &s.submission {
-        t.push_str(&format!("submission: {} ({} rows, {} with the class prior for unreadable images)\n", p.display(), sub.rows, sub.fallback_rows));
+        t.push_str(&format!(
+            "submission: {} ({} rows, {} with the class prior for unreadable images)\n",
+            p.display(),
+            sub.rows,
+            sub.fallback_rows
+        ));
     }
     t
 }
@@ -936,7 +994,10 @@ async fn train(a: TrainArgs) -> Result<()> {
     }
     if let Some(path) = &a.loss_log {
         if path.is_dir() || path == &a.out {
-            bail!("--loss-log {}: a file is needed (not a folder, nor the run folder)", path.display());
+            bail!(
+                "--loss-log {}: a file is needed (not a folder, nor the run folder)",
+                path.display()
+            );
         }
     }
     let opts = TrainOptions {
@@ -953,10 +1014,24 @@ async fn train(a: TrainArgs) -> Result<()> {
     let resuming = opts.resume;
     let log_path = a.loss_log.clone();
     let mut loss_log: Option<(PathBuf, std::io::BufWriter<std::fs::File>)> = None;
-    let open_loss_log = move |start_step: u64| -> std::io::Result<Option<(PathBuf, std::io::BufWriter<std::fs::File>)>> {
-        let Some(path) = a.loss_log.clone() else { return Ok(None) };
+    let open_loss_log = move |start_step: u64| -> std::io::Result<
+        Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
+    > {
+        let Some(path) = a.loss_log.clone() else {
+            return Ok(None);
+        };
         let kept: Vec<String> = match resuming.then(|| std::fs::read_to_string(&path)) {
-            Some(Ok(text)) => text.lines().skip(1).filter(|l| l.split(',').next().and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s <= start_step)).map(String::from).collect(),
+            Some(Ok(text)) => text
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    l.split(',')
+                        .next()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .is_some_and(|s| s <= start_step)
+                })
+                .map(String::from)
+                .collect(),
             _ => Vec::new(),
         };
         let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
@@ -1048,7 +1123,10 @@ async fn train(a: TrainArgs) -> Result<()> {
         100.0 * summary.batch_wait_fraction
     );
     if let Some(s) = summary.final_scores {
-        println!("final weights on {} validation images: log loss {:.4}, top-1 {:.3}, top-5 {:.3}", s.n, s.log_loss, s.top1, s.top5);
+        println!(
+            "final weights on {} validation images: log loss {:.4}, top-1 {:.3}, top-5 {:.3}",
+            s.n, s.log_loss, s.top1, s.top5
+        );
     }
     Ok(())
 }
@@ -1104,7 +1182,12 @@ fn spinner(what: &str) -> ProgressBar {
 
 async fn replay(a: ReplayArgs) -> Result<()> {
     use plankton::replay::{self, ReplayEvent, ReplayOptions};
-    let opts = ReplayOptions { replay_file: a.pipeline, data: a.data, out: a.out, device: parse_device(&a.device)? };
+    let opts = ReplayOptions {
+        replay_file: a.pipeline,
+        data: a.data,
+        out: a.out,
+        device: parse_device(&a.device)?,
+    };
     let handle = tokio::runtime::Handle::current();
     let report = tokio::task::spawn_blocking(move || {
         let mut pb: Option<ProgressBar> = None;
@@ -1143,13 +1226,19 @@ async fn replay(a: ReplayArgs) -> Result<()> {
     })
     .await??;
     let (report, out) = report;
-    println!("{}", std::fs::read_to_string(out.join("report.md")).unwrap_or_default());
+    println!(
+        "{}",
+        std::fs::read_to_string(out.join("report.md")).unwrap_or_default()
+    );
     println!(
         "{} steps run, {} skipped (outputs present); report: {}{}",
         report.steps_run,
         report.steps_skipped,
         out.join("report.md").display(),
-        report.submission.map(|s| format!(", submission: {}", s.display())).unwrap_or_default()
+        report
+            .submission
+            .map(|s| format!(", submission: {}", s.display()))
+            .unwrap_or_default()
     );
     Ok(())
 }
@@ -1186,13 +1275,28 @@ async fn run_loader_bench(
 }
 
 fn write_folds(ds: &Dataset, out: &Path, folds: usize, seed: u64) -> Result<()> {
-    let labels: Vec<u32> = ds.train.iter().map(|r| r.label.unwrap_or(u32::MAX)).collect();
+    let labels: Vec<u32> = ds
+        .train
+        .iter()
+        .map(|r| r.label.unwrap_or(u32::MAX))
+        .collect();
     plankton::split::check_folds(&labels, &ds.class_names, folds)?;
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "split".into());
-    for (k, split) in plankton::split::stratified_folds(&labels, folds, seed)?.into_iter().enumerate() {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "split".into());
+    for (k, split) in plankton::split::stratified_folds(&labels, folds, seed)?
+        .into_iter()
+        .enumerate()
+    {
         let path = out.with_file_name(format!("{stem}-fold{k}.csv"));
         split.save(ds, &path)?;
-        println!("wrote {} ({} train / {} valid)", path.display(), split.train.len(), split.valid.len());
+        println!(
+            "wrote {} ({} train / {} valid)",
+            path.display(),
+            split.train.len(),
+            split.valid.len()
+        );
     }
     Ok(())
 }

@@ -14,7 +14,11 @@ pub const KAGGLE_EPS: f64 = 1e-15;
 
 /// Multi-class log loss as Kaggle scores it. `probs` is row-major `labels.len() x classes`.
 pub fn kaggle_log_loss(probs: &[f32], labels: &[usize], classes: usize) -> f64 {
-    assert_eq!(probs.len(), labels.len() * classes, "probs must be rows x classes");
+    assert_eq!(
+        probs.len(),
+        labels.len() * classes,
+        "probs must be rows x classes"
+    );
     if labels.is_empty() {
         return f64::NAN;
     }

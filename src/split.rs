@@ -24,7 +24,11 @@ pub enum SplitError {
     #[error("cross-validation needs at least 2 folds, got {0}")]
     BadFolds(usize),
     #[error("{folds} folds, but class `{class}` has only {images} image(s): every fold must validate every class, so use at most {images} folds")]
-    TooManyFolds { folds: usize, class: String, images: usize },
+    TooManyFolds {
+        folds: usize,
+        class: String,
+        images: usize,
+    },
 }
 
 /// One row of a split file (`path,class,subset`, CSV-quoted as needed).
@@ -37,13 +41,26 @@ pub struct SplitRow {
 
 /// The rows of a split file with their line numbers, header checked.
 pub fn read_rows(path: &Path) -> Result<Vec<(usize, SplitRow)>, SplitError> {
-    let invalid = |reason: String| SplitError::Invalid { path: path.to_path_buf(), reason };
-    let mut r = csv::ReaderBuilder::new().from_path(path).map_err(|e| match e.into_kind() {
-        csv::ErrorKind::Io(source) => SplitError::Io { path: path.to_path_buf(), source },
-        other => invalid(format!("{other:?}")),
-    })?;
+    let invalid = |reason: String| SplitError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut r = csv::ReaderBuilder::new()
+        .from_path(path)
+        .map_err(|e| match e.into_kind() {
+            csv::ErrorKind::Io(source) => SplitError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => invalid(format!("{other:?}")),
+        })?;
     let header = r.headers().map_err(|e| invalid(e.to_string()))?.clone();
-    if header.iter().map(|h| h.trim_start_matches('\u{feff}').trim()).collect::<Vec<_>>() != ["path", "class", "subset"] {
+    if header
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').trim())
+        .collect::<Vec<_>>()
+        != ["path", "class", "subset"]
+    {
         return Err(invalid("expected header `path,class,subset`".into()));
     }
     let mut rows = Vec::new();
@@ -56,7 +73,9 @@ pub fn read_rows(path: &Path) -> Result<Vec<(usize, SplitRow)>, SplitError> {
         if record.len() != 3 {
             return Err(invalid(format!("line {line}: expected 3 columns")));
         }
-        let row: SplitRow = record.deserialize(Some(&header)).map_err(|e| invalid(format!("line {line}: {e}")))?;
+        let row: SplitRow = record
+            .deserialize(Some(&header))
+            .map_err(|e| invalid(format!("line {line}: {e}")))?;
         rows.push((line, row));
     }
     Ok(rows)
@@ -119,11 +138,17 @@ pub fn check_folds(labels: &[u32], class_names: &[String], folds: usize) -> Resu
     if folds < 2 {
         return Err(SplitError::BadFolds(folds));
     }
-    let smallest = indices_by_class(labels).into_iter().map(|(c, idx)| (idx.len(), c)).min();
+    let smallest = indices_by_class(labels)
+        .into_iter()
+        .map(|(c, idx)| (idx.len(), c))
+        .min();
     match smallest {
         Some((images, class)) if images < folds => Err(SplitError::TooManyFolds {
             folds,
-            class: class_names.get(class as usize).cloned().unwrap_or_else(|| class.to_string()),
+            class: class_names
+                .get(class as usize)
+                .cloned()
+                .unwrap_or_else(|| class.to_string()),
             images,
         }),
         _ => Ok(()),
@@ -215,16 +240,23 @@ impl Split {
         rows.sort();
         // Through the csv crate: a file name may hold commas and quotes.
         let mut w = csv::Writer::from_writer(Vec::new());
-        let bad = |e: csv::Error| SplitError::Invalid { path: path.to_path_buf(), reason: e.to_string() };
+        let bad = |e: csv::Error| SplitError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
         w.write_record(["path", "class", "subset"]).map_err(bad)?;
         for (i, subset) in rows {
             let class = ds.train[i]
                 .label
                 .map(|l| ds.class_names[l as usize].as_str())
                 .unwrap_or("");
-            w.write_record([relative(ds, i).as_str(), class, subset]).map_err(bad)?;
+            w.write_record([relative(ds, i).as_str(), class, subset])
+                .map_err(bad)?;
         }
-        let text = w.into_inner().map_err(|e| SplitError::Invalid { path: path.to_path_buf(), reason: e.to_string() })?;
+        let text = w.into_inner().map_err(|e| SplitError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let io = |source| SplitError::Io {
             path: path.to_path_buf(),
             source,
@@ -251,9 +283,9 @@ impl Split {
             valid: Vec::new(),
         };
         for (line, row) in rows {
-            let &i = index
-                .get(&row.path)
-                .ok_or_else(|| invalid(format!("line {line}: `{}` is not in the dataset", row.path)))?;
+            let &i = index.get(&row.path).ok_or_else(|| {
+                invalid(format!("line {line}: `{}` is not in the dataset", row.path))
+            })?;
             match row.subset.as_str() {
                 "train" => split.train.push(i),
                 "valid" => split.valid.push(i),
@@ -290,7 +322,10 @@ mod tests {
                 assert!(v == n / 5 || v == n / 5 + 1, "class {class}: {v} of {n}");
             }
         }
-        assert!(seen.iter().all(|&s| s == 1), "every image validated exactly once");
+        assert!(
+            seen.iter().all(|&s| s == 1),
+            "every image validated exactly once"
+        );
         assert!(stratified_folds(&labels, 1, 7).is_err());
     }
 
@@ -300,8 +335,16 @@ mod tests {
         let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         assert!(check_folds(&labels, &names, 2).is_ok());
         let err = check_folds(&labels, &names, 3).unwrap_err().to_string();
-        assert!(err.contains("class `b`") && err.contains("only 2 image(s)") && err.contains("at most 2 folds"), "{err}");
-        assert!(matches!(check_folds(&labels, &names, 1), Err(SplitError::BadFolds(1))));
+        assert!(
+            err.contains("class `b`")
+                && err.contains("only 2 image(s)")
+                && err.contains("at most 2 folds"),
+            "{err}"
+        );
+        assert!(matches!(
+            check_folds(&labels, &names, 1),
+            Err(SplitError::BadFolds(1))
+        ));
     }
 
     fn labels() -> Vec<u32> {

@@ -21,7 +21,8 @@ pub const STAGE_BUSY_SECONDS: &str = "plankton_stage_busy_seconds";
 
 /// Records the time since `started` as busy time of `stage`.
 pub fn busy_since(stage: &'static str, started: std::time::Instant) {
-    metrics::histogram!(STAGE_BUSY_SECONDS, "stage" => stage).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(STAGE_BUSY_SECONDS, "stage" => stage)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// Records a stage's busy time when dropped: for a function with several ways out.
@@ -63,26 +64,69 @@ pub fn describe() {
         Unit::Seconds,
         "Time the consumer waited for each batch"
     );
-    describe_histogram!(TRAIN_STEP_SECONDS, Unit::Seconds, "Model compute time per training step");
+    describe_histogram!(
+        TRAIN_STEP_SECONDS,
+        Unit::Seconds,
+        "Model compute time per training step"
+    );
     describe_counter!(TRAIN_IMAGES, "Images trained on");
-    describe_gauge!(TRAIN_IMAGES_PER_SECOND, "Training throughput (moving average)");
+    describe_gauge!(
+        TRAIN_IMAGES_PER_SECOND,
+        "Training throughput (moving average)"
+    );
     describe_gauge!(TRAIN_LOSS, "Training loss of the last step");
     describe_gauge!(TRAIN_LEARNING_RATE, "Current learning rate");
-    describe_gauge!(VALID_LOG_LOSS, "Validation log loss (Kaggle clipping) at the last validation");
-    describe_gauge!(VALID_TOP1, "Validation top-1 accuracy at the last validation");
+    describe_gauge!(
+        VALID_LOG_LOSS,
+        "Validation log loss (Kaggle clipping) at the last validation"
+    );
+    describe_gauge!(
+        VALID_TOP1,
+        "Validation top-1 accuracy at the last validation"
+    );
     describe_histogram!(STAGE_BUSY_SECONDS, Unit::Seconds, "Busy time of a daemon stage per item or batch (spool: copy + fsync; decode: decode + warp; model: forward pass; writer: rows and finished files)");
-    describe_histogram!(PREDICT_BATCH_SECONDS, Unit::Seconds, "Model compute time per prediction batch (all TTA views in it)");
-    describe_counter!(PREDICT_IMAGES, "Images predicted (after combining their TTA views)");
-    describe_counter!(PREDICT_PATCHES, "Patches (image x TTA view) through the model");
-    describe_counter!(PREDICT_FAILED, "Images that could not be predicted (kept as rows with their reason)");
-    describe_histogram!(SERVE_LATENCY_SECONDS, Unit::Seconds, "From acceptance (spooled) to the prediction row handed to the writer");
-    describe_histogram!(SERVE_BATCH_IMAGES, "Images per model batch (micro-batching)");
+    describe_histogram!(
+        PREDICT_BATCH_SECONDS,
+        Unit::Seconds,
+        "Model compute time per prediction batch (all TTA views in it)"
+    );
+    describe_counter!(
+        PREDICT_IMAGES,
+        "Images predicted (after combining their TTA views)"
+    );
+    describe_counter!(
+        PREDICT_PATCHES,
+        "Patches (image x TTA view) through the model"
+    );
+    describe_counter!(
+        PREDICT_FAILED,
+        "Images that could not be predicted (kept as rows with their reason)"
+    );
+    describe_histogram!(
+        SERVE_LATENCY_SECONDS,
+        Unit::Seconds,
+        "From acceptance (spooled) to the prediction row handed to the writer"
+    );
+    describe_histogram!(
+        SERVE_BATCH_IMAGES,
+        "Images per model batch (micro-batching)"
+    );
     describe_gauge!(SERVE_MODEL_INFO, "1 for the model version being served");
     describe_counter!(SERVE_MODEL_RELOADS, "Model reloads, by outcome");
     describe_counter!(SERVE_FILES, "Prediction files finished");
-    describe_counter!(SERVE_FLAGGED, "Images flagged as not an organism (too small, blank), by flag");
-    describe_gauge!(SERVE_SPOOLED, "Images accepted whose rows are not yet in a finished file");
-    describe_gauge!(PROCESS_RESIDENT_BYTES, Unit::Bytes, "Resident memory of the process");
+    describe_counter!(
+        SERVE_FLAGGED,
+        "Images flagged as not an organism (too small, blank), by flag"
+    );
+    describe_gauge!(
+        SERVE_SPOOLED,
+        "Images accepted whose rows are not yet in a finished file"
+    );
+    describe_gauge!(
+        PROCESS_RESIDENT_BYTES,
+        Unit::Bytes,
+        "Resident memory of the process"
+    );
     describe_counter!(
         LAYOUT_PROBLEMS,
         "Dataset entries skipped because they do not fit the layout"

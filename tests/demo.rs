@@ -33,7 +33,10 @@ async fn demo_writes_every_output() {
     );
     let text = lines.join("\n");
     assert!(
-        text.contains("[5/9] data path") && text.contains("GPU feed") && text.contains("[6/9] training") && text.contains("[9/9] evaluation"),
+        text.contains("[5/9] data path")
+            && text.contains("GPU feed")
+            && text.contains("[6/9] training")
+            && text.contains("[9/9] evaluation"),
         "{text}"
     );
     for f in [

@@ -1123,7 +1123,11 @@ fn architecture_errors_name_branch_and_layer() {
     assert_mentions(&e, &["layer 1", "pool"]);
 
     let e = build_err(
-        &custom(vec![LayerSpec::Pool {}, LayerSpec::Pool {}, LayerSpec::Pool {}]),
+        &custom(vec![
+            LayerSpec::Pool {},
+            LayerSpec::Pool {},
+            LayerSpec::Pool {},
+        ]),
         &[9],
     );
     assert_mentions(&e, &["layer 2", "pool", "1x1"]);
@@ -1421,7 +1425,11 @@ fn save_load_round_trip() {
     // Built without initial weights, then loaded (what prediction does): the same logits.
     let c = Network::load_from(&cfg, &[47], 6, Device::Cpu, &path).unwrap();
     let lc = tch::no_grad(|| c.forward_t(&[x.shallow_clone()], false));
-    assert_eq!(Nd::from_tensor(&la), Nd::from_tensor(&lc), "load_from must give the saved net");
+    assert_eq!(
+        Nd::from_tensor(&la),
+        Nd::from_tensor(&lc),
+        "load_from must give the saved net"
+    );
     for (p, q) in a.params.iter().zip(&b.params) {
         assert_eq!(p.name, q.name);
         assert_eq!(
@@ -1742,6 +1750,9 @@ fn leaky_relu_shim_matches_its_definition() {
     assert_eq!(grad[4], 1.0);
     // f32 and a 4-d map take the same kernel.
     let m = Tensor::randn([2, 3, 5, 5], (Kind::Float, tch::Device::Cpu));
-    let diff = (leaky_relu(&m, 0.2) - m.maximum(&(&m * 0.2))).abs().max().double_value(&[]);
+    let diff = (leaky_relu(&m, 0.2) - m.maximum(&(&m * 0.2)))
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(diff < 1e-7);
 }

@@ -15,10 +15,16 @@ fn every_pipeline_file_is_valid() {
             if path.file_name().is_some_and(|n| n == "camera-daemon.toml") {
                 // A daemon config, not an image pipeline.
                 plankton::serve::config::ServeConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
-            } else if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("replay-")) {
+            } else if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("replay-"))
+            {
                 // A replay chain: it and every member pipeline it names must load.
-                let cfg = plankton::replay::ReplayConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
-                let members = cfg.member_pipelines(&path).unwrap_or_else(|e| panic!("{e}"));
+                let cfg =
+                    plankton::replay::ReplayConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                let members = cfg
+                    .member_pipelines(&path)
+                    .unwrap_or_else(|e| panic!("{e}"));
                 assert_eq!(members.len(), cfg.members.len());
             } else {
                 PipelineConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -59,21 +65,35 @@ fn a_typo_names_the_file_and_key() {
 fn the_docker_daemon_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/serve.toml");
     let cfg = plankton::serve::config::ServeConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    assert!(cfg.http.token_file.is_some(), "bound beyond loopback: a token is required");
+    assert!(
+        cfg.http.token_file.is_some(),
+        "bound beyond loopback: a token is required"
+    );
 }
 
 #[test]
 fn the_docker_prometheus_config_passes_promtool() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let local = root.join(".tools/bin/promtool");
-    let promtool = if local.is_file() { local } else { std::path::PathBuf::from("promtool") };
+    let promtool = if local.is_file() {
+        local
+    } else {
+        std::path::PathBuf::from("promtool")
+    };
     let out = std::process::Command::new(&promtool)
         .args(["check", "config"])
         .arg(root.join("docker/prometheus/prometheus.yml"))
         .output();
     match out {
-        Ok(o) => assert!(o.status.success(), "promtool: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
-        Err(e) if std::env::var_os("PLANKTON_REQUIRE_PROMTOOL").is_none() => eprintln!("skipping: no promtool ({e}); `make test` fetches it"),
+        Ok(o) => assert!(
+            o.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) if std::env::var_os("PLANKTON_REQUIRE_PROMTOOL").is_none() => {
+            eprintln!("skipping: no promtool ({e}); `make test` fetches it")
+        }
         Err(e) => panic!("promtool required: {e}"),
     }
 }

@@ -65,7 +65,17 @@ weight = 0.5
 
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let data = dir.join("data");
-    generate(&SynthOptions { classes: 3, per_class: 16, test: 12, seed: 13, threads: 0 }, &data).unwrap();
+    generate(
+        &SynthOptions {
+            classes: 3,
+            per_class: 16,
+            test: 12,
+            seed: 13,
+            threads: 0,
+        },
+        &data,
+    )
+    .unwrap();
     std::fs::write(dir.join("a.toml"), member_pipeline(0.125)).unwrap();
     std::fs::write(dir.join("b.toml"), member_pipeline(0.25)).unwrap();
     std::fs::write(dir.join("replay.toml"), REPLAY).unwrap();
@@ -73,7 +83,16 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn replay(replay: &Path, data: &Path, out: &Path) -> String {
-    let o = bin().arg("replay").arg("--pipeline").arg(replay).arg("--data").arg(data).arg("--out").arg(out).output().unwrap();
+    let o = bin()
+        .arg("replay")
+        .arg("--pipeline")
+        .arg(replay)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "replay failed:\n{text}");
     text
@@ -88,7 +107,13 @@ fn stage_losses(r: &serde_json::Value) -> Vec<(String, Option<f64>, Option<f64>)
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["valid"]["log_loss"].as_f64(), s["test"]["log_loss"].as_f64()))
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap().to_string(),
+                s["valid"]["log_loss"].as_f64(),
+                s["test"]["log_loss"].as_f64(),
+            )
+        })
         .collect()
 }
 
@@ -103,31 +128,68 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
     let r = report(&out);
     let stages = stage_losses(&r);
     // "+ bagging" appears when the best single member (a or b) is the bagged one.
-    let names: Vec<&str> = stages.iter().map(|s| s.0.as_str()).filter(|s| *s != "+ bagging").collect();
-    assert_eq!(names, ["single network", "+ TTA", "+ fusion", "+ blend", "+ pseudo-labels"], "{stages:?}");
+    let names: Vec<&str> = stages
+        .iter()
+        .map(|s| s.0.as_str())
+        .filter(|s| *s != "+ bagging")
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "single network",
+            "+ TTA",
+            "+ fusion",
+            "+ blend",
+            "+ pseudo-labels"
+        ],
+        "{stages:?}"
+    );
     for (name, valid, test) in &stages {
         // Bags validate on different images: scored on test only.
         if name != "+ bagging" {
-            assert!(valid.is_some_and(|v| v.is_finite() && v > 0.0), "{name}: valid {valid:?}");
+            assert!(
+                valid.is_some_and(|v| v.is_finite() && v > 0.0),
+                "{name}: valid {valid:?}"
+            );
         }
-        assert!(test.is_some_and(|v| v.is_finite() && v > 0.0), "{name}: test {test:?}");
+        assert!(
+            test.is_some_and(|v| v.is_finite() && v > 0.0),
+            "{name}: test {test:?}"
+        );
     }
     // Fusion is blended only for members whose out-of-fold validation loss it lowered, and the
     // blend read exactly those fused files.
-    let fusion = r["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "+ fusion").unwrap();
+    let fusion = r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "+ fusion")
+        .unwrap();
     let note = fusion["note"].as_str().unwrap();
     let inputs = std::fs::read_to_string(out.join("blend/inputs.txt")).unwrap();
     for m in ["a", "b"] {
-        let part = note.split("; ").find(|p| p.starts_with(&format!("{m}: "))).unwrap_or_else(|| panic!("no fusion decision for {m}: {note}"));
+        let part = note
+            .split("; ")
+            .find(|p| p.starts_with(&format!("{m}: ")))
+            .unwrap_or_else(|| panic!("no fusion decision for {m}: {note}"));
         let (before, after): (f64, f64) = {
-            let nums: Vec<f64> = part.split(|c: char| !(c.is_ascii_digit() || c == '.')).filter_map(|t| t.parse().ok()).collect();
+            let nums: Vec<f64> = part
+                .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .filter_map(|t| t.parse().ok())
+                .collect();
             (nums[0], nums[1])
         };
         let fused_file = format!("members/{m}/valid-fused.parquet");
         if part.ends_with("not blended") {
-            assert!(after >= before - 1e-3 && !inputs.contains(&fused_file), "{part}\n{inputs}");
+            assert!(
+                after >= before - 1e-3 && !inputs.contains(&fused_file),
+                "{part}\n{inputs}"
+            );
         } else {
-            assert!(after < before + 1e-3 && inputs.contains(&fused_file), "{part}\n{inputs}");
+            assert!(
+                after < before + 1e-3 && inputs.contains(&fused_file),
+                "{part}\n{inputs}"
+            );
         }
     }
     let weights = r["blend_weights"].as_array().unwrap();
@@ -136,16 +198,34 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
     assert!((total - 1.0).abs() < 1e-9, "blend weights sum to {total}");
 
     // Every member, bag and pseudo-label model was trained on the shared split.
-    for run in ["members/a/run", "members/a/bag1", "members/b/run", "pseudo/a-shard0", "pseudo/a-shard1"] {
-        assert!(out.join(run).join("model.safetensors").exists(), "{run} has no final weights");
+    for run in [
+        "members/a/run",
+        "members/a/bag1",
+        "members/b/run",
+        "pseudo/a-shard0",
+        "pseudo/a-shard1",
+    ] {
+        assert!(
+            out.join(run).join("model.safetensors").exists(),
+            "{run} has no final weights"
+        );
     }
     let split_a = std::fs::read_to_string(out.join("members/a/run/split.csv")).unwrap();
-    assert_eq!(split_a, std::fs::read_to_string(out.join("members/b/run/split.csv")).unwrap());
-    assert_ne!(split_a, std::fs::read_to_string(out.join("members/a/bag1/split.csv")).unwrap());
+    assert_eq!(
+        split_a,
+        std::fs::read_to_string(out.join("members/b/run/split.csv")).unwrap()
+    );
+    assert_ne!(
+        split_a,
+        std::fs::read_to_string(out.join("members/a/bag1/split.csv")).unwrap()
+    );
 
     // The per-stage picture.
     let png = std::fs::read(out.join("report.png")).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 2_000, "report.png");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 2_000,
+        "report.png"
+    );
 
     // The submission: the sample submission's header and one row per test image.
     let sub = std::fs::read_to_string(out.join("submission.csv")).unwrap();
@@ -170,7 +250,10 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
         _ => false,
     };
     for (x, y) in stage_losses(&redone).iter().zip(&stages) {
-        assert!(x.0 == y.0 && close(&x.1, &y.1) && close(&x.2, &y.2), "{x:?} vs {y:?}");
+        assert!(
+            x.0 == y.0 && close(&x.1, &y.1) && close(&x.2, &y.2),
+            "{x:?} vs {y:?}"
+        );
     }
 
     // The stored copy is compared as a config: one written without a field that has a default
@@ -184,9 +267,21 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
 
     // Another configuration in the same folder is refused rather than mixed in.
     std::fs::write(&file, REPLAY.replace("seed = 5", "seed = 6")).unwrap();
-    let o = bin().arg("replay").arg("--pipeline").arg(&file).arg("--data").arg(&data).arg("--out").arg(&out).output().unwrap();
+    let o = bin()
+        .arg("replay")
+        .arg("--pipeline")
+        .arg(&file)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("another configuration"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("another configuration"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -194,14 +289,41 @@ fn a_bad_replay_file_names_the_file_and_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let (data, file) = setup(dir.path());
     for (bad, expect) in [
-        (REPLAY.replace("members = [\"a\"]", "members = [\"zz\"]"), "`zz` is not a [[member]]"),
-        (REPLAY.replace("valid_fraction = 0.25", "valid_fraction = 0.25\ntypo = 1"), "unknown field `typo`"),
-        (REPLAY.replace("pipeline = \"b.toml\"", "pipeline = \"missing.toml\""), "missing.toml"),
-        (REPLAY.replace("sets = [\"moments\", \"haralick\"]\nrepeats", "sets = [\"zernike\"]\nrepeats"), "not computed"),
+        (
+            REPLAY.replace("members = [\"a\"]", "members = [\"zz\"]"),
+            "`zz` is not a [[member]]",
+        ),
+        (
+            REPLAY.replace("valid_fraction = 0.25", "valid_fraction = 0.25\ntypo = 1"),
+            "unknown field `typo`",
+        ),
+        (
+            REPLAY.replace("pipeline = \"b.toml\"", "pipeline = \"missing.toml\""),
+            "missing.toml",
+        ),
+        (
+            REPLAY.replace(
+                "sets = [\"moments\", \"haralick\"]\nrepeats",
+                "sets = [\"zernike\"]\nrepeats",
+            ),
+            "not computed",
+        ),
     ] {
         std::fs::write(&file, &bad).unwrap();
-        let o = bin().arg("replay").arg("--pipeline").arg(&file).arg("--data").arg(&data).arg("--out").arg(dir.path().join("o")).output().unwrap();
+        let o = bin()
+            .arg("replay")
+            .arg("--pipeline")
+            .arg(&file)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(dir.path().join("o"))
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("replay.toml") && err.contains(expect), "expected `{expect}`:\n{err}");
+        assert!(
+            !o.status.success() && err.contains("replay.toml") && err.contains(expect),
+            "expected `{expect}`:\n{err}"
+        );
     }
 }

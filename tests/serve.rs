@@ -89,7 +89,10 @@ fn trained() -> &'static Trained {
 /// The binary under test: this build's, or `PLANKTON_SERVE_BIN` (to run these tests against
 /// another build, e.g. to show that a test fails on the build before its fix).
 fn plankton_bin() -> PathBuf {
-    std::env::var_os("PLANKTON_SERVE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_plankton")), PathBuf::from)
+    std::env::var_os("PLANKTON_SERVE_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_plankton")),
+        PathBuf::from,
+    )
 }
 
 /// `plankton serve` on the site's config, stdout piped (its `listening on` / `ready:` lines).
@@ -332,10 +335,7 @@ impl Daemon {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut child = serve_command(site)
-            .stderr(err)
-            .spawn()
-            .unwrap();
+        let mut child = serve_command(site).stderr(err).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -1174,8 +1174,14 @@ fn metrics_exposition_has_the_daemon_series_and_passes_promtool() {
     );
     // Where the time goes: every stage that touched the image has busy time.
     for stage in ["spool", "decode", "model", "writer"] {
-        let busy = metric_value(&text, &format!("plankton_stage_busy_seconds_sum{{stage=\"{stage}\"}}"));
-        assert!(busy.is_some_and(|b| b > 0.0), "no busy time for {stage}: {text}");
+        let busy = metric_value(
+            &text,
+            &format!("plankton_stage_busy_seconds_sum{{stage=\"{stage}\"}}"),
+        );
+        assert!(
+            busy.is_some_and(|b| b > 0.0),
+            "no busy time for {stage}: {text}"
+        );
     }
     d.stop();
 
@@ -1261,7 +1267,12 @@ fn sigterm_is_not_held_up_by_idle_or_stalled_connections() {
 fn features_are_written_beside_each_predictions_file() {
     use arrow::array::{Array, Float64Array, StringArray, UInt32Array};
     use plankton::features::{haralick, moments};
-    let site = Site::new(&Cfg { watch: true, roll_rows: 2, features: r#"["moments", "haralick"]"#, ..Cfg::new() });
+    let site = Site::new(&Cfg {
+        watch: true,
+        roll_rows: 2,
+        features: r#"["moments", "haralick"]"#,
+        ..Cfg::new()
+    });
     let d = site.start();
     let input = site.input();
     let files = ["a.jpg", "b.jpg", "c.jpg"];
@@ -1277,14 +1288,24 @@ fn features_are_written_beside_each_predictions_file() {
     // Every predictions file has a features file of the same stamp holding the same images.
     let out = site.out();
     let mut seen = BTreeSet::new();
-    for n in names(&out).into_iter().filter(|n| n.starts_with("predictions-")) {
+    for n in names(&out)
+        .into_iter()
+        .filter(|n| n.starts_with("predictions-"))
+    {
         let fname = n.replacen("predictions-", "features-", 1);
         let preds = Predictions::read(&out.join(&n)).unwrap();
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(out.join(&fname)).unwrap_or_else(|e| panic!("{fname}: {e}"))).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(out.join(&fname)).unwrap_or_else(|e| panic!("{fname}: {e}")),
+        )
+        .unwrap();
         let batches: Vec<_> = reader.build().unwrap().map(|b| b.unwrap()).collect();
         let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
         assert_eq!(b.num_rows(), preds.rows.len(), "{fname}");
-        let col = |c: &str| b.column_by_name(c).unwrap_or_else(|| panic!("{fname}: no column {c}")).clone();
+        let col = |c: &str| {
+            b.column_by_name(c)
+                .unwrap_or_else(|| panic!("{fname}: no column {c}"))
+                .clone()
+        };
         let (ids, errors, rows) = (col("image_id"), col("error"), col("rows"));
         let ids = ids.as_any().downcast_ref::<StringArray>().unwrap();
         let errors = errors.as_any().downcast_ref::<StringArray>().unwrap();
@@ -1297,12 +1318,22 @@ fn features_are_written_beside_each_predictions_file() {
             assert_eq!(ids.value(i), p.image_id);
             seen.insert(p.image_id.clone());
             if p.source_path.ends_with("broken.jpg") {
-                assert!(!errors.is_null(i) && contrast.is_null(i) && rows.is_null(i), "the bad image keeps its row, with the reason");
+                assert!(
+                    !errors.is_null(i) && contrast.is_null(i) && rows.is_null(i),
+                    "the bad image keeps its row, with the reason"
+                );
                 continue;
             }
-            let img = plankton::stages::decode::decode_file(Path::new(&p.source_path), &Default::default()).unwrap();
+            let img = plankton::stages::decode::decode_file(
+                Path::new(&p.source_path),
+                &Default::default(),
+            )
+            .unwrap();
             assert_eq!(rows.value(i), img.height());
-            let ci = haralick::FEATURE_NAMES.iter().position(|n| *n == "contrast").unwrap();
+            let ci = haralick::FEATURE_NAMES
+                .iter()
+                .position(|n| *n == "contrast")
+                .unwrap();
             assert_eq!(contrast.value(i), haralick::haralick(&img)[1][ci]);
             assert_eq!(major.value(i), moments::moment_info(&img)[6]);
         }
@@ -1329,20 +1360,46 @@ struct ServedRow {
 fn served_rows(site: &Site) -> Vec<ServedRow> {
     use arrow::array::{Array, FixedSizeListArray, StringArray, UInt32Array, UInt64Array};
     let mut out = Vec::new();
-    for n in names(&site.out()).into_iter().filter(|n| n.starts_with("predictions-") && n.ends_with(".parquet")) {
+    for n in names(&site.out())
+        .into_iter()
+        .filter(|n| n.starts_with("predictions-") && n.ends_with(".parquet"))
+    {
         let path = site.out().join(&n);
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&path).unwrap(),
+        )
+        .unwrap();
         for b in reader.build().unwrap() {
             let b = b.unwrap();
-            let col = |c: &str| b.column_by_name(c).unwrap_or_else(|| panic!("{n}: no column {c}")).clone();
-            let (ids, seqs, paths, errors, probs, hs, ws, flags) =
-                (col("image_id"), col("seq"), col("source_path"), col("error"), col("probabilities"), col("image_height"), col("image_width"), col("flag"));
-            let s = |a: &arrow::array::ArrayRef| a.as_any().downcast_ref::<StringArray>().unwrap().clone();
-            let u32s = |a: &arrow::array::ArrayRef| a.as_any().downcast_ref::<UInt32Array>().unwrap().clone();
+            let col = |c: &str| {
+                b.column_by_name(c)
+                    .unwrap_or_else(|| panic!("{n}: no column {c}"))
+                    .clone()
+            };
+            let (ids, seqs, paths, errors, probs, hs, ws, flags) = (
+                col("image_id"),
+                col("seq"),
+                col("source_path"),
+                col("error"),
+                col("probabilities"),
+                col("image_height"),
+                col("image_width"),
+                col("flag"),
+            );
+            let s = |a: &arrow::array::ArrayRef| {
+                a.as_any().downcast_ref::<StringArray>().unwrap().clone()
+            };
+            let u32s = |a: &arrow::array::ArrayRef| {
+                a.as_any().downcast_ref::<UInt32Array>().unwrap().clone()
+            };
             let (ids, paths, errors, flags) = (s(&ids), s(&paths), s(&errors), s(&flags));
             let (hs, ws) = (u32s(&hs), u32s(&ws));
             let seqs = seqs.as_any().downcast_ref::<UInt64Array>().unwrap().clone();
-            let probs = probs.as_any().downcast_ref::<FixedSizeListArray>().unwrap().clone();
+            let probs = probs
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .unwrap()
+                .clone();
             for i in 0..b.num_rows() {
                 let opt = |a: &StringArray| (!a.is_null(i)).then(|| a.value(i).to_string());
                 out.push(ServedRow {
@@ -1362,10 +1419,7 @@ fn served_rows(site: &Site) -> Vec<ServedRow> {
 
 /// Starts a daemon that must refuse to start: its exit status and log (stdout + stderr).
 fn start_expecting_failure(site: &Site) -> (ExitStatus, String) {
-    let mut child = serve_command(site)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve_command(site).stderr(Stdio::piped()).spawn().unwrap();
     let t0 = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -1383,7 +1437,11 @@ fn start_expecting_failure(site: &Site) -> (ExitStatus, String) {
         std::thread::sleep(Duration::from_millis(20));
     };
     let out = child.wait_with_output().unwrap();
-    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (status, log)
 }
 
@@ -1394,19 +1452,37 @@ fn truncated() -> Vec<u8> {
 
 #[test]
 fn an_id_reused_after_a_quarantine_is_predicted_over_http_and_from_the_folder() {
-    let site = Site::new(&Cfg { watch: true, sync_timeout_ms: 15_000, ..Cfg::new() });
+    let site = Site::new(&Cfg {
+        watch: true,
+        sync_timeout_ms: 15_000,
+        ..Cfg::new()
+    });
     let d = site.start();
     // HTTP: the refused upload (422 and its status: see the test of served rows), then a good one
     // with the same id: predicted (200).
     let r = d.post("/v1/images?id=fix1&wait=true", &[], &truncated());
-    assert!(r.json()["error"].as_str().is_some_and(|e| e.contains("corrupt")), "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("corrupt")),
+        "{}",
+        r.text()
+    );
     let p = d.predict("fix1", &image_bytes(1));
-    assert!(p["predicted_class"].is_string() && p["error"].is_null(), "{p}");
+    assert!(
+        p["predicted_class"].is_string() && p["error"].is_null(),
+        "{p}"
+    );
 
     // Folder: a truncated file overwritten by the good one once the first was quarantined.
     let x = plankton::serve::spool::id_for_path(Path::new("x.jpg"));
     std::fs::write(site.input().join("x.jpg"), truncated()).unwrap();
-    poll("x.jpg quarantined", || site.quarantine().join(format!("{x}.reason")).is_file().then_some(()));
+    poll("x.jpg quarantined", || {
+        site.quarantine()
+            .join(format!("{x}.reason"))
+            .is_file()
+            .then_some(())
+    });
     std::fs::write(site.input().join("x.jpg"), image_bytes(2)).unwrap();
     poll("x.jpg predicted after its rewrite", || {
         let r = d.get(&format!("/v1/predictions/{x}"));
@@ -1419,10 +1495,21 @@ fn an_id_reused_after_a_quarantine_is_predicted_over_http_and_from_the_folder() 
     let rows = served_rows(&site);
     for id in ["fix1", x.as_str()] {
         let mine: Vec<&ServedRow> = rows.iter().filter(|r| r.id == id).collect();
-        assert_eq!(mine.len(), 2, "{id}: the error row and the prediction: {mine:?}");
-        let (bad, good) = if mine[0].seq < mine[1].seq { (mine[0], mine[1]) } else { (mine[1], mine[0]) };
+        assert_eq!(
+            mine.len(),
+            2,
+            "{id}: the error row and the prediction: {mine:?}"
+        );
+        let (bad, good) = if mine[0].seq < mine[1].seq {
+            (mine[0], mine[1])
+        } else {
+            (mine[1], mine[0])
+        };
         assert!(bad.error.is_some() && !bad.has_probabilities, "{bad:?}");
-        assert!(good.error.is_none() && good.has_probabilities, "the later acceptance is the good one: {good:?}");
+        assert!(
+            good.error.is_none() && good.has_probabilities,
+            "the later acceptance is the good one: {good:?}"
+        );
     }
     assert!(site.pending_ids().is_empty(), "{:?}", site.pending_files());
 }
@@ -1438,9 +1525,22 @@ fn a_quarantined_images_error_row_survives_kill_9() {
     d.wait_exit();
     drop(d);
     site.start().stop();
-    let rows: Vec<ServedRow> = served_rows(&site).into_iter().filter(|r| r.id == "cut9").collect();
-    assert_eq!(rows.len(), 1, "exactly one error row after the crash: {rows:?}");
-    assert!(rows[0].error.as_deref().is_some_and(|e| e.contains("corrupt")), "{rows:?}");
+    let rows: Vec<ServedRow> = served_rows(&site)
+        .into_iter()
+        .filter(|r| r.id == "cut9")
+        .collect();
+    assert_eq!(
+        rows.len(),
+        1,
+        "exactly one error row after the crash: {rows:?}"
+    );
+    assert!(
+        rows[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("corrupt")),
+        "{rows:?}"
+    );
     // Still exactly one quarantined copy (the restart did not quarantine it again).
     assert_eq!(names(&site.quarantine()), ["cut9", "cut9.reason"]);
     assert!(site.pending_ids().is_empty());
@@ -1451,27 +1551,52 @@ fn a_second_daemon_on_the_same_spool_refuses_to_start_and_leaves_the_first_intac
     let site = Site::new(&Cfg::new());
     let d = site.start();
     d.predict("first", &image_bytes(0));
-    let partial: Vec<String> = names(&site.out()).into_iter().filter(|n| n.ends_with(".partial")).collect();
+    let partial: Vec<String> = names(&site.out())
+        .into_iter()
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
     assert_eq!(partial.len(), 1, "the first daemon has an open file");
 
     let (status, log) = start_expecting_failure(&site);
-    assert_eq!(status.code(), Some(1), "a clean exit with an error, not a crash: {status:?}\n{log}");
-    assert!(log.contains("in use by another daemon") && log.contains("daemon.lock"), "{log}");
-    assert!(!log.contains("INTERNAL ASSERT") && !log.contains("panicked"), "{log}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a clean exit with an error, not a crash: {status:?}\n{log}"
+    );
+    assert!(
+        log.contains("in use by another daemon") && log.contains("daemon.lock"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("INTERNAL ASSERT") && !log.contains("panicked"),
+        "{log}"
+    );
 
-    assert!(site.out().join(&partial[0]).is_file(), "the first daemon's open file is untouched");
+    assert!(
+        site.out().join(&partial[0]).is_file(),
+        "the first daemon's open file is untouched"
+    );
     d.predict("second", &image_bytes(1));
     d.stop();
-    assert_eq!(site.finished_counts(), BTreeMap::from([("first".to_string(), 1), ("second".to_string(), 1)]));
+    assert_eq!(
+        site.finished_counts(),
+        BTreeMap::from([("first".to_string(), 1), ("second".to_string(), 1)])
+    );
     assert!(site.pending_ids().is_empty());
-    assert!(!d_log_mentions("not finished", &site), "the first daemon finished its file");
+    assert!(
+        !d_log_mentions("not finished", &site),
+        "the first daemon finished its file"
+    );
 }
 
 #[cfg(unix)]
 #[test]
 fn symlinks_out_of_the_watched_folder_are_not_followed_and_quarantine_keeps_the_mode() {
     use std::os::unix::fs::PermissionsExt;
-    let site = Site::new(&Cfg { watch: true, ..Cfg::new() });
+    let site = Site::new(&Cfg {
+        watch: true,
+        ..Cfg::new()
+    });
     let secret = site.root().join("secret.jpg");
     std::fs::write(&secret, image_bytes(2)).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -1488,19 +1613,29 @@ fn symlinks_out_of_the_watched_folder_are_not_followed_and_quarantine_keeps_the_
     d.wait_predicted(&id("ok.jpg"));
     let log = d.log();
     d.stop();
-    assert!(!site.finished_counts().contains_key(&id("link.jpg")), "the link was followed out of the folder");
+    assert!(
+        !site.finished_counts().contains_key(&id("link.jpg")),
+        "the link was followed out of the folder"
+    );
     assert!(log.contains("symbolic link skipped"), "{log}");
     let q = site.quarantine().join(id("private.jpg"));
     let mode = std::fs::metadata(&q).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the quarantined copy keeps the file's mode");
-    assert_eq!(names(&site.quarantine()).len(), 2, "only private.jpg and its reason");
+    assert_eq!(
+        names(&site.quarantine()).len(),
+        2,
+        "only private.jpg and its reason"
+    );
 }
 
 #[cfg(unix)]
 #[test]
 fn a_file_name_that_is_not_utf8_is_taken_once_across_restarts() {
     use std::os::unix::ffi::OsStrExt;
-    let site = Site::new(&Cfg { watch: true, ..Cfg::new() });
+    let site = Site::new(&Cfg {
+        watch: true,
+        ..Cfg::new()
+    });
     let name = std::ffi::OsStr::from_bytes(b"caf\xe9.jpg");
     std::fs::write(site.input().join(name), image_bytes(3)).unwrap();
     let id = plankton::serve::spool::id_for_path(Path::new(name));
@@ -1515,12 +1650,22 @@ fn a_file_name_that_is_not_utf8_is_taken_once_across_restarts() {
         d.wait_predicted(&plankton::serve::spool::id_for_path(Path::new(&f)));
         d.stop();
     }
-    assert_eq!(site.finished_counts().get(&id), Some(&1), "{:?}", site.finished_counts());
+    assert_eq!(
+        site.finished_counts().get(&id),
+        Some(&1),
+        "{:?}",
+        site.finished_counts()
+    );
 }
 
 #[test]
 fn queue_depth_gauges_fall_back_to_zero_when_idle() {
-    let site = Site::new(&Cfg { max_images: 2, tta: 8, patches: 4, ..Cfg::new() });
+    let site = Site::new(&Cfg {
+        max_images: 2,
+        tta: 8,
+        patches: 4,
+        ..Cfg::new()
+    });
     let d = site.start();
     let ids: Vec<String> = (0..24).map(|i| format!("g{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
@@ -1530,7 +1675,8 @@ fn queue_depth_gauges_fall_back_to_zero_when_idle() {
         d.wait_predicted(id);
     }
     let depths = |text: &str| {
-        ["ingest", "patches", "rows"].map(|q| metric_value(text, &format!("plankton_queue_depth{{queue=\"{q}\"}}")))
+        ["ingest", "patches", "rows"]
+            .map(|q| metric_value(text, &format!("plankton_queue_depth{{queue=\"{q}\"}}")))
     };
     let t0 = Instant::now();
     let last = loop {
@@ -1539,15 +1685,23 @@ fn queue_depth_gauges_fall_back_to_zero_when_idle() {
         if now == [Some(0.0); 3] {
             break now;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "queue gauges stale at idle: {now:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "queue gauges stale at idle: {now:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(last, [Some(0.0); 3]);
     // The images still spooled (rows in the open file) are visible as a gauge.
-    assert_eq!(site.pending_ids().len(), ids.len(), "rows in the open file: still spooled");
+    assert_eq!(
+        site.pending_ids().len(),
+        ids.len(),
+        "rows in the open file: still spooled"
+    );
     poll("the spooled-images gauge", || {
         let text = d.get("/metrics").text();
-        (metric_value(&text, "plankton_serve_spooled_images") == Some(ids.len() as f64)).then_some(())
+        (metric_value(&text, "plankton_serve_spooled_images") == Some(ids.len() as f64))
+            .then_some(())
     });
     d.stop();
 }
@@ -1558,10 +1712,16 @@ fn an_empty_token_file_is_refused_at_start() {
     for content in ["", "  \n\n"] {
         let token_file = tokens.path().join("token");
         std::fs::write(&token_file, content).unwrap();
-        let site = Site::new(&Cfg { token_file: Some(token_file.clone()), ..Cfg::new() });
+        let site = Site::new(&Cfg {
+            token_file: Some(token_file.clone()),
+            ..Cfg::new()
+        });
         let (status, log) = start_expecting_failure(&site);
         assert_eq!(status.code(), Some(1), "{log}");
-        assert!(log.contains("token file is empty") && log.contains(token_file.to_str().unwrap()), "{content:?}: {log}");
+        assert!(
+            log.contains("token file is empty") && log.contains(token_file.to_str().unwrap()),
+            "{content:?}: {log}"
+        );
         assert!(site.pending_files().is_empty() && names(&site.out()).is_empty());
     }
 }
@@ -1577,36 +1737,76 @@ fn served_rows_keep_the_upload_name_the_decoded_size_and_flag_non_organisms() {
     let d = site.start();
     let good = image_bytes(0);
     let size = image::load_from_memory(&good).unwrap();
-    let r = d.post("/v1/images?id=named&name=some%2Fdir%2FIMG_0007.jpg&wait=true", &[], &good);
+    let r = d.post(
+        "/v1/images?id=named&name=some%2Fdir%2FIMG_0007.jpg&wait=true",
+        &[],
+        &good,
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.json()["flag"].is_null(), "{}", r.text());
     let tiny = png(&image::GrayImage::from_pixel(1, 1, image::Luma([0])));
     let p = d.predict("tiny", &tiny);
     assert_eq!(p["flag"], "too_small", "{p}");
-    let blank = png(&image::GrayImage::from_pixel(4096, 4096, image::Luma([255])));
+    let blank = png(&image::GrayImage::from_pixel(
+        4096,
+        4096,
+        image::Luma([255]),
+    ));
     let p = d.predict("blank", &blank);
-    assert_eq!((p["flag"].as_str(), p["image_width"].as_u64()), (Some("blank"), Some(4096)), "{p}");
-    let r = d.post("/v1/images?id=cutn&name=cut.jpg&wait=true", &[], &truncated());
+    assert_eq!(
+        (p["flag"].as_str(), p["image_width"].as_u64()),
+        (Some("blank"), Some(4096)),
+        "{p}"
+    );
+    let r = d.post(
+        "/v1/images?id=cutn&name=cut.jpg&wait=true",
+        &[],
+        &truncated(),
+    );
     assert_eq!(r.status, 422, "{}", r.text());
     let log = d.log();
     d.stop();
 
-    let rows: BTreeMap<String, ServedRow> = served_rows(&site).into_iter().map(|r| (r.id.clone(), r)).collect();
-    assert_eq!(rows["named"].source_path, "http:IMG_0007.jpg", "the client's file name, without its folders");
+    let rows: BTreeMap<String, ServedRow> = served_rows(&site)
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    assert_eq!(
+        rows["named"].source_path, "http:IMG_0007.jpg",
+        "the client's file name, without its folders"
+    );
     assert_eq!(rows["named"].size, Some((size.height(), size.width())));
     assert_eq!(rows["named"].flag, None);
-    assert_eq!((rows["tiny"].size, rows["tiny"].flag.as_deref()), (Some((1, 1)), Some("too_small")));
-    assert_eq!((rows["blank"].size, rows["blank"].flag.as_deref()), (Some((4096, 4096)), Some("blank")));
-    assert!(rows["tiny"].has_probabilities && rows["blank"].has_probabilities, "flagged, still predicted");
+    assert_eq!(
+        (rows["tiny"].size, rows["tiny"].flag.as_deref()),
+        (Some((1, 1)), Some("too_small"))
+    );
+    assert_eq!(
+        (rows["blank"].size, rows["blank"].flag.as_deref()),
+        (Some((4096, 4096)), Some("blank"))
+    );
+    assert!(
+        rows["tiny"].has_probabilities && rows["blank"].has_probabilities,
+        "flagged, still predicted"
+    );
     let cut = &rows["cutn"];
     assert_eq!(cut.source_path, "http:cut.jpg");
     let err = cut.error.as_deref().unwrap();
-    assert!(!err.contains('\n') && err == err.trim(), "one line: {err:?}");
+    assert!(
+        !err.contains('\n') && err == err.trim(),
+        "one line: {err:?}"
+    );
     // One WARN line per quarantined image, and no colour codes in a log file.
-    let warned = log.lines().filter(|l| l.contains("quarantined") && l.contains("id=cutn")).count();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("quarantined") && l.contains("id=cutn"))
+        .count();
     assert_eq!(warned, 1, "{log}");
     assert!(!log.contains('\u{1b}'), "colour escape codes in a log file");
-    assert!(log.lines().all(|l| !l.trim().is_empty()), "no line split by a decoder message");
+    assert!(
+        log.lines().all(|l| !l.trim().is_empty()),
+        "no line split by a decoder message"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -1634,12 +1834,19 @@ fn a_crash_between_a_files_rename_and_the_spool_release_duplicates_no_row() {
     copy_dir(&saved, &site.spool().join("pending"));
     assert_eq!(site.pending_ids().len(), 3);
     let d = site.start();
-    assert!(d.ready.contains("(0 spooled image(s) replayed)"), "{}", d.ready);
+    assert!(
+        d.ready.contains("(0 spooled image(s) replayed)"),
+        "{}",
+        d.ready
+    );
     d.predict("w4", &image_bytes(3));
     let log = d.log();
     d.stop();
     assert!(log.contains("already in a finished file"), "{log}");
-    let want: BTreeMap<String, usize> = ["w1", "w2", "w3", "w4"].iter().map(|id| (id.to_string(), 1)).collect();
+    let want: BTreeMap<String, usize> = ["w1", "w2", "w3", "w4"]
+        .iter()
+        .map(|id| (id.to_string(), 1))
+        .collect();
     assert_eq!(site.finished_counts(), want, "one row each");
     assert!(site.pending_ids().is_empty());
 
@@ -1651,13 +1858,24 @@ fn a_crash_between_a_files_rename_and_the_spool_release_duplicates_no_row() {
     d.signal("KILL");
     d.wait_exit();
     drop(d);
-    for n in names(&site.out()).into_iter().filter(|n| n.ends_with(".parquet")) {
+    for n in names(&site.out())
+        .into_iter()
+        .filter(|n| n.ends_with(".parquet"))
+    {
         std::fs::copy(site.out().join(&n), other.out().join(&n)).unwrap();
     }
     let d = other.start();
     d.wait_predicted("w1");
     d.stop();
-    assert_eq!(other.finished_rows().iter().filter(|(r, _)| r.image_id == "w1").count(), 2, "its own row, and the copied file's");
+    assert_eq!(
+        other
+            .finished_rows()
+            .iter()
+            .filter(|(r, _)| r.image_id == "w1")
+            .count(),
+        2,
+        "its own row, and the copied file's"
+    );
 }
 
 #[test]
@@ -1667,40 +1885,68 @@ fn the_output_folder_stays_locked_when_removed_while_running() {
     d.predict("o1", &image_bytes(0));
     // Someone removes the output folder (with the open file and its lock) while running.
     std::fs::remove_dir_all(site.out()).unwrap();
-    poll("the output folder made again and locked", || site.out().join(".plankton-serve.lock").is_file().then_some(()));
+    poll("the output folder made again and locked", || {
+        site.out()
+            .join(".plankton-serve.lock")
+            .is_file()
+            .then_some(())
+    });
     d.predict("o2", &image_bytes(1));
     // A second daemon with its own spool but this output folder is still refused.
     let other = Site::new(&Cfg::new());
     let text = std::fs::read_to_string(other.config()).unwrap();
-    let text = text.replace(&format!("{:?}", other.out().to_str().unwrap()), &format!("{:?}", site.out().to_str().unwrap()));
+    let text = text.replace(
+        &format!("{:?}", other.out().to_str().unwrap()),
+        &format!("{:?}", site.out().to_str().unwrap()),
+    );
     std::fs::write(other.config(), text).unwrap();
     let (status, log) = start_expecting_failure(&other);
     assert_eq!(status.code(), Some(1), "{log}");
-    assert!(log.contains("output folder") && log.contains("in use by another daemon"), "{log}");
+    assert!(
+        log.contains("output folder") && log.contains("in use by another daemon"),
+        "{log}"
+    );
     d.stop();
-    assert!(d_log_mentions("output folder was removed while running", &site));
+    assert!(d_log_mentions(
+        "output folder was removed while running",
+        &site
+    ));
     // The rows of the file open at the removal went with it: their images stayed spooled and
     // are predicted at the next start.
     site.start().stop();
     let counts = site.finished_counts();
-    assert!(counts.contains_key("o1") && counts.contains_key("o2"), "{counts:?}");
+    assert!(
+        counts.contains_key("o1") && counts.contains_key("o2"),
+        "{counts:?}"
+    );
     assert!(site.pending_ids().is_empty());
 }
 
 fn d_log_mentions(what: &str, site: &Site) -> bool {
-    std::fs::read_to_string(site.root().join("daemon.log")).unwrap_or_default().contains(what)
+    std::fs::read_to_string(site.root().join("daemon.log"))
+        .unwrap_or_default()
+        .contains(what)
 }
 
 #[test]
 fn a_wrong_model_folder_is_refused_before_anything_is_created() {
-    let site = Site::new(&Cfg { run: PathBuf::from("/nonexistent/run"), ..Cfg::new() });
+    let site = Site::new(&Cfg {
+        run: PathBuf::from("/nonexistent/run"),
+        ..Cfg::new()
+    });
     let (status, log) = start_expecting_failure(&site);
     assert_eq!(status.code(), Some(1), "{log}");
-    assert!(log.contains("/nonexistent/run") && log.contains("no such run directory"), "{log}");
+    assert!(
+        log.contains("/nonexistent/run") && log.contains("no such run directory"),
+        "{log}"
+    );
     assert!(!site.spool().exists() && !site.out().exists() && !site.quarantine().exists());
     // A folder that exists but holds no trained run: the same.
     let empty = tempfile::tempdir().unwrap();
-    let site = Site::new(&Cfg { run: empty.path().to_path_buf(), ..Cfg::new() });
+    let site = Site::new(&Cfg {
+        run: empty.path().to_path_buf(),
+        ..Cfg::new()
+    });
     let (status, log) = start_expecting_failure(&site);
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("not a trained run"), "{log}");
@@ -1710,7 +1956,10 @@ fn a_wrong_model_folder_is_refused_before_anything_is_created() {
 #[cfg(unix)]
 #[test]
 fn a_watched_file_name_with_a_newline_stays_one_line_in_rows_and_logs() {
-    let site = Site::new(&Cfg { watch: true, ..Cfg::new() });
+    let site = Site::new(&Cfg {
+        watch: true,
+        ..Cfg::new()
+    });
     let d = site.start();
     std::fs::write(site.input().join("bad\nname.jpg"), b"not an image").unwrap();
     let id = plankton::serve::spool::id_for_path(Path::new("bad\nname.jpg"));
@@ -1720,8 +1969,18 @@ fn a_watched_file_name_with_a_newline_stays_one_line_in_rows_and_logs() {
     let rows = served_rows(&site);
     let row = rows.iter().find(|r| r.id == id).unwrap();
     let err = row.error.as_deref().unwrap();
-    assert!(!err.contains('\n') && err.contains("bad\\nname.jpg"), "{err:?}");
-    let warned: Vec<&str> = log.lines().filter(|l| l.contains("image quarantined")).collect();
+    assert!(
+        !err.contains('\n') && err.contains("bad\\nname.jpg"),
+        "{err:?}"
+    );
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("image quarantined"))
+        .collect();
     assert_eq!(warned.len(), 1, "{log}");
-    assert!(warned[0].contains("name.jpg"), "the whole record on one line: {}", warned[0]);
+    assert!(
+        warned[0].contains("name.jpg"),
+        "the whole record on one line: {}",
+        warned[0]
+    );
 }

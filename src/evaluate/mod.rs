@@ -53,7 +53,9 @@ pub struct Labelled {
 }
 
 /// True class names by source path and by image id (ids only where unique).
-fn dataset_labels(dirs: &[PathBuf]) -> Result<(HashMap<String, String>, HashMap<String, Option<String>>), EvaluateError> {
+fn dataset_labels(
+    dirs: &[PathBuf],
+) -> Result<(HashMap<String, String>, HashMap<String, Option<String>>), EvaluateError> {
     let (mut by_path, mut by_id) = (HashMap::new(), HashMap::<String, Option<String>>::new());
     for d in dirs {
         let ds = Dataset::open(d)?;
@@ -79,8 +81,17 @@ fn dataset_labels(dirs: &[PathBuf]) -> Result<(HashMap<String, String>, HashMap<
 pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, EvaluateError> {
     let p = Predictions::read(predictions)?;
     let classes = p.class_names.len();
-    let index: HashMap<&str, usize> = p.class_names.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
-    let (by_path, by_id) = if data.is_empty() { Default::default() } else { dataset_labels(data)? };
+    let index: HashMap<&str, usize> = p
+        .class_names
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i))
+        .collect();
+    let (by_path, by_id) = if data.is_empty() {
+        Default::default()
+    } else {
+        dataset_labels(data)?
+    };
     let mut out = Labelled {
         class_names: p.class_names.clone(),
         probs: Vec::new(),
@@ -100,7 +111,10 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
         let class = if data.is_empty() {
             row.label.clone()
         } else {
-            by_path.get(&row.source_path).cloned().or_else(|| by_id.get(&row.image_id).cloned().flatten())
+            by_path
+                .get(&row.source_path)
+                .cloned()
+                .or_else(|| by_id.get(&row.image_id).cloned().flatten())
         };
         match class.as_deref().and_then(|c| index.get(c)) {
             Some(&l) => {
@@ -135,22 +149,42 @@ pub struct EvaluateSummary {
 }
 
 /// Scores a predictions file and (with `out`) writes the report folder.
-pub fn run(predictions: &Path, data: &[PathBuf], out: Option<&Path>, least_confident: usize) -> Result<EvaluateSummary, EvaluateError> {
+pub fn run(
+    predictions: &Path,
+    data: &[PathBuf],
+    out: Option<&Path>,
+    least_confident: usize,
+) -> Result<EvaluateSummary, EvaluateError> {
     let l = load_labelled(predictions, data)?;
     let evaluation = metrics::evaluate(&l.probs, &l.labels, &l.class_names, least_confident);
     let files = match out {
         Some(dir) => {
-            let title = format!("{} ({})", predictions.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), l.model_ids.join(", "));
+            let title = format!(
+                "{} ({})",
+                predictions
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                l.model_ids.join(", ")
+            );
             Some(write_report(dir, &evaluation, &l.ids, &l.paths, &title)?)
         }
         None => None,
     };
-    Ok(EvaluateSummary { evaluation, files, failed: l.failed, unlabelled: l.unlabelled })
+    Ok(EvaluateSummary {
+        evaluation,
+        files,
+        failed: l.failed,
+        unlabelled: l.unlabelled,
+    })
 }
 
 /// Fits a temperature on labelled (validation) predictions. Probabilities already scaled by a
 /// temperature T0 are first brought back to T = 1, so the result is the total temperature.
-pub fn fit_calibration(predictions: &Path, data: &[PathBuf]) -> Result<(TemperatureFit, Labelled), EvaluateError> {
+pub fn fit_calibration(
+    predictions: &Path,
+    data: &[PathBuf],
+) -> Result<(TemperatureFit, Labelled), EvaluateError> {
     let mut l = load_labelled(predictions, data)?;
     let classes = l.class_names.len();
     if let Some(t0) = l.temperature.filter(|t| *t != 1.0) {
@@ -162,24 +196,47 @@ pub fn fit_calibration(predictions: &Path, data: &[PathBuf]) -> Result<(Temperat
 
 /// `plankton calibrate`: fits the temperature and stores it in the run (`calibration.json`),
 /// where `plankton predict` picks it up.
-pub fn calibrate_run(run_dir: &Path, predictions: &Path, data: &[PathBuf], min_images: usize) -> Result<TemperatureFit, EvaluateError> {
+pub fn calibrate_run(
+    run_dir: &Path,
+    predictions: &Path,
+    data: &[PathBuf],
+    min_images: usize,
+) -> Result<TemperatureFit, EvaluateError> {
     let (fit, l) = fit_calibration(predictions, data)?;
     if fit.n < min_images {
-        return Err(EvaluateError::TooFewForCalibration { path: predictions.to_path_buf(), n: fit.n, min: min_images });
+        return Err(EvaluateError::TooFewForCalibration {
+            path: predictions.to_path_buf(),
+            n: fit.n,
+            min: min_images,
+        });
     }
     let run = crate::train::RunDir::new(run_dir);
     let classes_path = run.classes();
-    let run_classes = std::fs::read_to_string(&classes_path).map_err(|e| EvaluateError::Io { path: classes_path.clone(), message: e.to_string() })?;
-    let run_classes: Vec<&str> = run_classes.lines().filter(|s| !s.trim().is_empty()).collect();
+    let run_classes = std::fs::read_to_string(&classes_path).map_err(|e| EvaluateError::Io {
+        path: classes_path.clone(),
+        message: e.to_string(),
+    })?;
+    let run_classes: Vec<&str> = run_classes
+        .lines()
+        .filter(|s| !s.trim().is_empty())
+        .collect();
     if run_classes != l.class_names.iter().map(String::as_str).collect::<Vec<_>>() {
         return Err(EvaluateError::NoLabels {
             path: predictions.to_path_buf(),
-            reason: format!("its classes differ from the run's {}: predictions of another model?", classes_path.display()),
+            reason: format!(
+                "its classes differ from the run's {}: predictions of another model?",
+                classes_path.display()
+            ),
         });
     }
     let path = run.calibration();
     let text = serde_json::to_string_pretty(&fit).expect("serialisable");
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path)).map_err(|e| EvaluateError::Io { path: path.clone(), message: e.to_string() })?;
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| EvaluateError::Io {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
     Ok(fit)
 }

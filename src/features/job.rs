@@ -77,10 +77,25 @@ impl FeatureSet {
 
     pub fn columns(self) -> Vec<String> {
         match self {
-            FeatureSet::Moments => moments::MOMENT_INFO_NAMES.iter().map(|n| format!("moments.{n}")).collect(),
-            FeatureSet::Hu => moments::HU_NAMES.iter().map(|n| format!("hu.{n}")).collect(),
-            FeatureSet::Haralick => (0..4).flat_map(|d| haralick::FEATURE_NAMES.iter().map(move |n| format!("haralick.d{d}.{n}"))).collect(),
-            FeatureSet::Zernike => zernike::ZERNIKE_NAMES.iter().map(|n| format!("zernike.{n}")).collect(),
+            FeatureSet::Moments => moments::MOMENT_INFO_NAMES
+                .iter()
+                .map(|n| format!("moments.{n}"))
+                .collect(),
+            FeatureSet::Hu => moments::HU_NAMES
+                .iter()
+                .map(|n| format!("hu.{n}"))
+                .collect(),
+            FeatureSet::Haralick => (0..4)
+                .flat_map(|d| {
+                    haralick::FEATURE_NAMES
+                        .iter()
+                        .map(move |n| format!("haralick.d{d}.{n}"))
+                })
+                .collect(),
+            FeatureSet::Zernike => zernike::ZERNIKE_NAMES
+                .iter()
+                .map(|n| format!("zernike.{n}"))
+                .collect(),
             FeatureSet::Lbp => lbp::LBP_NAMES.iter().map(|n| format!("lbp.{n}")).collect(),
             FeatureSet::Tas => tas::TAS_NAMES.iter().map(|n| format!("tas.{n}")).collect(),
         }
@@ -130,7 +145,10 @@ fn records(data: &[PathBuf]) -> Result<Vec<(ImageRecord, Option<String>)>, Featu
             let mut stack = vec![d.clone()];
             let mut files = Vec::new();
             while let Some(dir) = stack.pop() {
-                let rd = std::fs::read_dir(&dir).map_err(|e| FeaturesError::Io { path: dir.clone(), message: e.to_string() })?;
+                let rd = std::fs::read_dir(&dir).map_err(|e| FeaturesError::Io {
+                    path: dir.clone(),
+                    message: e.to_string(),
+                })?;
                 for e in rd.flatten() {
                     if e.file_name().to_string_lossy().starts_with('.') {
                         continue;
@@ -145,14 +163,38 @@ fn records(data: &[PathBuf]) -> Result<Vec<(ImageRecord, Option<String>)>, Featu
             }
             files.sort();
             for f in files {
-                let id = f.strip_prefix(d).unwrap_or(&f).to_string_lossy().into_owned();
-                out.push((ImageRecord { id, path: f, label: None }, None));
+                let id = f
+                    .strip_prefix(d)
+                    .unwrap_or(&f)
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((
+                    ImageRecord {
+                        id,
+                        path: f,
+                        label: None,
+                    },
+                    None,
+                ));
             }
         } else if d.is_file() {
-            let id = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.push((ImageRecord { id, path: d.clone(), label: None }, None));
+            let id = d
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push((
+                ImageRecord {
+                    id,
+                    path: d.clone(),
+                    label: None,
+                },
+                None,
+            ));
         } else {
-            return Err(FeaturesError::Input(format!("{}: no such file or folder", d.display())));
+            return Err(FeaturesError::Input(format!(
+                "{}: no such file or folder",
+                d.display()
+            )));
         }
     }
     Ok(out)
@@ -161,7 +203,10 @@ fn records(data: &[PathBuf]) -> Result<Vec<(ImageRecord, Option<String>)>, Featu
 type Computed = Result<(u32, u32, Vec<f64>), String>;
 
 /// Runs the job (blocking; uses `threads` worker threads, 0 = one per core).
-pub fn run(opts: &FeaturesOptions, mut progress: impl FnMut(usize, usize)) -> Result<FeaturesSummary, FeaturesError> {
+pub fn run(
+    opts: &FeaturesOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<FeaturesSummary, FeaturesError> {
     let started = std::time::Instant::now();
     if opts.sets.is_empty() {
         return Err(FeaturesError::Input("no feature set chosen".into()));
@@ -173,13 +218,21 @@ pub fn run(opts: &FeaturesOptions, mut progress: impl FnMut(usize, usize)) -> Re
     let columns = writer::columns(&opts.sets).len();
     // Dropped on an error: the partial file goes with it.
     let mut out = FeatureWriter::create(&opts.out, &opts.sets)?;
-    let threads = if opts.threads > 0 { opts.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
+    let threads = if opts.threads > 0 {
+        opts.threads
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    };
     let mut failed = Vec::new();
     const CHUNK: usize = 512;
     for (c, chunk) in recs.chunks(CHUNK).enumerate() {
         let computed: Vec<Computed> = {
             let next = std::sync::atomic::AtomicUsize::new(0);
-            let slots: Vec<std::sync::Mutex<Option<Computed>>> = (0..chunk.len()).map(|_| std::sync::Mutex::new(None)).collect();
+            let slots: Vec<std::sync::Mutex<Option<Computed>>> = (0..chunk.len())
+                .map(|_| std::sync::Mutex::new(None))
+                .collect();
             std::thread::scope(|s| {
                 for _ in 0..threads.min(chunk.len()) {
                     s.spawn(|| loop {
@@ -189,14 +242,23 @@ pub fn run(opts: &FeaturesOptions, mut progress: impl FnMut(usize, usize)) -> Re
                         }
                         let path = &chunk[i].0.path;
                         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            decode_file(path, &opts.decode).map_err(|e| e.to_string()).map(|img| (img.height(), img.width(), writer::compute(&opts.sets, &img)))
+                            decode_file(path, &opts.decode)
+                                .map_err(|e| e.to_string())
+                                .map(|img| {
+                                    (img.height(), img.width(), writer::compute(&opts.sets, &img))
+                                })
                         }))
-                        .unwrap_or_else(|_| Err(format!("{}: feature computation panicked", path.display())));
+                        .unwrap_or_else(|_| {
+                            Err(format!("{}: feature computation panicked", path.display()))
+                        });
                         *slots[i].lock().unwrap() = Some(r);
                     });
                 }
             });
-            slots.into_iter().map(|m| m.into_inner().unwrap().expect("computed")).collect()
+            slots
+                .into_iter()
+                .map(|m| m.into_inner().unwrap().expect("computed"))
+                .collect()
         };
         for ((rec, label), r) in chunk.iter().zip(computed) {
             let (size, values, error) = match r {
@@ -207,10 +269,22 @@ pub fn run(opts: &FeaturesOptions, mut progress: impl FnMut(usize, usize)) -> Re
                     (None, None, Some(e))
                 }
             };
-            out.push(FeatureRow { image_id: rec.id.clone(), source_path: rec.path.display().to_string(), label: label.clone(), size, values, error })?;
+            out.push(FeatureRow {
+                image_id: rec.id.clone(),
+                source_path: rec.path.display().to_string(),
+                label: label.clone(),
+                size,
+                values,
+                error,
+            })?;
         }
         progress(((c + 1) * CHUNK).min(recs.len()), recs.len());
     }
     out.finish()?;
-    Ok(FeaturesSummary { images: recs.len(), failed, columns, seconds: started.elapsed().as_secs_f64() })
+    Ok(FeaturesSummary {
+        images: recs.len(),
+        failed,
+        columns,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

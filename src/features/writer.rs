@@ -60,14 +60,23 @@ fn schema(columns: &[String], sets: &[FeatureSet]) -> SchemaRef {
         Field::new("rows", DataType::UInt32, true),
         Field::new("cols", DataType::UInt32, true),
     ];
-    fields.extend(columns.iter().map(|c| Field::new(c, DataType::Float64, true)));
+    fields.extend(
+        columns
+            .iter()
+            .map(|c| Field::new(c, DataType::Float64, true)),
+    );
     fields.push(Field::new("error", DataType::Utf8, true));
     let meta = serde_json::json!({
         "sets": sets.iter().map(|s| s.name()).collect::<Vec<_>>(),
         "columns": columns,
         "plankton_version": env!("CARGO_PKG_VERSION"),
     });
-    Arc::new(Schema::new_with_metadata(fields, [(META_FEATURES.to_string(), meta.to_string())].into_iter().collect::<std::collections::HashMap<String, String>>()))
+    Arc::new(Schema::new_with_metadata(
+        fields,
+        [(META_FEATURES.to_string(), meta.to_string())]
+            .into_iter()
+            .collect::<std::collections::HashMap<String, String>>(),
+    ))
 }
 
 /// Streams feature rows into a Parquet file.
@@ -83,7 +92,10 @@ pub struct FeatureWriter {
 
 impl FeatureWriter {
     pub fn create(path: &Path, sets: &[FeatureSet]) -> Result<FeatureWriter, FeaturesError> {
-        let io = |p: &Path, e: String| FeaturesError::Io { path: p.to_path_buf(), message: e };
+        let io = |p: &Path, e: String| FeaturesError::Io {
+            path: p.to_path_buf(),
+            message: e,
+        };
         let columns = columns(sets);
         let schema = schema(&columns, sets);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -93,14 +105,27 @@ impl FeatureWriter {
         tmp.push(".partial");
         let tmp = PathBuf::from(tmp);
         let file = File::create(&tmp).map_err(|e| io(&tmp, e.to_string()))?;
-        let meta = schema.metadata().get(META_FEATURES).cloned().unwrap_or_default();
+        let meta = schema
+            .metadata()
+            .get(META_FEATURES)
+            .cloned()
+            .unwrap_or_default();
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_key_value_metadata(Some(vec![KeyValue::new(META_FEATURES.to_string(), meta)]))
             .set_created_by(format!("plankton {}", env!("CARGO_PKG_VERSION")))
             .build();
-        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| io(&tmp, e.to_string()))?;
-        Ok(FeatureWriter { path: path.to_path_buf(), tmp, writer: Some(writer), schema, columns: columns.len(), rows: Vec::with_capacity(ROWS_PER_BATCH), written: 0 })
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
+            .map_err(|e| io(&tmp, e.to_string()))?;
+        Ok(FeatureWriter {
+            path: path.to_path_buf(),
+            tmp,
+            writer: Some(writer),
+            schema,
+            columns: columns.len(),
+            rows: Vec::with_capacity(ROWS_PER_BATCH),
+            written: 0,
+        })
     }
 
     /// Queues a row (written in batches). A row whose value count does not match the columns
@@ -108,7 +133,12 @@ impl FeatureWriter {
     pub fn push(&mut self, row: FeatureRow) -> Result<(), FeaturesError> {
         if let Some(v) = &row.values {
             if v.len() != self.columns {
-                return Err(FeaturesError::Input(format!("{}: {} feature values for {} columns", row.source_path, v.len(), self.columns)));
+                return Err(FeaturesError::Input(format!(
+                    "{}: {} feature values for {} columns",
+                    row.source_path,
+                    v.len(),
+                    self.columns
+                )));
             }
         }
         self.rows.push(row);
@@ -135,7 +165,8 @@ impl FeatureWriter {
         let mut labels = StringBuilder::new();
         let mut rows = UInt32Builder::new();
         let mut cols = UInt32Builder::new();
-        let mut values: Vec<Float64Builder> = (0..self.columns).map(|_| Float64Builder::new()).collect();
+        let mut values: Vec<Float64Builder> =
+            (0..self.columns).map(|_| Float64Builder::new()).collect();
         let mut errors = StringBuilder::new();
         for r in self.rows.drain(..) {
             ids.append_value(&r.image_id);
@@ -144,30 +175,47 @@ impl FeatureWriter {
             rows.append_option(r.size.map(|s| s.0));
             cols.append_option(r.size.map(|s| s.1));
             match &r.values {
-                Some(v) => values.iter_mut().zip(v).for_each(|(b, &x)| b.append_value(x)),
+                Some(v) => values
+                    .iter_mut()
+                    .zip(v)
+                    .for_each(|(b, &x)| b.append_value(x)),
                 None => values.iter_mut().for_each(|b| b.append_null()),
             }
             errors.append_option(r.error.as_deref());
         }
-        let mut arrays: Vec<ArrayRef> = vec![Arc::new(ids.finish()), Arc::new(paths.finish()), Arc::new(labels.finish()), Arc::new(rows.finish()), Arc::new(cols.finish())];
+        let mut arrays: Vec<ArrayRef> = vec![
+            Arc::new(ids.finish()),
+            Arc::new(paths.finish()),
+            Arc::new(labels.finish()),
+            Arc::new(rows.finish()),
+            Arc::new(cols.finish()),
+        ];
         arrays.extend(values.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
         arrays.push(Arc::new(errors.finish()));
-        let batch = RecordBatch::try_new(self.schema.clone(), arrays).expect("columns match the schema");
+        let batch =
+            RecordBatch::try_new(self.schema.clone(), arrays).expect("columns match the schema");
         self.written += batch.num_rows();
         self.writer
             .as_mut()
             .expect("open until finished")
             .write(&batch)
-            .map_err(|e| FeaturesError::Io { path: self.tmp.clone(), message: e.to_string() })
+            .map_err(|e| FeaturesError::Io {
+                path: self.tmp.clone(),
+                message: e.to_string(),
+            })
     }
 
     /// Writes what is queued, closes the file and renames it into place; returns the rows.
     pub fn finish(mut self) -> Result<usize, FeaturesError> {
-        let io = |p: &Path, e: String| FeaturesError::Io { path: p.to_path_buf(), message: e };
+        let io = |p: &Path, e: String| FeaturesError::Io {
+            path: p.to_path_buf(),
+            message: e,
+        };
         self.flush()?;
         let writer = self.writer.take().expect("open until finished");
         writer.close().map_err(|e| io(&self.tmp, e.to_string()))?;
-        crate::sinks::durable_rename(&self.tmp, &self.path).map_err(|e| io(&self.path, e.to_string()))?;
+        crate::sinks::durable_rename(&self.tmp, &self.path)
+            .map_err(|e| io(&self.path, e.to_string()))?;
         Ok(self.written)
     }
 }

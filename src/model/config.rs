@@ -153,13 +153,23 @@ impl ModelConfig {
             return Err(format!("model.width must be > 0, got {}", self.width));
         }
         if self.stages > CONVROLL4_STAGES.len() {
-            return Err(format!("model.stages: the presets have at most {}, got {}", CONVROLL4_STAGES.len(), self.stages));
+            return Err(format!(
+                "model.stages: the presets have at most {}, got {}",
+                CONVROLL4_STAGES.len(),
+                self.stages
+            ));
         }
         if !(self.leaky_slope.is_finite() && (0.0..1.0).contains(&self.leaky_slope)) {
-            return Err(format!("model.leaky_slope must be in [0, 1), got {}", self.leaky_slope));
+            return Err(format!(
+                "model.leaky_slope must be in [0, 1), got {}",
+                self.leaky_slope
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!("model.dropout must be in [0, 1), got {}", self.dropout));
+            return Err(format!(
+                "model.dropout must be in [0, 1), got {}",
+                self.dropout
+            ));
         }
         if self.views != 4 && self.views != 8 {
             return Err(format!("model.views must be 4 or 8, got {}", self.views));
@@ -195,10 +205,18 @@ impl ModelConfig {
     }
 
     fn preset_branch(&self, input: usize, size: usize, width: f64, cyclic: bool) -> BranchConfig {
-        let stages = if self.stages > 0 { self.stages.min(CONVROLL4_STAGES.len()) } else { auto_stages(size) };
+        let stages = if self.stages > 0 {
+            self.stages.min(CONVROLL4_STAGES.len())
+        } else {
+            auto_stages(size)
+        };
         let mut layers = Vec::new();
         if cyclic {
-            layers.push(if self.views == 8 { LayerSpec::Slice8 {} } else { LayerSpec::Slice {} });
+            layers.push(if self.views == 8 {
+                LayerSpec::Slice8 {}
+            } else {
+                LayerSpec::Slice {}
+            });
         }
         for stage in &CONVROLL4_STAGES[..stages] {
             for &f in stage.iter() {
@@ -217,7 +235,11 @@ impl ModelConfig {
             layers.push(LayerSpec::Dropout { p: self.dropout });
             layers.push(LayerSpec::Dense {
                 units: self.scaled(self.dense_units, width),
-                activation: if self.maxout > 1 { Activation::Linear } else { Activation::Leaky },
+                activation: if self.maxout > 1 {
+                    Activation::Linear
+                } else {
+                    Activation::Leaky
+                },
                 maxout: self.maxout,
             });
         };
@@ -227,7 +249,9 @@ impl ModelConfig {
         }
         dense(&mut layers);
         if cyclic {
-            layers.push(LayerSpec::CyclicPool { function: self.cyclic_pool });
+            layers.push(LayerSpec::CyclicPool {
+                function: self.cyclic_pool,
+            });
         }
         BranchConfig { input, layers }
     }

@@ -27,7 +27,10 @@ pub fn slice(x: &Tensor) -> Tensor {
 /// would not be background).
 pub fn stack_rotated_45(x: &Tensor) -> Tensor {
     let b = x.size()[0];
-    let (s, c) = (std::f64::consts::FRAC_PI_4.sin(), std::f64::consts::FRAC_PI_4.cos());
+    let (s, c) = (
+        std::f64::consts::FRAC_PI_4.sin(),
+        std::f64::consts::FRAC_PI_4.cos(),
+    );
     // affine_grid maps output -> input in normalised coordinates.
     let theta = Tensor::from_slice(&[c as f32, -s as f32, 0.0, s as f32, c as f32, 0.0])
         .view([1, 2, 3])
@@ -50,7 +53,14 @@ fn views4(x: &Tensor) -> Vec<Tensor> {
 pub fn dense_roll(x: &Tensor) -> Tensor {
     let v = views4(x);
     let rows: Vec<Tensor> = (0..4)
-        .map(|i| Tensor::cat(&(0..4).map(|k| v[(i + k) % 4].shallow_clone()).collect::<Vec<_>>(), 1))
+        .map(|i| {
+            Tensor::cat(
+                &(0..4)
+                    .map(|k| v[(i + k) % 4].shallow_clone())
+                    .collect::<Vec<_>>(),
+                1,
+            )
+        })
         .collect();
     Tensor::cat(&rows, 0)
 }
@@ -62,7 +72,9 @@ pub fn conv_roll(x: &Tensor) -> Tensor {
     let v = views4(x);
     let rows: Vec<Tensor> = (0..4)
         .map(|i| {
-            let blocks: Vec<Tensor> = (0..4).map(|k| rot90(&v[(i + k) % 4], -(k as i64))).collect();
+            let blocks: Vec<Tensor> = (0..4)
+                .map(|k| rot90(&v[(i + k) % 4], -(k as i64)))
+                .collect();
             Tensor::cat(&blocks, 1)
         })
         .collect();
@@ -104,7 +116,12 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> Tensor {
     // we own, or null when ATen threw.
     unsafe {
         let out = plankton_leaky_relu(x.as_ptr() as *const std::ffi::c_void, slope);
-        assert!(!out.is_null(), "at::leaky_relu failed on a {:?} tensor of {:?}", x.size(), x.kind());
+        assert!(
+            !out.is_null(),
+            "at::leaky_relu failed on a {:?} tensor of {:?}",
+            x.size(),
+            x.kind()
+        );
         Tensor::from_ptr(out as *mut _)
     }
 }

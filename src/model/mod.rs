@@ -15,5 +15,8 @@ pub enum ModelError {
     #[error("invalid model: {0}")]
     Invalid(String),
     #[error("{path}: {message}")]
-    Io { path: std::path::PathBuf, message: String },
+    Io {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }

@@ -25,13 +25,27 @@ pub struct Param {
 enum Layer {
     Slice,
     Slice8,
-    Conv { w: usize, b: usize, untied: bool, act: Activation },
+    Conv {
+        w: usize,
+        b: usize,
+        untied: bool,
+        act: Activation,
+    },
     Pool,
     ConvRoll,
     Dropout(f64),
-    Dense { w: usize, b: usize, act: Activation, maxout: i64, flatten: bool },
+    Dense {
+        w: usize,
+        b: usize,
+        act: Activation,
+        maxout: i64,
+        flatten: bool,
+    },
     DenseRoll,
-    CyclicPool { views: i64, function: PoolFunction },
+    CyclicPool {
+        views: i64,
+        function: PoolFunction,
+    },
 }
 
 /// What one layer does to one image, for `plankton model` summaries and compute matching.
@@ -97,7 +111,11 @@ pub fn orthogonal(rows: usize, cols: usize, gain: f64) -> Tensor {
     let a = Tensor::randn([rows as i64, cols as i64], (Kind::Double, Device::Cpu));
     // `svd` rather than `linalg_svd`: tch always passes linalg_svd a driver, which CPU rejects.
     let (u, _, v) = a.svd(true, true);
-    let q = if u.size() == [rows as i64, cols as i64] { u } else { v.tr() };
+    let q = if u.size() == [rows as i64, cols as i64] {
+        u
+    } else {
+        v.tr()
+    };
     (q * gain).to_kind(Kind::Float).contiguous()
 }
 
@@ -119,7 +137,11 @@ impl Builder<'_> {
 
     fn add(&mut self, name: String, t: Tensor, decay: bool) -> usize {
         let t = t.to_device(self.device).set_requires_grad(true);
-        self.params.push(Param { name, tensor: t, decay });
+        self.params.push(Param {
+            name,
+            tensor: t,
+            decay,
+        });
         self.params.len() - 1
     }
 }
@@ -160,11 +182,15 @@ impl Network {
         init: bool,
     ) -> Result<Network, ModelError> {
         if num_classes == 0 {
-            return Err(ModelError::Invalid("the network needs at least one class".into()));
+            return Err(ModelError::Invalid(
+                "the network needs at least one class".into(),
+            ));
         }
         let branches_cfg = cfg.branches(patch_sizes);
         if branches_cfg.is_empty() {
-            return Err(ModelError::Invalid("the model has no branch (preset = \"custom\" needs [[model.branch]])".into()));
+            return Err(ModelError::Invalid(
+                "the model has no branch (preset = \"custom\" needs [[model.branch]])".into(),
+            ));
         }
         cfg.validate().map_err(ModelError::Invalid)?;
         let mut params = Vec::new();
@@ -180,14 +206,30 @@ impl Network {
                     patch_sizes.len()
                 ))
             })?;
-            let mut b = Builder { params: &mut params, device, init };
+            let mut b = Builder {
+                params: &mut params,
+                device,
+                init,
+            };
             let (branch, out) = build_branch(cfg, bi, bc, size, &mut b, &mut summary)?;
             features += out;
             branches.push(branch);
         }
-        let mut b = Builder { params: &mut params, device, init };
-        let w = b.add("classifier.weight".into(), b.orthogonal(num_classes, features, 1.0), true);
-        let bias = b.add("classifier.bias".into(), Tensor::zeros([num_classes as i64], (Kind::Float, Device::Cpu)), false);
+        let mut b = Builder {
+            params: &mut params,
+            device,
+            init,
+        };
+        let w = b.add(
+            "classifier.weight".into(),
+            b.orthogonal(num_classes, features, 1.0),
+            true,
+        );
+        let bias = b.add(
+            "classifier.bias".into(),
+            Tensor::zeros([num_classes as i64], (Kind::Float, Device::Cpu)),
+            false,
+        );
         summary.push(LayerInfo {
             branch: usize::MAX,
             name: "classifier".into(),
@@ -218,7 +260,11 @@ impl Network {
         if compute.channels_last != self.channels_last {
             let _guard = tch::no_grad_guard();
             for p in self.params.iter_mut().filter(|p| p.tensor.dim() == 4) {
-                let t = if compute.channels_last { device::channels_last(&p.tensor) } else { p.tensor.contiguous() };
+                let t = if compute.channels_last {
+                    device::channels_last(&p.tensor)
+                } else {
+                    p.tensor.contiguous()
+                };
                 p.tensor = t.detach().set_requires_grad(true);
             }
             self.channels_last = compute.channels_last;
@@ -263,7 +309,11 @@ impl Network {
                 }
             })
             .collect();
-        let x = if feats.len() == 1 { feats.into_iter().next().unwrap() } else { Tensor::cat(&feats, 1) };
+        let x = if feats.len() == 1 {
+            feats.into_iter().next().unwrap()
+        } else {
+            Tensor::cat(&feats, 1)
+        };
         let x = x.dropout(self.classifier_dropout, train);
         let (w, b) = self.classifier;
         x.linear(&self.params[w].tensor, Some(&self.params[b].tensor))
@@ -293,8 +343,18 @@ impl Network {
             Layer::Pool => x.max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], false),
             Layer::ConvRoll => cyclic::conv_roll(x),
             Layer::Dropout(q) => x.dropout(q, train),
-            Layer::Dense { w, b, act, maxout, flatten } => {
-                let x = if flatten { x.flatten(1, -1) } else { x.shallow_clone() };
+            Layer::Dense {
+                w,
+                b,
+                act,
+                maxout,
+                flatten,
+            } => {
+                let x = if flatten {
+                    x.flatten(1, -1)
+                } else {
+                    x.shallow_clone()
+                };
                 let y = x.linear(p(w), Some(p(b)));
                 let y = if maxout > 1 {
                     let n = y.size()[0];
@@ -320,21 +380,52 @@ impl Network {
 
     /// A text table of the layers (shape per view, views, parameters, MACs).
     pub fn describe(&self) -> String {
-        let mut s = format!("{:<6} {:<22} {:>14} {:>5} {:>10} {:>14}\n", "branch", "layer", "shape", "views", "params", "MACs/image");
+        let mut s = format!(
+            "{:<6} {:<22} {:>14} {:>5} {:>10} {:>14}\n",
+            "branch", "layer", "shape", "views", "params", "MACs/image"
+        );
         for l in &self.summary {
-            let shape = l.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
-            let branch = if l.branch == usize::MAX { "-".into() } else { l.branch.to_string() };
-            s += &format!("{branch:<6} {:<22} {shape:>14} {:>5} {:>10} {:>14}\n", l.name, l.views, l.params, l.macs);
+            let shape = l
+                .shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("x");
+            let branch = if l.branch == usize::MAX {
+                "-".into()
+            } else {
+                l.branch.to_string()
+            };
+            s += &format!(
+                "{branch:<6} {:<22} {shape:>14} {:>5} {:>10} {:>14}\n",
+                l.name, l.views, l.params, l.macs
+            );
         }
-        s += &format!("total: {} parameters, {:.1} MMACs per image\n", self.parameter_count(), self.macs_per_image() as f64 / 1e6);
+        s += &format!(
+            "total: {} parameters, {:.1} MMACs per image\n",
+            self.parameter_count(),
+            self.macs_per_image() as f64 / 1e6
+        );
         s
     }
 
     /// Writes all parameters to a safetensors file, via a temporary file and a rename so that a
     /// crash never leaves a half-written file under `path`.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        let err = |e: &dyn std::fmt::Display| ModelError::Io { path: path.to_path_buf(), message: e.to_string() };
-        let named: Vec<(&str, Tensor)> = self.params.iter().map(|p| (p.name.as_str(), p.tensor.to_device(Device::Cpu).contiguous())).collect();
+        let err = |e: &dyn std::fmt::Display| ModelError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let named: Vec<(&str, Tensor)> = self
+            .params
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.tensor.to_device(Device::Cpu).contiguous(),
+                )
+            })
+            .collect();
         let tmp = path.with_extension("safetensors.tmp");
         Tensor::write_safetensors(&named, &tmp).map_err(|e| err(&e))?;
         std::fs::rename(&tmp, path).map_err(|e| err(&e))
@@ -342,20 +433,32 @@ impl Network {
 
     /// Loads parameters saved by `save`; every name and shape must match this network.
     pub fn load(&mut self, path: &Path) -> Result<(), ModelError> {
-        let err = |message: String| ModelError::Io { path: path.to_path_buf(), message };
+        let err = |message: String| ModelError::Io {
+            path: path.to_path_buf(),
+            message,
+        };
         let stored = Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?;
         let mut by_name: std::collections::HashMap<String, Tensor> = stored.into_iter().collect();
         // Check everything before copying anything, so a failed load leaves the network as it was.
         let mut matched = Vec::with_capacity(self.params.len());
         for p in &self.params {
-            let t = by_name.remove(&p.name).ok_or_else(|| err(format!("no tensor named {}", p.name)))?;
+            let t = by_name
+                .remove(&p.name)
+                .ok_or_else(|| err(format!("no tensor named {}", p.name)))?;
             if t.size() != p.tensor.size() {
-                return Err(err(format!("{}: stored shape {:?}, network has {:?}", p.name, t.size(), p.tensor.size())));
+                return Err(err(format!(
+                    "{}: stored shape {:?}, network has {:?}",
+                    p.name,
+                    t.size(),
+                    p.tensor.size()
+                )));
             }
             matched.push(t);
         }
         if let Some(extra) = by_name.keys().next() {
-            return Err(err(format!("tensor {extra} does not belong to this network")));
+            return Err(err(format!(
+                "tensor {extra} does not belong to this network"
+            )));
         }
         let _guard = tch::no_grad_guard();
         for (p, t) in self.params.iter_mut().zip(matched) {
@@ -373,11 +476,20 @@ fn build_branch(
     b: &mut Builder,
     summary: &mut Vec<LayerInfo>,
 ) -> Result<(Branch, usize), ModelError> {
-    let mut shape = Shape::Map { c: 1, h: size, w: size };
+    let mut shape = Shape::Map {
+        c: 1,
+        h: size,
+        w: size,
+    };
     let mut views = 1usize;
     let mut layers = Vec::new();
     for (li, spec) in bc.layers.iter().enumerate() {
-        let invalid = |why: String| ModelError::Invalid(format!("branch {bi}, layer {li} ({}): {why}", layer_name(spec)));
+        let invalid = |why: String| {
+            ModelError::Invalid(format!(
+                "branch {bi}, layer {li} ({}): {why}",
+                layer_name(spec)
+            ))
+        };
         let mut params = 0;
         let mut macs = 0u64;
         let prefix = format!("b{bi}.l{li}");
@@ -398,7 +510,11 @@ fn build_branch(
                     Layer::Slice
                 }
             }
-            LayerSpec::Conv { filters, activation, untied_biases } => {
+            LayerSpec::Conv {
+                filters,
+                activation,
+                untied_biases,
+            } => {
                 let Shape::Map { c, h, w } = shape else {
                     return Err(invalid("needs a conv map, got dense features".into()));
                 };
@@ -406,14 +522,29 @@ fn build_branch(
                     return Err(invalid("filters must be > 0".into()));
                 }
                 let untied = untied_biases.unwrap_or(cfg.untied_biases);
-                let weight = b.orthogonal(filters, c * 9, 1.0).view([filters as i64, c as i64, 3, 3]);
+                let weight =
+                    b.orthogonal(filters, c * 9, 1.0)
+                        .view([filters as i64, c as i64, 3, 3]);
                 let wi = b.add(format!("{prefix}.conv.weight"), weight, true);
-                let bias_shape: Vec<i64> = if untied { vec![filters as i64, h as i64, w as i64] } else { vec![filters as i64] };
-                let bi_ = b.add(format!("{prefix}.conv.bias"), Tensor::full(bias_shape.as_slice(), 0.1, (Kind::Float, Device::Cpu)), false);
+                let bias_shape: Vec<i64> = if untied {
+                    vec![filters as i64, h as i64, w as i64]
+                } else {
+                    vec![filters as i64]
+                };
+                let bi_ = b.add(
+                    format!("{prefix}.conv.bias"),
+                    Tensor::full(bias_shape.as_slice(), 0.1, (Kind::Float, Device::Cpu)),
+                    false,
+                );
                 params = filters * c * 9 + if untied { filters * h * w } else { filters };
                 macs = (views * filters * c * 9 * h * w) as u64;
                 shape = Shape::Map { c: filters, h, w };
-                Layer::Conv { w: wi, b: bi_, untied, act: activation }
+                Layer::Conv {
+                    w: wi,
+                    b: bi_,
+                    untied,
+                    act: activation,
+                }
             }
             LayerSpec::Pool {} => {
                 let Shape::Map { c, h, w } = shape else {
@@ -422,7 +553,11 @@ fn build_branch(
                 if h < 3 || w < 3 {
                     return Err(invalid(format!("map {h}x{w} is smaller than the 3x3 pool")));
                 }
-                shape = Shape::Map { c, h: (h - 3) / 2 + 1, w: (w - 3) / 2 + 1 };
+                shape = Shape::Map {
+                    c,
+                    h: (h - 3) / 2 + 1,
+                    w: (w - 3) / 2 + 1,
+                };
                 Layer::Pool
             }
             LayerSpec::ConvRoll {} => {
@@ -433,7 +568,9 @@ fn build_branch(
                     return Err(invalid("needs a sliced batch (add `slice` first)".into()));
                 }
                 if h != w {
-                    return Err(invalid(format!("only defined for square maps, got {h}x{w}")));
+                    return Err(invalid(format!(
+                        "only defined for square maps, got {h}x{w}"
+                    )));
                 }
                 if h % 2 == 0 {
                     tracing::warn!(branch = bi, layer = li, size = h, "conv roll on an even-sized map: the rolled views are not pixel-aligned (keep map sizes odd)");
@@ -447,23 +584,43 @@ fn build_branch(
                 }
                 Layer::Dropout(p)
             }
-            LayerSpec::Dense { units, activation, maxout } => {
+            LayerSpec::Dense {
+                units,
+                activation,
+                maxout,
+            } => {
                 if units == 0 || maxout == 0 {
                     return Err(invalid("units and maxout must be > 0".into()));
                 }
                 let fan_in = shape.numel();
                 let outputs = units * maxout;
-                let wi = b.add(format!("{prefix}.dense.weight"), b.orthogonal(outputs, fan_in, 1.0), true);
-                let bi_ = b.add(format!("{prefix}.dense.bias"), Tensor::full([outputs as i64], 0.1, (Kind::Float, Device::Cpu)), false);
+                let wi = b.add(
+                    format!("{prefix}.dense.weight"),
+                    b.orthogonal(outputs, fan_in, 1.0),
+                    true,
+                );
+                let bi_ = b.add(
+                    format!("{prefix}.dense.bias"),
+                    Tensor::full([outputs as i64], 0.1, (Kind::Float, Device::Cpu)),
+                    false,
+                );
                 params = fan_in * outputs + outputs;
                 macs = (views * fan_in * outputs) as u64;
                 let flatten = matches!(shape, Shape::Map { .. });
                 shape = Shape::Flat(units);
-                Layer::Dense { w: wi, b: bi_, act: activation, maxout: maxout as i64, flatten }
+                Layer::Dense {
+                    w: wi,
+                    b: bi_,
+                    act: activation,
+                    maxout: maxout as i64,
+                    flatten,
+                }
             }
             LayerSpec::DenseRoll {} => {
                 let Shape::Flat(f) = shape else {
-                    return Err(invalid("needs dense features (put a dense layer first)".into()));
+                    return Err(invalid(
+                        "needs dense features (put a dense layer first)".into(),
+                    ));
                 };
                 if views < 4 {
                     return Err(invalid("needs a sliced batch".into()));
@@ -477,17 +634,35 @@ fn build_branch(
                 }
                 let pooled = views;
                 views = 1;
-                Layer::CyclicPool { views: pooled as i64, function }
+                Layer::CyclicPool {
+                    views: pooled as i64,
+                    function,
+                }
             }
         };
-        summary.push(LayerInfo { branch: bi, name: layer_name(spec).into(), shape: shape.dims(), views, params, macs });
+        summary.push(LayerInfo {
+            branch: bi,
+            name: layer_name(spec).into(),
+            shape: shape.dims(),
+            views,
+            params,
+            macs,
+        });
         layers.push(layer);
     }
     if views != 1 {
-        return Err(ModelError::Invalid(format!("branch {bi} ends with {views} views per image: end it with `cyclic_pool`")));
+        return Err(ModelError::Invalid(format!(
+            "branch {bi} ends with {views} views per image: end it with `cyclic_pool`"
+        )));
     }
     let out = shape.numel();
-    Ok((Branch { input: bc.input, layers }, out))
+    Ok((
+        Branch {
+            input: bc.input,
+            layers,
+        },
+        out,
+    ))
 }
 
 fn layer_name(spec: &LayerSpec) -> &'static str {

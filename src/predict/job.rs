@@ -146,8 +146,16 @@ impl PredictOptions {
 /// Progress while predicting.
 #[derive(Debug, Clone)]
 pub enum PredictEvent {
-    Started { images: usize, views: usize, model_id: String },
-    Progress { images_done: usize, images_total: usize, images_per_second: f64 },
+    Started {
+        images: usize,
+        views: usize,
+        model_id: String,
+    },
+    Progress {
+        images_done: usize,
+        images_total: usize,
+        images_per_second: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -195,9 +203,17 @@ pub fn read_class_names(path: &Path) -> Result<Vec<String>, PredictError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
     if names.is_empty() {
-        return Err(PredictError::RunDir { path: path.to_path_buf(), reason: "no class names".into() });
+        return Err(PredictError::RunDir {
+            path: path.to_path_buf(),
+            reason: "no class names".into(),
+        });
     }
     Ok(names)
 }
@@ -208,25 +224,44 @@ pub fn read_calibration(run: &RunDir) -> Result<Option<TemperatureFit>, PredictE
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| PredictError::Io { path: path.clone(), message: e.to_string() })?;
-    let fit: TemperatureFit = serde_json::from_str(&text)
-        .map_err(|e| PredictError::RunDir { path: path.clone(), reason: format!("bad calibration file: {e}") })?;
+    let text = std::fs::read_to_string(&path).map_err(|e| PredictError::Io {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let fit: TemperatureFit = serde_json::from_str(&text).map_err(|e| PredictError::RunDir {
+        path: path.clone(),
+        reason: format!("bad calibration file: {e}"),
+    })?;
     if !(fit.temperature > 0.0 && fit.temperature.is_finite()) {
-        return Err(PredictError::RunDir { path, reason: format!("temperature {} must be > 0", fit.temperature) });
+        return Err(PredictError::RunDir {
+            path,
+            reason: format!("temperature {} must be > 0", fit.temperature),
+        });
     }
     Ok(Some(fit))
 }
 
 impl LoadedModel {
-    pub fn load(model: &Path, weights: &Weights, device: Device, calibrate: bool) -> Result<LoadedModel, PredictError> {
+    pub fn load(
+        model: &Path,
+        weights: &Weights,
+        device: Device,
+        calibrate: bool,
+    ) -> Result<LoadedModel, PredictError> {
         let run = RunDir::new(model);
-        let bad = |reason: String| PredictError::RunDir { path: model.to_path_buf(), reason };
+        let bad = |reason: String| PredictError::RunDir {
+            path: model.to_path_buf(),
+            reason,
+        };
         if !model.is_dir() {
             return Err(bad("no such folder".into()));
         }
         for needed in [run.pipeline(), run.classes(), run.zmuv()] {
             if !needed.is_file() {
-                return Err(bad(format!("{} is missing (is this a folder written by `plankton train`?)", needed.display())));
+                return Err(bad(format!(
+                    "{} is missing (is this a folder written by `plankton train`?)",
+                    needed.display()
+                )));
             }
         }
         crate::device::ensure(device).map_err(TrainError::from)?;
@@ -234,7 +269,11 @@ impl LoadedModel {
         let class_names = read_class_names(&run.classes())?;
         let zmuv = ZmuvStats::load(&run.zmuv())?;
         if zmuv.inputs.len() != cfg.patches.len() {
-            return Err(bad(format!("zmuv.json has {} inputs, the pipeline {}", zmuv.inputs.len(), cfg.patches.len())));
+            return Err(bad(format!(
+                "zmuv.json has {} inputs, the pipeline {}",
+                zmuv.inputs.len(),
+                cfg.patches.len()
+            )));
         }
         let (weights_path, kind) = match weights {
             Weights::Best if run.best_weights().is_file() => (run.best_weights(), "best"),
@@ -242,10 +281,14 @@ impl LoadedModel {
             Weights::Path(p) => (p.clone(), "file"),
         };
         if !weights_path.is_file() {
-            return Err(bad(format!("{} is missing (did training finish?)", weights_path.display())));
+            return Err(bad(format!(
+                "{} is missing (did training finish?)",
+                weights_path.display()
+            )));
         }
         let sizes = patch_sizes(&cfg)?;
-        let mut net = Network::load_from(&cfg.model, &sizes, class_names.len(), device, &weights_path)?;
+        let mut net =
+            Network::load_from(&cfg.model, &sizes, class_names.len(), device, &weights_path)?;
         net.set_compute(&cfg.compute);
         cfg.compute.apply_globals(device);
         let hash = content_hash(&weights_path)?;
@@ -255,8 +298,20 @@ impl LoadedModel {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "run".into());
         let model_id = format!("{run_name}/{kind}@{:08x}", hash >> 32);
-        let calibration = if calibrate { read_calibration(&run)? } else { None };
-        Ok(LoadedModel { cfg, class_names, zmuv, net, weights_path, model_id, calibration })
+        let calibration = if calibrate {
+            read_calibration(&run)?
+        } else {
+            None
+        };
+        Ok(LoadedModel {
+            cfg,
+            class_names,
+            zmuv,
+            net,
+            weights_path,
+            model_id,
+            calibration,
+        })
     }
 
     /// Overrides the run's `[compute] precision` (a model trained in fp32 can predict in bf16).
@@ -272,8 +327,14 @@ fn is_dataset(dir: &Path) -> bool {
 
 /// Files under `dir`, recursively, sorted, hidden entries skipped.
 fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), PredictError> {
-    let io = |e: std::io::Error| PredictError::Io { path: dir.to_path_buf(), message: e.to_string() };
-    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<Result<Vec<_>, _>>().map_err(io)?;
+    let io = |e: std::io::Error| PredictError::Io {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io)?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         if e.file_name().to_string_lossy().starts_with('.') {
@@ -299,7 +360,11 @@ pub fn resolve_inputs(
     if data.is_empty() {
         return Err(PredictError::Input("no --data given".into()));
     }
-    let model_index: HashMap<&str, u32> = class_names.iter().enumerate().map(|(i, c)| (c.as_str(), i as u32)).collect();
+    let model_index: HashMap<&str, u32> = class_names
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i as u32))
+        .collect();
     let mut records = Vec::new();
     let mut sample_submission = None;
     for d in data {
@@ -310,7 +375,11 @@ pub fn resolve_inputs(
             }
             let remap = |r: &ImageRecord| {
                 let mut r = r.clone();
-                r.label = r.label.and_then(|l| model_index.get(ds.class_names[l as usize].as_str()).copied());
+                r.label = r.label.and_then(|l| {
+                    model_index
+                        .get(ds.class_names[l as usize].as_str())
+                        .copied()
+                });
                 r
             };
             let picked: Vec<ImageRecord> = match subset {
@@ -319,12 +388,19 @@ pub fn resolve_inputs(
                 Subset::All => ds.train.iter().chain(&ds.test).map(remap).collect(),
                 Subset::Valid | Subset::Train => {
                     let split = Split::load(&ds, &run.split())?;
-                    let idx = if subset == Subset::Valid { &split.valid } else { &split.train };
+                    let idx = if subset == Subset::Valid {
+                        &split.valid
+                    } else {
+                        &split.train
+                    };
                     idx.iter().map(|&i| remap(&ds.train[i])).collect()
                 }
             };
             if picked.is_empty() {
-                return Err(PredictError::Input(format!("{}: no images in the {subset:?} subset", d.display())));
+                return Err(PredictError::Input(format!(
+                    "{}: no images in the {subset:?} subset",
+                    d.display()
+                )));
             }
             records.extend(picked);
             let sub = d.join("sampleSubmission.csv");
@@ -338,14 +414,32 @@ pub fn resolve_inputs(
                 return Err(PredictError::Input(format!("{}: no files", d.display())));
             }
             for f in files {
-                let id = f.strip_prefix(d).unwrap_or(&f).to_string_lossy().into_owned();
-                records.push(ImageRecord { id, path: f, label: None });
+                let id = f
+                    .strip_prefix(d)
+                    .unwrap_or(&f)
+                    .to_string_lossy()
+                    .into_owned();
+                records.push(ImageRecord {
+                    id,
+                    path: f,
+                    label: None,
+                });
             }
         } else if d.is_file() {
-            let id = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            records.push(ImageRecord { id, path: d.clone(), label: None });
+            let id = d
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            records.push(ImageRecord {
+                id,
+                path: d.clone(),
+                label: None,
+            });
         } else {
-            return Err(PredictError::Input(format!("{}: no such file or folder", d.display())));
+            return Err(PredictError::Input(format!(
+                "{}: no such file or folder",
+                d.display()
+            )));
         }
     }
     Ok((records, sample_submission))
@@ -368,14 +462,19 @@ fn class_prior(run: &RunDir, class_names: &[String]) -> Vec<f64> {
 
 /// Runs a prediction job. Blocking: call from a thread that may block, with a handle to the
 /// runtime the data path runs on.
-pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn FnMut(PredictEvent)) -> Result<PredictSummary, PredictError> {
+pub fn run(
+    opts: &PredictOptions,
+    rt: &tokio::runtime::Handle,
+    on_event: &mut dyn FnMut(PredictEvent),
+) -> Result<PredictSummary, PredictError> {
     let started = Instant::now();
     let mut model = LoadedModel::load(&opts.model, &opts.weights, opts.device, opts.calibrate)?;
     if let Some(precision) = opts.precision {
         model.set_precision(precision);
     }
     let run_dir = RunDir::new(&opts.model);
-    let (records, found_sample) = resolve_inputs(&opts.data, opts.subset, &run_dir, &model.class_names)?;
+    let (records, found_sample) =
+        resolve_inputs(&opts.data, opts.subset, &run_dir, &model.class_names)?;
     let mut cfg = model.cfg.clone();
     let mut tta: TtaConfig = cfg.tta.clone();
     if let Some(n) = opts.tta {
@@ -397,7 +496,10 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
     // the next batches, so memory does not grow with the transform count.
     let workers = cfg.worker_count();
     let per_batch = cfg.batch.size.div_ceil(views);
-    cfg.loader.reorder_window = cfg.loader.reorder_window.min((2 * workers).max(per_batch * (cfg.channels.batches + 1)) + workers);
+    cfg.loader.reorder_window = cfg
+        .loader
+        .reorder_window
+        .min((2 * workers).max(per_batch * (cfg.channels.batches + 1)) + workers);
     cfg.loader.cache_decoded = false; // each image is decoded once anyway
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
@@ -421,9 +523,22 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
         "plankton_version": env!("CARGO_PKG_VERSION"),
         "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
     });
-    let model_id = opts.model_id.clone().unwrap_or_else(|| model.model_id.clone());
-    let mut writer = PredictionWriter::create(&opts.out, model.class_names.clone(), &model_id, &metadata, opts.top_k)?;
-    on_event(PredictEvent::Started { images: records.len(), views, model_id: model_id.clone() });
+    let model_id = opts
+        .model_id
+        .clone()
+        .unwrap_or_else(|| model.model_id.clone());
+    let mut writer = PredictionWriter::create(
+        &opts.out,
+        model.class_names.clone(),
+        &model_id,
+        &metadata,
+        opts.top_k,
+    )?;
+    on_event(PredictEvent::Started {
+        images: records.len(),
+        views,
+        model_id: model_id.clone(),
+    });
 
     let records = Arc::new(records);
     let _enter = rt.enter();
@@ -452,8 +567,15 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
     loop {
         let launched = rt.block_on(loader.next_batch()).map(|batch| {
             let t_batch = Instant::now();
-            let inputs: Vec<tch::Tensor> = (0..batch.inputs.len()).map(|k| model.net.upload(&batch.input_tensor(k))).collect();
-            let log_probs = download(&model.net.forward_t(&inputs, false).log_softmax(-1, Kind::Float));
+            let inputs: Vec<tch::Tensor> = (0..batch.inputs.len())
+                .map(|k| model.net.upload(&batch.input_tensor(k)))
+                .collect();
+            let log_probs = download(
+                &model
+                    .net
+                    .forward_t(&inputs, false)
+                    .log_softmax(-1, Kind::Float),
+            );
             (batch, log_probs, t_batch)
         });
         let Some((batch, log_probs, t_batch)) = std::mem::replace(&mut in_flight, launched) else {
@@ -466,7 +588,10 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
         batch_seconds.record(t_batch.elapsed().as_secs_f64());
         patches_total.increment(batch.len as u64);
         for (i, &record) in batch.record_indices[..batch.len].iter().enumerate() {
-            let Some((rec, p)) = aggregator.push(record, &flat[i * classes..(i + 1) * classes]) else { continue };
+            let Some((rec, p)) = aggregator.push(record, &flat[i * classes..(i + 1) * classes])
+            else {
+                continue;
+            };
             let mut p: Vec<f32> = p.into_iter().map(|v| v as f32).collect();
             if let Some(t) = temperature {
                 p = apply_temperature(&p, classes, t);
@@ -486,17 +611,31 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
         }
         if last_event.elapsed().as_secs_f64() > 0.2 {
             last_event = Instant::now();
-            on_event(PredictEvent::Progress { images_done: done, images_total: records.len(), images_per_second: done as f64 / started.elapsed().as_secs_f64() });
+            on_event(PredictEvent::Progress {
+                images_done: done,
+                images_total: records.len(),
+                images_per_second: done as f64 / started.elapsed().as_secs_f64(),
+            });
         }
     }
     let loaded = rt.block_on(loader.finish())?;
     drop(_guard);
-    let failed: Vec<(PathBuf, String)> = loaded.failures.iter().map(|f| (f.path.clone(), f.reason.clone())).collect();
+    let failed: Vec<(PathBuf, String)> = loaded
+        .failures
+        .iter()
+        .map(|f| (f.path.clone(), f.reason.clone()))
+        .collect();
     metrics::counter!(crate::telemetry::PREDICT_FAILED).increment(failed.len() as u64);
-    let failed_reasons: HashMap<&Path, &str> = failed.iter().map(|(p, r)| (p.as_path(), r.as_str())).collect();
+    let failed_reasons: HashMap<&Path, &str> = failed
+        .iter()
+        .map(|(p, r)| (p.as_path(), r.as_str()))
+        .collect();
     for (i, r) in records.iter().enumerate() {
         if probabilities[i].is_none() {
-            let reason = failed_reasons.get(r.path.as_path()).copied().unwrap_or("no prediction (the data path dropped it)");
+            let reason = failed_reasons
+                .get(r.path.as_path())
+                .copied()
+                .unwrap_or("no prediction (the data path dropped it)");
             writer.push(PredictionRow {
                 image_id: r.id.clone(),
                 source_path: r.path.display().to_string(),
@@ -508,7 +647,11 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
         }
     }
     writer.finish()?;
-    on_event(PredictEvent::Progress { images_done: done, images_total: records.len(), images_per_second: done as f64 / started.elapsed().as_secs_f64() });
+    on_event(PredictEvent::Progress {
+        images_done: done,
+        images_total: records.len(),
+        images_per_second: done as f64 / started.elapsed().as_secs_f64(),
+    });
 
     let mut labelled_probs = Vec::new();
     let mut labels = Vec::new();
@@ -525,11 +668,28 @@ pub fn run(opts: &PredictOptions, rt: &tokio::runtime::Handle, on_event: &mut dy
         Some(path) => {
             let header = opts.sample_submission.clone().or(found_sample);
             let (columns, from) = match &header {
-                Some(h) => (crate::sources::dataset::read_submission_classes(h)?, h.clone()),
+                Some(h) => (
+                    crate::sources::dataset::read_submission_classes(h)?,
+                    h.clone(),
+                ),
                 None => (model.class_names.clone(), run_dir.classes()),
             };
-            let rows: Vec<SubmissionRow> = records.iter().zip(&probabilities).map(|(r, p)| SubmissionRow { image_id: &r.id, probabilities: p.as_deref() }).collect();
-            let s = submission::write_submission(path, &model.class_names, &columns, &from, &rows, &class_prior(&run_dir, &model.class_names))?;
+            let rows: Vec<SubmissionRow> = records
+                .iter()
+                .zip(&probabilities)
+                .map(|(r, p)| SubmissionRow {
+                    image_id: &r.id,
+                    probabilities: p.as_deref(),
+                })
+                .collect();
+            let s = submission::write_submission(
+                path,
+                &model.class_names,
+                &columns,
+                &from,
+                &rows,
+                &class_prior(&run_dir, &model.class_names),
+            )?;
             Some((path.clone(), s))
         }
     };

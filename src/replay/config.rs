@@ -79,7 +79,9 @@ pub struct FeaturesStage {
 
 impl Default for FeaturesStage {
     fn default() -> Self {
-        FeaturesStage { sets: vec!["moments".into(), "haralick".into()] }
+        FeaturesStage {
+            sets: vec!["moments".into(), "haralick".into()],
+        }
     }
 }
 
@@ -101,7 +103,12 @@ pub struct FuseStage {
 
 impl Default for FuseStage {
     fn default() -> Self {
-        FuseStage { sets: vec!["moments".into(), "haralick".into()], repeats: 10, folds: 5, only_if_better: true }
+        FuseStage {
+            sets: vec!["moments".into(), "haralick".into()],
+            repeats: 10,
+            folds: 5,
+            only_if_better: true,
+        }
     }
 }
 
@@ -117,7 +124,11 @@ pub struct BlendStage {
 
 impl Default for BlendStage {
     fn default() -> Self {
-        BlendStage { select: "cv".into(), uniform: false, folds: 5 }
+        BlendStage {
+            select: "cv".into(),
+            uniform: false,
+            folds: 5,
+        }
     }
 }
 
@@ -139,15 +150,31 @@ pub struct PseudoStage {
 
 impl Default for PseudoStage {
     fn default() -> Self {
-        PseudoStage { members: Vec::new(), shards: 3, fraction: 0.67, dropout: false, weight: 0.5 }
+        PseudoStage {
+            members: Vec::new(),
+            shards: 3,
+            fraction: 0.67,
+            dropout: false,
+            weight: 0.5,
+        }
     }
 }
 
 impl ReplayConfig {
     pub fn load(path: &Path) -> Result<ReplayConfig, ReplayConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ReplayConfigError::Io { path: path.to_path_buf(), message: e.to_string() })?;
-        let cfg: ReplayConfig = toml::from_str(&text).map_err(|e| ReplayConfigError::Invalid { path: path.to_path_buf(), message: e.to_string() })?;
-        cfg.validate().map_err(|message| ReplayConfigError::Invalid { path: path.to_path_buf(), message })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ReplayConfigError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let cfg: ReplayConfig = toml::from_str(&text).map_err(|e| ReplayConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()
+            .map_err(|message| ReplayConfigError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            })?;
         Ok(cfg)
     }
 
@@ -160,8 +187,16 @@ impl ReplayConfig {
         }
         let mut seen = std::collections::HashSet::new();
         for m in &self.members {
-            if m.name.is_empty() || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(format!("member name `{}`: use letters, digits, `-` and `_` (it names a folder)", m.name));
+            if m.name.is_empty()
+                || !m
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "member name `{}`: use letters, digits, `-` and `_` (it names a folder)",
+                    m.name
+                ));
             }
             if !seen.insert(m.name.as_str()) {
                 return Err(format!("member `{}` is listed twice", m.name));
@@ -180,14 +215,23 @@ impl ReplayConfig {
                 return Err("pseudo.shards must be >= 1".into());
             }
             if !(self.pseudo.fraction > 0.0 && self.pseudo.fraction < 1.0) {
-                return Err(format!("pseudo.fraction must be in (0, 1), got {}", self.pseudo.fraction));
+                return Err(format!(
+                    "pseudo.fraction must be in (0, 1), got {}",
+                    self.pseudo.fraction
+                ));
             }
             if !(0.0..=1.0).contains(&self.pseudo.weight) {
-                return Err(format!("pseudo.weight must be in [0, 1], got {}", self.pseudo.weight));
+                return Err(format!(
+                    "pseudo.weight must be in [0, 1], got {}",
+                    self.pseudo.weight
+                ));
             }
         }
         if !matches!(self.blend.select.as_str(), "cv" | "all") {
-            return Err(format!("blend.select must be \"cv\" or \"all\", got `{}`", self.blend.select));
+            return Err(format!(
+                "blend.select must be \"cv\" or \"all\", got `{}`",
+                self.blend.select
+            ));
         }
         if self.blend.folds < 2 || (!self.fuse.sets.is_empty() && self.fuse.folds < 2) {
             return Err("blend.folds and fuse.folds must be >= 2".into());
@@ -197,14 +241,19 @@ impl ReplayConfig {
         }
         for s in &self.fuse.sets {
             if !self.features.sets.contains(s) {
-                return Err(format!("fuse.sets: `{s}` is not computed (add it to features.sets)"));
+                return Err(format!(
+                    "fuse.sets: `{s}` is not computed (add it to features.sets)"
+                ));
             }
         }
         Ok(())
     }
 
     /// The members' pipelines, resolved against the replay file's folder.
-    pub fn member_pipelines(&self, replay_file: &Path) -> Result<Vec<PipelineConfig>, ReplayConfigError> {
+    pub fn member_pipelines(
+        &self,
+        replay_file: &Path,
+    ) -> Result<Vec<PipelineConfig>, ReplayConfigError> {
         let dir = replay_file.parent().unwrap_or(Path::new("."));
         self.members
             .iter()

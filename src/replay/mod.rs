@@ -40,7 +40,10 @@ pub enum ReplayError {
 }
 
 fn step_err(step: &str) -> impl Fn(String) -> ReplayError + '_ {
-    move |message| ReplayError::Step { step: step.to_string(), message }
+    move |message| ReplayError::Step {
+        step: step.to_string(),
+        message,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -54,11 +57,26 @@ pub struct ReplayOptions {
 /// Progress of the chain.
 #[derive(Debug, Clone)]
 pub enum ReplayEvent {
-    Started { steps: usize },
-    StepStarted { index: usize, name: String },
-    StepSkipped { index: usize, name: String },
-    StepDone { index: usize, name: String, seconds: f64 },
-    Train { name: String, event: TrainEvent },
+    Started {
+        steps: usize,
+    },
+    StepStarted {
+        index: usize,
+        name: String,
+    },
+    StepSkipped {
+        index: usize,
+        name: String,
+    },
+    StepDone {
+        index: usize,
+        name: String,
+        seconds: f64,
+    },
+    Train {
+        name: String,
+        event: TrainEvent,
+    },
 }
 
 /// The score of one stage of the chain.
@@ -125,41 +143,73 @@ struct Chain<'a> {
 }
 
 impl Chain<'_> {
-    fn step(&mut self, name: &str, outputs: &[PathBuf], f: impl FnOnce(&mut dyn FnMut(ReplayEvent)) -> Result<(), ReplayError>) -> Result<(), ReplayError> {
+    fn step(
+        &mut self,
+        name: &str,
+        outputs: &[PathBuf],
+        f: impl FnOnce(&mut dyn FnMut(ReplayEvent)) -> Result<(), ReplayError>,
+    ) -> Result<(), ReplayError> {
         let dirty = self.dirty;
         self.run_step(name, outputs, dirty, f)
     }
 
     /// A training step: skipped whenever its final weights exist.
-    fn train_step(&mut self, name: &str, outputs: &[PathBuf], f: impl FnOnce(&mut dyn FnMut(ReplayEvent)) -> Result<(), ReplayError>) -> Result<(), ReplayError> {
+    fn train_step(
+        &mut self,
+        name: &str,
+        outputs: &[PathBuf],
+        f: impl FnOnce(&mut dyn FnMut(ReplayEvent)) -> Result<(), ReplayError>,
+    ) -> Result<(), ReplayError> {
         self.run_step(name, outputs, false, f)
     }
 
-    fn run_step(&mut self, name: &str, outputs: &[PathBuf], force: bool, f: impl FnOnce(&mut dyn FnMut(ReplayEvent)) -> Result<(), ReplayError>) -> Result<(), ReplayError> {
+    fn run_step(
+        &mut self,
+        name: &str,
+        outputs: &[PathBuf],
+        force: bool,
+        f: impl FnOnce(&mut dyn FnMut(ReplayEvent)) -> Result<(), ReplayError>,
+    ) -> Result<(), ReplayError> {
         self.index += 1;
         if !force && !outputs.is_empty() && outputs.iter().all(|p| p.exists()) {
             self.skipped += 1;
             tracing::info!(step = name, "outputs present: skipped");
-            (self.on_event)(ReplayEvent::StepSkipped { index: self.index, name: name.into() });
+            (self.on_event)(ReplayEvent::StepSkipped {
+                index: self.index,
+                name: name.into(),
+            });
             return Ok(());
         }
-        (self.on_event)(ReplayEvent::StepStarted { index: self.index, name: name.into() });
+        (self.on_event)(ReplayEvent::StepStarted {
+            index: self.index,
+            name: name.into(),
+        });
         let t = Instant::now();
         f(self.on_event)?;
         if let Some(missing) = outputs.iter().find(|p| !p.exists()) {
-            return Err(ReplayError::Step { step: name.into(), message: format!("finished without writing {}", missing.display()) });
+            return Err(ReplayError::Step {
+                step: name.into(),
+                message: format!("finished without writing {}", missing.display()),
+            });
         }
         self.ran += 1;
         self.dirty = true;
         let seconds = t.elapsed().as_secs_f64();
         tracing::info!(step = name, seconds, "step done");
-        (self.on_event)(ReplayEvent::StepDone { index: self.index, name: name.into(), seconds });
+        (self.on_event)(ReplayEvent::StepDone {
+            index: self.index,
+            name: name.into(),
+            seconds,
+        });
         Ok(())
     }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ReplayError + '_ {
-    move |e| ReplayError::Io { path: path.to_path_buf(), message: e.to_string() }
+    move |e| ReplayError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 /// Trains one network of the chain (resuming a half-trained one).
@@ -185,12 +235,31 @@ fn train_member(
         split_file: Some(split.to_path_buf()),
         stop: None,
     };
-    let summary = train::run(&opts, rt, &mut |event| on_event(ReplayEvent::Train { name: name.to_string(), event })).map_err(|e| step_err(name)(e.to_string()))?;
-    tracing::info!(member = name, steps = summary.steps, best_valid_loss = summary.best_valid_loss, "trained");
+    let summary = train::run(&opts, rt, &mut |event| {
+        on_event(ReplayEvent::Train {
+            name: name.to_string(),
+            event,
+        })
+    })
+    .map_err(|e| step_err(name)(e.to_string()))?;
+    tracing::info!(
+        member = name,
+        steps = summary.steps,
+        best_valid_loss = summary.best_valid_loss,
+        "trained"
+    );
     Ok(())
 }
 
-fn predict_run(run: &Path, data: &Path, subset: Subset, tta: Option<usize>, out: &Path, device: Device, rt: &tokio::runtime::Handle) -> Result<(), ReplayError> {
+fn predict_run(
+    run: &Path,
+    data: &Path,
+    subset: Subset,
+    tta: Option<usize>,
+    out: &Path,
+    device: Device,
+    rt: &tokio::runtime::Handle,
+) -> Result<(), ReplayError> {
     let mut opts = PredictOptions::new(run, vec![data.to_path_buf()], out);
     opts.subset = subset;
     opts.tta = tta;
@@ -199,7 +268,8 @@ fn predict_run(run: &Path, data: &Path, subset: Subset, tta: Option<usize>, out:
     // are fitted and scored on.
     opts.weights = predict::Weights::Final;
     opts.calibrate = false;
-    predict::run(&opts, rt, &mut |_| {}).map_err(|e| step_err(&out.display().to_string())(e.to_string()))?;
+    predict::run(&opts, rt, &mut |_| {})
+        .map_err(|e| step_err(&out.display().to_string())(e.to_string()))?;
     Ok(())
 }
 
@@ -213,7 +283,12 @@ fn average(files: &[PathBuf], weights: &[f64], out: &Path, name: &str) -> Result
         members: files
             .iter()
             .zip(weights)
-            .map(|(f, &w)| blend::job::WeightsMember { file: f.clone(), model_ids: Vec::new(), weight: w, selected: true })
+            .map(|(f, &w)| blend::job::WeightsMember {
+                file: f.clone(),
+                model_ids: Vec::new(),
+                weight: w,
+                selected: true,
+            })
             .collect(),
         select: blend::select::Select::All,
         weighting: blend::select::Weighting::Uniform,
@@ -226,7 +301,8 @@ fn average(files: &[PathBuf], weights: &[f64], out: &Path, name: &str) -> Result
     }
     let weights_path = out.with_extension("weights.json");
     let text = serde_json::to_string_pretty(&wf).expect("serialisable");
-    crate::train::run_dir::write_atomic(&weights_path, text.as_bytes()).map_err(|e| step_err(name)(e.to_string()))?;
+    crate::train::run_dir::write_atomic(&weights_path, text.as_bytes())
+        .map_err(|e| step_err(name)(e.to_string()))?;
     let mut opts = blend::job::ApplyOptions::new(&weights_path, files.to_vec(), out);
     opts.allow_other_models = true;
     blend::job::apply(&opts).map_err(|e| step_err(name)(e.to_string()))?;
@@ -243,7 +319,11 @@ fn scores_of(path: &Path, data: &Path) -> Option<Scores> {
 }
 
 /// Runs (or resumes) the chain.
-pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn FnMut(ReplayEvent)) -> Result<ReplayReport, ReplayError> {
+pub fn run(
+    opts: &ReplayOptions,
+    rt: &tokio::runtime::Handle,
+    on_event: &mut dyn FnMut(ReplayEvent),
+) -> Result<ReplayReport, ReplayError> {
     let cfg = ReplayConfig::load(&opts.replay_file)?;
     let mut pipelines = cfg.member_pipelines(&opts.replay_file)?;
     for (p, m) in pipelines.iter_mut().zip(&cfg.members) {
@@ -252,20 +332,36 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
         }
         p.split.valid_fraction = cfg.valid_fraction;
     }
-    let ds = Dataset::open(&opts.data).map_err(|e| ReplayError::Step { step: "dataset".into(), message: e.to_string() })?;
+    let ds = Dataset::open(&opts.data).map_err(|e| ReplayError::Step {
+        step: "dataset".into(),
+        message: e.to_string(),
+    })?;
     if ds.train.is_empty() {
-        return Err(ReplayError::Step { step: "dataset".into(), message: format!("{}: no labelled images (train/<class>/...)", opts.data.display()) });
+        return Err(ReplayError::Step {
+            step: "dataset".into(),
+            message: format!(
+                "{}: no labelled images (train/<class>/...)",
+                opts.data.display()
+            ),
+        });
     }
-    let layout = Layout { root: opts.out.clone() };
+    let layout = Layout {
+        root: opts.out.clone(),
+    };
     std::fs::create_dir_all(&layout.root).map_err(io(&layout.root))?;
     let stored = layout.root.join("replay.toml");
     let canonical = toml::to_string_pretty(&cfg).expect("serialisable");
     // Compared as parsed configs, not text: a field added by a later version (with its
     // default) must not make an old output folder look like another replay.
     match std::fs::read_to_string(&stored) {
-        Ok(text) if toml::from_str::<ReplayConfig>(&text).ok().as_ref() != Some(&cfg) => return Err(ReplayError::OtherReplay { path: layout.root.clone() }),
+        Ok(text) if toml::from_str::<ReplayConfig>(&text).ok().as_ref() != Some(&cfg) => {
+            return Err(ReplayError::OtherReplay {
+                path: layout.root.clone(),
+            })
+        }
         Ok(_) => {}
-        Err(_) => crate::train::run_dir::write_atomic(&stored, canonical.as_bytes()).map_err(|e| step_err("replay.toml")(e.to_string()))?,
+        Err(_) => crate::train::run_dir::write_atomic(&stored, canonical.as_bytes())
+            .map_err(|e| step_err("replay.toml")(e.to_string()))?,
     }
     let data = opts.data.as_path();
     let device = opts.device;
@@ -277,56 +373,124 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     let fuse_on = !cfg.fuse.sets.is_empty();
     let max_bags = cfg.members.iter().map(|m| m.bagging).max().unwrap_or(0);
     let steps = 1
-        + cfg.members.iter().map(|m| 1 + m.bagging + 2 + usize::from(has_test) * (2 + m.bagging + usize::from(m.bagging > 0))).sum::<usize>()
+        + cfg
+            .members
+            .iter()
+            .map(|m| {
+                1 + m.bagging
+                    + 2
+                    + usize::from(has_test) * (2 + m.bagging + usize::from(m.bagging > 0))
+            })
+            .sum::<usize>()
         + usize::from(fuse_on) * (1 + cfg.members.len())
         + 1
         + usize::from(pseudo_on) * (cfg.pseudo.members.len() * cfg.pseudo.shards + 1)
         + usize::from(has_test);
     on_event(ReplayEvent::Started { steps });
-    let mut chain = Chain { on_event, index: 0, ran: 0, skipped: 0, dirty: false };
+    let mut chain = Chain {
+        on_event,
+        index: 0,
+        ran: 0,
+        skipped: 0,
+        dirty: false,
+    };
 
     // One split for every member, so their validation predictions line up for the blend.
-    chain.step("split", &std::iter::once(layout.split()).chain((1..=max_bags).map(|k| layout.bag_split(k))).collect::<Vec<_>>(), |_| {
-        std::fs::create_dir_all(layout.split().parent().unwrap()).map_err(io(&layout.root))?;
-        crate::split::write_split_files(&ds, &layout.split(), cfg.valid_fraction, cfg.seed, max_bags).map_err(|e| step_err("split")(e.to_string()))?;
-        Ok(())
-    })?;
+    chain.step(
+        "split",
+        &std::iter::once(layout.split())
+            .chain((1..=max_bags).map(|k| layout.bag_split(k)))
+            .collect::<Vec<_>>(),
+        |_| {
+            std::fs::create_dir_all(layout.split().parent().unwrap()).map_err(io(&layout.root))?;
+            crate::split::write_split_files(
+                &ds,
+                &layout.split(),
+                cfg.valid_fraction,
+                cfg.seed,
+                max_bags,
+            )
+            .map_err(|e| step_err("split")(e.to_string()))?;
+            Ok(())
+        },
+    )?;
 
     // Members: train, predict validation (one pass and TTA) and test (TTA; bags averaged).
     for (m, pcfg) in cfg.members.iter().zip(&pipelines) {
         let dir = layout.member(&m.name);
         let run = dir.join("run");
-        chain.train_step(&format!("train {}", m.name), &[RunDir::new(&run).final_weights()], |ev| train_member(&m.name, pcfg, data, &layout.split(), &run, device, rt, ev))?;
+        chain.train_step(
+            &format!("train {}", m.name),
+            &[RunDir::new(&run).final_weights()],
+            |ev| train_member(&m.name, pcfg, data, &layout.split(), &run, device, rt, ev),
+        )?;
         for k in 1..=m.bagging {
             let bag_run = dir.join(format!("bag{k}"));
-            chain.train_step(&format!("train {} bag {k}", m.name), &[RunDir::new(&bag_run).final_weights()], |ev| {
-                let mut c = pcfg.clone();
-                c.seed = crate::rng::mix64(pcfg.seed ^ k as u64);
-                train_member(&format!("{} bag {k}", m.name), &c, data, &layout.bag_split(k), &bag_run, device, rt, ev)
-            })?;
+            chain.train_step(
+                &format!("train {} bag {k}", m.name),
+                &[RunDir::new(&bag_run).final_weights()],
+                |ev| {
+                    let mut c = pcfg.clone();
+                    c.seed = crate::rng::mix64(pcfg.seed ^ k as u64);
+                    train_member(
+                        &format!("{} bag {k}", m.name),
+                        &c,
+                        data,
+                        &layout.bag_split(k),
+                        &bag_run,
+                        device,
+                        rt,
+                        ev,
+                    )
+                },
+            )?;
         }
         let single = dir.join("valid-single.parquet");
-        chain.step(&format!("predict {} valid, one pass", m.name), std::slice::from_ref(&single), |_| predict_run(&run, data, Subset::Valid, Some(1), &single, device, rt))?;
+        chain.step(
+            &format!("predict {} valid, one pass", m.name),
+            std::slice::from_ref(&single),
+            |_| predict_run(&run, data, Subset::Valid, Some(1), &single, device, rt),
+        )?;
         let valid = dir.join("valid.parquet");
-        chain.step(&format!("predict {} valid, TTA", m.name), std::slice::from_ref(&valid), |_| predict_run(&run, data, Subset::Valid, m.tta, &valid, device, rt))?;
+        chain.step(
+            &format!("predict {} valid, TTA", m.name),
+            std::slice::from_ref(&valid),
+            |_| predict_run(&run, data, Subset::Valid, m.tta, &valid, device, rt),
+        )?;
         if has_test {
             let test_single = dir.join("test-single.parquet");
-            chain.step(&format!("predict {} test, one pass", m.name), std::slice::from_ref(&test_single), |_| predict_run(&run, data, Subset::Test, Some(1), &test_single, device, rt))?;
+            chain.step(
+                &format!("predict {} test, one pass", m.name),
+                std::slice::from_ref(&test_single),
+                |_| predict_run(&run, data, Subset::Test, Some(1), &test_single, device, rt),
+            )?;
             let test_main = dir.join("test-main.parquet");
-            chain.step(&format!("predict {} test, TTA", m.name), std::slice::from_ref(&test_main), |_| predict_run(&run, data, Subset::Test, m.tta, &test_main, device, rt))?;
+            chain.step(
+                &format!("predict {} test, TTA", m.name),
+                std::slice::from_ref(&test_main),
+                |_| predict_run(&run, data, Subset::Test, m.tta, &test_main, device, rt),
+            )?;
             let mut bag_files = vec![test_main.clone()];
             for k in 1..=m.bagging {
                 let f = dir.join(format!("test-bag{k}.parquet"));
                 let bag_run = dir.join(format!("bag{k}"));
-                chain.step(&format!("predict {} bag {k} test, TTA", m.name), std::slice::from_ref(&f), |_| predict_run(&bag_run, data, Subset::Test, m.tta, &f, device, rt))?;
+                chain.step(
+                    &format!("predict {} bag {k} test, TTA", m.name),
+                    std::slice::from_ref(&f),
+                    |_| predict_run(&bag_run, data, Subset::Test, m.tta, &f, device, rt),
+                )?;
                 bag_files.push(f);
             }
             if m.bagging > 0 {
                 let test = dir.join("test.parquet");
-                chain.step(&format!("average {} bags", m.name), std::slice::from_ref(&test), |_| {
-                    let w = vec![1.0 / bag_files.len() as f64; bag_files.len()];
-                    average(&bag_files, &w, &test, &format!("{}-bagged", m.name))
-                })?;
+                chain.step(
+                    &format!("average {} bags", m.name),
+                    std::slice::from_ref(&test),
+                    |_| {
+                        let w = vec![1.0 / bag_files.len() as f64; bag_files.len()];
+                        average(&bag_files, &w, &test, &format!("{}-bagged", m.name))
+                    },
+                )?;
             }
         }
     }
@@ -340,27 +504,59 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     };
 
     // Features and late fusion.
-    let (mut blend_valid, mut blend_test): (Vec<PathBuf>, Vec<PathBuf>) = cfg.members.iter().map(|m| (layout.member(&m.name).join("valid.parquet"), member_test(m))).unzip();
+    let (mut blend_valid, mut blend_test): (Vec<PathBuf>, Vec<PathBuf>) = cfg
+        .members
+        .iter()
+        .map(|m| (layout.member(&m.name).join("valid.parquet"), member_test(m)))
+        .unzip();
     let mut fuse_notes: Vec<String> = Vec::new();
     if fuse_on {
         chain.step("features", &[layout.features()], |_| {
-            let sets = crate::features::job::FeatureSet::parse_list(&cfg.features.sets.join(",")).map_err(|e| step_err("features")(e.to_string()))?;
-            let fo = crate::features::job::FeaturesOptions { data: vec![data.to_path_buf()], out: layout.features(), sets, threads: 0, decode: pipelines[0].decode };
-            crate::features::job::run(&fo, |_, _| {}).map_err(|e| step_err("features")(e.to_string()))?;
+            let sets = crate::features::job::FeatureSet::parse_list(&cfg.features.sets.join(","))
+                .map_err(|e| step_err("features")(e.to_string()))?;
+            let fo = crate::features::job::FeaturesOptions {
+                data: vec![data.to_path_buf()],
+                out: layout.features(),
+                sets,
+                threads: 0,
+                decode: pipelines[0].decode,
+            };
+            crate::features::job::run(&fo, |_, _| {})
+                .map_err(|e| step_err("features")(e.to_string()))?;
             Ok(())
         })?;
         for (k, m) in cfg.members.iter().enumerate() {
             let dir = layout.member(&m.name);
-            let (fv, ft, model) = (dir.join("valid-fused.parquet"), dir.join("test-fused.parquet"), dir.join("fusion"));
+            let (fv, ft, model) = (
+                dir.join("valid-fused.parquet"),
+                dir.join("test-fused.parquet"),
+                dir.join("fusion"),
+            );
             let mut outputs = vec![fv.clone()];
             if has_test {
                 outputs.push(ft.clone());
             }
-            chain.step(&format!("fuse {}", m.name), &outputs, |_| fuse_member(&cfg, &blend_valid[k], has_test.then_some(&blend_test[k]), &layout.features(), data, &fv, &ft, &model))?;
+            chain.step(&format!("fuse {}", m.name), &outputs, |_| {
+                fuse_member(
+                    &cfg,
+                    &blend_valid[k],
+                    has_test.then_some(&blend_test[k]),
+                    &layout.features(),
+                    data,
+                    &fv,
+                    &ft,
+                    &model,
+                )
+            })?;
             let gain = fusion_gain(&fv);
-            let keep = !cfg.fuse.only_if_better || gain.is_some_and(|(before, after)| after < before);
+            let keep =
+                !cfg.fuse.only_if_better || gain.is_some_and(|(before, after)| after < before);
             fuse_notes.push(match gain {
-                Some((b, a)) => format!("{}: {b:.3} -> {a:.3} out-of-fold, {}", m.name, if keep { "blended" } else { "not blended" }),
+                Some((b, a)) => format!(
+                    "{}: {b:.3} -> {a:.3} out-of-fold, {}",
+                    m.name,
+                    if keep { "blended" } else { "not blended" }
+                ),
                 None => format!("{}: no fusion report", m.name),
             });
             if keep {
@@ -372,23 +568,37 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
 
     // Blend: weights fitted on the members' validation predictions, applied to their test ones.
     let bdir = layout.blend();
-    let (bw, bv, bt, breport) = (bdir.join("weights.json"), bdir.join("valid.parquet"), bdir.join("test.parquet"), bdir.join("report.json"));
+    let (bw, bv, bt, breport) = (
+        bdir.join("weights.json"),
+        bdir.join("valid.parquet"),
+        bdir.join("test.parquet"),
+        bdir.join("report.json"),
+    );
     let mut outputs = vec![bw.clone(), bv.clone(), breport.clone()];
     if has_test {
         outputs.push(bt.clone());
     }
     // Which files the blend read (fused or not) decides its outputs: a change reruns it.
     let inputs = bdir.join("inputs.txt");
-    let signature: String = blend_valid.iter().chain(&blend_test).map(|p| format!("{}\n", p.display())).collect();
+    let signature: String = blend_valid
+        .iter()
+        .chain(&blend_test)
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
     if std::fs::read_to_string(&inputs).ok().as_deref() != Some(signature.as_str()) {
         let _ = std::fs::remove_file(&inputs);
     }
     outputs.push(inputs.clone());
     chain.step("blend", &outputs, |_| {
-        let mut fo = blend::job::FitOptions::new(blend_valid.clone(), vec![data.to_path_buf()], &bv);
+        let mut fo =
+            blend::job::FitOptions::new(blend_valid.clone(), vec![data.to_path_buf()], &bv);
         fo.weights_out = Some(bw.clone());
         fo.report = Some(breport.clone());
-        fo.select = if cfg.blend.select == "all" { blend::select::Select::All } else { blend::select::Select::Cv };
+        fo.select = if cfg.blend.select == "all" {
+            blend::select::Select::All
+        } else {
+            blend::select::Select::Cv
+        };
         if cfg.blend.uniform {
             fo.weighting = blend::select::Weighting::Uniform;
         }
@@ -399,7 +609,8 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
             ao.allow_other_models = true;
             blend::job::apply(&ao).map_err(|e| step_err("blend")(e.to_string()))?;
         }
-        crate::train::run_dir::write_atomic(&inputs, signature.as_bytes()).map_err(|e| step_err("blend")(e.to_string()))
+        crate::train::run_dir::write_atomic(&inputs, signature.as_bytes())
+            .map_err(|e| step_err("blend")(e.to_string()))
     })?;
 
     // Pseudo-label round: members retrained with the blend's soft test targets, sharded.
@@ -408,12 +619,19 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     let mut pseudo_test = Vec::new();
     if pseudo_on {
         for name in &cfg.pseudo.members {
-            let k = cfg.members.iter().position(|m| &m.name == name).expect("validated");
+            let k = cfg
+                .members
+                .iter()
+                .position(|m| &m.name == name)
+                .expect("validated");
             let m = &cfg.members[k];
             for s in 0..cfg.pseudo.shards {
                 let tag = format!("{name}-shard{s}");
                 let run = pdir.join(&tag);
-                let (v, t) = (pdir.join(format!("{tag}-valid.parquet")), pdir.join(format!("{tag}-test.parquet")));
+                let (v, t) = (
+                    pdir.join(format!("{tag}-valid.parquet")),
+                    pdir.join(format!("{tag}-test.parquet")),
+                );
                 chain.step(&format!("pseudo-label {tag}"), &[v.clone(), t.clone()], |ev| {
                     let mut c = pipelines[k].clone();
                     c.seed = crate::rng::mix64(c.seed ^ (0x1000 + s as u64));
@@ -453,44 +671,126 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     if pseudo_on {
         chain.step("final mix", &[fv.clone(), ft.clone()], |_| {
             let n = pseudo_valid.len() as f64;
-            let w: Vec<f64> = std::iter::once(1.0 - cfg.pseudo.weight).chain(std::iter::repeat_n(cfg.pseudo.weight / n, pseudo_valid.len())).collect();
-            average(&std::iter::once(bv.clone()).chain(pseudo_valid.iter().cloned()).collect::<Vec<_>>(), &w, &fv, "final")?;
-            average(&std::iter::once(bt.clone()).chain(pseudo_test.iter().cloned()).collect::<Vec<_>>(), &w, &ft, "final")
+            let w: Vec<f64> = std::iter::once(1.0 - cfg.pseudo.weight)
+                .chain(std::iter::repeat_n(
+                    cfg.pseudo.weight / n,
+                    pseudo_valid.len(),
+                ))
+                .collect();
+            average(
+                &std::iter::once(bv.clone())
+                    .chain(pseudo_valid.iter().cloned())
+                    .collect::<Vec<_>>(),
+                &w,
+                &fv,
+                "final",
+            )?;
+            average(
+                &std::iter::once(bt.clone())
+                    .chain(pseudo_test.iter().cloned())
+                    .collect::<Vec<_>>(),
+                &w,
+                &ft,
+                "final",
+            )
         })?;
     }
-    let (final_valid, final_test) = if pseudo_on { (fv, ft) } else { (bv.clone(), bt.clone()) };
+    let (final_valid, final_test) = if pseudo_on {
+        (fv, ft)
+    } else {
+        (bv.clone(), bt.clone())
+    };
     if has_test {
-        chain.step("submission", std::slice::from_ref(&submission), |_| write_submission(&final_test, &ds, &submission))?;
+        chain.step("submission", std::slice::from_ref(&submission), |_| {
+            write_submission(&final_test, &ds, &submission)
+        })?;
     }
 
     // The report: the score after every stage.
     let mut stages = Vec::new();
-    let single: Vec<(usize, Scores)> = cfg.members.iter().enumerate().filter_map(|(k, m)| scores_of(&layout.member(&m.name).join("valid-single.parquet"), data).map(|s| (k, s))).collect();
-    let best = single.iter().min_by(|a, b| a.1.log_loss.total_cmp(&b.1.log_loss)).map(|(k, _)| *k).unwrap_or(0);
+    let single: Vec<(usize, Scores)> = cfg
+        .members
+        .iter()
+        .enumerate()
+        .filter_map(|(k, m)| {
+            scores_of(&layout.member(&m.name).join("valid-single.parquet"), data).map(|s| (k, s))
+        })
+        .collect();
+    let best = single
+        .iter()
+        .min_by(|a, b| a.1.log_loss.total_cmp(&b.1.log_loss))
+        .map(|(k, _)| *k)
+        .unwrap_or(0);
     let bm = &cfg.members[best];
     let bdir_m = layout.member(&bm.name);
-    stages.push(StageScore { stage: "single network".into(), source: format!("{}: one pass", bm.name), valid: scores_of(&bdir_m.join("valid-single.parquet"), data), test: scores_of(&bdir_m.join("test-single.parquet"), data), note: "the member with the lowest one-pass validation loss".into() });
-    stages.push(StageScore { stage: "+ TTA".into(), source: format!("{}: TTA", bm.name), valid: scores_of(&bdir_m.join("valid.parquet"), data), test: scores_of(&bdir_m.join("test-main.parquet"), data), note: String::new() });
+    stages.push(StageScore {
+        stage: "single network".into(),
+        source: format!("{}: one pass", bm.name),
+        valid: scores_of(&bdir_m.join("valid-single.parquet"), data),
+        test: scores_of(&bdir_m.join("test-single.parquet"), data),
+        note: "the member with the lowest one-pass validation loss".into(),
+    });
+    stages.push(StageScore {
+        stage: "+ TTA".into(),
+        source: format!("{}: TTA", bm.name),
+        valid: scores_of(&bdir_m.join("valid.parquet"), data),
+        test: scores_of(&bdir_m.join("test-main.parquet"), data),
+        note: String::new(),
+    });
     if bm.bagging > 0 {
-        stages.push(StageScore { stage: "+ bagging".into(), source: format!("{}: {} models averaged", bm.name, bm.bagging + 1), valid: None, test: scores_of(&bdir_m.join("test.parquet"), data), note: "bags validate on different images: test only".into() });
+        stages.push(StageScore {
+            stage: "+ bagging".into(),
+            source: format!("{}: {} models averaged", bm.name, bm.bagging + 1),
+            valid: None,
+            test: scores_of(&bdir_m.join("test.parquet"), data),
+            note: "bags validate on different images: test only".into(),
+        });
     }
     if fuse_on {
-        stages.push(StageScore { stage: "+ fusion".into(), source: format!("{}: fused with {}", bm.name, cfg.fuse.sets.join("+")), valid: scores_of(&bdir_m.join("valid-fused.parquet"), data), test: scores_of(&bdir_m.join("test-fused.parquet"), data), note: format!("validation out-of-fold ({} folds); {}", cfg.fuse.folds, fuse_notes.join("; ")) });
+        stages.push(StageScore {
+            stage: "+ fusion".into(),
+            source: format!("{}: fused with {}", bm.name, cfg.fuse.sets.join("+")),
+            valid: scores_of(&bdir_m.join("valid-fused.parquet"), data),
+            test: scores_of(&bdir_m.join("test-fused.parquet"), data),
+            note: format!(
+                "validation out-of-fold ({} folds); {}",
+                cfg.fuse.folds,
+                fuse_notes.join("; ")
+            ),
+        });
     }
-    let report: Option<blend::job::BlendReport> = std::fs::read_to_string(&breport).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let report: Option<blend::job::BlendReport> = std::fs::read_to_string(&breport)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
     let blend_weights: Vec<(String, f64)> = report
         .as_ref()
-        .map(|r| r.members.iter().zip(&cfg.members).map(|(rm, m)| (m.name.clone(), rm.weight)).collect())
+        .map(|r| {
+            r.members
+                .iter()
+                .zip(&cfg.members)
+                .map(|(rm, m)| (m.name.clone(), rm.weight))
+                .collect()
+        })
         .unwrap_or_default();
     let cv_note = report
         .as_ref()
         .and_then(|r| r.selection.as_ref())
-        .and_then(|s| s.steps.iter().map(|st| st.cv_log_loss).min_by(f64::total_cmp))
-        .map(|cv| format!("validation is in-sample (weights fitted on it); cross-validated: {cv:.4}"))
+        .and_then(|s| {
+            s.steps
+                .iter()
+                .map(|st| st.cv_log_loss)
+                .min_by(f64::total_cmp)
+        })
+        .map(|cv| {
+            format!("validation is in-sample (weights fitted on it); cross-validated: {cv:.4}")
+        })
         .unwrap_or_else(|| "validation is in-sample (weights fitted on it)".into());
     stages.push(StageScore {
         stage: "+ blend".into(),
-        source: format!("{} members", blend_weights.iter().filter(|(_, w)| *w > 0.0).count()),
+        source: format!(
+            "{} members",
+            blend_weights.iter().filter(|(_, w)| *w > 0.0).count()
+        ),
         valid: scores_of(&bv, data),
         test: scores_of(&bt, data),
         note: cv_note,
@@ -498,7 +798,10 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
     if pseudo_on {
         stages.push(StageScore {
             stage: "+ pseudo-labels".into(),
-            source: format!("(blend + mean of {} pseudo-label models) / 2", pseudo_valid.len()),
+            source: format!(
+                "(blend + mean of {} pseudo-label models) / 2",
+                pseudo_valid.len()
+            ),
             valid: scores_of(&final_valid, data),
             test: scores_of(&final_test, data),
             note: String::new(),
@@ -518,8 +821,13 @@ pub fn run(opts: &ReplayOptions, rt: &tokio::runtime::Handle, on_event: &mut dyn
 
 /// (before, after) validation log loss of a fusion fit, from its report.
 fn fusion_gain(fused_valid: &Path) -> Option<(f64, f64)> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fused_valid.with_extension("json")).ok()?).ok()?;
-    Some((v["before"]["log_loss"].as_f64()?, v["after"]["log_loss"].as_f64()?))
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fused_valid.with_extension("json")).ok()?)
+            .ok()?;
+    Some((
+        v["before"]["log_loss"].as_f64()?,
+        v["after"]["log_loss"].as_f64()?,
+    ))
 }
 
 /// Fuses one member with the image features: fitted out-of-fold on its validation
@@ -564,22 +872,37 @@ fn write_submission(predictions: &Path, ds: &Dataset, out: &Path) -> Result<(), 
     let p = Predictions::read(predictions).map_err(|e| step_err("submission")(e.to_string()))?;
     let sample = ds.root.join("sampleSubmission.csv");
     let (columns, from) = if sample.exists() {
-        (crate::sources::dataset::read_submission_classes(&sample).map_err(|e| step_err("submission")(e.to_string()))?, sample)
+        (
+            crate::sources::dataset::read_submission_classes(&sample)
+                .map_err(|e| step_err("submission")(e.to_string()))?,
+            sample,
+        )
     } else {
         (p.class_names.clone(), predictions.to_path_buf())
     };
     // Unreadable images get the training class frequencies (add-one), as `plankton predict`.
     let mut prior = vec![1.0f64; p.class_names.len()];
     for r in &ds.train {
-        if let Some(i) = r.label.and_then(|l| p.class_names.iter().position(|c| c == &ds.class_names[l as usize])) {
+        if let Some(i) = r.label.and_then(|l| {
+            p.class_names
+                .iter()
+                .position(|c| c == &ds.class_names[l as usize])
+        }) {
             prior[i] += 1.0;
         }
     }
     let total: f64 = prior.iter().sum();
     prior.iter_mut().for_each(|v| *v /= total);
-    let rows: Vec<crate::sinks::submission::SubmissionRow> =
-        p.rows.iter().map(|r| crate::sinks::submission::SubmissionRow { image_id: &r.image_id, probabilities: r.probabilities.as_deref() }).collect();
-    crate::sinks::submission::write_submission(out, &p.class_names, &columns, &from, &rows, &prior).map_err(|e| step_err("submission")(e.to_string()))?;
+    let rows: Vec<crate::sinks::submission::SubmissionRow> = p
+        .rows
+        .iter()
+        .map(|r| crate::sinks::submission::SubmissionRow {
+            image_id: &r.image_id,
+            probabilities: r.probabilities.as_deref(),
+        })
+        .collect();
+    crate::sinks::submission::write_submission(out, &p.class_names, &columns, &from, &rows, &prior)
+        .map_err(|e| step_err("submission")(e.to_string()))?;
     Ok(())
 }
 
@@ -592,19 +915,31 @@ fn fmt_scores(s: &Option<Scores>) -> (String, String) {
 
 fn write_report(root: &Path, report: &ReplayReport) -> Result<(), ReplayError> {
     let json = serde_json::to_string_pretty(report).expect("serialisable");
-    crate::train::run_dir::write_atomic(&root.join("report.json"), json.as_bytes()).map_err(|e| step_err("report")(e.to_string()))?;
+    crate::train::run_dir::write_atomic(&root.join("report.json"), json.as_bytes())
+        .map_err(|e| step_err("report")(e.to_string()))?;
     let mut md = format!("# Replay `{}`\n\n| stage | predictions | valid log loss | valid top-1 | test log loss | test top-1 | note |\n|---|---|---|---|---|---|---|\n", report.name);
     for s in &report.stages {
         let (vl, va) = fmt_scores(&s.valid);
         let (tl, ta) = fmt_scores(&s.test);
-        md.push_str(&format!("| {} | {} | {vl} | {va} | {tl} | {ta} | {} |\n", s.stage, s.source, s.note));
+        md.push_str(&format!(
+            "| {} | {} | {vl} | {va} | {tl} | {ta} | {} |\n",
+            s.stage, s.source, s.note
+        ));
     }
     if !report.blend_weights.is_empty() {
         md.push_str("\nBlend weights: ");
-        md.push_str(&report.blend_weights.iter().map(|(n, w)| format!("{n} {w:.3}")).collect::<Vec<_>>().join(", "));
+        md.push_str(
+            &report
+                .blend_weights
+                .iter()
+                .map(|(n, w)| format!("{n} {w:.3}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
         md.push('\n');
     }
-    crate::train::run_dir::write_atomic(&root.join("report.md"), md.as_bytes()).map_err(|e| step_err("report")(e.to_string()))?;
+    crate::train::run_dir::write_atomic(&root.join("report.md"), md.as_bytes())
+        .map_err(|e| step_err("report")(e.to_string()))?;
     if let Err(e) = render_stages(&root.join("report.png"), report) {
         // A picture is not worth failing a finished replay for.
         tracing::warn!(error = %e, "report.png not drawn");
@@ -615,10 +950,25 @@ fn write_report(root: &Path, report: &ReplayReport) -> Result<(), ReplayError> {
 /// Log loss after each stage as bars: validation (blue) beside test (red), stage k at x = k.
 fn render_stages(path: &Path, report: &ReplayReport) -> Result<(), crate::sinks::plot::PlotError> {
     use crate::sinks::plot::{render_charts, Bars, Chart, LineChart};
-    let bars = |pick: fn(&StageScore) -> &Option<Scores>, from: f64, to: f64| -> Vec<(f64, f64, f64)> {
-        report.stages.iter().enumerate().filter_map(|(k, s)| pick(s).as_ref().map(|sc| (k as f64 + 1.0 + from, k as f64 + 1.0 + to, sc.log_loss))).collect()
-    };
-    let names: Vec<String> = report.stages.iter().enumerate().map(|(k, s)| format!("{} {}", k + 1, s.stage.trim_start_matches("+ "))).collect();
+    let bars =
+        |pick: fn(&StageScore) -> &Option<Scores>, from: f64, to: f64| -> Vec<(f64, f64, f64)> {
+            report
+                .stages
+                .iter()
+                .enumerate()
+                .filter_map(|(k, s)| {
+                    pick(s)
+                        .as_ref()
+                        .map(|sc| (k as f64 + 1.0 + from, k as f64 + 1.0 + to, sc.log_loss))
+                })
+                .collect()
+        };
+    let names: Vec<String> = report
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(k, s)| format!("{} {}", k + 1, s.stage.trim_start_matches("+ ")))
+        .collect();
     let chart = Chart {
         lines: LineChart {
             title: format!("replay {}: log loss after each stage", report.name),
@@ -629,8 +979,16 @@ fn render_stages(path: &Path, report: &ReplayReport) -> Result<(), crate::sinks:
             y_range: None,
         },
         bars: vec![
-            Bars { name: "validation".into(), bars: bars(|s| &s.valid, -0.4, 0.0), colour: (31, 119, 180) },
-            Bars { name: "test".into(), bars: bars(|s| &s.test, 0.0, 0.4), colour: (214, 39, 40) },
+            Bars {
+                name: "validation".into(),
+                bars: bars(|s| &s.valid, -0.4, 0.0),
+                colour: (31, 119, 180),
+            },
+            Bars {
+                name: "test".into(),
+                bars: bars(|s| &s.test, 0.0, 0.4),
+                colour: (214, 39, 40),
+            },
         ],
     };
     render_charts(path, &[chart], 900, 480)

@@ -184,7 +184,10 @@ pub struct MicroBatchConfig {
 
 impl Default for MicroBatchConfig {
     fn default() -> Self {
-        MicroBatchConfig { max_images: 32, max_latency_ms: 50 }
+        MicroBatchConfig {
+            max_images: 32,
+            max_latency_ms: 50,
+        }
     }
 }
 
@@ -201,7 +204,11 @@ pub struct QueueConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { ingest: 1024, patches: 256, workers: 0 }
+        QueueConfig {
+            ingest: 1024,
+            patches: 256,
+            workers: 0,
+        }
     }
 }
 
@@ -222,7 +229,13 @@ pub struct OutputConfig {
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        OutputConfig { dir: PathBuf::from("serve/out"), roll_rows: 10_000, roll_seconds: 300, top_k: 5, features: Vec::new() }
+        OutputConfig {
+            dir: PathBuf::from("serve/out"),
+            roll_rows: 10_000,
+            roll_seconds: 300,
+            top_k: 5,
+            features: Vec::new(),
+        }
     }
 }
 
@@ -236,7 +249,10 @@ pub fn resolve_path(path: &Path) -> PathBuf {
         if let Ok(c) = std::fs::canonicalize(&existing) {
             break c;
         }
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();
@@ -246,7 +262,10 @@ pub fn resolve_path(path: &Path) -> PathBuf {
         }
     };
     let mut out = PathBuf::new();
-    for c in base.components().chain(rest.iter().rev().flat_map(|n| Path::new(n).components())) {
+    for c in base
+        .components()
+        .chain(rest.iter().rev().flat_map(|n| Path::new(n).components()))
+    {
         match c {
             Component::CurDir => {}
             Component::ParentDir => {
@@ -271,7 +290,10 @@ pub struct ImageChecks {
 
 impl Default for ImageChecks {
     fn default() -> Self {
-        ImageChecks { min_side_px: 8, blank_max_range: 8 }
+        ImageChecks {
+            min_side_px: 8,
+            blank_max_range: 8,
+        }
     }
 }
 
@@ -294,15 +316,27 @@ impl ImageChecks {
 impl ServeConfig {
     /// Loads and validates; relative paths are taken relative to the config file's folder.
     pub fn load(path: &Path) -> Result<Self, ServeConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ServeConfigError::Io { path: path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ServeConfigError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_toml_str(&text, path, base)
     }
 
     pub fn from_toml_str(text: &str, path: &Path, base: &Path) -> Result<Self, ServeConfigError> {
-        let invalid = |message: String| ServeConfigError::Invalid { path: path.to_path_buf(), message };
+        let invalid = |message: String| ServeConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
         let mut cfg: ServeConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        for p in [&mut cfg.model, &mut cfg.spool, &mut cfg.quarantine, &mut cfg.watch.dir, &mut cfg.output.dir] {
+        for p in [
+            &mut cfg.model,
+            &mut cfg.spool,
+            &mut cfg.quarantine,
+            &mut cfg.watch.dir,
+            &mut cfg.output.dir,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -316,7 +350,9 @@ impl ServeConfig {
         Ok(cfg)
     }
 
-    pub fn feature_sets(&self) -> Result<Vec<crate::features::job::FeatureSet>, crate::features::job::FeaturesError> {
+    pub fn feature_sets(
+        &self,
+    ) -> Result<Vec<crate::features::job::FeatureSet>, crate::features::job::FeaturesError> {
         crate::features::job::FeatureSet::parse_list(&self.output.features.join(","))
     }
 
@@ -336,12 +372,20 @@ impl ServeConfig {
         if self.output.roll_rows == 0 || self.output.roll_seconds == 0 {
             return Err("output.roll_rows and output.roll_seconds must be > 0".into());
         }
-        self.feature_sets().map_err(|e| format!("output.features: {e}"))?;
+        self.feature_sets()
+            .map_err(|e| format!("output.features: {e}"))?;
         if self.tta == 0 || self.tta > crate::predict::tta::MAX_TRANSFORMS {
-            return Err(format!("tta must be within 1..={}", crate::predict::tta::MAX_TRANSFORMS));
+            return Err(format!(
+                "tta must be within 1..={}",
+                crate::predict::tta::MAX_TRANSFORMS
+            ));
         }
         if self.http.enabled {
-            let addr: SocketAddr = self.http.bind.parse().map_err(|e| format!("http.bind `{}`: {e}", self.http.bind))?;
+            let addr: SocketAddr = self
+                .http
+                .bind
+                .parse()
+                .map_err(|e| format!("http.bind `{}`: {e}", self.http.bind))?;
             if !addr.ip().is_loopback() && self.http.token_file.is_none() {
                 return Err(format!(
                     "http.bind `{}` is reachable beyond this machine: set http.token_file (uploads must present a bearer token)",
@@ -352,13 +396,19 @@ impl ServeConfig {
                 return Err("http.max_body_bytes must be > 0".into());
             }
             if self.http.body_idle_timeout_ms == 0 || self.http.header_timeout_ms == 0 {
-                return Err("http.body_idle_timeout_ms and http.header_timeout_ms must be > 0".into());
+                return Err(
+                    "http.body_idle_timeout_ms and http.header_timeout_ms must be > 0".into(),
+                );
             }
         }
         if self.watch.enabled && self.watch.poll_interval_ms == 0 {
             return Err("watch.poll_interval_ms must be > 0".into());
         }
-        let mut dirs = vec![("spool", &self.spool), ("quarantine", &self.quarantine), ("output.dir", &self.output.dir)];
+        let mut dirs = vec![
+            ("spool", &self.spool),
+            ("quarantine", &self.quarantine),
+            ("output.dir", &self.output.dir),
+        ];
         if self.watch.enabled {
             dirs.push(("watch.dir", &self.watch.dir));
         }
@@ -371,7 +421,11 @@ impl ServeConfig {
             for (j, (b, db)) in dirs.iter().enumerate().skip(i + 1) {
                 let (ra, rb) = (&resolved[i], &resolved[j]);
                 if ra.starts_with(rb) || rb.starts_with(ra) {
-                    return Err(format!("{a} ({}) and {b} ({}) must be separate folders, neither inside the other", da.display(), db.display()));
+                    return Err(format!(
+                        "{a} ({}) and {b} ({}) must be separate folders, neither inside the other",
+                        da.display(),
+                        db.display()
+                    ));
                 }
             }
         }
@@ -385,7 +439,12 @@ mod tests {
 
     #[test]
     fn defaults_parse_and_paths_are_relative_to_the_file() {
-        let cfg = ServeConfig::from_toml_str("model = \"runs/a\"\n", Path::new("/etc/p/d.toml"), Path::new("/etc/p")).unwrap();
+        let cfg = ServeConfig::from_toml_str(
+            "model = \"runs/a\"\n",
+            Path::new("/etc/p/d.toml"),
+            Path::new("/etc/p"),
+        )
+        .unwrap();
         assert_eq!(cfg.model, PathBuf::from("/etc/p/runs/a"));
         assert_eq!(cfg.spool, PathBuf::from("/etc/p/serve/spool"));
         assert_eq!(cfg.http.backpressure, Backpressure::Reject);
@@ -404,16 +463,53 @@ mod tests {
         std::os::unix::fs::symlink(r.join("a"), r.join("b")).unwrap();
         let q = |p: &Path| format!("{:?}", p.to_str().unwrap());
         for (text, want) in [
-            (format!("spool = {}\nquarantine = {}\n", q(&r.join("s")), q(&r.join("x/../s"))), "spool"),
-            (format!("spool = {}\n[watch]\nenabled = true\ndir = {}\n", q(&r.join("real")), q(&r.join("link"))), "watch.dir"),
-            (format!("[output]\ndir = {}\n[watch]\nenabled = true\ndir = {}\n", q(&r.join("b/o")), q(&r.join("a"))), "output.dir"),
-            (format!("[output]\ndir = {}\n[watch]\nenabled = true\ndir = {}\n", q(&r.join("x/../w/out")), q(&r.join("w"))), "must be separate"),
+            (
+                format!(
+                    "spool = {}\nquarantine = {}\n",
+                    q(&r.join("s")),
+                    q(&r.join("x/../s"))
+                ),
+                "spool",
+            ),
+            (
+                format!(
+                    "spool = {}\n[watch]\nenabled = true\ndir = {}\n",
+                    q(&r.join("real")),
+                    q(&r.join("link"))
+                ),
+                "watch.dir",
+            ),
+            (
+                format!(
+                    "[output]\ndir = {}\n[watch]\nenabled = true\ndir = {}\n",
+                    q(&r.join("b/o")),
+                    q(&r.join("a"))
+                ),
+                "output.dir",
+            ),
+            (
+                format!(
+                    "[output]\ndir = {}\n[watch]\nenabled = true\ndir = {}\n",
+                    q(&r.join("x/../w/out")),
+                    q(&r.join("w"))
+                ),
+                "must be separate",
+            ),
         ] {
-            let err = ServeConfig::from_toml_str(&text, Path::new("d.toml"), r).unwrap_err().to_string();
-            assert!(err.contains(want) && err.contains("must be separate folders"), "{text}: {err}");
+            let err = ServeConfig::from_toml_str(&text, Path::new("d.toml"), r)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(want) && err.contains("must be separate folders"),
+                "{text}: {err}"
+            );
         }
         // Siblings that merely share a prefix of their names are fine.
-        let ok = format!("spool = {}\nquarantine = {}\n", q(&r.join("s")), q(&r.join("s2")));
+        let ok = format!(
+            "spool = {}\nquarantine = {}\n",
+            q(&r.join("s")),
+            q(&r.join("s2"))
+        );
         ServeConfig::from_toml_str(&ok, Path::new("d.toml"), r).unwrap();
     }
 
@@ -427,11 +523,16 @@ mod tests {
         let blank = image::GrayImage::from_pixel(300, 200, image::Luma([250]));
         assert_eq!(checks.flag(&blank), Some("blank"));
         // Sensor noise of a few levels is still blank; one dark organism is not.
-        let mut noisy = image::GrayImage::from_fn(64, 64, |x, y| image::Luma([247 + ((x * 7 + y * 3) % 5) as u8]));
+        let mut noisy = image::GrayImage::from_fn(64, 64, |x, y| {
+            image::Luma([247 + ((x * 7 + y * 3) % 5) as u8])
+        });
         assert_eq!(checks.flag(&noisy), Some("blank"));
         noisy.put_pixel(40, 63, image::Luma([90]));
         assert_eq!(checks.flag(&noisy), None);
-        let off = ImageChecks { min_side_px: 0, blank_max_range: 0 };
+        let off = ImageChecks {
+            min_side_px: 0,
+            blank_max_range: 0,
+        };
         assert_eq!(off.flag(&thin), None);
         assert_eq!(off.flag(&tiny), Some("blank"));
     }
@@ -442,17 +543,37 @@ mod tests {
             ("[http]\nbind = \"0.0.0.0:80\"\n", "token_file"),
             ("[http]\nenabled = false\n", "no source"),
             ("[batch]\nmax_images = 0\n", "max_images"),
-            ("[watch]\nenabled = true\ndir = \"x\"\n[output]\ndir = \"x/out\"\n", "output.dir (./x/out) and watch.dir (./x) must be separate folders"),
-            ("quarantine = \"o\"\n[output]\ndir = \"o\"\n", "quarantine (./o) and output.dir (./o) must be separate"),
-            ("spool = \"s\"\nquarantine = \"s/q\"\n", "spool (./s) and quarantine (./s/q) must be separate"),
+            (
+                "[watch]\nenabled = true\ndir = \"x\"\n[output]\ndir = \"x/out\"\n",
+                "output.dir (./x/out) and watch.dir (./x) must be separate folders",
+            ),
+            (
+                "quarantine = \"o\"\n[output]\ndir = \"o\"\n",
+                "quarantine (./o) and output.dir (./o) must be separate",
+            ),
+            (
+                "spool = \"s\"\nquarantine = \"s/q\"\n",
+                "spool (./s) and quarantine (./s/q) must be separate",
+            ),
             ("[http]\nbody_idle_timeout_ms = 0\n", "body_idle_timeout_ms"),
             ("[htp]\n", "unknown field"),
-            ("[output]\nfeatures = [\"moments\", \"colour\"]\n", "output.features: unknown feature set `colour`"),
-            ("[watch]\nsymlinks = \"follow\"\n", "unknown variant `follow`"),
+            (
+                "[output]\nfeatures = [\"moments\", \"colour\"]\n",
+                "output.features: unknown feature set `colour`",
+            ),
+            (
+                "[watch]\nsymlinks = \"follow\"\n",
+                "unknown variant `follow`",
+            ),
             ("[checks]\nmin_side = 3\n", "unknown field `min_side`"),
         ] {
-            let err = ServeConfig::from_toml_str(text, Path::new("d.toml"), Path::new(".")).unwrap_err().to_string();
-            assert!(err.contains(want) && err.contains("d.toml"), "{text}: {err}");
+            let err = ServeConfig::from_toml_str(text, Path::new("d.toml"), Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(want) && err.contains("d.toml"),
+                "{text}: {err}"
+            );
         }
     }
 }

@@ -21,13 +21,22 @@ pub enum ServeError {
     #[error(transparent)]
     Model(#[from] crate::predict::job::PredictError),
     #[error("{path}: {message}")]
-    Io { path: std::path::PathBuf, message: String },
+    Io {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("http.bind {addr}: {message}")]
     Bind { addr: String, message: String },
     #[error("{path}: {message}")]
-    Locked { path: std::path::PathBuf, message: String },
+    Locked {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("{path}: {message}")]
-    Token { path: std::path::PathBuf, message: String },
+    Token {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("{0}")]
     Crashed(String),
 }
@@ -62,8 +71,12 @@ impl DirLock {
     pub fn acquire(dir: &std::path::Path, name: &str, what: &str) -> Result<DirLock, ServeError> {
         use std::io::{Read, Seek, Write};
         let path = dir.join(name);
-        let locked = |message: String| ServeError::Locked { path: path.clone(), message };
-        std::fs::create_dir_all(dir).map_err(|e| locked(format!("cannot create the {what} folder: {e}")))?;
+        let locked = |message: String| ServeError::Locked {
+            path: path.clone(),
+            message,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| locked(format!("cannot create the {what} folder: {e}")))?;
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -77,16 +90,25 @@ impl DirLock {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
-                let who = if holder.is_empty() { "another process".to_string() } else { format!("another daemon (pid {holder})") };
+                let who = if holder.is_empty() {
+                    "another process".to_string()
+                } else {
+                    format!("another daemon (pid {holder})")
+                };
                 return Err(locked(format!(
                     "the {what} {} is in use by {who}: one daemon per {what}. Stop that one, or give this config its own spool and output folders",
                     dir.display()
                 )));
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(locked(format!("cannot lock: {e}"))),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(locked(format!("cannot lock: {e}")))
+            }
         }
         // Ours now: say who holds it (best effort; the lock is what matters).
-        let _ = file.set_len(0).and_then(|_| file.rewind()).and_then(|_| writeln!(file, "{}", std::process::id()));
+        let _ = file
+            .set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| writeln!(file, "{}", std::process::id()));
         Ok(DirLock { _file: file })
     }
 }
@@ -99,14 +121,20 @@ pub const OUTPUT_LOCK: &str = ".plankton-serve.lock";
 /// The bearer token in `path`: its content without surrounding white space, which must not be
 /// empty (an empty token would make every upload fail with 401).
 pub fn read_token(path: &std::path::Path) -> Result<String, ServeError> {
-    let err = |message: String| ServeError::Token { path: path.to_path_buf(), message };
-    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read the bearer token: {e}")))?;
+    let err = |message: String| ServeError::Token {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("cannot read the bearer token: {e}")))?;
     let token = text.trim();
     if token.is_empty() {
         return Err(err("the bearer token file is empty: put the token uploads must present in it (http.token_file)".into()));
     }
     if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(err("the bearer token must be one line without spaces or control characters".into()));
+        return Err(err(
+            "the bearer token must be one line without spaces or control characters".into(),
+        ));
     }
     Ok(token.to_string())
 }
@@ -137,7 +165,11 @@ pub async fn run(
 ) -> Result<ServeSummary, ServeError> {
     // A wrong `model` must not leave folders behind (the run is loaded later, after the lock).
     if !cfg.model.join("pipeline.toml").is_file() {
-        let why = if cfg.model.is_dir() { "not a trained run (no pipeline.toml in it)" } else { "no such run directory" };
+        let why = if cfg.model.is_dir() {
+            "not a trained run (no pipeline.toml in it)"
+        } else {
+            "no such run directory"
+        };
         return Err(ServeError::Io {
             path: cfg.model.clone(),
             message: format!("model: {why}: name a folder written by `plankton train`"),
@@ -154,8 +186,16 @@ pub async fn run(
         _ => None,
     };
     let listener = if cfg.http.enabled {
-        let listener = tokio::net::TcpListener::bind(&cfg.http.bind).await.map_err(|e| ServeError::Bind { addr: cfg.http.bind.clone(), message: e.to_string() })?;
-        let addr = listener.local_addr().map_err(|e| ServeError::Bind { addr: cfg.http.bind.clone(), message: e.to_string() })?;
+        let listener = tokio::net::TcpListener::bind(&cfg.http.bind)
+            .await
+            .map_err(|e| ServeError::Bind {
+                addr: cfg.http.bind.clone(),
+                message: e.to_string(),
+            })?;
+        let addr = listener.local_addr().map_err(|e| ServeError::Bind {
+            addr: cfg.http.bind.clone(),
+            message: e.to_string(),
+        })?;
         Some((listener, addr))
     } else {
         None
@@ -163,7 +203,10 @@ pub async fn run(
     let metrics_handle = prometheus();
     engine::describe();
     let spool = Arc::new(Spool::open(&cfg.spool)?);
-    let cleaned = engine::clean_partial_outputs(&cfg.output.dir).map_err(|e| ServeError::Io { path: cfg.output.dir.clone(), message: e.to_string() })?;
+    let cleaned = engine::clean_partial_outputs(&cfg.output.dir).map_err(|e| ServeError::Io {
+        path: cfg.output.dir.clone(),
+        message: e.to_string(),
+    })?;
     if cleaned > 0 {
         tracing::warn!(files = cleaned, "removed unfinished prediction files of an earlier run (their images are still spooled)");
     }
@@ -171,19 +214,33 @@ pub async fn run(
     // for those whose rows made it into a finished file before the crash.
     let pending = spool.pending()?;
     // The watcher counts these files as taken, released below or not.
-    let spooled_files: Vec<spool::WatchedFile> = pending.iter().filter_map(|e| e.watched.clone()).collect();
+    let spooled_files: Vec<spool::WatchedFile> =
+        pending.iter().filter_map(|e| e.watched.clone()).collect();
     let pending = engine::release_already_written(&spool, &cfg.output.dir, pending);
     let cfg_c = cfg.clone();
-    let model = tokio::task::spawn_blocking(move || engine::load_model(&cfg_c)).await.map_err(|e| ServeError::Crashed(e.to_string()))??;
+    let model = tokio::task::spawn_blocking(move || engine::load_model(&cfg_c))
+        .await
+        .map_err(|e| ServeError::Crashed(e.to_string()))??;
     let model_id = model.model_id.clone();
     let weights_path = model.weights_path.clone();
-    let slot = Arc::new(ModelSlot { prep: RwLock::new(Arc::new(engine::Prep::of(&model, cfg.tta))), reload: AtomicBool::new(false) });
+    let slot = Arc::new(ModelSlot {
+        prep: RwLock::new(Arc::new(engine::Prep::of(&model, cfg.tta))),
+        reload: AtomicBool::new(false),
+    });
     let (ingest_tx, ingest_rx) = async_channel::bounded::<SpoolEntry>(cfg.queue.ingest);
     let results = Arc::new(ResultStore::new(cfg.http.recent_results));
     let in_flight = Arc::new(InFlight::default());
-    let running = Engine { model, ingest: ingest_rx, spool: spool.clone(), results: results.clone(), slot: slot.clone(), cfg: cfg.clone(), in_flight }
-        .start()
-        .map_err(ServeError::Crashed)?;
+    let running = Engine {
+        model,
+        ingest: ingest_rx,
+        spool: spool.clone(),
+        results: results.clone(),
+        slot: slot.clone(),
+        cfg: cfg.clone(),
+        in_flight,
+    }
+    .start()
+    .map_err(ServeError::Crashed)?;
     // From here on nothing returns early: the engine is always drained and joined below.
 
     let sources = CancellationToken::new();
@@ -206,8 +263,17 @@ pub async fn run(
         }));
     }
     if cfg.watch.enabled {
-        let (wcfg, sp, tx, stop) = (cfg.watch.clone(), spool.clone(), ingest_tx.clone(), sources.clone());
-        tasks.push(tokio::spawn(async move { watch::run_watch(wcfg, sp, spooled_files, tx, stop).await.map_err(|e| e.to_string()) }));
+        let (wcfg, sp, tx, stop) = (
+            cfg.watch.clone(),
+            spool.clone(),
+            ingest_tx.clone(),
+            sources.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            watch::run_watch(wcfg, sp, spooled_files, tx, stop)
+                .await
+                .map_err(|e| e.to_string())
+        }));
     }
     let ready = Arc::new(AtomicBool::new(false));
     let accepting = Arc::new(AtomicBool::new(true));
@@ -225,7 +291,12 @@ pub async fn run(
             metrics: metrics_handle,
         });
         let stop = sources.clone();
-        tasks.push(tokio::spawn(async move { http::serve(listener, state, stop).await.map(|_| 0).map_err(|e| e.to_string()) }));
+        tasks.push(tokio::spawn(async move {
+            http::serve(listener, state, stop)
+                .await
+                .map(|_| 0)
+                .map_err(|e| e.to_string())
+        }));
     }
     // A new weights file (a retrained run written in place) or SIGHUP: reload between batches.
     {
@@ -267,7 +338,10 @@ pub async fn run(
         }
     }
     ingest_tx.close();
-    tokio::task::spawn_blocking(move || running.join()).await.map_err(|e| ServeError::Crashed(e.to_string()))?.map_err(ServeError::Crashed)?;
+    tokio::task::spawn_blocking(move || running.join())
+        .await
+        .map_err(|e| ServeError::Crashed(e.to_string()))?
+        .map_err(ServeError::Crashed)?;
     tracing::info!("stopped: every accepted image is in a finished file or still spooled");
     Ok(ServeSummary { replayed, watched })
 }

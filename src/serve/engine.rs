@@ -33,7 +33,8 @@ use crate::stages::warp::make_patch;
 use crate::telemetry;
 
 use crate::telemetry::{
-    PROCESS_RESIDENT_BYTES, SERVE_BATCH_IMAGES, SERVE_FILES, SERVE_LATENCY_SECONDS, SERVE_MODEL_INFO, SERVE_MODEL_RELOADS,
+    PROCESS_RESIDENT_BYTES, SERVE_BATCH_IMAGES, SERVE_FILES, SERVE_LATENCY_SECONDS,
+    SERVE_MODEL_INFO, SERVE_MODEL_RELOADS,
 };
 
 pub fn describe() {
@@ -41,7 +42,10 @@ pub fn describe() {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What the workers need of the model being served (the network itself stays on the model
@@ -57,7 +61,12 @@ impl Prep {
     pub fn of(model: &LoadedModel, tta: usize) -> Prep {
         let mut t = model.cfg.tta.clone();
         t.transforms = tta;
-        Prep { cfg: model.cfg.clone(), zmuv: model.zmuv.inputs.clone(), model_id: model.model_id.clone(), transforms: quasi_random_transforms(&t) }
+        Prep {
+            cfg: model.cfg.clone(),
+            zmuv: model.zmuv.inputs.clone(),
+            model_id: model.model_id.clone(),
+            transforms: quasi_random_transforms(&t),
+        }
     }
 }
 
@@ -76,7 +85,10 @@ pub struct InFlight(Mutex<HashSet<EntryKey>>);
 
 impl InFlight {
     fn begin(&self, entry: &SpoolEntry) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.key())
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(entry.key())
     }
     fn end(&self, keys: impl IntoIterator<Item = EntryKey>) {
         let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,7 +127,16 @@ pub struct OutRow {
 impl OutRow {
     /// The error row of a refused image.
     fn refused(entry: SpoolEntry, model_id: String, reason: String) -> OutRow {
-        OutRow { entry, model_id, probabilities: None, error: Some(reason), views: 0, size: None, flag: None, features: None }
+        OutRow {
+            entry,
+            model_id,
+            probabilities: None,
+            error: Some(reason),
+            views: 0,
+            size: None,
+            flag: None,
+            features: None,
+        }
     }
 }
 
@@ -153,7 +174,8 @@ impl Running {
 
 pub fn load_model(cfg: &ServeConfig) -> Result<LoadedModel, PredictError> {
     let weights: Weights = cfg.weights.parse().expect("infallible");
-    let device = crate::device::select(&cfg.device).map_err(|e| PredictError::Input(e.to_string()))?;
+    let device =
+        crate::device::select(&cfg.device).map_err(|e| PredictError::Input(e.to_string()))?;
     let mut model = LoadedModel::load(&cfg.model, &weights, device, true)?;
     if let Some(precision) = cfg.precision {
         model.set_precision(precision);
@@ -176,17 +198,24 @@ impl Engine {
         describe();
         set_model_info(None, &self.model.model_id);
         let class_names = self.model.class_names.clone();
-        let feature_sets: Arc<Vec<FeatureSet>> = Arc::new(self.cfg.feature_sets().map_err(|e| e.to_string())?);
+        let feature_sets: Arc<Vec<FeatureSet>> =
+            Arc::new(self.cfg.feature_sets().map_err(|e| e.to_string())?);
         let (patches_tx, patches_rx) = async_channel::bounded::<PatchSet>(self.cfg.queue.patches);
         let (rows_tx, rows_rx) = async_channel::bounded::<OutRow>(self.cfg.batch.max_images * 4);
         let workers = if self.cfg.queue.workers > 0 {
             self.cfg.queue.workers
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         };
         let mut threads = Vec::new();
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name.clone()).spawn(f).map(|h| (name, h)).map_err(|e| e.to_string())
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(f)
+                .map(|h| (name, h))
+                .map_err(|e| e.to_string())
         };
         for w in 0..workers {
             let ctx = WorkerCtx {
@@ -200,12 +229,24 @@ impl Engine {
                 feature_sets: feature_sets.clone(),
                 checks: self.cfg.checks.clone(),
             };
-            threads.push(spawn(format!("serve-worker-{w}"), Box::new(move || ctx.run()))?);
+            threads.push(spawn(
+                format!("serve-worker-{w}"),
+                Box::new(move || ctx.run()),
+            )?);
         }
         drop(patches_tx);
         let (patches_weak, rows_weak) = (patches_rx.downgrade(), rows_rx.downgrade());
-        let model_ctx = ModelCtx { model: self.model, patches: patches_rx, rows: rows_tx, slot: self.slot.clone(), cfg: self.cfg.clone() };
-        threads.push(spawn("serve-model".into(), Box::new(move || model_ctx.run()))?);
+        let model_ctx = ModelCtx {
+            model: self.model,
+            patches: patches_rx,
+            rows: rows_tx,
+            slot: self.slot.clone(),
+            cfg: self.cfg.clone(),
+        };
+        threads.push(spawn(
+            "serve-model".into(),
+            Box::new(move || model_ctx.run()),
+        )?);
         let writer = WriterCtx {
             rows: rows_rx,
             spool: self.spool.clone(),
@@ -215,7 +256,10 @@ impl Engine {
             class_names,
             feature_sets,
         };
-        threads.push(spawn("serve-writer".into(), Box::new(move || writer.run()))?);
+        threads.push(spawn(
+            "serve-writer".into(),
+            Box::new(move || writer.run()),
+        )?);
         let housekeeping = Housekeeping {
             ingest: self.ingest.downgrade(),
             patches: patches_weak,
@@ -224,7 +268,10 @@ impl Engine {
             output_dir: self.cfg.output.dir.clone(),
             relock: None,
         };
-        threads.push(spawn("serve-housekeeping".into(), Box::new(move || housekeeping.run()))?);
+        threads.push(spawn(
+            "serve-housekeeping".into(),
+            Box::new(move || housekeeping.run()),
+        )?);
         Ok(Running { threads })
     }
 }
@@ -254,12 +301,18 @@ impl Housekeeping {
         if self.output_dir.join(super::daemon::OUTPUT_LOCK).exists() {
             return;
         }
-        match super::daemon::DirLock::acquire(&self.output_dir, super::daemon::OUTPUT_LOCK, "output folder") {
+        match super::daemon::DirLock::acquire(
+            &self.output_dir,
+            super::daemon::OUTPUT_LOCK,
+            "output folder",
+        ) {
             Ok(l) => {
                 tracing::warn!(dir = %self.output_dir.display(), "the output folder was removed while running: made again and locked (the images of the file open then stay spooled until the next start)");
                 self.relock = Some(l);
             }
-            Err(e) => tracing::error!(error = %e, "the output folder was removed while running and cannot be locked again"),
+            Err(e) => {
+                tracing::error!(error = %e, "the output folder was removed while running and cannot be locked again")
+            }
         }
     }
 
@@ -306,11 +359,20 @@ impl WorkerCtx {
             }
             metrics::counter!(telemetry::STAGE_RECEIVED, "stage" => "decode").increment(1);
             let accepted = Instant::now();
-            let model = self.slot.prep.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let model = self
+                .slot
+                .prep
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             // Quarantined before a restart: only its error row is still owed.
             if let Some(q) = &entry.quarantined {
                 let reason = q.reason.clone();
-                if self.rows.send_blocking(OutRow::refused(entry, model.model_id.clone(), reason)).is_err() {
+                if self
+                    .rows
+                    .send_blocking(OutRow::refused(entry, model.model_id.clone(), reason))
+                    .is_err()
+                {
                     break;
                 }
                 continue;
@@ -318,11 +380,24 @@ impl WorkerCtx {
             let augs = &model.transforms;
             let decode_started = Instant::now();
             let result = std::fs::read(&entry.bytes_path)
-                .map_err(|e| (format!("{}: cannot read spooled image: {e}", entry.bytes_path.display()), "io"))
+                .map_err(|e| {
+                    (
+                        format!(
+                            "{}: cannot read spooled image: {e}",
+                            entry.bytes_path.display()
+                        ),
+                        "io",
+                    )
+                })
                 .and_then(|bytes| {
                     // Errors name the image by its id (and the client's file name, if any).
-                    let name = if entry.original_name.is_empty() { entry.id.clone() } else { format!("{} ({})", entry.id, super::one_line(&entry.original_name)) };
-                    decode_bytes(&bytes, Path::new(&name), &model.cfg.decode).map_err(|e| (e.to_string(), e.kind()))
+                    let name = if entry.original_name.is_empty() {
+                        entry.id.clone()
+                    } else {
+                        format!("{} ({})", entry.id, super::one_line(&entry.original_name))
+                    };
+                    decode_bytes(&bytes, Path::new(&name), &model.cfg.decode)
+                        .map_err(|e| (e.to_string(), e.kind()))
                 });
             match result {
                 Err((reason, "io")) => {
@@ -337,7 +412,15 @@ impl WorkerCtx {
                     // The quarantine is durable (and owes this row) before the row is sent.
                     match self.spool.quarantine(&entry, &reason, &self.quarantine) {
                         Ok(record) => {
-                            if self.rows.send_blocking(OutRow::refused(record, model.model_id.clone(), reason)).is_err() {
+                            if self
+                                .rows
+                                .send_blocking(OutRow::refused(
+                                    record,
+                                    model.model_id.clone(),
+                                    reason,
+                                ))
+                                .is_err()
+                            {
                                 break;
                             }
                         }
@@ -367,7 +450,12 @@ impl WorkerCtx {
                         .collect();
                     // On the decoded image, before any warp: the features describe the raw image,
                     // as `plankton features` computes them.
-                    let features = (!self.feature_sets.is_empty()).then(|| ((img.height(), img.width()), crate::features::writer::compute(&self.feature_sets, &img)));
+                    let features = (!self.feature_sets.is_empty()).then(|| {
+                        (
+                            (img.height(), img.width()),
+                            crate::features::writer::compute(&self.feature_sets, &img),
+                        )
+                    });
                     let flag = self.checks.flag(&img);
                     if let Some(flag) = flag {
                         metrics::counter!(telemetry::SERVE_FLAGGED, "flag" => flag).increment(1);
@@ -375,7 +463,18 @@ impl WorkerCtx {
                     metrics::counter!(telemetry::STAGE_SENT, "stage" => "decode").increment(1);
                     telemetry::busy_since("decode", decode_started);
                     let size = (img.height(), img.width());
-                    if self.patches.send_blocking(PatchSet { entry, size, flag, features, views, accepted }).is_err() {
+                    if self
+                        .patches
+                        .send_blocking(PatchSet {
+                            entry,
+                            size,
+                            flag,
+                            features,
+                            views,
+                            accepted,
+                        })
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -397,15 +496,21 @@ impl ModelCtx {
     /// the first one has waited `max_latency_ms`. Empty when the channel is closed and drained.
     fn next_batch(&self, rt: &tokio::runtime::Runtime) -> Vec<PatchSet> {
         let mut batch = Vec::with_capacity(self.cfg.batch.max_images);
-        let Ok(first) = self.patches.recv_blocking() else { return batch };
-        let deadline = tokio::time::Instant::from_std(Instant::now() + Duration::from_millis(self.cfg.batch.max_latency_ms));
+        let Ok(first) = self.patches.recv_blocking() else {
+            return batch;
+        };
+        let deadline = tokio::time::Instant::from_std(
+            Instant::now() + Duration::from_millis(self.cfg.batch.max_latency_ms),
+        );
         batch.push(first);
         while batch.len() < self.cfg.batch.max_images {
             match self.patches.try_recv() {
                 Ok(p) => batch.push(p),
                 Err(async_channel::TryRecvError::Closed) => break,
                 Err(async_channel::TryRecvError::Empty) => {
-                    match rt.block_on(async { tokio::time::timeout_at(deadline, self.patches.recv()).await }) {
+                    match rt.block_on(async {
+                        tokio::time::timeout_at(deadline, self.patches.recv()).await
+                    }) {
                         Ok(Ok(p)) => batch.push(p),
                         _ => break, // deadline, or closed
                     }
@@ -440,7 +545,10 @@ impl ModelCtx {
     }
 
     fn run(mut self) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("timer runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("timer runtime");
         if self.cfg.threads > 0 {
             tch::set_num_threads(self.cfg.threads as i32);
         }
@@ -476,17 +584,31 @@ impl ModelCtx {
                             flat.extend_from_slice(&v[k]);
                         }
                     }
-                    model.net.upload(&tch::Tensor::from_slice(&flat).view([(batch.len() * views) as i64, 1, p.rows as i64, p.cols as i64]))
+                    model.net.upload(&tch::Tensor::from_slice(&flat).view([
+                        (batch.len() * views) as i64,
+                        1,
+                        p.rows as i64,
+                        p.cols as i64,
+                    ]))
                 })
                 .collect();
-            let log_probs = model.net.forward_t(&inputs, false).log_softmax(-1, Kind::Float).to_device(Device::Cpu);
+            let log_probs = model
+                .net
+                .forward_t(&inputs, false)
+                .log_softmax(-1, Kind::Float)
+                .to_device(Device::Cpu);
             let flat: Vec<f32> = Vec::try_from(log_probs.flatten(0, -1)).expect("float tensor");
             forward_seconds.record(t0.elapsed().as_secs_f64());
             telemetry::busy_since("model", t0);
             metrics::counter!(telemetry::PREDICT_PATCHES).increment((batch.len() * views) as u64);
             let mut out = vec![0f64; classes];
             for (i, set) in batch.into_iter().enumerate() {
-                aggregate(&flat[i * views * classes..(i + 1) * views * classes], classes, self.cfg.aggregation, &mut out);
+                aggregate(
+                    &flat[i * views * classes..(i + 1) * views * classes],
+                    classes,
+                    self.cfg.aggregation,
+                    &mut out,
+                );
                 let mut p: Vec<f32> = out.iter().map(|&v| v as f32).collect();
                 if let Some(c) = &model.calibration {
                     p = crate::evaluate::calibration::apply_temperature(&p, classes, c.temperature);
@@ -552,27 +674,46 @@ fn lock_partial(final_path: &Path) -> Option<std::fs::File> {
 /// file's rename and the release of its images) are released instead of predicted again, so
 /// a `kill -9` does not duplicate rows. Only files finished since the oldest entry was accepted
 /// are read (two columns each). Returns the entries still to process.
-pub fn release_already_written(spool: &Spool, out_dir: &Path, pending: Vec<SpoolEntry>) -> Vec<SpoolEntry> {
-    let Some(oldest) = pending.iter().map(|e| e.received_unix_ms).min() else { return pending };
+pub fn release_already_written(
+    spool: &Spool,
+    out_dir: &Path,
+    pending: Vec<SpoolEntry>,
+) -> Vec<SpoolEntry> {
+    let Some(oldest) = pending.iter().map(|e| e.received_unix_ms).min() else {
+        return pending;
+    };
     // A little slack for a file system whose clock is not ours (a network mount).
     let since = UNIX_EPOCH + Duration::from_millis(oldest.saturating_sub(5_000));
     let mut written = HashSet::new();
-    let Ok(listing) = std::fs::read_dir(out_dir) else { return pending };
+    let Ok(listing) = std::fs::read_dir(out_dir) else {
+        return pending;
+    };
     for e in listing.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !(name.starts_with("predictions-") && name.ends_with(".parquet")) {
             continue;
         }
-        if e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < since) {
+        if e.metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < since)
+        {
             continue;
         }
         match crate::sinks::parquet::served_keys(&e.path()) {
-            Ok((model, keys)) if model.get("spool_id").and_then(|v| v.as_str()) == Some(spool.id()) => written.extend(keys),
+            Ok((model, keys))
+                if model.get("spool_id").and_then(|v| v.as_str()) == Some(spool.id()) =>
+            {
+                written.extend(keys)
+            }
             Ok(_) => {}
-            Err(err) => tracing::warn!(file = %e.path().display(), error = %err, "cannot read a finished prediction file; its images are predicted again"),
+            Err(err) => {
+                tracing::warn!(file = %e.path().display(), error = %err, "cannot read a finished prediction file; its images are predicted again")
+            }
         }
     }
-    let (done, todo): (Vec<SpoolEntry>, Vec<SpoolEntry>) = pending.into_iter().partition(|e| written.contains(&e.key()));
+    let (done, todo): (Vec<SpoolEntry>, Vec<SpoolEntry>) = pending
+        .into_iter()
+        .partition(|e| written.contains(&e.key()));
     if done.is_empty() {
         return todo;
     }
@@ -599,7 +740,8 @@ pub fn clean_partial_outputs(dir: &Path) -> std::io::Result<usize> {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().ends_with(".partial") {
-                let in_use = std::fs::File::open(e.path()).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
+                let in_use = std::fs::File::open(e.path())
+                    .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
                 if in_use {
                     tracing::warn!(file = %e.path().display(), "an unfinished prediction file is being written by another process: left alone");
                     continue;
@@ -616,24 +758,65 @@ impl WriterCtx {
     fn open(&self, model_id: &str, seq: &mut u64) -> Result<OpenFile, String> {
         *seq += 1;
         let stamp = format!("{}-{:04}", unix_ms(), seq);
-        let path = self.cfg.output.dir.join(format!("predictions-{stamp}.parquet"));
+        let path = self
+            .cfg
+            .output
+            .dir
+            .join(format!("predictions-{stamp}.parquet"));
         let model = serde_json::json!({ "model_id": model_id, "daemon": self.cfg.name, "tta": self.cfg.tta, "aggregation": self.cfg.aggregation, "spool_id": self.spool.id() });
-        let writer = PredictionWriter::create_served(&path, self.class_names.clone(), model_id, &model, self.cfg.output.top_k).map_err(|e| e.to_string())?;
+        let writer = PredictionWriter::create_served(
+            &path,
+            self.class_names.clone(),
+            model_id,
+            &model,
+            self.cfg.output.top_k,
+        )
+        .map_err(|e| e.to_string())?;
         let features = if self.feature_sets.is_empty() {
             None
         } else {
-            Some(FeatureWriter::create(&self.cfg.output.dir.join(format!("features-{stamp}.parquet")), &self.feature_sets).map_err(|e| e.to_string())?)
+            Some(
+                FeatureWriter::create(
+                    &self
+                        .cfg
+                        .output
+                        .dir
+                        .join(format!("features-{stamp}.parquet")),
+                    &self.feature_sets,
+                )
+                .map_err(|e| e.to_string())?,
+            )
         };
         let mut partial_locks: Vec<std::fs::File> = lock_partial(&path).into_iter().collect();
         if features.is_some() {
-            partial_locks.extend(lock_partial(&self.cfg.output.dir.join(format!("features-{stamp}.parquet"))));
+            partial_locks.extend(lock_partial(
+                &self
+                    .cfg
+                    .output
+                    .dir
+                    .join(format!("features-{stamp}.parquet")),
+            ));
         }
-        Ok(OpenFile { writer, features, model_id: model_id.to_string(), opened: Instant::now(), keys: Vec::new(), path, _partial_locks: partial_locks })
+        Ok(OpenFile {
+            writer,
+            features,
+            model_id: model_id.to_string(),
+            opened: Instant::now(),
+            keys: Vec::new(),
+            path,
+            _partial_locks: partial_locks,
+        })
     }
 
     fn finish(&self, file: OpenFile) {
         let _busy = telemetry::Busy::start("writer");
-        let OpenFile { writer, features, keys, path, .. } = file;
+        let OpenFile {
+            writer,
+            features,
+            keys,
+            path,
+            ..
+        } = file;
         // The features file first: the images leave the spool only once both files are in place.
         if let Some(f) = features {
             if let Err(e) = f.finish() {
@@ -650,7 +833,9 @@ impl WriterCtx {
                 }
                 self.in_flight.end(keys);
             }
-            Err(e) => tracing::error!(error = %e, path = %path.display(), "prediction file not finished; its images stay in the spool"),
+            Err(e) => {
+                tracing::error!(error = %e, path = %path.display(), "prediction file not finished; its images stay in the spool")
+            }
         }
     }
 
@@ -658,7 +843,10 @@ impl WriterCtx {
         if let Err(e) = std::fs::create_dir_all(&self.cfg.output.dir) {
             tracing::error!(error = %e, dir = %self.cfg.output.dir.display(), "cannot create the output folder");
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("timer runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("timer runtime");
         let roll_after = Duration::from_secs(self.cfg.output.roll_seconds);
         let mut seq = 0u64;
         let mut open: Option<OpenFile> = None;
@@ -680,7 +868,10 @@ impl WriterCtx {
                     Err(_) => break,
                 },
             };
-            if open.as_ref().is_some_and(|f| f.opened.elapsed() >= roll_after || row.as_ref().is_some_and(|r| r.model_id != f.model_id)) {
+            if open.as_ref().is_some_and(|f| {
+                f.opened.elapsed() >= roll_after
+                    || row.as_ref().is_some_and(|r| r.model_id != f.model_id)
+            }) {
                 self.finish(open.take().expect("open"));
             }
             let Some(mut row) = row else { continue };
@@ -698,21 +889,38 @@ impl WriterCtx {
             let served = ServedPrediction {
                 id: row.entry.id.clone(),
                 seq: row.entry.seq,
-                quarantined: row.entry.quarantined.as_ref().map(|q| q.path.display().to_string()),
+                quarantined: row
+                    .entry
+                    .quarantined
+                    .as_ref()
+                    .map(|q| q.path.display().to_string()),
                 flag: row.flag.map(str::to_string),
                 image_height: row.size.map(|(h, _)| h),
                 image_width: row.size.map(|(_, w)| w),
                 model_id: row.model_id.clone(),
-                predicted_class: row.probabilities.as_ref().map(|p| self.class_names[top_k(p, 1)[0]].clone()),
+                predicted_class: row
+                    .probabilities
+                    .as_ref()
+                    .map(|p| self.class_names[top_k(p, 1)[0]].clone()),
                 confidence: row.probabilities.as_ref().map(|p| p[top_k(p, 1)[0]]),
-                top_classes: row.probabilities.as_ref().map_or(Vec::new(), |p| top_k(p, k).into_iter().map(|i| self.class_names[i].clone()).collect()),
-                top_probabilities: row.probabilities.as_ref().map_or(Vec::new(), |p| top_k(p, k).into_iter().map(|i| p[i]).collect()),
+                top_classes: row.probabilities.as_ref().map_or(Vec::new(), |p| {
+                    top_k(p, k)
+                        .into_iter()
+                        .map(|i| self.class_names[i].clone())
+                        .collect()
+                }),
+                top_probabilities: row.probabilities.as_ref().map_or(Vec::new(), |p| {
+                    top_k(p, k).into_iter().map(|i| p[i]).collect()
+                }),
                 error: row.error.clone(),
                 received_unix_ms: row.entry.received_unix_ms,
                 latency_ms: unix_ms().saturating_sub(row.entry.received_unix_ms) as f64,
             };
             if let Some(fw) = f.features.as_mut() {
-                let (size, values) = row.features.take().map_or((None, None), |(s, v)| (Some(s), Some(v)));
+                let (size, values) = row
+                    .features
+                    .take()
+                    .map_or((None, None), |(s, v)| (Some(s), Some(v)));
                 let pushed = fw.push(FeatureRow {
                     image_id: row.entry.id.clone(),
                     source_path: row.entry.source.clone(),
@@ -735,7 +943,12 @@ impl WriterCtx {
                     views: row.views,
                     error: row.error,
                 },
-                ServeColumns { seq: row.entry.seq, received_unix_ms: row.entry.received_unix_ms, image_size: row.size, flag: row.flag.map(str::to_string) },
+                ServeColumns {
+                    seq: row.entry.seq,
+                    received_unix_ms: row.entry.received_unix_ms,
+                    image_size: row.size,
+                    flag: row.flag.map(str::to_string),
+                },
             );
             if let Err(e) = pushed {
                 tracing::error!(error = %e, "cannot write a prediction row; the image stays in the spool");
@@ -768,7 +981,11 @@ enum Recv<T> {
     Closed,
 }
 
-fn recv_timeout<T>(rt: &tokio::runtime::Runtime, rx: &async_channel::Receiver<T>, timeout: Duration) -> Recv<T> {
+fn recv_timeout<T>(
+    rt: &tokio::runtime::Runtime,
+    rx: &async_channel::Receiver<T>,
+    timeout: Duration,
+) -> Recv<T> {
     match rt.block_on(async { tokio::time::timeout(timeout, rx.recv()).await }) {
         Ok(Ok(v)) => Recv::Row(v),
         Ok(Err(_)) => Recv::Closed,
@@ -784,13 +1001,24 @@ mod tests {
     fn start_up_clean_up_leaves_a_partial_file_another_process_is_writing() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        std::fs::write(dir.join("predictions-1-0001.parquet.partial"), b"left by a crash").unwrap();
-        std::fs::write(dir.join("predictions-2-0001.parquet.partial"), b"being written").unwrap();
+        std::fs::write(
+            dir.join("predictions-1-0001.parquet.partial"),
+            b"left by a crash",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("predictions-2-0001.parquet.partial"),
+            b"being written",
+        )
+        .unwrap();
         std::fs::write(dir.join("predictions-0-0001.parquet"), b"finished").unwrap();
         let held = lock_partial(&dir.join("predictions-2-0001.parquet")).expect("locked");
         assert_eq!(clean_partial_outputs(dir).unwrap(), 1);
         assert!(!dir.join("predictions-1-0001.parquet.partial").exists());
-        assert!(dir.join("predictions-2-0001.parquet.partial").exists(), "in use: kept");
+        assert!(
+            dir.join("predictions-2-0001.parquet.partial").exists(),
+            "in use: kept"
+        );
         assert!(dir.join("predictions-0-0001.parquet").exists());
         drop(held);
         assert_eq!(clean_partial_outputs(dir).unwrap(), 1);

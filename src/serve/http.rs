@@ -763,10 +763,14 @@ async fn upload_multipart(
             .map(|(i, id, name, bytes)| {
                 let before = spool.pending_key(&id);
                 let result = spool.accept(&id, &upload_source(&name), &name, &bytes);
-                (i, id, result.map(|entry| {
-                    let duplicate = before.as_ref() == Some(&entry.key());
-                    (entry, duplicate)
-                }))
+                (
+                    i,
+                    id,
+                    result.map(|entry| {
+                        let duplicate = before.as_ref() == Some(&entry.key());
+                        (entry, duplicate)
+                    }),
+                )
             })
             .collect::<Vec<_>>()
     })

@@ -129,30 +129,30 @@ fn schema_with(
 ) -> SchemaRef {
     let item = Arc::new(Field::new("item", DataType::Float32, false));
     let mut fields = vec![
-            Field::new("image_id", DataType::Utf8, false),
-            Field::new("source_path", DataType::Utf8, false),
-            Field::new("model_id", DataType::Utf8, false),
-            Field::new("label", DataType::Utf8, true),
-            Field::new("predicted_class", DataType::Utf8, true),
-            Field::new("confidence", DataType::Float32, true),
-            Field::new("entropy", DataType::Float32, true),
-            Field::new(
-                "probabilities",
-                DataType::FixedSizeList(item, classes as i32),
-                true,
-            ),
-            Field::new(
-                "top_classes",
-                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-                true,
-            ),
-            Field::new(
-                "top_probabilities",
-                DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
-                true,
-            ),
-            Field::new("views", DataType::UInt16, false),
-            Field::new("error", DataType::Utf8, true),
+        Field::new("image_id", DataType::Utf8, false),
+        Field::new("source_path", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, true),
+        Field::new("predicted_class", DataType::Utf8, true),
+        Field::new("confidence", DataType::Float32, true),
+        Field::new("entropy", DataType::Float32, true),
+        Field::new(
+            "probabilities",
+            DataType::FixedSizeList(item, classes as i32),
+            true,
+        ),
+        Field::new(
+            "top_classes",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            true,
+        ),
+        Field::new(
+            "top_probabilities",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
+            true,
+        ),
+        Field::new("views", DataType::UInt16, false),
+        Field::new("error", DataType::Utf8, true),
     ];
     if serve_columns {
         fields.extend(serve_fields());
@@ -222,14 +222,16 @@ impl PredictionWriter {
             (META_MODEL.to_string(), model_metadata.to_string()),
             (META_FORMAT.to_string(), FORMAT.to_string()),
         ];
-        let schema = schema_with(class_names.len(), kv.iter().cloned().collect(), serve_columns);
+        let schema = schema_with(
+            class_names.len(),
+            kv.iter().cloned().collect(),
+            serve_columns,
+        );
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(65_536))
             .set_key_value_metadata(Some(
-                kv.into_iter()
-                    .map(|(k, v)| KeyValue::new(k, v))
-                    .collect(),
+                kv.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect(),
             ))
             .set_created_by(format!("plankton {}", env!("CARGO_PKG_VERSION")))
             .build();
@@ -412,17 +414,27 @@ impl Drop for PredictionWriter {
 
 /// The `plankton.model` JSON and the (image_id, seq) of every row of a daemon's predictions
 /// file (only those two columns are read). A file without `seq` (not the daemon's) gives none.
-pub fn served_keys(path: &Path) -> Result<(serde_json::Value, Vec<(String, u64)>), ParquetSinkError> {
+pub fn served_keys(
+    path: &Path,
+) -> Result<(serde_json::Value, Vec<(String, u64)>), ParquetSinkError> {
     use arrow::array::UInt64Array;
     use parquet::arrow::ProjectionMask;
-    let bad = |reason: String| ParquetSinkError::Format { path: path.to_path_buf(), reason };
+    let bad = |reason: String| ParquetSinkError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
     let file = File::open(path).map_err(|e| io(path)(e.to_string()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
     let model = builder
         .metadata()
         .file_metadata()
         .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|e| e.key == META_MODEL).and_then(|e| e.value.clone()))
+        .and_then(|kv| {
+            kv.iter()
+                .find(|e| e.key == META_MODEL)
+                .and_then(|e| e.value.clone())
+        })
         .and_then(|v| serde_json::from_str(&v).ok())
         .unwrap_or(serde_json::Value::Null);
     let fields = builder.schema().fields();
@@ -433,12 +445,19 @@ pub fn served_keys(path: &Path) -> Result<(serde_json::Value, Vec<(String, u64)>
         return Ok((model, Vec::new()));
     };
     let mask = ProjectionMask::roots(builder.parquet_schema(), [id_col, seq_col]);
-    let reader = builder.with_projection(mask).build().map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
     let mut keys = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
-        let ids = batch.column_by_name("image_id").and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
-        let seqs = batch.column_by_name("seq").and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
+        let ids = batch
+            .column_by_name("image_id")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+        let seqs = batch
+            .column_by_name("seq")
+            .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
         let (Some(ids), Some(seqs)) = (ids, seqs) else {
             return Err(bad("`image_id` is not utf8 or `seq` is not uint64".into()));
         };
@@ -479,7 +498,9 @@ impl Predictions {
         let class_names: Vec<String> = kv
             .get(META_CLASS_NAMES)
             .ok_or_else(|| bad(format!("no `{META_CLASS_NAMES}` in the file's metadata")))
-            .and_then(|s| serde_json::from_str(s).map_err(|e| bad(format!("{META_CLASS_NAMES}: {e}"))))?;
+            .and_then(|s| {
+                serde_json::from_str(s).map_err(|e| bad(format!("{META_CLASS_NAMES}: {e}")))
+            })?;
         let model = kv
             .get(META_MODEL)
             .map(|s| serde_json::from_str(s).map_err(|e| bad(format!("{META_MODEL}: {e}"))))

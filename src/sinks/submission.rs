@@ -39,7 +39,10 @@ pub fn column_mapping(
         path: columns_from.to_path_buf(),
         reason,
     };
-    let missing: Vec<&String> = model_classes.iter().filter(|c| !columns.contains(c)).collect();
+    let missing: Vec<&String> = model_classes
+        .iter()
+        .filter(|c| !columns.contains(c))
+        .collect();
     if !missing.is_empty() {
         return Err(bad(format!(
             "the model predicts {} class(es) the header lacks: {}",
@@ -76,7 +79,11 @@ pub fn write_submission(
     fallback: &[f64],
 ) -> Result<SubmissionSummary, SubmissionError> {
     let mapping = column_mapping(model_classes, columns, columns_from)?;
-    assert_eq!(fallback.len(), model_classes.len(), "fallback has one value per class");
+    assert_eq!(
+        fallback.len(),
+        model_classes.len(),
+        "fallback has one value per class"
+    );
     let io = |p: &Path, e: std::io::Error| SubmissionError::Io {
         path: p.to_path_buf(),
         message: e.to_string(),
@@ -94,7 +101,8 @@ pub fn write_submission(
     let mut values = vec![0f64; model_classes.len()];
     let to_io = |e: csv::Error| std::io::Error::other(e.to_string());
     let result = (|| -> std::io::Result<()> {
-        out.write_record(std::iter::once("image").chain(columns.iter().map(String::as_str))).map_err(to_io)?;
+        out.write_record(std::iter::once("image").chain(columns.iter().map(String::as_str)))
+            .map_err(to_io)?;
         let mut record: Vec<String> = Vec::with_capacity(mapping.len() + 1);
         for row in rows {
             match row.probabilities {
@@ -127,7 +135,8 @@ pub fn write_submission(
         out.flush()
     })();
     result.map_err(|e| io(&tmp, e))?;
-    out.into_inner().map_err(|e| io(&tmp, std::io::Error::other(e.to_string())))?;
+    out.into_inner()
+        .map_err(|e| io(&tmp, std::io::Error::other(e.to_string())))?;
     std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
     Ok(SubmissionSummary {
         rows: rows.len(),
@@ -152,16 +161,40 @@ mod tests {
         let p = [0.2f32, 0.2, 0.6];
         let unnormalised = [1.0f32, 1.0, 2.0];
         let rows = [
-            SubmissionRow { image_id: "1.jpg", probabilities: Some(&p) },
-            SubmissionRow { image_id: "2.jpg", probabilities: Some(&unnormalised) },
-            SubmissionRow { image_id: "3.jpg", probabilities: None },
+            SubmissionRow {
+                image_id: "1.jpg",
+                probabilities: Some(&p),
+            },
+            SubmissionRow {
+                image_id: "2.jpg",
+                probabilities: Some(&unnormalised),
+            },
+            SubmissionRow {
+                image_id: "3.jpg",
+                probabilities: None,
+            },
         ];
-        let s = write_submission(&path, &model, &header, Path::new("h.csv"), &rows, &[0.5, 0.25, 0.25]).unwrap();
-        assert_eq!(s, SubmissionSummary { rows: 3, fallback_rows: 1 });
+        let s = write_submission(
+            &path,
+            &model,
+            &header,
+            Path::new("h.csv"),
+            &rows,
+            &[0.5, 0.25, 0.25],
+        )
+        .unwrap();
+        assert_eq!(
+            s,
+            SubmissionSummary {
+                rows: 3,
+                fallback_rows: 1
+            }
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "image,c,a,b");
-        let parse = |l: &str| -> Vec<f64> { l.split(',').skip(1).map(|v| v.parse().unwrap()).collect() };
+        let parse =
+            |l: &str| -> Vec<f64> { l.split(',').skip(1).map(|v| v.parse().unwrap()).collect() };
         let r1 = parse(lines[1]);
         assert!((r1[0] - 0.6).abs() < 1e-7 && (r1[1] - 0.2).abs() < 1e-7);
         let r2 = parse(lines[2]);
@@ -173,9 +206,17 @@ mod tests {
     #[test]
     fn mismatched_classes_name_the_header_file_and_class() {
         let model = names(&["a", "b"]);
-        let err = column_mapping(&model, &names(&["a", "b", "zz"]), Path::new("sampleSubmission.csv")).unwrap_err();
+        let err = column_mapping(
+            &model,
+            &names(&["a", "b", "zz"]),
+            Path::new("sampleSubmission.csv"),
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("sampleSubmission.csv") && msg.contains("zz"), "{msg}");
+        assert!(
+            msg.contains("sampleSubmission.csv") && msg.contains("zz"),
+            "{msg}"
+        );
         let err = column_mapping(&model, &names(&["a"]), Path::new("s.csv")).unwrap_err();
         assert!(err.to_string().contains("lacks: b"), "{err}");
     }
@@ -186,11 +227,17 @@ mod tests {
         let path = dir.path().join("s.csv");
         let model = names(&["plain", "with,comma"]);
         let p = [0.25f32, 0.75];
-        let rows = [SubmissionRow { image_id: "a,b \"c\".jpg", probabilities: Some(&p) }];
+        let rows = [SubmissionRow {
+            image_id: "a,b \"c\".jpg",
+            probabilities: Some(&p),
+        }];
         write_submission(&path, &model, &model, Path::new("x"), &rows, &[0.5, 0.5]).unwrap();
         // What a reader of the submission sees: the class header the dataset reader parses, and
         // the rows through an ordinary CSV reader.
-        assert_eq!(crate::sources::dataset::read_submission_classes(&path).unwrap(), model);
+        assert_eq!(
+            crate::sources::dataset::read_submission_classes(&path).unwrap(),
+            model
+        );
         let mut r = csv::Reader::from_path(&path).unwrap();
         let rec = r.records().next().unwrap().unwrap();
         assert_eq!(&rec[0], "a,b \"c\".jpg");
@@ -204,9 +251,28 @@ mod tests {
         let path = dir.path().join("s.csv");
         let model = names(&["a", "b"]);
         let p = [1.0f32 - 1e-12, 1.234e-12];
-        write_submission(&path, &model, &model, Path::new("x"), &[SubmissionRow { image_id: "i", probabilities: Some(&p) }], &[0.5, 0.5]).unwrap();
+        write_submission(
+            &path,
+            &model,
+            &model,
+            Path::new("x"),
+            &[SubmissionRow {
+                image_id: "i",
+                probabilities: Some(&p),
+            }],
+            &[0.5, 0.5],
+        )
+        .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let v: f64 = text.lines().nth(1).unwrap().split(',').nth(2).unwrap().parse().unwrap();
+        let v: f64 = text
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((v / 1.234e-12 - 1.0).abs() < 1e-5, "{text}");
     }
 }

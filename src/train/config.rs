@@ -102,10 +102,16 @@ impl TrainConfig {
             return Err("train.steps must be > 0".into());
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return Err(format!("train.learning_rate must be > 0, got {}", self.learning_rate));
+            return Err(format!(
+                "train.learning_rate must be > 0, got {}",
+                self.learning_rate
+            ));
         }
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(format!("train.momentum must be in [0, 1), got {}", self.momentum));
+            return Err(format!(
+                "train.momentum must be in [0, 1), got {}",
+                self.momentum
+            ));
         }
         if let Some(f) = self.lr_drops.iter().find(|f| !(0.0..=1.0).contains(*f)) {
             return Err(format!("train.lr_drops are fractions of the run, got {f}"));
@@ -117,12 +123,19 @@ impl TrainConfig {
             if self.lr_schedule.windows(2).any(|w| w[0].0 >= w[1].0) {
                 return Err("train.lr_schedule steps must increase".into());
             }
-            if self.lr_schedule.iter().any(|&(_, lr)| !(lr > 0.0 && lr.is_finite())) {
+            if self
+                .lr_schedule
+                .iter()
+                .any(|&(_, lr)| !(lr > 0.0 && lr.is_finite()))
+            {
                 return Err("train.lr_schedule learning rates must be > 0".into());
             }
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(format!("train.weight_decay must be >= 0, got {}", self.weight_decay));
+            return Err(format!(
+                "train.weight_decay must be >= 0, got {}",
+                self.weight_decay
+            ));
         }
         if self.validate_every == 0 || self.checkpoint_every == 0 || self.log_every == 0 {
             return Err("train.validate_every, checkpoint_every and log_every must be > 0".into());

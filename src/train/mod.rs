@@ -56,7 +56,10 @@ pub enum TrainError {
 
 impl TrainError {
     pub fn io(path: &Path, e: impl std::fmt::Display) -> Self {
-        TrainError::Io { path: path.to_path_buf(), message: e.to_string() }
+        TrainError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -78,10 +81,27 @@ pub struct TrainOptions {
 /// Progress reported while training.
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
-    Started { start_step: u64, total_steps: u64, train_images: usize, valid_images: usize, pseudo_images: usize, parameters: usize },
-    Step { step: u64, total_steps: u64, loss: f64, learning_rate: f64, images_per_second: f64, epoch: u64 },
+    Started {
+        start_step: u64,
+        total_steps: u64,
+        train_images: usize,
+        valid_images: usize,
+        pseudo_images: usize,
+        parameters: usize,
+    },
+    Step {
+        step: u64,
+        total_steps: u64,
+        loss: f64,
+        learning_rate: f64,
+        images_per_second: f64,
+        epoch: u64,
+    },
     Validated(HistoryRow),
-    Checkpointed { step: u64, path: PathBuf },
+    Checkpointed {
+        step: u64,
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -109,7 +129,10 @@ pub fn patch_sizes(cfg: &PipelineConfig) -> Result<Vec<usize>, TrainError> {
             if p.rows == p.cols {
                 Ok(p.rows)
             } else {
-                Err(TrainError::Config(format!("patch[{i}] is {}x{}: the networks need square patches", p.rows, p.cols)))
+                Err(TrainError::Config(format!(
+                    "patch[{i}] is {}x{}: the networks need square patches",
+                    p.rows, p.cols
+                )))
             }
         })
         .collect()
@@ -137,14 +160,24 @@ pub fn predict_probabilities(
     rt: &tokio::runtime::Handle,
 ) -> Result<(Vec<f32>, Vec<i64>, Vec<Failure>), TrainError> {
     let _enter = rt.enter();
-    let spec = LoaderSpec { records, plan: SamplePlan::Ordered { epochs: 1 }, augment: false, zmuv: Some(zmuv.to_vec()), first_epoch: 0, views: None };
+    let spec = LoaderSpec {
+        records,
+        plan: SamplePlan::Ordered { epochs: 1 },
+        augment: false,
+        zmuv: Some(zmuv.to_vec()),
+        first_epoch: 0,
+        views: None,
+    };
     let mut loader = Loader::spawn(cfg, spec)?;
     let mut probs = Vec::new();
     let mut labels = Vec::new();
     let _guard = tch::no_grad_guard();
     while let Some(batch) = rt.block_on(loader.next_batch()) {
         let inputs = batch_inputs(&batch, net);
-        let p = net.forward_t(&inputs, false).softmax(-1, Kind::Float).to_device(Device::Cpu);
+        let p = net
+            .forward_t(&inputs, false)
+            .softmax(-1, Kind::Float)
+            .to_device(Device::Cpu);
         let flat: Vec<f32> = Vec::try_from(p.flatten(0, -1)).expect("float tensor");
         probs.extend_from_slice(&flat);
         labels.extend_from_slice(&batch.labels[..batch.len]);
@@ -157,7 +190,13 @@ pub fn predict_probabilities(
 /// backward, update). Returns the batch's mean loss as a 0-d tensor on the network's device,
 /// not read back: reading it (`double_value`) waits for the device, which a GPU run does only
 /// every `log_every` steps.
-pub fn train_step(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor], labels: &Tensor, lr: f64) -> Tensor {
+pub fn train_step(
+    net: &mut Network,
+    optimizer: &mut Optimizer,
+    inputs: &[Tensor],
+    labels: &Tensor,
+    lr: f64,
+) -> Tensor {
     let logits = net.forward_t(inputs, true);
     let loss = logits.cross_entropy_for_logits(labels);
     apply_loss(net, optimizer, loss, lr)
@@ -166,9 +205,18 @@ pub fn train_step(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor
 /// One step on soft targets (`N x C` rows summing to 1): the cross-entropy
 /// `-sum_c t_c log softmax(z)_c`, which equals the usual loss on one-hot rows, so labelled and
 /// pseudo-labelled images share one batch. `dropout = false` trains with dropout off.
-pub fn train_step_soft(net: &mut Network, optimizer: &mut Optimizer, inputs: &[Tensor], targets: &Tensor, lr: f64, dropout: bool) -> Tensor {
+pub fn train_step_soft(
+    net: &mut Network,
+    optimizer: &mut Optimizer,
+    inputs: &[Tensor],
+    targets: &Tensor,
+    lr: f64,
+    dropout: bool,
+) -> Tensor {
     let logits = net.forward_t(inputs, dropout);
-    let loss = -(targets * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
+    let loss = -(targets * logits.log_softmax(-1, Kind::Float))
+        .sum_dim_intlist(1, false, Kind::Float)
+        .mean(Kind::Float);
     apply_loss(net, optimizer, loss, lr)
 }
 
@@ -196,21 +244,52 @@ impl PseudoFeed {
 
     /// The loader positioned where step `step` of the run reads: one pseudo batch per step, so
     /// a resumed run reads the same pseudo batches as an uninterrupted one.
-    fn spawn(set: &pseudo::PseudoSet, cfg: &PipelineConfig, zmuv: &[Zmuv], step: u64, remaining: u64, rt: &tokio::runtime::Handle) -> Result<Loader, TrainError> {
+    fn spawn(
+        set: &pseudo::PseudoSet,
+        cfg: &PipelineConfig,
+        zmuv: &[Zmuv],
+        step: u64,
+        remaining: u64,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Loader, TrainError> {
         let per_epoch = (set.len() / cfg.batch.size).max(1) as u64;
-        spawn_train_loader(cfg, &set.records, zmuv, step / per_epoch, step % per_epoch, remaining, rt)
+        spawn_train_loader(
+            cfg,
+            &set.records,
+            zmuv,
+            step / per_epoch,
+            step % per_epoch,
+            remaining,
+            rt,
+        )
     }
 
-    fn next(&mut self, step: u64, remaining: u64, zmuv: &[Zmuv], rt: &tokio::runtime::Handle, failures: &mut Vec<Failure>) -> Result<Batch, TrainError> {
+    fn next(
+        &mut self,
+        step: u64,
+        remaining: u64,
+        zmuv: &[Zmuv],
+        rt: &tokio::runtime::Handle,
+        failures: &mut Vec<Failure>,
+    ) -> Result<Batch, TrainError> {
         for _ in 0..3 {
             if let Some(b) = rt.block_on(self.loader.next_batch()) {
                 return Ok(b);
             }
-            let loader = Self::spawn(&self.set, &self.cfg, zmuv, step.div_ceil(self.batches_per_epoch()) * self.batches_per_epoch(), remaining, rt)?;
+            let loader = Self::spawn(
+                &self.set,
+                &self.cfg,
+                zmuv,
+                step.div_ceil(self.batches_per_epoch()) * self.batches_per_epoch(),
+                remaining,
+                rt,
+            )?;
             let s = rt.block_on(std::mem::replace(&mut self.loader, loader).finish())?;
             merge_failures(failures, s.failures);
         }
-        Err(TrainError::Config("the pseudo-labelled images yield no batches (are they all unreadable?)".into()))
+        Err(TrainError::Config(
+            "the pseudo-labelled images yield no batches (are they all unreadable?)".into(),
+        ))
     }
 
     /// Targets of a mixed batch: one-hot rows for the labelled part, then the soft rows.
@@ -228,7 +307,9 @@ impl PseudoFeed {
 }
 
 fn batch_inputs(batch: &Batch, net: &Network) -> Vec<Tensor> {
-    (0..batch.inputs.len()).map(|k| net.upload(&batch.input_tensor(k))).collect()
+    (0..batch.inputs.len())
+        .map(|k| net.upload(&batch.input_tensor(k)))
+        .collect()
 }
 
 fn subset(ds: &Dataset, idx: &[usize]) -> Arc<Vec<ImageRecord>> {
@@ -248,7 +329,11 @@ struct Prepared {
     pseudo: Option<pseudo::PseudoSet>,
 }
 
-fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Result<Prepared, TrainError> {
+fn prepare(
+    opts: &TrainOptions,
+    run: &RunDir,
+    rt: &tokio::runtime::Handle,
+) -> Result<Prepared, TrainError> {
     crate::device::ensure(opts.device)?;
     let ds = Dataset::open(&opts.data)?;
     for p in &ds.problems {
@@ -256,9 +341,16 @@ fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Re
         metrics::counter!(telemetry::LAYOUT_PROBLEMS).increment(1);
     }
     if ds.train.is_empty() {
-        return Err(TrainError::Config(format!("{}: no labelled training images (train/<class>/...)", opts.data.display())));
+        return Err(TrainError::Config(format!(
+            "{}: no labelled training images (train/<class>/...)",
+            opts.data.display()
+        )));
     }
-    let checkpoint = if opts.resume { run.latest_checkpoint()? } else { None };
+    let checkpoint = if opts.resume {
+        run.latest_checkpoint()?
+    } else {
+        None
+    };
     let cfg = if opts.resume {
         let path = run.pipeline();
         let cfg = PipelineConfig::load(&path).map_err(|e| TrainError::Config(e.to_string()))?;
@@ -274,18 +366,25 @@ fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Re
             )));
         }
         std::fs::create_dir_all(&run.root).map_err(|e| TrainError::io(&run.root, e))?;
-        let text = toml::to_string_pretty(&opts.config).map_err(|e| TrainError::Config(e.to_string()))?;
+        let text =
+            toml::to_string_pretty(&opts.config).map_err(|e| TrainError::Config(e.to_string()))?;
         run_dir::write_atomic(&run.pipeline(), text.as_bytes())?;
         opts.config.clone()
     };
-    cfg.train.validate().map_err(|e| TrainError::Config(format!("{}: {e}", run.pipeline().display())))?;
+    cfg.train
+        .validate()
+        .map_err(|e| TrainError::Config(format!("{}: {e}", run.pipeline().display())))?;
     let sizes = patch_sizes(&cfg)?;
 
     let classes = ds.class_names.join("\n") + "\n";
     if opts.resume {
-        let stored = std::fs::read_to_string(run.classes()).map_err(|e| TrainError::io(&run.classes(), e))?;
+        let stored = std::fs::read_to_string(run.classes())
+            .map_err(|e| TrainError::io(&run.classes(), e))?;
         if stored != classes {
-            return Err(TrainError::Config(format!("{}: the dataset's classes differ from the run's", run.classes().display())));
+            return Err(TrainError::Config(format!(
+                "{}: the dataset's classes differ from the run's",
+                run.classes().display()
+            )));
         }
     } else {
         run_dir::write_atomic(&run.classes(), classes.as_bytes())?;
@@ -297,7 +396,11 @@ fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Re
         let split = match &opts.split_file {
             Some(f) => Split::load(&ds, f)?,
             None => {
-                let labels: Vec<u32> = ds.train.iter().map(|r| r.label.unwrap_or(u32::MAX)).collect();
+                let labels: Vec<u32> = ds
+                    .train
+                    .iter()
+                    .map(|r| r.label.unwrap_or(u32::MAX))
+                    .collect();
                 crate::split::stratified(&labels, cfg.split.valid_fraction, cfg.seed, 0)?
             }
         };
@@ -305,7 +408,9 @@ fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Re
         split
     };
     if split.train.is_empty() {
-        return Err(TrainError::Config("the split leaves no training images".into()));
+        return Err(TrainError::Config(
+            "the split leaves no training images".into(),
+        ));
     }
     let train = subset(&ds, &split.train);
     let valid = subset(&ds, &split.valid);
@@ -329,7 +434,12 @@ fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Re
         stats
     };
     if zmuv.inputs.len() != cfg.patches.len() {
-        return Err(TrainError::Config(format!("{}: {} inputs, the pipeline has {}", run.zmuv().display(), zmuv.inputs.len(), cfg.patches.len())));
+        return Err(TrainError::Config(format!(
+            "{}: {} inputs, the pipeline has {}",
+            run.zmuv().display(),
+            zmuv.inputs.len(),
+            cfg.patches.len()
+        )));
     }
 
     tch::manual_seed(mix64(cfg.seed) as i64);
@@ -351,13 +461,27 @@ fn prepare(opts: &TrainOptions, run: &RunDir, rt: &tokio::runtime::Handle) -> Re
     if let Some(dir) = checkpoint {
         state = RunDir::load_state(&dir)?;
         net.load(&dir.join("model.safetensors"))?;
-        optimizer.load(&net.params, &dir.join("optimizer.safetensors"), state.optimizer_updates)?;
+        optimizer.load(
+            &net.params,
+            &dir.join("optimizer.safetensors"),
+            state.optimizer_updates,
+        )?;
         history = run_dir::read_history(&dir.join("history.csv"))?;
         tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
     } else if opts.resume {
         tracing::warn!(run = %run.root.display(), "no checkpoint yet: starting from step 0");
     }
-    Ok(Prepared { cfg, train, valid, zmuv: zmuv.inputs, net, optimizer, state, history, pseudo })
+    Ok(Prepared {
+        cfg,
+        train,
+        valid,
+        zmuv: zmuv.inputs,
+        net,
+        optimizer,
+        state,
+        history,
+        pseudo,
+    })
 }
 
 /// Spawns the training loader at `epoch`, skipping the `skip` batches of that epoch already
@@ -376,7 +500,14 @@ fn spawn_train_loader(
     let _enter = rt.enter();
     let mut loader = Loader::spawn(
         cfg,
-        LoaderSpec { records: records.clone(), plan: SamplePlan::Shuffled { epochs }, augment: cfg.augment.enabled, zmuv: Some(zmuv.to_vec()), first_epoch: epoch, views: None },
+        LoaderSpec {
+            records: records.clone(),
+            plan: SamplePlan::Shuffled { epochs },
+            augment: cfg.augment.enabled,
+            zmuv: Some(zmuv.to_vec()),
+            first_epoch: epoch,
+            views: None,
+        },
     )?;
     for _ in 0..skip {
         match rt.block_on(loader.next_batch()) {
@@ -395,7 +526,17 @@ pub fn run(
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary, TrainError> {
     let run = RunDir::new(&opts.out);
-    let Prepared { cfg, train, valid, zmuv, mut net, mut optimizer, mut state, mut history, pseudo } = prepare(opts, &run, rt)?;
+    let Prepared {
+        cfg,
+        train,
+        valid,
+        zmuv,
+        mut net,
+        mut optimizer,
+        mut state,
+        mut history,
+        pseudo,
+    } = prepare(opts, &run, rt)?;
     let tc = &cfg.train;
     if tc.threads > 0 {
         tch::set_num_threads(tc.threads as i32);
@@ -418,19 +559,41 @@ pub fn run(
     let mut labelled_cfg = cfg.clone();
     let mut feed = match pseudo {
         Some(set) => {
-            let (n_labelled, n_pseudo) = cfg.pseudo.batch_split(cfg.batch.size).map_err(TrainError::Config)?;
+            let (n_labelled, n_pseudo) = cfg
+                .pseudo
+                .batch_split(cfg.batch.size)
+                .map_err(TrainError::Config)?;
             labelled_cfg.batch.size = n_labelled;
             let mut pcfg = cfg.clone();
             pcfg.batch.size = n_pseudo;
             pcfg.batch.drop_last = true;
             pcfg.seed = mix64(cfg.seed ^ PSEUDO_SEED_SALT);
-            let loader = PseudoFeed::spawn(&set, &pcfg, &zmuv, state.step, tc.steps - state.step.min(tc.steps), rt)?;
-            Some(PseudoFeed { set, cfg: pcfg, loader })
+            let loader = PseudoFeed::spawn(
+                &set,
+                &pcfg,
+                &zmuv,
+                state.step,
+                tc.steps - state.step.min(tc.steps),
+                rt,
+            )?;
+            Some(PseudoFeed {
+                set,
+                cfg: pcfg,
+                loader,
+            })
         }
         None => None,
     };
     let cfg_for_labelled = labelled_cfg;
-    let mut loader = spawn_train_loader(&cfg_for_labelled, &train, &zmuv, state.epoch, state.batches_in_epoch, tc.steps - state.step.min(tc.steps), rt)?;
+    let mut loader = spawn_train_loader(
+        &cfg_for_labelled,
+        &train,
+        &zmuv,
+        state.epoch,
+        state.batches_in_epoch,
+        tc.steps - state.step.min(tc.steps),
+        rt,
+    )?;
     let run_started = Instant::now();
     let elapsed_before = state.elapsed_seconds;
     let mut window = Window::default();
@@ -458,7 +621,15 @@ pub fn run(
                 // next epoch.
                 let s = rt.block_on(loader.finish())?;
                 merge_failures(&mut failures, s.failures);
-                loader = spawn_train_loader(&cfg_for_labelled, &train, &zmuv, state.epoch + 1, 0, tc.steps - state.step, rt)?;
+                loader = spawn_train_loader(
+                    &cfg_for_labelled,
+                    &train,
+                    &zmuv,
+                    state.epoch + 1,
+                    0,
+                    tc.steps - state.step,
+                    rt,
+                )?;
                 continue;
             }
         };
@@ -480,12 +651,24 @@ pub fn run(
             }
             None => {
                 let inputs = batch_inputs(&batch, &net);
-                let targets = net.upload(&batch.labels_tensor().one_hot(net.num_classes as i64).to_kind(Kind::Float));
+                let targets = net.upload(
+                    &batch
+                        .labels_tensor()
+                        .one_hot(net.num_classes as i64)
+                        .to_kind(Kind::Float),
+                );
                 train_step_soft(&mut net, &mut optimizer, &inputs, &targets, lr, false)
             }
             Some(feed) => {
                 let pb = feed.next(state.step, tc.steps - state.step, &zmuv, rt, &mut failures)?;
-                let inputs: Vec<Tensor> = (0..batch.inputs.len()).map(|k| net.upload(&Tensor::cat(&[batch.input_tensor(k), pb.input_tensor(k)], 0))).collect();
+                let inputs: Vec<Tensor> = (0..batch.inputs.len())
+                    .map(|k| {
+                        net.upload(&Tensor::cat(
+                            &[batch.input_tensor(k), pb.input_tensor(k)],
+                            0,
+                        ))
+                    })
+                    .collect();
                 let targets = net.upload(&feed.targets(&batch, &pb, net.num_classes));
                 images += pb.len as u64;
                 train_step_soft(&mut net, &mut optimizer, &inputs, &targets, lr, tc.dropout)
@@ -503,8 +686,15 @@ pub fn run(
 
         let last = state.step == tc.steps;
         let validate = state.step % tc.validate_every == 0 || last;
-        let mut stop = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
-        let read_now = unread.steps.len() as u64 >= readback_every || validate || state.step % tc.checkpoint_every == 0 || last || stop;
+        let mut stop = opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed));
+        let read_now = unread.steps.len() as u64 >= readback_every
+            || validate
+            || state.step % tc.checkpoint_every == 0
+            || last
+            || stop;
         if read_now {
             let losses = unread.read_back();
             // The wait for the device counts as this step's time.
@@ -527,11 +717,21 @@ pub fn run(
                 step_seconds.record(per_step);
                 metrics::gauge!(telemetry::TRAIN_LOSS).set(loss_value);
                 metrics::gauge!(telemetry::TRAIN_LEARNING_RATE).set(lr);
-                on_event(TrainEvent::Step { step: step + 1, total_steps: tc.steps, loss: loss_value, learning_rate: lr, images_per_second: ema, epoch });
+                on_event(TrainEvent::Step {
+                    step: step + 1,
+                    total_steps: tc.steps,
+                    loss: loss_value,
+                    learning_rate: lr,
+                    images_per_second: ema,
+                    epoch,
+                });
             }
             unread = Unread::default();
             // A stop asked for from an event handler counts for this step, as Ctrl-C does.
-            stop = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+            stop = opts
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed));
         } else {
             unread.wall += waited + t_step.elapsed();
         }
@@ -540,7 +740,15 @@ pub fn run(
         state.elapsed_seconds = elapsed_before + run_started.elapsed().as_secs_f64();
         if validate {
             let (scores, bad) = if valid.is_empty() {
-                (Scores { log_loss: f64::NAN, top1: f64::NAN, top5: f64::NAN, n: 0 }, Vec::new())
+                (
+                    Scores {
+                        log_loss: f64::NAN,
+                        top1: f64::NAN,
+                        top5: f64::NAN,
+                        n: 0,
+                    },
+                    Vec::new(),
+                )
             } else {
                 evaluate(&net, &cfg, valid.clone(), &zmuv, rt)?
             };
@@ -557,11 +765,15 @@ pub fn run(
                 state.best_step = Some(state.step);
                 net.save(&run.best_weights())?;
                 let info = serde_json::json!({ "step": state.step, "valid": scores });
-                run_dir::write_atomic(&run.best_info(), serde_json::to_string_pretty(&info).unwrap().as_bytes())?;
+                run_dir::write_atomic(
+                    &run.best_info(),
+                    serde_json::to_string_pretty(&info).unwrap().as_bytes(),
+                )?;
             }
             history.push(row.clone());
             run_dir::write_history(&run.history(), &history)?;
-            if let Err(e) = curve::render_learning_curve(&run.learning_curve(), &cfg.name, &history) {
+            if let Err(e) = curve::render_learning_curve(&run.learning_curve(), &cfg.name, &history)
+            {
                 // A picture is not worth stopping a run for.
                 tracing::warn!(error = %e, "learning curve not drawn");
             }
@@ -574,7 +786,10 @@ pub fn run(
                 optimizer.save(&net.params, &dir.join("optimizer.safetensors"))?;
                 run_dir::write_history(&dir.join("history.csv"), &history)
             })?;
-            on_event(TrainEvent::Checkpointed { step: state.step, path });
+            on_event(TrainEvent::Checkpointed {
+                step: state.step,
+                path,
+            });
         }
         if stop && !last {
             stopped_early = true;
@@ -604,7 +819,9 @@ pub fn run(
         stopped_early,
         best_valid_loss: state.best_valid_loss,
         best_step: state.best_step,
-        final_scores: last_scores.filter(|(s, sc)| *s == state.step && sc.n > 0).map(|(_, s)| s),
+        final_scores: last_scores
+            .filter(|(s, sc)| *s == state.step && sc.n > 0)
+            .map(|(_, s)| s),
         history,
         images_per_second: state.images_seen as f64 / (elapsed_before + wall).max(1e-9),
         batch_wait_fraction: total_wait.as_secs_f64() / wall,
@@ -634,7 +851,9 @@ struct Unread {
 impl Unread {
     /// One copy for all the pending losses (waits for the device to finish them).
     fn read_back(&self) -> Vec<f64> {
-        let all = Tensor::stack(&self.losses, 0).to_kind(Kind::Double).to_device(Device::Cpu);
+        let all = Tensor::stack(&self.losses, 0)
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu);
         Vec::<f64>::try_from(&all).expect("a 1-d double tensor")
     }
 }

@@ -26,7 +26,12 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(cfg: &TrainConfig, params: &[Param]) -> Self {
-        let zeros = || params.iter().map(|p| p.tensor.zeros_like()).collect::<Vec<_>>();
+        let zeros = || {
+            params
+                .iter()
+                .map(|p| p.tensor.zeros_like())
+                .collect::<Vec<_>>()
+        };
         Optimizer {
             kind: cfg.optimizer,
             momentum: cfg.momentum,
@@ -34,7 +39,11 @@ impl Optimizer {
             betas: (cfg.adam_beta1, cfg.adam_beta2),
             epsilon: cfg.adam_epsilon,
             first: zeros(),
-            second: if cfg.optimizer == OptimizerKind::Adam { zeros() } else { Vec::new() },
+            second: if cfg.optimizer == OptimizerKind::Adam {
+                zeros()
+            } else {
+                Vec::new()
+            },
             updates: 0,
         }
     }
@@ -84,9 +93,15 @@ impl Optimizer {
         let mut named: Vec<(String, Tensor)> = Vec::new();
         for (i, p) in params.iter().enumerate() {
             // contiguous(): channels-last state is saved in the standard layout.
-            named.push((format!("first.{}", p.name), self.first[i].to_device(Device::Cpu).contiguous()));
+            named.push((
+                format!("first.{}", p.name),
+                self.first[i].to_device(Device::Cpu).contiguous(),
+            ));
             if let Some(s) = self.second.get(i) {
-                named.push((format!("second.{}", p.name), s.to_device(Device::Cpu).contiguous()));
+                named.push((
+                    format!("second.{}", p.name),
+                    s.to_device(Device::Cpu).contiguous(),
+                ));
             }
         }
         Tensor::write_safetensors(&named, path).map_err(|e| TrainError::io(path, e))
@@ -100,7 +115,9 @@ impl Optimizer {
             let restore = |slot: &mut Tensor, key: String| -> Result<(), TrainError> {
                 let t = by_name.get(&key).ok_or_else(|| TrainError::Checkpoint {
                     path: path.to_path_buf(),
-                    reason: format!("no optimiser state `{key}` (was it saved by another optimiser?)"),
+                    reason: format!(
+                        "no optimiser state `{key}` (was it saved by another optimiser?)"
+                    ),
                 })?;
                 slot.copy_(t);
                 Ok(())
@@ -123,7 +140,11 @@ mod tests {
     /// One parameter w with loss 0.5 * sum(w^2) (gradient w), optionally decayed.
     fn param(values: &[f32], decay: bool) -> Vec<Param> {
         let t = Tensor::from_slice(values).set_requires_grad(true);
-        vec![Param { name: "w".into(), tensor: t, decay }]
+        vec![Param {
+            name: "w".into(),
+            tensor: t,
+            decay,
+        }]
     }
 
     fn backward(params: &[Param]) {
@@ -136,7 +157,11 @@ mod tests {
 
     #[test]
     fn nesterov_follows_lasagnes_update() {
-        let cfg = TrainConfig { momentum: 0.9, weight_decay: 0.0, ..Default::default() };
+        let cfg = TrainConfig {
+            momentum: 0.9,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
         let mut p = param(&[1.0, -2.0], false);
         let mut opt = Optimizer::new(&cfg, &p);
         // Step 1 from v = 0: v = -lr g; w += mu v - lr g = -(1 + mu) lr g.
@@ -155,31 +180,47 @@ mod tests {
 
     #[test]
     fn weight_decay_applies_to_weights_only() {
-        let cfg = TrainConfig { momentum: 0.0, weight_decay: 0.5, ..Default::default() };
+        let cfg = TrainConfig {
+            momentum: 0.0,
+            weight_decay: 0.5,
+            ..Default::default()
+        };
         for (decay, expected) in [(true, 1.0 - 0.1 * (1.0 + 2.0 * 0.5)), (false, 1.0 - 0.1)] {
             let mut p = param(&[1.0], decay);
             let mut opt = Optimizer::new(&cfg, &p);
             backward(&p);
             opt.step(&mut p, 0.1);
-            assert!((values(&p)[0] - expected as f32).abs() < 1e-6, "decay {decay}");
+            assert!(
+                (values(&p)[0] - expected as f32).abs() < 1e-6,
+                "decay {decay}"
+            );
         }
     }
 
     #[test]
     fn adam_first_step_moves_each_weight_by_the_learning_rate() {
-        let cfg = TrainConfig { optimizer: OptimizerKind::Adam, ..Default::default() };
+        let cfg = TrainConfig {
+            optimizer: OptimizerKind::Adam,
+            ..Default::default()
+        };
         let mut p = param(&[3.0, -0.001], false);
         let mut opt = Optimizer::new(&cfg, &p);
         backward(&p);
         opt.step(&mut p, 0.01);
         // Bias-corrected m/sqrt(v) = g/|g| on the first step, whatever the gradient's size.
         let w = values(&p);
-        assert!((w[0] - 2.99).abs() < 1e-5 && (w[1] - 0.009).abs() < 1e-5, "{w:?}");
+        assert!(
+            (w[0] - 2.99).abs() < 1e-5 && (w[1] - 0.009).abs() < 1e-5,
+            "{w:?}"
+        );
     }
 
     #[test]
     fn state_round_trips_through_safetensors() {
-        let cfg = TrainConfig { optimizer: OptimizerKind::Adam, ..Default::default() };
+        let cfg = TrainConfig {
+            optimizer: OptimizerKind::Adam,
+            ..Default::default()
+        };
         let mut p = param(&[1.0, 2.0], true);
         let mut opt = Optimizer::new(&cfg, &p);
         backward(&p);

@@ -43,17 +43,29 @@ pub struct PseudoConfig {
 
 impl Default for PseudoConfig {
     fn default() -> Self {
-        PseudoConfig { predictions: None, fraction: 0.33, shards: 1, shard: 0, shard_seed: 0 }
+        PseudoConfig {
+            predictions: None,
+            fraction: 0.33,
+            shards: 1,
+            shard: 0,
+            shard_seed: 0,
+        }
     }
 }
 
 impl PseudoConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.fraction > 0.0 && self.fraction < 1.0) {
-            return Err(format!("pseudo.fraction must be in (0, 1), got {}", self.fraction));
+            return Err(format!(
+                "pseudo.fraction must be in (0, 1), got {}",
+                self.fraction
+            ));
         }
         if self.shards == 0 || self.shard >= self.shards {
-            return Err(format!("pseudo.shard must be in 0..pseudo.shards ({}), got {}", self.shards, self.shard));
+            return Err(format!(
+                "pseudo.shard must be in 0..pseudo.shards ({}), got {}",
+                self.shards, self.shard
+            ));
         }
         Ok(())
     }
@@ -64,7 +76,8 @@ impl PseudoConfig {
         if batch_size < 2 {
             return Err(format!("pseudo-labelling needs batch.size >= 2 (one labelled + one pseudo-labelled image), got {batch_size}"));
         }
-        let pseudo = ((batch_size as f64 * self.fraction).round() as usize).clamp(1, batch_size - 1);
+        let pseudo =
+            ((batch_size as f64 * self.fraction).round() as usize).clamp(1, batch_size - 1);
         Ok((batch_size - pseudo, pseudo))
     }
 }
@@ -83,7 +96,9 @@ pub struct PseudoSet {
 }
 
 fn canonical(path: &str) -> String {
-    std::fs::canonicalize(path).map(|p| p.display().to_string()).unwrap_or_else(|_| path.to_string())
+    std::fs::canonicalize(path)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| path.to_string())
 }
 
 /// Reads the soft targets for a training run on `ds`.
@@ -92,17 +107,33 @@ fn canonical(path: &str) -> String {
 /// set, or images a daemon classified), except the dataset's own labelled images, which are
 /// refused so validation images can never leak a blend's opinion into training.
 pub fn load(cfg: &PseudoConfig, ds: &Dataset) -> Result<Option<PseudoSet>, TrainError> {
-    let Some(path) = &cfg.predictions else { return Ok(None) };
+    let Some(path) = &cfg.predictions else {
+        return Ok(None);
+    };
     cfg.validate().map_err(TrainError::Config)?;
-    let bad = |reason: String| TrainError::Config(format!("{}: pseudo-label predictions: {reason}", path.display()));
-    let preds = Predictions::read(path).map_err(|e| TrainError::Config(format!("pseudo-label predictions: {e}")))?;
+    let bad = |reason: String| {
+        TrainError::Config(format!(
+            "{}: pseudo-label predictions: {reason}",
+            path.display()
+        ))
+    };
+    let preds = Predictions::read(path)
+        .map_err(|e| TrainError::Config(format!("pseudo-label predictions: {e}")))?;
     let remap = class_mapping(&preds.class_names, &ds.class_names).map_err(bad)?;
-    let labelled: HashSet<String> = ds.train.iter().map(|r| canonical(&r.path.display().to_string())).collect();
+    let labelled: HashSet<String> = ds
+        .train
+        .iter()
+        .map(|r| canonical(&r.path.display().to_string()))
+        .collect();
 
     let mut rows: Vec<(String, String, Vec<f32>)> = Vec::new();
     let (mut failed_rows, mut labelled_rows) = (0, 0);
     for row in &preds.rows {
-        let Some(p) = row.probabilities.as_ref().filter(|p| p.iter().all(|v| v.is_finite() && *v >= 0.0)) else {
+        let Some(p) = row
+            .probabilities
+            .as_ref()
+            .filter(|p| p.iter().all(|v| v.is_finite() && *v >= 0.0))
+        else {
             failed_rows += 1;
             continue;
         };
@@ -135,7 +166,11 @@ pub fn load(cfg: &PseudoConfig, ds: &Dataset) -> Result<Option<PseudoSet>, Train
             continue;
         }
         let (source, id, t) = &rows[i];
-        records.push(ImageRecord { id: id.clone(), path: PathBuf::from(source), label: None });
+        records.push(ImageRecord {
+            id: id.clone(),
+            path: PathBuf::from(source),
+            label: None,
+        });
         targets.extend_from_slice(t);
     }
     if records.is_empty() {
@@ -144,16 +179,35 @@ pub fn load(cfg: &PseudoConfig, ds: &Dataset) -> Result<Option<PseudoSet>, Train
             preds.rows.len()
         )));
     }
-    Ok(Some(PseudoSet { records: Arc::new(records), targets, classes: ds.class_names.len(), failed_rows, labelled_rows, other_shards }))
+    Ok(Some(PseudoSet {
+        records: Arc::new(records),
+        targets,
+        classes: ds.class_names.len(),
+        failed_rows,
+        labelled_rows,
+        other_shards,
+    }))
 }
 
 /// For each class of the file, its index among the dataset's classes. The same set of names in
 /// another order is remapped; a different set is an error naming the differences.
 fn class_mapping(file: &[String], dataset: &[String]) -> Result<Vec<usize>, String> {
-    let index: HashMap<&str, usize> = dataset.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
-    let missing: Vec<&str> = file.iter().filter(|c| !index.contains_key(c.as_str())).map(String::as_str).collect();
+    let index: HashMap<&str, usize> = dataset
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i))
+        .collect();
+    let missing: Vec<&str> = file
+        .iter()
+        .filter(|c| !index.contains_key(c.as_str()))
+        .map(String::as_str)
+        .collect();
     let file_set: HashSet<&str> = file.iter().map(String::as_str).collect();
-    let absent: Vec<&str> = dataset.iter().filter(|c| !file_set.contains(c.as_str())).map(String::as_str).collect();
+    let absent: Vec<&str> = dataset
+        .iter()
+        .filter(|c| !file_set.contains(c.as_str()))
+        .map(String::as_str)
+        .collect();
     if !missing.is_empty() || !absent.is_empty() || file.len() != dataset.len() {
         return Err(format!(
             "its {} classes differ from the dataset's {} (not in the dataset: {:?}; not in the file: {:?})",
@@ -190,16 +244,26 @@ mod tests {
         let cfg = PseudoConfig::default();
         assert_eq!(cfg.batch_split(32).unwrap(), (21, 11));
         assert_eq!(cfg.batch_split(2).unwrap(), (1, 1));
-        let heavy = PseudoConfig { fraction: 0.67, ..Default::default() };
+        let heavy = PseudoConfig {
+            fraction: 0.67,
+            ..Default::default()
+        };
         assert_eq!(heavy.batch_split(32).unwrap(), (11, 21));
         assert!(cfg.batch_split(1).is_err());
     }
 
     #[test]
     fn bad_fraction_and_shard_are_named() {
-        let cfg = PseudoConfig { fraction: 1.0, ..Default::default() };
+        let cfg = PseudoConfig {
+            fraction: 1.0,
+            ..Default::default()
+        };
         assert!(cfg.validate().unwrap_err().contains("pseudo.fraction"));
-        let cfg = PseudoConfig { shards: 3, shard: 3, ..Default::default() };
+        let cfg = PseudoConfig {
+            shards: 3,
+            shard: 3,
+            ..Default::default()
+        };
         assert!(cfg.validate().unwrap_err().contains("pseudo.shard"));
     }
 

@@ -81,8 +81,16 @@ pub fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<(), TrainError>
     for r in rows {
         text += &format!(
             "{},{},{},{},{},{},{},{:.2},{:.4},{:.2}\n",
-            r.step, r.epoch, r.learning_rate, r.train_loss, r.valid_loss, r.valid_top1, r.valid_top5,
-            r.images_per_second, r.batch_wait_fraction, r.elapsed_seconds
+            r.step,
+            r.epoch,
+            r.learning_rate,
+            r.train_loss,
+            r.valid_loss,
+            r.valid_top1,
+            r.valid_top5,
+            r.images_per_second,
+            r.batch_wait_fraction,
+            r.elapsed_seconds
         );
     }
     write_atomic(path, text.as_bytes())
@@ -90,7 +98,10 @@ pub fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<(), TrainError>
 
 pub fn read_history(path: &Path) -> Result<Vec<HistoryRow>, TrainError> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-    let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut lines = text.lines();
     if lines.next() != Some(HISTORY_HEADER) {
         return Err(bad("unexpected header".into()));
@@ -131,7 +142,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
 
 impl RunDir {
     pub fn new(root: &Path) -> Self {
-        RunDir { root: root.to_path_buf() }
+        RunDir {
+            root: root.to_path_buf(),
+        }
     }
     pub fn pipeline(&self) -> PathBuf {
         self.root.join("pipeline.toml")
@@ -177,7 +190,10 @@ impl RunDir {
                 if !dir.join("state.json").is_file() {
                     return Err(TrainError::Checkpoint {
                         path: latest,
-                        reason: format!("names {} which is not a complete checkpoint", dir.display()),
+                        reason: format!(
+                            "names {} which is not a complete checkpoint",
+                            dir.display()
+                        ),
                     });
                 }
                 Ok(Some(dir))
@@ -225,6 +241,9 @@ impl RunDir {
     pub fn load_state(checkpoint: &Path) -> Result<TrainState, TrainError> {
         let path = checkpoint.join("state.json");
         let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
-        serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint { path, reason: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
+            path,
+            reason: e.to_string(),
+        })
     }
 }
