@@ -84,8 +84,8 @@ promtool: $(PROMTOOL)
 # Benches are compiled too (so they cannot rot); the last line totals every test binary.
 # PLANKTON_REQUIRE_PYTHON: the Parquet reader test must run (not skip) here.
 test: libtorch pytools promtool
-	$(CARGO) bench --no-run
-	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 $(CARGO) test --release 2>&1 | tee target/test-output.log
+	$(CARGO) bench --workspace --no-run
+	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 $(CARGO) test --release --workspace 2>&1 | tee target/test-output.log
 	$(PYENV_DIR)/bin/python scripts/serve_crash_test.py --uploads 300 --kills 3 --out target/crash-test-smoke
 	scripts/gpu_check.sh run --device cpu --tiny --binary target/release/plankton --out target/gpu-check-dry
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test-output.log

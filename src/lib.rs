@@ -7,13 +7,9 @@ pub mod device;
 pub mod evaluate;
 pub mod features;
 pub mod fusion;
-pub mod imgproc;
 pub mod model;
-pub mod npy;
 pub mod predict;
 pub mod replay;
-pub mod rng;
-pub mod scoring;
 pub mod serve;
 pub mod sinks;
 pub mod sources;
@@ -22,3 +18,6 @@ pub mod stages;
 pub mod telemetry;
 pub mod topology;
 pub mod train;
+
+// The pure kernels live in plankton-core (no libtorch); re-exported at their old paths.
+pub use plankton_core::{fsx, imgproc, npy, rng, scoring};

@@ -11,7 +11,7 @@
 //! evaluation costs O(nK) whatever the number of classes.
 
 pub mod job;
-pub mod lbfgs;
+pub use plankton_core::lbfgs;
 pub mod select;
 
 use std::path::PathBuf;

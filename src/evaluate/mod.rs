@@ -2,8 +2,7 @@
 //! person should check first. `plankton evaluate` and `plankton calibrate` read a predictions
 //! Parquet file and the true classes (from the file's `label` column or a dataset folder).
 
-pub mod calibration;
-pub mod metrics;
+pub use plankton_core::{calibration, metrics};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,6 @@
 //! per-transform outputs, and the streaming `plankton predict` job.
 
 pub mod aggregate;
-pub mod halton;
+pub use plankton_core::halton;
 pub mod job;
 pub mod tta;

@@ -8,7 +8,7 @@
 //! What mahotas 1.4.19 does (`mahotas/features/lbp.py`, `interpolate.shift` and
 //! `_interpolate.cpp`'s `zoom_shift`, `features/_lbp.cpp`), re-stated here and followed
 //! exactly (checked against mahotas by `tests/fixtures/features/lbp/gen_lbp_fixtures.py` and
-//! `tests/features_extra.rs`):
+//! `crates/core/tests/features_extra.rs`):
 //!
 //! * Sampling points: angles `k * 2 pi / 7` (k = 0..7, numpy `linspace`), one neighbour image
 //!   per angle from `shift(img, [20 sin, 20 cos], order=1, mode='constant', cval=0)`.
@@ -39,7 +39,7 @@
 //!
 //! Cost: 7 passes of one byte compare per pixel on plain slices (vectorised), then a 128-bin
 //! histogram; no floating point per pixel. 5-30 us on typical plankton images, ~120 us on a
-//! 412 x 503 one (benches/features_extra.rs), against 0.3-38 ms for mahotas, whose `shift`
+//! 412 x 503 one (crates/core/benches/features_extra.rs), against 0.3-38 ms for mahotas, whose `shift`
 //! allocates and interpolates a full float64 image per sampling point.
 
 use image::GrayImage;

@@ -24,11 +24,11 @@
 //! widest on the small images typical of plankton data.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use plankton::features::haralick::haralick;
-use plankton::stages::decode::{decode_file, DecodeLimits};
+use plankton_core::decode::{decode_file, DecodeLimits};
+use plankton_core::features::haralick::haralick;
 
 fn images() -> Vec<(String, image::GrayImage)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
     let mut paths: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

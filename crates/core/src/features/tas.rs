@@ -8,7 +8,7 @@
 //! What mahotas 1.4.19 does (`mahotas/features/tas.py`, `thresholding.otsu` and
 //! `_histogram.cpp`, `convolve` and `_convolve.cpp`), re-stated here and followed exactly
 //! (checked against mahotas by `tests/fixtures/features/tas/gen_tas_fixtures.py` and
-//! `tests/features_extra.rs`):
+//! `crates/core/tests/features_extra.rs`):
 //!
 //! * Threshold `T = mahotas.otsu(img)` ([`otsu`]): Otsu on the full histogram `0..=max`, with
 //!   the strict `>` of `_histogram.cpp` (the first best T wins) and its quirks: 0 when the
@@ -42,7 +42,7 @@
 //! Cost: a histogram pass, a pass collecting the pixels above T, then one pass computing all
 //! three masks' neighbour counts at once (3 x 4-bit lanes in a u16, a separable 3 x 3 box sum)
 //! and three 18-bin histograms of the results. 10-70 us on typical plankton images, ~450 us on
-//! a 412 x 503 one (benches/features_extra.rs), against 0.3-18 ms for mahotas (six full
+//! a 412 x 503 one (crates/core/benches/features_extra.rs), against 0.3-18 ms for mahotas (six full
 //! convolutions and `np.histogram` calls).
 
 use image::GrayImage;

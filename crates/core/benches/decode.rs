@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use plankton::stages::decode::{decode_bytes, DecodeLimits};
+use plankton_core::decode::{decode_bytes, DecodeLimits};
 
 fn bench_decode(c: &mut Criterion) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -5,12 +5,12 @@
 
 use std::path::Path;
 
-use plankton::npy;
-use plankton::stages::decode::{decode_file, DecodeLimits};
+use plankton_core::decode::{decode_file, DecodeLimits};
+use plankton_core::npy;
 
 #[test]
 fn decoder_matches_pillow_within_rounding() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     let expected: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join("decode/expected.json")).unwrap()).unwrap();
     let images = expected["images"].as_array().expect("images");

@@ -8,7 +8,7 @@
 //!
 //! What mahotas 1.4.19 does (`mahotas/features/zernike.py`, `_zernike.cpp`,
 //! `_center_of_mass.cpp`), re-stated here and followed exactly (checked against mahotas by
-//! `tests/fixtures/features/zernike/gen_zernike_fixtures.py` and `tests/features_extra.rs`):
+//! `tests/fixtures/features/zernike/gen_zernike_fixtures.py` and `crates/core/tests/features_extra.rs`):
 //!
 //! * Centre: the intensity centre of mass `(c0, c1) = (sum r v, sum c v) / sum v` over the
 //!   whole image (rows r, columns c, integer pixel positions; sums exact in f64).
@@ -35,14 +35,14 @@
 //! order, except that the powers `d^k` and `a^l` come from repeated multiplication where
 //! mahotas calls `pow` and numpy's complex power. Worst relative difference on the fixtures:
 //! 6e-13 (values are O(0.001..3); moments that vanish by symmetry come out as ~1e-17 noise in
-//! both, hence an absolute floor in `tests/features_extra.rs`). The centre of mass is
+//! both, hence an absolute floor in `crates/core/tests/features_extra.rs`). The centre of mass is
 //! bit-identical, and the disc test `d <= 1` uses exactly mahotas' arithmetic, so the same
 //! pixels are kept.
 //!
 //! Cost: one pass over the image for the centre of mass, then only the 43 x 43 box around it:
 //! about 1,260 kept pixels x (55 polynomial terms + 25 complex accumulations) whatever the
 //! image size, the 55 terms unrolled so that the 25 sums overlap. ~37 us on a small plankton
-//! image, ~75 us on a 412 x 503 one (benches/features_extra.rs), against 1-7 ms for mahotas.
+//! image, ~75 us on a 412 x 503 one (crates/core/benches/features_extra.rs), against 1-7 ms for mahotas.
 
 use image::GrayImage;
 

@@ -23,11 +23,11 @@
 //! | all 8 images (`all_8_images`)| 26x (9.8 ms / 0.38 ms) | 147x (31.3 / 0.21 ms) | 35x (23.8 / 0.67 ms) |
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use plankton::features::{lbp::lbp, tas::pftas, zernike::zernike};
-use plankton::stages::decode::{decode_file, DecodeLimits};
+use plankton_core::decode::{decode_file, DecodeLimits};
+use plankton_core::features::{lbp::lbp, tas::pftas, zernike::zernike};
 
 fn images() -> Vec<(String, image::GrayImage)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
     let mut paths: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

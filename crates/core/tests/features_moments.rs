@@ -1,10 +1,10 @@
-//! Golden test of src/features/moments.rs against an independent NumPy / scikit-image
+//! Golden test of crates/core/src/features/moments.rs against an independent NumPy / scikit-image
 //! computation on the real plankton fixture images
 //! (tests/fixtures/features/moments/gen_moments_fixtures.py; versions in expected.json).
 //!
 //! The kernels run on the exact pixels the oracle used (Pillow/libjpeg-turbo decode, stored as
 //! tests/fixtures/warp/<stem>.src.npy; the generator asserts scikit-image's imread gives the
-//! same), because our JPEG decoder is not bit-exact (tests/decode_golden.rs). Tolerances:
+//! same), because our JPEG decoder is not bit-exact (crates/core/tests/decode_golden.rs). Tolerances:
 //! raw moments 1e-12 relative; the 7 moment-info values 1e-9 relative (plus 1e-12 absolute
 //! for values near 0); Hu moments 1e-9 relative plus an absolute floor of 1e-12 x hu1^k for
 //! the k-th order products of normalised moments they are built from, because hu5..hu7 can be
@@ -15,14 +15,14 @@
 use std::path::Path;
 
 use image::GrayImage;
-use plankton::features::moments::{
+use plankton_core::decode::{decode_file, DecodeLimits};
+use plankton_core::features::moments::{
     hu_moments, inverted_values, moment_info, raw_moments, HU_NAMES, MOMENT_INFO_NAMES,
 };
-use plankton::npy;
-use plankton::stages::decode::{decode_file, DecodeLimits};
+use plankton_core::npy;
 
 fn fixture() -> (std::path::PathBuf, serde_json::Value) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/features/moments");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/features/moments");
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
     (dir, json)

@@ -20,19 +20,19 @@
 
 use std::path::{Path, PathBuf};
 
-use plankton::features::lbp::{
+use plankton_core::decode::{decode_file, DecodeLimits};
+use plankton_core::features::lbp::{
     axis_map, lbp, lbp_raw, sample_shifts, try_lbp_raw, CODES, LBP_NAMES, POINTS,
 };
-use plankton::features::tas::{pftas, pftas_raw, thresholds, try_pftas_raw, MASKS, TAS_NAMES};
-use plankton::features::zernike::{
+use plankton_core::features::tas::{pftas, pftas_raw, thresholds, try_pftas_raw, MASKS, TAS_NAMES};
+use plankton_core::features::zernike::{
     center_of_mass, zernike, zernike_raw, DEGREE, ORDERS, RADIUS, ZERNIKE_NAMES,
 };
-use plankton::npy;
-use plankton::stages::decode::{decode_file, DecodeLimits};
+use plankton_core::npy;
 
 fn fixture_dir(kernel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/features")
+        .join("../../tests/fixtures/features")
         .join(kernel)
 }
 
@@ -99,7 +99,7 @@ fn assert_close(
 
 /// The real images decoded by our own decoder, with their fixture case.
 fn decoded_real_cases(kernel: &str) -> Vec<(String, image::GrayImage, serde_json::Value)> {
-    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
     let exp = expected(kernel);
     exp["cases"]
         .as_array()
@@ -202,7 +202,7 @@ fn lbp_sampling_positions_are_mahotas_ones() {
     let exp = expected("lbp");
     assert_eq!(
         exp["radius"].as_f64().unwrap(),
-        plankton::features::lbp::RADIUS
+        plankton_core::features::lbp::RADIUS
     );
     assert_eq!(exp["points"].as_u64().unwrap() as usize, POINTS);
     let codes: Vec<u8> = exp["codes"]

@@ -5,12 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use plankton::imgproc::{patch_transform, warp_inverted, Affine, Augmentation, GrayView};
-use plankton::npy;
+use plankton_core::imgproc::{patch_transform, warp_inverted, Affine, Augmentation, GrayView};
+use plankton_core::npy;
 use proptest::prelude::*;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/warp")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/warp")
 }
 
 fn load_u8(path: &Path) -> (Vec<u8>, usize, usize) {
@@ -173,7 +173,7 @@ proptest! {
         zoom in 0.4f64..2.5, stretch in 0.7f64..1.4, shear in -30.0f64..30.0, flip in any::<bool>(),
         ds in 0.2f64..3.0, fill in 0.0f32..1.0,
     ) {
-        let src: Vec<u8> = (0..rows * cols).map(|i| (plankton::rng::mix64(seed ^ i as u64) & 255) as u8).collect();
+        let src: Vec<u8> = (0..rows * cols).map(|i| (plankton_core::rng::mix64(seed ^ i as u64) & 255) as u8).collect();
         let aug = Augmentation { rotation_deg: rotation, shift_x, shift_y, zoom, stretch, shear_deg: shear, flip };
         let m = patch_transform(rows, cols, out_rows, out_cols, ds, &aug);
         let mut out = vec![0.0; out_rows * out_cols];

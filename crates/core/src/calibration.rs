@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::metrics::{expected_calibration_error, RELIABILITY_BINS};
+use crate::metrics::{expected_calibration_error, RELIABILITY_BINS};
 use crate::scoring::kaggle_log_loss;
 
 /// Probabilities are floored here before the log, so that p = 0 becomes a very negative, finite

@@ -8,15 +8,15 @@
 
 use std::path::{Path, PathBuf};
 
-use plankton::features::haralick::{haralick, haralick_raw, try_haralick_raw, FEATURE_NAMES};
-use plankton::npy;
-use plankton::stages::decode::{decode_file, DecodeLimits};
+use plankton_core::decode::{decode_file, DecodeLimits};
+use plankton_core::features::haralick::{haralick, haralick_raw, try_haralick_raw, FEATURE_NAMES};
+use plankton_core::npy;
 
 const RTOL: f64 = 1e-9;
 const ATOL: f64 = 1e-12;
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/features/haralick")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/features/haralick")
 }
 
 fn expected() -> serde_json::Value {
@@ -141,7 +141,7 @@ fn decoded_jpegs_give_finite_features_close_to_pillow_pixels() {
     // the ones on Pillow's pixels, and equal the golden ones where the two decodes happen to
     // agree bit for bit.
     let exp = expected();
-    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
     for case in exp["cases"].as_array().unwrap() {
         let Some(_) = case["pixels"].as_str() else {
             continue;

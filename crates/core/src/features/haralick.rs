@@ -4,7 +4,7 @@
 //!
 //! What mahotas 1.4.19 does (`mahotas/features/texture.py` and `_texture.cpp`), re-stated here
 //! and followed exactly (checked against mahotas by
-//! `tests/fixtures/features/haralick/gen_haralick_fixtures.py` and `tests/features_haralick.rs`):
+//! `tests/fixtures/features/haralick/gen_haralick_fixtures.py` and `crates/core/tests/features_haralick.rs`):
 //!
 //! * Grey levels: the co-occurrence matrix is `L x L` with `L = max pixel + 1` (so up to 256),
 //!   whatever the minimum is: levels below the minimum are empty rows/columns but still count
@@ -65,7 +65,7 @@
 //! Cost: per direction one branch-free pass over the pixels into a 256 x 256 u32 matrix (the
 //! only allocations are that matrix and the list of its nonzero cells, once per call), then
 //! work proportional to the number of distinct grey-level pairs; logarithms of counts come from
-//! a table. benches/haralick.rs: 30-110 us per typical plankton image, against 2-3.6 ms for
+//! a table. crates/core/benches/haralick.rs: 30-110 us per typical plankton image, against 2-3.6 ms for
 //! mahotas.
 
 use image::GrayImage;

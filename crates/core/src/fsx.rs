@@ -1,0 +1,208 @@
+//! Durable file writes, written once for the whole project.
+//!
+//! Every output file (checkpoints, Parquet files, reports, split files, the daemon's spool) is
+//! written under a temporary name beside its destination, flushed to disk (fsync), renamed into
+//! place and then the folder is flushed, so that after a crash *or a power loss* a reader sees
+//! either the old file or the whole new one, never a torn one. The temporary name is unique per
+//! process and call, so two writers of the same destination (two processes, or two files of one
+//! step such as `report.json` and `report.md`) never share a temporary file.
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A failed durable write, naming the file. `is_disk_full` lets a caller answer differently
+/// (the daemon answers 507 Insufficient Storage instead of 500).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct WriteError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl WriteError {
+    pub fn new(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        WriteError {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn is_disk_full(&self) -> bool {
+        is_disk_full(&self.source)
+    }
+}
+
+/// True for "no space left on device" and "disk quota exceeded".
+pub fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.kind() == io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(28) | Some(122))
+}
+
+/// A temporary path beside `dest`, unique to this process and call. It ends in `.tmp`, which
+/// every folder watcher of the project ignores, and starts with a dot, so listings skip it.
+pub fn temp_path(dest: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()))
+}
+
+/// Writes `bytes` to `path` durably (see the module documentation).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// Writes `path` durably through `fill`, which writes the whole content to the temporary file.
+/// On any error the temporary file is removed and the destination is untouched.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), WriteError> {
+    let tmp = temp_path(path);
+    let result = File::create(&tmp)
+        .and_then(|mut f| {
+            fill(&mut f)?;
+            f.flush()?;
+            f.sync_all()
+        })
+        .map_err(|e| WriteError::new(path, e))
+        .and_then(|()| rename_durable(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes `path` durably through a writer that needs a path of its own (libtorch's `save`, a
+/// Parquet writer): `fill` writes the file at the temporary path it is given.
+pub fn write_atomic_via<E>(
+    path: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<Result<(), WriteError>, E> {
+    let tmp = temp_path(path);
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let result = commit(&tmp, path);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(result)
+}
+
+/// Moves a finished temporary file into place durably: fsync of the file, rename, fsync of the
+/// folder.
+pub fn commit(tmp: &Path, dest: &Path) -> Result<(), WriteError> {
+    File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| WriteError::new(dest, e))?;
+    rename_durable(tmp, dest)
+}
+
+fn rename_durable(tmp: &Path, dest: &Path) -> Result<(), WriteError> {
+    std::fs::rename(tmp, dest).map_err(|e| WriteError::new(dest, e))?;
+    sync_parent(dest).map_err(|e| WriteError::new(dest, e))
+}
+
+/// Flushes the folder holding `path`, so that a rename or a new file in it survives a power loss.
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
+/// Flushes a folder's entries (a no-op where folders cannot be opened, i.e. not on Unix).
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "plankton-fsx-{}-{}",
+            std::process::id(),
+            temp_path(Path::new("x")).display()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn writes_replace_whole_files_and_leave_no_temporaries() {
+        let dir = scratch();
+        let path = dir.join("report.json");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second, longer").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second, longer");
+        assert_eq!(entries(&dir), vec!["report.json".to_string()]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_the_old_file_and_no_temporary() {
+        let dir = scratch();
+        let path = dir.join("weights.bin");
+        write_atomic(&path, b"old").unwrap();
+        let err = write_atomic_with(&path, |f| {
+            f.write_all(b"half")?;
+            Err(io::Error::new(io::ErrorKind::StorageFull, "disk full"))
+        })
+        .unwrap_err();
+        assert!(err.is_disk_full(), "{err}");
+        assert!(err.to_string().contains("weights.bin"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert_eq!(entries(&dir), vec!["weights.bin".to_string()]);
+
+        let failed: Result<Result<(), WriteError>, &str> = write_atomic_via(&path, |tmp| {
+            std::fs::write(tmp, b"partial").unwrap();
+            Err("encoder failed")
+        });
+        assert_eq!(failed.unwrap_err(), "encoder failed");
+        assert_eq!(entries(&dir), vec!["weights.bin".to_string()]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn temporaries_are_unique_hidden_and_end_in_tmp() {
+        let a = temp_path(Path::new("/out/report.json"));
+        let b = temp_path(Path::new("/out/report.json"));
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), Some(Path::new("/out")));
+        let name = a.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(".report.json.") && name.ends_with(".tmp"),
+            "{name}"
+        );
+    }
+
+    #[test]
+    fn a_missing_folder_is_an_error_naming_the_file() {
+        let err = write_atomic(Path::new("/nonexistent-plankton-dir/x.csv"), b"x").unwrap_err();
+        assert!(err.to_string().contains("x.csv"), "{err}");
+        assert!(!err.is_disk_full());
+    }
+}
