@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One training step of convroll4 in PyTorch, timed: the baseline for benches/train_step.rs.
 
-The same network as plankton's `preset = "convroll4"` (src/model/config.rs `preset_branch`,
+The same network as plankton's `preset = "convroll4"` (crates/data/src/config/model.rs `preset_branch`,
 src/model/network.rs, src/model/cyclic.rs), written the way a PyTorch user would:
 
   cyclic slice (x, rot90 x, rot180 x, rot270 x along the batch), then per stage 3x3 "same"

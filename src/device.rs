@@ -14,7 +14,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tch::{Device, Tensor};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -281,52 +281,7 @@ pub fn libtorch_dir() -> Option<PathBuf> {
     found.map(|d| d.canonicalize().unwrap_or(d))
 }
 
-/// Arithmetic precision of the network's forward (and so backward) pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    /// bf16 autocast: convolutions and matmuls in bfloat16; weights, optimiser state, softmax
-    /// and the loss stay fp32.
-    Bf16,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fp32" => Ok(Precision::Fp32),
-            "bf16" => Ok(Precision::Bf16),
-            _ => Err(format!("precision `{s}`: expected fp32 or bf16")),
-        }
-    }
-}
-
-/// `[compute]` of a pipeline: how the network computes, wherever it runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ComputeConfig {
-    pub precision: Precision,
-    /// Activations and conv weights in channels-last (NHWC) layout, which tensor cores prefer.
-    pub channels_last: bool,
-    /// Let cuDNN time its algorithms once per input shape and keep the fastest.
-    pub cudnn_benchmark: bool,
-    /// TF32 for fp32 convolutions and matmuls on GPUs that have it (about 1e-3 relative error;
-    /// PyTorch allows it for convolutions by default). Off: fp32 means IEEE fp32.
-    pub tf32: bool,
-}
-
-impl Default for ComputeConfig {
-    fn default() -> Self {
-        ComputeConfig {
-            precision: Precision::Fp32,
-            channels_last: false,
-            cudnn_benchmark: true,
-            tf32: false,
-        }
-    }
-}
+pub use plankton_data::config::compute::{ComputeConfig, Precision};
 
 extern "C" {
     fn plankton_autocast_enter(cuda: c_int) -> c_int;
@@ -343,15 +298,32 @@ extern "C" {
     fn plankton_event_free(event: *mut c_void);
 }
 
-impl ComputeConfig {
-    /// Sets the process-wide switches (cuDNN autotuning, TF32) for a run on `device`.
-    pub fn apply_globals(&self, device: Device) {
-        if device.is_cuda() {
-            tch::Cuda::cudnn_set_benchmark(self.cudnn_benchmark);
-            if !set_tf32(self.tf32) {
-                tracing::warn!("could not set TF32 to {}", self.tf32);
-            }
+/// Sets the process-wide switches of `[compute]` (cuDNN autotuning, TF32) for a run on `device`.
+pub fn apply_globals(cfg: &ComputeConfig, device: Device) {
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(cfg.cudnn_benchmark);
+        if !set_tf32(cfg.tf32) {
+            tracing::warn!("could not set TF32 to {}", cfg.tf32);
         }
+    }
+}
+
+/// A data-path batch as tensors (the batch stage itself knows nothing of libtorch).
+pub trait BatchTensors {
+    /// Input `k` as an `N x 1 x H x W` tensor (copied; the buffer goes back to the pool).
+    fn input_tensor(&self, k: usize) -> Tensor;
+    /// Labels as an `N` int64 tensor (-1 = unlabelled).
+    fn labels_tensor(&self) -> Tensor;
+}
+
+impl BatchTensors for plankton_data::stages::batch::Batch {
+    fn input_tensor(&self, k: usize) -> Tensor {
+        let (r, c) = self.shapes[k];
+        Tensor::from_slice(self.input(k)).view([self.len as i64, 1, r as i64, c as i64])
+    }
+
+    fn labels_tensor(&self) -> Tensor {
+        Tensor::from_slice(&self.labels)
     }
 }
 

@@ -1,23 +1,21 @@
 //! plankton: plankton image classification as a streaming pipeline.
-pub mod blend;
-pub mod config;
-pub mod data_path;
+//!
+//! The workspace is layered (docs/ARCHITECTURE.md): `plankton-core` holds the pure kernels,
+//! `plankton-data` the data path, file formats, reports and the jobs that need no network; this
+//! crate holds everything that runs a network (libtorch): the models, training, prediction,
+//! fusion, the daemon, replay and the demo. The lower crates' modules are re-exported here at
+//! their old paths, so `plankton::config`, `plankton::imgproc` and so on keep working.
 pub mod demo;
 pub mod device;
-pub mod evaluate;
-pub mod features;
 pub mod fusion;
 pub mod model;
 pub mod predict;
 pub mod replay;
 pub mod serve;
-pub mod sinks;
-pub mod sources;
-pub mod split;
-pub mod stages;
-pub mod telemetry;
-pub mod topology;
 pub mod train;
 
-// The pure kernels live in plankton-core (no libtorch); re-exported at their old paths.
 pub use plankton_core::{fsx, imgproc, npy, rng, scoring};
+pub use plankton_data::{
+    blend, config, data_path, evaluate, features, sinks, sources, split, stages, telemetry,
+    topology,
+};

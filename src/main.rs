@@ -180,8 +180,9 @@ struct PredictArgs {
     /// Transforms per image (default: the run's [tta], 70); 1 = one pass without augmentation.
     #[arg(long)]
     tta: Option<usize>,
-    /// How an image's views are combined (default: the run's [tta]).
-    #[arg(long, value_enum)]
+    /// How an image's views are combined: mean-probability, mean-log-probability, geometric-mean
+    /// or entropy-weighted (default: the run's [tta]).
+    #[arg(long)]
     aggregation: Option<plankton::predict::aggregate::Aggregation>,
     /// Also write a Kaggle submission CSV.
     #[arg(long)]
@@ -265,7 +266,7 @@ struct BlendArgs {
     #[arg(long)]
     uniform: bool,
     /// cv: greedy forward selection by K-fold CV on the validation images; all: every member.
-    #[arg(long, value_enum, default_value_t = plankton::blend::Select::Cv)]
+    #[arg(long, default_value = "cv")]
     select: plankton::blend::Select,
     /// Folds of the selection's cross-validation.
     #[arg(long, default_value_t = 5)]

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use plankton::config::{PatchConfig, PipelineConfig};
+use plankton::device::BatchTensors;
 use plankton::sources::{synth, Dataset, ImageRecord};
 use plankton::topology::{Loader, LoaderSpec, SamplePlan};
 
@@ -308,4 +309,26 @@ async fn fixed_views_give_one_sample_per_transform_in_order() {
         assert_eq!(patches[5 * 3 + v], expected, "view {v} of record 5");
     }
     assert_ne!(patches[15], patches[16]);
+}
+
+/// The batch stage's buffers become `N x 1 x H x W` tensors sample by sample, row-major, with
+/// -1 for an unlabelled sample (the batch stage itself knows nothing of libtorch).
+#[test]
+fn batch_tensors_are_n_1_h_w_and_unlabelled_is_minus_one() {
+    let patches = [PatchConfig {
+        rows: 2,
+        cols: 3,
+        ..PatchConfig::size_normalised(2, 2.0)
+    }];
+    let mut b = plankton::stages::batch::Batch::new(4, &patches);
+    b.push(&[vec![1., 2., 3., 4., 5., 6.]], Some(1), 0);
+    b.push(&[vec![7., 8., 9., 10., 11., 12.]], None, 1);
+    let t = b.input_tensor(0);
+    assert_eq!(t.size(), vec![2, 1, 2, 3]);
+    assert_eq!(t.double_value(&[1, 0, 1, 2]), 12.0);
+    assert_eq!(t.double_value(&[0, 0, 1, 0]), 4.0);
+    assert_eq!(
+        Vec::<i64>::try_from(b.labels_tensor()).unwrap(),
+        vec![1, -1]
+    );
 }

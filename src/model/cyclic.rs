@@ -81,16 +81,7 @@ pub fn conv_roll(x: &Tensor) -> Tensor {
     Tensor::cat(&rows, 0)
 }
 
-/// How `pool` reduces over the views.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum PoolFunction {
-    /// sqrt(mean(x^2) + 1e-12): the reference's final choice.
-    #[default]
-    Rms,
-    Mean,
-    Max,
-}
+pub use plankton_data::config::model::PoolFunction;
 
 /// CyclicPool: (V*B, F) -> (B, F), reducing over the V views (4, or 8 for the 45-degree variant).
 pub fn pool(x: &Tensor, views: i64, function: PoolFunction) -> Tensor {

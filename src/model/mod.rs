@@ -1,7 +1,7 @@
 //! The convnets: cyclic layers (`cyclic`), architecture config (`config`), and the network
 //! built from it (`network`).
 
-pub mod config;
+pub use plankton_data::config::model as config;
 pub mod cyclic;
 pub mod invariance;
 pub mod network;

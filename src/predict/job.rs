@@ -15,7 +15,7 @@ use tch::{Device, Kind};
 use super::aggregate::{Aggregation, Aggregator};
 use super::tta::{quasi_random_transforms, TtaConfig};
 use crate::config::PipelineConfig;
-use crate::device::{download, Download};
+use crate::device::{download, BatchTensors, Download};
 use crate::evaluate::calibration::{apply_temperature, TemperatureFit};
 use crate::model::Network;
 use crate::scoring::{self, Scores};
@@ -290,7 +290,7 @@ impl LoadedModel {
         let mut net =
             Network::load_from(&cfg.model, &sizes, class_names.len(), device, &weights_path)?;
         net.set_compute(&cfg.compute);
-        cfg.compute.apply_globals(device);
+        crate::device::apply_globals(&cfg.compute, device);
         let hash = content_hash(&weights_path)?;
         let run_name = model
             .canonicalize()

@@ -1,7 +1,5 @@
 //! Prediction: quasi-random test-time augmentation (Halton transforms), aggregation of the
 //! per-transform outputs, and the streaming `plankton predict` job.
 
-pub mod aggregate;
-pub use plankton_core::halton;
+pub use plankton_core::{aggregate, halton, tta};
 pub mod job;
-pub mod tta;

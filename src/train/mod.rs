@@ -2,11 +2,9 @@
 //! batches are prepared while the model computes), the optimiser, validation, checkpoints and
 //! the run directory.
 
-pub mod config;
 pub mod curve;
 pub mod optimizer;
 pub mod pseudo;
-pub mod run_dir;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-pub use config::{OptimizerKind, TrainConfig};
+use crate::device::BatchTensors;
+
 pub use optimizer::Optimizer;
-pub use run_dir::{HistoryRow, RunDir, TrainState};
+pub use plankton_data::config::train::{self as config, OptimizerKind, TrainConfig};
+pub use plankton_data::run_dir::{self, HistoryRow, RunDir, RunDirError, TrainState};
 
 use crate::config::PipelineConfig;
 use crate::model::{ModelError, Network};
@@ -52,6 +52,15 @@ pub enum TrainError {
     Diverged { step: u64, loss: f64 },
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
+}
+
+impl From<RunDirError> for TrainError {
+    fn from(e: RunDirError) -> Self {
+        match e {
+            RunDirError::Io { path, message } => TrainError::Io { path, message },
+            RunDirError::Checkpoint { path, reason } => TrainError::Checkpoint { path, reason },
+        }
+    }
 }
 
 impl TrainError {
@@ -445,7 +454,7 @@ fn prepare(
     tch::manual_seed(mix64(cfg.seed) as i64);
     let mut net = Network::new(&cfg.model, &sizes, ds.class_names.len(), opts.device)?;
     net.set_compute(&cfg.compute);
-    cfg.compute.apply_globals(opts.device);
+    crate::device::apply_globals(&cfg.compute, opts.device);
     let mut optimizer = Optimizer::new(&cfg.train, &net.params);
     let mut state = TrainState {
         step: 0,
@@ -784,7 +793,8 @@ pub fn run(
             let path = run.save_checkpoint(&state, tc.keep_checkpoints, |dir| {
                 net.save(&dir.join("model.safetensors"))?;
                 optimizer.save(&net.params, &dir.join("optimizer.safetensors"))?;
-                run_dir::write_history(&dir.join("history.csv"), &history)
+                run_dir::write_history(&dir.join("history.csv"), &history)?;
+                Ok::<(), TrainError>(())
             })?;
             on_event(TrainEvent::Checkpointed {
                 step: state.step,

@@ -34,7 +34,7 @@ pub fn first_primes(n: usize) -> Vec<u32> {
 ///
 /// Accumulated least-significant digit first with a running factor `1/base, 1/base^2, ...`,
 /// the way scipy's unscrambled van der Corput computes it, so the values are bit-identical to
-/// scipy's (checked in tests/tta_golden.rs). Like scipy's, the sum can round up to 1.0 for astronomically
+/// scipy's (checked in crates/core/tests/tta_golden.rs). Like scipy's, the sum can round up to 1.0 for astronomically
 /// large indices (e.g. `2^64 - 1` in base 2); every index below 2^40 stays below 1.
 pub fn radical_inverse(index: u64, base: u32) -> f64 {
     assert!(base >= 2, "radical_inverse: base must be >= 2, got {base}");

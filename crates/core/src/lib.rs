@@ -3,6 +3,7 @@
 //! calibration, L-BFGS, the Halton sequence, the counter-based RNG and durable file writes.
 //! A kernel here is changed, tested and benchmarked without linking libtorch
 //! (`cargo test -p plankton-core`).
+pub mod aggregate;
 pub mod calibration;
 pub mod decode;
 pub mod features;
@@ -14,3 +15,4 @@ pub mod metrics;
 pub mod npy;
 pub mod rng;
 pub mod scoring;
+pub mod tta;

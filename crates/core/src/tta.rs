@@ -9,8 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::aggregate::Aggregation;
-use super::halton::Halton;
+use crate::aggregate::Aggregation;
+use crate::halton::Halton;
 use crate::imgproc::Augmentation;
 
 /// Upper bound on `tta.transforms` accepted by [`TtaConfig::validate`].

@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::stages::decode::DecodeLimits;
 
+pub mod compute;
+pub mod model;
+pub mod pseudo;
+pub mod train;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read pipeline file: {source}")]
@@ -38,14 +43,14 @@ pub struct PipelineConfig {
     pub batch: BatchConfig,
     pub channels: ChannelConfig,
     pub split: SplitConfig,
-    pub model: crate::model::ModelConfig,
-    pub train: crate::train::TrainConfig,
+    pub model: model::ModelConfig,
+    pub train: train::TrainConfig,
     /// Test-time augmentation of `plankton predict`.
-    pub tta: crate::predict::tta::TtaConfig,
+    pub tta: plankton_core::tta::TtaConfig,
     /// Pseudo-labelled images mixed into training batches (off unless `predictions` is set).
-    pub pseudo: crate::train::pseudo::PseudoConfig,
+    pub pseudo: pseudo::PseudoConfig,
     /// How the network computes (precision, memory layout, cuDNN autotuning, TF32).
-    pub compute: crate::device::ComputeConfig,
+    pub compute: compute::ComputeConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,7 +159,7 @@ impl PatchConfig {
     pub fn ds(&self, src_rows: usize, src_cols: usize) -> f64 {
         match self.rescale() {
             Rescale::SizeNormalised { target } => {
-                crate::imgproc::size_normalised_ds(src_rows, src_cols, target)
+                plankton_core::imgproc::size_normalised_ds(src_rows, src_cols, target)
             }
             Rescale::FixedScale { ds } => ds,
         }
@@ -291,7 +296,7 @@ impl PipelineConfig {
     /// The pipeline `plankton demo` runs (`pipelines/demo.toml`, embedded in the binary).
     pub fn embedded_demo() -> Self {
         Self::from_toml_str(
-            include_str!("../pipelines/demo.toml"),
+            include_str!("../../../../pipelines/demo.toml"),
             Path::new("pipelines/demo.toml"),
         )
         .expect("embedded demo pipeline is valid (tested)")
@@ -387,7 +392,7 @@ impl PipelineConfig {
         {
             return bad(message);
         }
-        if self.model.preset == crate::model::Preset::Multiscale && self.patches.len() < 2 {
+        if self.model.preset == model::Preset::Multiscale && self.patches.len() < 2 {
             return bad("model.preset = \"multiscale\" needs two [[patch]] entries".into());
         }
         Ok(())

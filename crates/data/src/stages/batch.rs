@@ -72,17 +72,6 @@ impl Batch {
         self.record_indices.push(record_index);
         self.len += 1;
     }
-
-    /// Input `k` as an `N x 1 x H x W` tensor (copied; the buffer goes back to the pool).
-    pub fn input_tensor(&self, k: usize) -> tch::Tensor {
-        let (r, c) = self.shapes[k];
-        tch::Tensor::from_slice(self.input(k)).view([self.len as i64, 1, r as i64, c as i64])
-    }
-
-    /// Labels as an `N` int64 tensor.
-    pub fn labels_tensor(&self) -> tch::Tensor {
-        tch::Tensor::from_slice(&self.labels)
-    }
 }
 
 impl Drop for Batch {
@@ -161,25 +150,5 @@ mod tests {
             assert_eq!(b.input(0).len(), 25);
         }
         assert_eq!(pool.allocated(), 1);
-    }
-
-    #[test]
-    fn tensor_layout_is_n_1_h_w() {
-        let patches = [PatchConfig {
-            rows: 2,
-            cols: 3,
-            ..PatchConfig::size_normalised(2, 2.0)
-        }];
-        let mut b = Batch::new(4, &patches);
-        b.push(&[vec![1., 2., 3., 4., 5., 6.]], Some(1), 0);
-        b.push(&[vec![7., 8., 9., 10., 11., 12.]], None, 1);
-        let t = b.input_tensor(0);
-        assert_eq!(t.size(), vec![2, 1, 2, 3]);
-        assert_eq!(t.double_value(&[1, 0, 1, 2]), 12.0);
-        assert_eq!(t.double_value(&[0, 0, 1, 0]), 4.0);
-        assert_eq!(
-            Vec::<i64>::try_from(b.labels_tensor()).unwrap(),
-            vec![1, -1]
-        );
     }
 }

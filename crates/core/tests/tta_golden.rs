@@ -5,13 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-use plankton::predict::halton::{self, Halton, PRIMES};
-use plankton::predict::tta::{quasi_random_transforms, TtaConfig};
+use plankton_core::halton::{self, Halton, PRIMES};
+use plankton_core::tta::{quasi_random_transforms, TtaConfig};
 use serde_json::Value;
 
 fn fixture() -> Value {
     let path: PathBuf =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tta/halton_tta.json");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tta/halton_tta.json");
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 

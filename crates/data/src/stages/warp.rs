@@ -4,8 +4,8 @@
 use image::GrayImage;
 
 use crate::config::{AugmentConfig, Fill, PatchConfig};
-use crate::imgproc::{patch_transform, warp_inverted, Augmentation, GrayView};
-use crate::rng::{Purpose, Stream};
+use plankton_core::imgproc::{patch_transform, warp_inverted, Augmentation, GrayView};
+use plankton_core::rng::{Purpose, Stream};
 
 /// Draws one training augmentation, in the reference's order of draws.
 pub fn sample_augmentation(cfg: &AugmentConfig, rng: &mut Stream) -> Augmentation {

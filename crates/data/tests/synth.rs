@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use plankton::sources::synth::{class_names, generate, render, SynthError, SynthOptions};
+use plankton_data::sources::synth::{class_names, generate, render, SynthError, SynthOptions};
 
 const N: usize = 121;
 

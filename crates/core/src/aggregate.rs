@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// normalisation removes). The reference had both as separate methods ("avg-logits": mean the
 /// logits, then softmax; "avg-probs-geom": mean log(softmax), then softmax), so both names are
 /// kept; they agree to rounding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Aggregation {
     /// Mean over views of the probabilities (the reference's default "avg-probs").
@@ -29,6 +29,28 @@ pub enum Aggregation {
     GeometricMean,
     /// `sum_v w_v p_v / sum_v w_v` with `w_v = exp(-H(p_v))` (the reference's "avg-probs-ent").
     EntropyWeighted,
+}
+
+/// Parses a name as the config writes it (`geometric_mean`) or as the command line does
+/// (`geometric-mean`).
+impl std::str::FromStr for Aggregation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let snake = s.replace('-', "_");
+        Aggregation::ALL
+            .into_iter()
+            .find(|a| a.name() == snake)
+            .ok_or_else(|| {
+                let names: Vec<String> = Aggregation::ALL
+                    .iter()
+                    .map(|a| a.name().replace('_', "-"))
+                    .collect();
+                format!(
+                    "unknown aggregation `{s}`: expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
 }
 
 impl Aggregation {
@@ -569,5 +591,18 @@ mod tests {
         let mut a = Aggregator::new(2, 3, Aggregation::GeometricMean);
         a.push(0, &[0.0, -1.0]);
         a.push(1, &[0.0, -1.0]);
+    }
+
+    #[test]
+    fn names_parse_in_both_spellings_and_unknown_ones_list_the_choices() {
+        for a in Aggregation::ALL {
+            assert_eq!(a.name().parse::<Aggregation>(), Ok(a));
+            assert_eq!(a.name().replace('_', "-").parse::<Aggregation>(), Ok(a));
+        }
+        let err = "median".parse::<Aggregation>().unwrap_err();
+        assert!(
+            err.contains("median") && err.contains("geometric-mean"),
+            "{err}"
+        );
     }
 }

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use plankton::config::PipelineConfig;
-use plankton::sources::{synth, Dataset};
-use plankton::stages::normalise::Zmuv;
-use plankton::topology::{Loader, LoaderSpec, SamplePlan};
+use plankton_data::config::PipelineConfig;
+use plankton_data::sources::{synth, Dataset};
+use plankton_data::stages::normalise::Zmuv;
+use plankton_data::topology::{Loader, LoaderSpec, SamplePlan};
 
 fn bench_data_path(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();

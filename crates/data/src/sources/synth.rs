@@ -37,7 +37,7 @@ use std::sync::Mutex;
 
 use image::GrayImage;
 
-use crate::rng::{Purpose, Stream};
+use plankton_core::rng::{Purpose, Stream};
 
 /// What to generate.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@ use std::fs;
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 
-use plankton::sources::planktonclas::{
+use plankton_data::sources::planktonclas::{
     fetch, install_from_wheel, PlanktonclasError, PlanktonclasOptions, COMPLETE_MARKER,
     PLANKTONCLAS_VERSION, SAMPLE_SUBMISSION_FILE, SPLIT_FILE, TEST_LABELS_FILE,
 };

@@ -19,9 +19,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::evaluate::EvaluateError;
-use crate::scoring::KAGGLE_EPS;
 use crate::sinks::parquet::ParquetSinkError;
 use crate::split::SplitError;
+use plankton_core::scoring::KAGGLE_EPS;
 
 pub use job::{
     apply, fit, ApplyOptions, ApplySummary, BlendReport, FitOptions, FitSummary, WeightsFile,
@@ -264,7 +264,7 @@ pub fn blend(members: &[&[f32]], weights: &[f64]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scoring::kaggle_log_loss;
+    use plankton_core::scoring::kaggle_log_loss;
 
     fn members() -> (Vec<Vec<f32>>, Vec<usize>) {
         // Two members that are each right where the other is unsure.

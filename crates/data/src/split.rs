@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::rng::{Purpose, Stream};
 use crate::sources::Dataset;
+use plankton_core::rng::{Purpose, Stream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SplitError {

@@ -1,7 +1,7 @@
 //! Charts: PNG size, data where it belongs, the bitmap font, tick choice, bad input.
 
-use plankton::sinks::font5x7::{draw_text, draw_text_vertical, glyph, text_width};
-use plankton::sinks::plot::{
+use plankton_data::sinks::font5x7::{draw_text, draw_text_vertical, glyph, text_width};
+use plankton_data::sinks::plot::{
     format_tick, line_chart_areas, nice_ticks, render_heatmap, render_line_charts, Heatmap,
     LineChart, PlotError, Series,
 };

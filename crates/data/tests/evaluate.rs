@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use plankton::evaluate::calibration::{apply_temperature, fit_temperature};
-use plankton::evaluate::metrics::{evaluate, expected_calibration_error, Evaluation};
-use plankton::scoring::kaggle_log_loss;
-use plankton::sinks::report::{write_report, ReportError};
+use plankton_core::scoring::kaggle_log_loss;
+use plankton_data::evaluate::calibration::{apply_temperature, fit_temperature};
+use plankton_data::evaluate::metrics::{evaluate, expected_calibration_error, Evaluation};
+use plankton_data::sinks::report::{write_report, ReportError};
 use serde_json::Value;
 
 struct Fixture {
@@ -18,7 +18,7 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/evaluate/evaluate_fixture.json");
+        .join("../../tests/fixtures/evaluate/evaluate_fixture.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
@@ -78,7 +78,7 @@ fn fixture_has_the_intended_shape() {
 
 fn fixture_json() -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/evaluate/evaluate_fixture.json");
+        .join("../../tests/fixtures/evaluate/evaluate_fixture.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 

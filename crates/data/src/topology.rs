@@ -25,14 +25,14 @@ use image::GrayImage;
 use tokio::sync::Semaphore;
 
 use crate::config::PipelineConfig;
-use crate::imgproc::Augmentation;
-use crate::rng::{Purpose, Stream};
 use crate::sources::ImageRecord;
 use crate::stages::batch::{Batch, BatchPool};
 use crate::stages::decode::decode_file;
 use crate::stages::normalise::Zmuv;
 use crate::stages::warp::{augmentation_for, make_patch};
 use crate::telemetry::{self, StageMeter, StageTotals};
+use plankton_core::imgproc::Augmentation;
+use plankton_core::rng::{Purpose, Stream};
 
 /// Which samples the loader produces, in what order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

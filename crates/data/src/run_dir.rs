@@ -21,7 +21,25 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::TrainError;
+use plankton_core::fsx;
+
+/// A run folder that cannot be read or written. The training crate folds it into its own error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{path}: bad checkpoint: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+}
+
+impl RunDirError {
+    pub fn io(path: &Path, e: impl std::fmt::Display) -> Self {
+        RunDirError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    }
+}
 
 pub struct RunDir {
     pub root: PathBuf,
@@ -73,71 +91,35 @@ impl HistoryRow {
     }
 }
 
-const HISTORY_HEADER: &str = "step,epoch,learning_rate,train_loss,valid_loss,valid_top1,valid_top5,images_per_second,batch_wait_fraction,elapsed_seconds";
-
-pub fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<(), TrainError> {
-    let mut text = String::from(HISTORY_HEADER);
-    text.push('\n');
+/// Writes `history.csv` (columns named as [`HistoryRow`]'s fields) durably.
+pub fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<(), RunDirError> {
+    let mut w = csv::Writer::from_writer(Vec::new());
     for r in rows {
-        text += &format!(
-            "{},{},{},{},{},{},{},{:.2},{:.4},{:.2}\n",
-            r.step,
-            r.epoch,
-            r.learning_rate,
-            r.train_loss,
-            r.valid_loss,
-            r.valid_top1,
-            r.valid_top5,
-            r.images_per_second,
-            r.batch_wait_fraction,
-            r.elapsed_seconds
-        );
+        w.serialize(r).map_err(|e| RunDirError::io(path, e))?;
     }
-    write_atomic(path, text.as_bytes())
+    let bytes = w.into_inner().map_err(|e| RunDirError::io(path, e))?;
+    write_atomic(path, &bytes)
 }
 
-pub fn read_history(path: &Path) -> Result<Vec<HistoryRow>, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-    let bad = |reason: String| TrainError::Checkpoint {
+/// Reads `history.csv` by column name, so added or reordered columns do not shift values.
+pub fn read_history(path: &Path) -> Result<Vec<HistoryRow>, RunDirError> {
+    let bad = |reason: String| RunDirError::Checkpoint {
         path: path.to_path_buf(),
         reason,
     };
-    let mut lines = text.lines();
-    if lines.next() != Some(HISTORY_HEADER) {
-        return Err(bad("unexpected header".into()));
-    }
-    lines
+    let mut r = csv::Reader::from_path(path).map_err(|e| match e.kind() {
+        csv::ErrorKind::Io(io) => RunDirError::io(path, io),
+        _ => bad(e.to_string()),
+    })?;
+    r.deserialize()
         .enumerate()
-        .map(|(i, line)| {
-            let f: Vec<f64> = line
-                .split(',')
-                .map(|v| v.parse::<f64>())
-                .collect::<Result<_, _>>()
-                .map_err(|e| bad(format!("line {}: {e}", i + 2)))?;
-            if f.len() != 10 {
-                return Err(bad(format!("line {}: expected 10 columns", i + 2)));
-            }
-            Ok(HistoryRow {
-                step: f[0] as u64,
-                epoch: f[1] as u64,
-                learning_rate: f[2],
-                train_loss: f[3],
-                valid_loss: f[4],
-                valid_top1: f[5],
-                valid_top5: f[6],
-                images_per_second: f[7],
-                batch_wait_fraction: f[8],
-                elapsed_seconds: f[9],
-            })
-        })
+        .map(|(i, row)| row.map_err(|e| bad(format!("row {}: {e}", i + 1))))
         .collect()
 }
 
-/// Writes `bytes` to `path` via a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+/// Writes `bytes` to `path` durably ([`fsx::write_atomic`]).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunDirError> {
+    fsx::write_atomic(path, bytes).map_err(|e| RunDirError::io(&e.path, e.source))
 }
 
 impl RunDir {
@@ -182,13 +164,13 @@ impl RunDir {
     }
 
     /// The newest complete checkpoint, if any.
-    pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>, TrainError> {
+    pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>, RunDirError> {
         let latest = self.checkpoints().join("LATEST");
         match std::fs::read_to_string(&latest) {
             Ok(name) => {
                 let dir = self.checkpoints().join(name.trim());
                 if !dir.join("state.json").is_file() {
-                    return Err(TrainError::Checkpoint {
+                    return Err(RunDirError::Checkpoint {
                         path: latest,
                         reason: format!(
                             "names {} which is not a complete checkpoint",
@@ -199,33 +181,37 @@ impl RunDir {
                 Ok(Some(dir))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(TrainError::io(&latest, e)),
+            Err(e) => Err(RunDirError::io(&latest, e)),
         }
     }
 
     /// Writes a checkpoint with `write(dir)` filling a fresh directory, then publishes it and
     /// removes all but the newest `keep`.
-    pub fn save_checkpoint(
+    pub fn save_checkpoint<E: From<RunDirError>>(
         &self,
         state: &TrainState,
         keep: usize,
-        write: impl FnOnce(&Path) -> Result<(), TrainError>,
-    ) -> Result<PathBuf, TrainError> {
+        write: impl FnOnce(&Path) -> Result<(), E>,
+    ) -> Result<PathBuf, E> {
+        let io = |path: &Path, e: std::io::Error| E::from(RunDirError::io(path, e));
         let dir = self.checkpoints();
-        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         let name = format!("step-{:010}", state.step);
         let tmp = dir.join(format!(".tmp-{name}"));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
         write(&tmp)?;
         let json = serde_json::to_vec_pretty(state).expect("serialisable");
-        std::fs::write(tmp.join("state.json"), json).map_err(|e| TrainError::io(&tmp, e))?;
+        std::fs::write(tmp.join("state.json"), json).map_err(|e| io(&tmp, e))?;
+        // Durable before it is published: every file, then the folder, then the rename.
+        sync_files_in(&tmp).map_err(|e| io(&tmp, e))?;
         let target = dir.join(&name);
         let _ = std::fs::remove_dir_all(&target);
-        std::fs::rename(&tmp, &target).map_err(|e| TrainError::io(&target, e))?;
+        std::fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
+        fsx::sync_dir(&dir).map_err(|e| io(&dir, e))?;
         write_atomic(&dir.join("LATEST"), name.as_bytes())?;
         let mut existing: Vec<String> = std::fs::read_dir(&dir)
-            .map_err(|e| TrainError::io(&dir, e))?
+            .map_err(|e| io(&dir, e))?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with("step-"))
@@ -238,12 +224,23 @@ impl RunDir {
         Ok(target)
     }
 
-    pub fn load_state(checkpoint: &Path) -> Result<TrainState, TrainError> {
+    pub fn load_state(checkpoint: &Path) -> Result<TrainState, RunDirError> {
         let path = checkpoint.join("state.json");
-        let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
-        serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
+        let bytes = std::fs::read(&path).map_err(|e| RunDirError::io(&path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| RunDirError::Checkpoint {
             path,
             reason: e.to_string(),
         })
     }
+}
+
+/// fsync of every file in `dir` and of `dir` itself.
+fn sync_files_in(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    fsx::sync_dir(dir)
 }

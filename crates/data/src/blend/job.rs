@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::select::{forward_select, Select, Selection, Weighting};
 use super::{blend, fit_terms, lbfgs, uniform_fit, BlendError, BlendFit, LabelTerms};
 use crate::evaluate::load_labelled;
-use crate::scoring::kaggle_log_loss;
 use crate::sinks::parquet::{PredictionRow, PredictionWriter, Predictions};
+use plankton_core::scoring::kaggle_log_loss;
 
 /// `format` of the weights file.
 pub const WEIGHTS_FORMAT: &str = "plankton.blend-weights/1";

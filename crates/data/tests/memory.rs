@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use plankton::config::{PatchConfig, PipelineConfig};
-use plankton::sources::{synth, Dataset};
+use plankton_data::config::{PatchConfig, PipelineConfig};
+use plankton_data::sources::{synth, Dataset};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resident_memory_is_flat_across_epochs() {
-    if plankton::telemetry::current_rss_bytes().is_none() {
+    if plankton_data::telemetry::current_rss_bytes().is_none() {
         eprintln!("no /proc/self/status here: nothing to measure");
         return;
     }
@@ -29,9 +29,10 @@ async fn resident_memory_is_flat_across_epochs() {
     let mut cfg = PipelineConfig::reference_default();
     cfg.patches = vec![PatchConfig::size_normalised(63, 56.0)];
     let epochs = 10;
-    let report = plankton::data_path::loader_bench(&cfg, Arc::new(ds.train), epochs, |_, _| {})
-        .await
-        .unwrap();
+    let report =
+        plankton_data::data_path::loader_bench(&cfg, Arc::new(ds.train), epochs, |_, _| {})
+            .await
+            .unwrap();
     let rss = &report.rss_after_epoch;
     assert_eq!(rss.len(), epochs as usize);
     let mib = |b: u64| b as f64 / 1048576.0;

@@ -3,8 +3,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::cyclic::PoolFunction;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
@@ -255,4 +253,15 @@ impl ModelConfig {
         }
         BranchConfig { input, layers }
     }
+}
+
+/// How `pool` reduces over the views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolFunction {
+    /// sqrt(mean(x^2) + 1e-12): the reference's final choice.
+    #[default]
+    Rms,
+    Mean,
+    Max,
 }

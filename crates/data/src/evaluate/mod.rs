@@ -209,7 +209,7 @@ pub fn calibrate_run(
             min: min_images,
         });
     }
-    let run = crate::train::RunDir::new(run_dir);
+    let run = crate::run_dir::RunDir::new(run_dir);
     let classes_path = run.classes();
     let run_classes = std::fs::read_to_string(&classes_path).map_err(|e| EvaluateError::Io {
         path: classes_path.clone(),

@@ -14,7 +14,7 @@ use super::{fit_terms, lbfgs, uniform_fit, BlendError, LabelTerms};
 use crate::split::{stratified_folds, Split};
 
 /// `--select`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Select {
     /// Greedy forward selection by K-fold cross-validation on the validation rows.
@@ -22,6 +22,17 @@ pub enum Select {
     Cv,
     /// Every member given.
     All,
+}
+
+impl std::str::FromStr for Select {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cv" => Ok(Select::Cv),
+            "all" => Ok(Select::All),
+            _ => Err(format!("unknown selection `{s}`: expected cv or all")),
+        }
+    }
 }
 
 /// How a candidate ensemble's weights are set.

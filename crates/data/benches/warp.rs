@@ -3,13 +3,13 @@
 //! scikit-image). One thread.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use plankton::config::{AugmentConfig, PatchConfig};
-use plankton::imgproc::{patch_transform, warp_inverted, GrayView};
-use plankton::stages::decode::{decode_file, DecodeLimits};
-use plankton::stages::warp::augmentation_for;
+use plankton_core::imgproc::{patch_transform, warp_inverted, GrayView};
+use plankton_data::config::{AugmentConfig, PatchConfig};
+use plankton_data::stages::decode::{decode_file, DecodeLimits};
+use plankton_data::stages::warp::augmentation_for;
 
 fn images() -> Vec<image::GrayImage> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
     let mut paths: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
