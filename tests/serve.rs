@@ -328,6 +328,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(site: &Site) -> Daemon {
+        Daemon::start_with(site, serve_command(site))
+    }
+
+    /// Starts `command` (a `plankton serve` of the site, possibly wrapped) as the site's daemon.
+    fn start_with(site: &Site, mut command: Command) -> Daemon {
         // Each start appends to the same log (a restart's log follows the first one's).
         let log = site.root().join("daemon.log");
         let err = std::fs::OpenOptions::new()
@@ -335,7 +340,7 @@ impl Daemon {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut child = serve_command(site).stderr(err).spawn().unwrap();
+        let mut child = command.stderr(err).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -1983,4 +1988,64 @@ fn a_watched_file_name_with_a_newline_stays_one_line_in_rows_and_logs() {
         "the whole record on one line: {}",
         warned[0]
     );
+}
+
+/// A full disk under the spool: the upload that does not fit is answered 507 Insufficient
+/// Storage (reason `disk_full`, so a client backs off and retries) instead of a bare 500; the
+/// failed write leaves nothing behind, a later image that fits is predicted, and the daemon
+/// stays healthy. The full disk is real: the daemon runs in a user+mount namespace
+/// (`unshare -Urm`) with its spool on a 96 KiB tmpfs.
+#[test]
+fn a_full_spool_disk_answers_507_and_the_daemon_keeps_serving() {
+    let probe = Command::new("unshare")
+        .args(["-Urm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "SKIPPED: unprivileged user+mount namespaces (unshare -Urm) are not available here"
+        );
+        return;
+    }
+    let site = Site::new(&Cfg::new());
+    std::fs::create_dir_all(site.spool()).unwrap();
+    let mut c = Command::new("unshare");
+    c.args([
+        "-Urm",
+        "sh",
+        "-c",
+        r#"mount -t tmpfs -o size=96k tmpfs "$0" && exec "$@""#,
+    ])
+    .arg(site.spool())
+    .arg(plankton_bin())
+    .arg("serve")
+    .arg("--pipeline")
+    .arg(site.config())
+    .env("RUST_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    let d = Daemon::start_with(&site, c);
+
+    // 200 KiB of bytes cannot fit in 96 KiB, whatever they are.
+    let mut big = image_bytes(0);
+    big.resize(200 * 1024, 0);
+    let r = d.upload("too-big", &big);
+    assert_eq!(r.status, 507, "{}", r.text());
+    assert_eq!(r.json()["reason"], "disk_full", "{}", r.text());
+    let msg = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("disk is full"), "{msg}");
+    // Nothing of it was accepted (the spool itself is only visible inside the namespace).
+    assert_eq!(d.get("/v1/predictions/too-big").status, 404);
+
+    let p = d.predict("fits", &image_bytes(1));
+    assert!(p["error"].is_null(), "{p}");
+    assert!(p["predicted_class"].is_string(), "{p}");
+    assert_eq!(d.get("/healthz").status, 200);
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("reason=\"disk_full\"") && !l.starts_with('#')),
+        "no disk_full error counted:\n{metrics}"
+    );
+    d.stop();
 }

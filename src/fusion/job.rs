@@ -451,13 +451,8 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), FusionEr
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| FusionError::io(dir, e))?;
     }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_string_pretty(value).expect("serialisable"),
-    )
-    .map_err(|e| FusionError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| FusionError::io(path, e))
+    let json = serde_json::to_string_pretty(value).expect("serialisable");
+    crate::fsx::write_atomic(path, json.as_bytes()).map_err(|e| FusionError::io(path, e.source))
 }
 
 fn output_metadata(
@@ -676,10 +671,13 @@ pub fn fit(
     }
     std::fs::create_dir_all(&opts.model_out).map_err(|e| FusionError::io(&opts.model_out, e))?;
     let weights_path = opts.model_out.join(MODEL_WEIGHTS);
-    let tmp = opts.model_out.join(format!("{MODEL_WEIGHTS}.tmp"));
+    let tmp = crate::fsx::temp_path(&weights_path);
     Tensor::write_safetensors(&named, &tmp).map_err(|e| FusionError::io(&tmp, e))?;
     let bytes = std::fs::read(&tmp).map_err(|e| FusionError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &weights_path).map_err(|e| FusionError::io(&weights_path, e))?;
+    crate::fsx::commit(&tmp, &weights_path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        FusionError::io(&weights_path, e.source)
+    })?;
     let set_names = opts
         .sets
         .iter()

@@ -409,8 +409,8 @@ impl Network {
         s
     }
 
-    /// Writes all parameters to a safetensors file, via a temporary file and a rename so that a
-    /// crash never leaves a half-written file under `path`.
+    /// Writes all parameters to a safetensors file durably ([`crate::fsx`]): a crash or a power
+    /// loss never leaves a half-written file under `path`.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
         let err = |e: &dyn std::fmt::Display| ModelError::Io {
             path: path.to_path_buf(),
@@ -426,9 +426,9 @@ impl Network {
                 )
             })
             .collect();
-        let tmp = path.with_extension("safetensors.tmp");
-        Tensor::write_safetensors(&named, &tmp).map_err(|e| err(&e))?;
-        std::fs::rename(&tmp, path).map_err(|e| err(&e))
+        crate::fsx::write_atomic_via(path, |tmp| Tensor::write_safetensors(&named, tmp))
+            .map_err(|e| err(&e))?
+            .map_err(|e| err(&e.source))
     }
 
     /// Loads parameters saved by `save`; every name and shape must match this network.

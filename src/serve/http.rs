@@ -207,6 +207,15 @@ struct UploadQuery {
 }
 
 /// A refused request: counted under `STAGE_ERRORS{stage="http",reason}` and answered as JSON.
+/// How a failed spool write is answered: 507 Insufficient Storage when the disk is full (the
+/// client should retry later; nothing was accepted), 500 otherwise.
+fn spool_failure(e: &spool::SpoolError) -> (StatusCode, &'static str) {
+    match e {
+        spool::SpoolError::DiskFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "spool"),
+    }
+}
+
 fn reject(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Response {
     metrics::counter!(STAGE_ERRORS, "stage" => "http", "reason" => reason).increment(1);
     let message = message.into();
@@ -502,11 +511,8 @@ async fn upload(
         }
         Ok(Err(e)) => {
             tracing::error!(id = %id, error = %e, "cannot spool an upload");
-            return reject(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "spool",
-                format!("cannot spool the image: {e}"),
-            );
+            let (status, reason) = spool_failure(&e);
+            return reject(status, reason, format!("cannot spool the image: {e}"));
         }
         Err(e) => {
             tracing::error!(id = %id, error = %e, "spool task failed");
@@ -787,6 +793,7 @@ async fn upload_multipart(
         }
     };
     let mut spool_failed = false;
+    let mut disk_full = false;
     let mut conflict = false;
     for (i, id, result) in spooled {
         outcomes[i] = Some(match result {
@@ -808,9 +815,10 @@ async fn upload_multipart(
             }
             Err(e) => {
                 tracing::error!(id = %id, error = %e, "cannot spool an upload");
-                metrics::counter!(STAGE_ERRORS, "stage" => "http", "reason" => "spool")
-                    .increment(1);
+                let (status, reason) = spool_failure(&e);
+                metrics::counter!(STAGE_ERRORS, "stage" => "http", "reason" => reason).increment(1);
                 spool_failed = true;
+                disk_full |= status == StatusCode::INSUFFICIENT_STORAGE;
                 PartOutcome::Rejected(format!("cannot spool the image: {e}"))
             }
         });
@@ -841,6 +849,8 @@ async fn upload_multipart(
         .collect();
     let status = if any_accepted {
         StatusCode::ACCEPTED
+    } else if disk_full {
+        StatusCode::INSUFFICIENT_STORAGE
     } else if spool_failed {
         StatusCode::INTERNAL_SERVER_ERROR
     } else if conflict {

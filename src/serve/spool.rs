@@ -52,6 +52,9 @@ use serde::{Deserialize, Serialize};
 pub enum SpoolError {
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
+    /// The spool's disk is full (or over quota): the daemon answers 507 and the client retries.
+    #[error("{path}: {message} (the spool's disk is full)")]
+    DiskFull { path: PathBuf, message: String },
     #[error("bad image id `{id}`: {reason}")]
     BadId { id: String, reason: String },
     #[error("image id `{id}` is already spooled with other bytes (accepted as seq {seq}, not yet in a finished file): send it again once its row is written, or use another id")]
@@ -137,10 +140,46 @@ pub struct Spool {
     tmp_counter: AtomicU64,
 }
 
-fn io_err(path: &Path, e: impl std::fmt::Display) -> SpoolError {
-    SpoolError::Io {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+fn io_err(path: &Path, e: impl Cause) -> SpoolError {
+    if e.disk_full() {
+        SpoolError::DiskFull {
+            path: path.to_path_buf(),
+            message: e.text(),
+        }
+    } else {
+        SpoolError::Io {
+            path: path.to_path_buf(),
+            message: e.text(),
+        }
+    }
+}
+
+/// What went wrong with a spool file: an I/O error (which may be a full disk) or a reason.
+trait Cause {
+    fn text(&self) -> String;
+    fn disk_full(&self) -> bool {
+        false
+    }
+}
+
+impl Cause for std::io::Error {
+    fn text(&self) -> String {
+        self.to_string()
+    }
+    fn disk_full(&self) -> bool {
+        crate::fsx::is_disk_full(self)
+    }
+}
+
+impl Cause for String {
+    fn text(&self) -> String {
+        self.clone()
+    }
+}
+
+impl Cause for &str {
+    fn text(&self) -> String {
+        (*self).to_string()
     }
 }
 

@@ -264,9 +264,7 @@ impl Split {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let tmp = path.with_extension("csv.tmp");
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        plankton_core::fsx::write_atomic(path, text.as_ref()).map_err(|e| io(e.source))
     }
 
     /// Loads a split for `ds`; every listed path must exist in the dataset.

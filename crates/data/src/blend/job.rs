@@ -168,10 +168,8 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), BlendError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v).expect("serialisable"))
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(io)
+    let json = serde_json::to_string_pretty(v).expect("serialisable");
+    plankton_core::fsx::write_atomic(path, json.as_bytes()).map_err(|e| io(e.source))
 }
 
 struct Member {

@@ -230,12 +230,9 @@ pub fn calibrate_run(
     }
     let path = run.calibration();
     let text = serde_json::to_string_pretty(&fit).expect("serialisable");
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|e| EvaluateError::Io {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+    plankton_core::fsx::write_atomic(&path, text.as_bytes()).map_err(|e| EvaluateError::Io {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
     Ok(fit)
 }

@@ -214,8 +214,8 @@ impl FeatureWriter {
         self.flush()?;
         let writer = self.writer.take().expect("open until finished");
         writer.close().map_err(|e| io(&self.tmp, e.to_string()))?;
-        crate::sinks::durable_rename(&self.tmp, &self.path)
-            .map_err(|e| io(&self.path, e.to_string()))?;
+        plankton_core::fsx::commit(&self.tmp, &self.path)
+            .map_err(|e| io(&self.path, e.source.to_string()))?;
         Ok(self.written)
     }
 }

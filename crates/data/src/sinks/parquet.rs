@@ -398,7 +398,8 @@ impl PredictionWriter {
         self.flush_rows()?;
         let writer = self.writer.take().expect("open writer");
         writer.close().map_err(|e| io(&self.tmp)(e.to_string()))?;
-        super::durable_rename(&self.tmp, &self.path).map_err(|e| io(&self.path)(e.to_string()))?;
+        plankton_core::fsx::commit(&self.tmp, &self.path)
+            .map_err(|e| io(&self.path)(e.source.to_string()))?;
         Ok(self.written)
     }
 }

@@ -119,9 +119,9 @@ pub fn write_report(
 }
 
 fn write(path: &Path, text: &str) -> Result<(), ReportError> {
-    std::fs::write(path, text).map_err(|source| ReportError::Io {
-        path: path.to_path_buf(),
-        source,
+    plankton_core::fsx::write_atomic(path, text.as_bytes()).map_err(|e| ReportError::Io {
+        path: e.path,
+        source: e.source,
     })
 }
 

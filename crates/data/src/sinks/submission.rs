@@ -91,9 +91,7 @@ pub fn write_submission(
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
+    let tmp = plankton_core::fsx::temp_path(path);
     let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
     // Through the csv crate: an image id (a file name) may hold commas and quotes.
     let mut out = csv::Writer::from_writer(std::io::BufWriter::new(file));
@@ -137,7 +135,10 @@ pub fn write_submission(
     result.map_err(|e| io(&tmp, e))?;
     out.into_inner()
         .map_err(|e| io(&tmp, std::io::Error::other(e.to_string())))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+    plankton_core::fsx::commit(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path, e.source)
+    })?;
     Ok(SubmissionSummary {
         rows: rows.len(),
         fallback_rows,

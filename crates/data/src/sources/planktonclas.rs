@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -657,27 +657,9 @@ fn parse_split_line(line: &str) -> Option<(String, i64)> {
 // ---------------------------------------------------------------------------------------------
 // Writing
 
-/// Writes `bytes` to `path` under a temporary name in the same folder, then renames it.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(PlanktonclasError::io("writing", &tmp, e));
-    }
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        PlanktonclasError::io("renaming into place", path, e)
-    })
+    plankton_core::fsx::write_atomic(path, bytes)
+        .map_err(|e| PlanktonclasError::io("writing", path, e.source))
 }
 
 fn create_dir(path: &Path) -> Result<()> {

@@ -1368,20 +1368,10 @@ const TEST_INDEX_BASE: u64 = 1 << 40;
 /// JPEG quality of the written images.
 const JPEG_QUALITY: u8 = 90;
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SynthError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        SynthError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }
+    plankton_core::fsx::write_atomic(path, bytes).map_err(|e| SynthError::Io {
+        path: e.path,
+        source: e.source,
     })
 }
 

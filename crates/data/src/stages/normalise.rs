@@ -56,9 +56,8 @@ impl ZmuvStats {
             path: path.to_path_buf(),
             source,
         };
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serialisable")).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        let json = serde_json::to_vec_pretty(self).expect("serialisable");
+        plankton_core::fsx::write_atomic(path, &json).map_err(|e| io(e.source))
     }
 
     pub fn load(path: &Path) -> Result<Self, NormaliseError> {
