@@ -1,6 +1,7 @@
 # plankton: one-command setup. Every target installs what it needs, idempotently.
 #   make demo   - the main job on an embedded default dataset
-#   make test   - the whole test suite (what CI runs)
+#   make test   - the whole test suite (what CI runs): fmt, clippy -D warnings, tests
+#   make lint   - cargo fmt --check and clippy with warnings as errors
 #   make bench  - criterion benchmarks + Python baselines (see docs/BENCHMARKS.md)
 #   make bench-train - a training step, ours vs the same network in PyTorch (docs/BENCHMARKS.md)
 #   make crash-test - the daemon under random kill -9s (docs/BENCHMARKS.md)
@@ -33,7 +34,7 @@ else
 TORCH_PIP := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: promtool all libtorch build demo test bench bench-train crash-test gpu-check-pack pytools pytorch fixtures clean-demo
+.PHONY: promtool all libtorch build demo lint test bench bench-train crash-test gpu-check-pack pytools pytorch fixtures clean-demo
 
 all: build
 
@@ -81,9 +82,14 @@ $(PROMTOOL):
 
 promtool: $(PROMTOOL)
 
-# Benches are compiled too (so they cannot rot); the last line totals every test binary.
-# PLANKTON_REQUIRE_PYTHON: the Parquet reader test must run (not skip) here.
-test: libtorch pytools promtool
+# Formatting and clippy (warnings are errors) over every crate, tests and benches included.
+lint: libtorch
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Lint first; benches are compiled too (so they cannot rot); the last line totals every test
+# binary of the workspace. PLANKTON_REQUIRE_PYTHON: the Parquet reader test must run (not skip).
+test: libtorch pytools promtool lint
 	$(CARGO) bench --workspace --no-run
 	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 $(CARGO) test --release --workspace 2>&1 | tee target/test-output.log
 	$(PYENV_DIR)/bin/python scripts/serve_crash_test.py --uploads 300 --kills 3 --out target/crash-test-smoke

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use plankton::config::PipelineConfig;
@@ -102,7 +101,7 @@ fn train(
         .enable_all()
         .build()
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
     let opts = TrainOptions {
         config: cfg,
         data: data.to_path_buf(),
@@ -117,9 +116,7 @@ fn train(
         TrainEvent::Started {
             pseudo_images: n, ..
         } => pseudo_images = n,
-        TrainEvent::Step { step, .. } if Some(step) == stop_at => {
-            stop.store(true, Ordering::Relaxed)
-        }
+        TrainEvent::Step { step, .. } if Some(step) == stop_at => stop.cancel(),
         _ => {}
     })
     .unwrap();

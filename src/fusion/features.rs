@@ -2,7 +2,6 @@
 //! fusion depends only on the file's columns: `image_id`, `source_path`, `error` and float
 //! columns named `<set>.<name>`; sets added later are picked up by their prefix).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -38,9 +37,8 @@ pub struct FeatureFile {
     /// Why a row has no features (the image could not be read).
     pub errors: Vec<Option<String>>,
     pub sets: Vec<SetValues>,
-    by_path: HashMap<String, usize>,
-    /// `None` where two rows share the id (then only the source path can match).
-    by_id: HashMap<String, Option<usize>>,
+    /// Row by source path, else by image id where that is unique.
+    rows: crate::rows::RowIndex<usize>,
 }
 
 /// Columns `<set>.*` of the file, in file order.
@@ -157,8 +155,7 @@ impl FeatureFile {
                     values: Vec::new(),
                 })
                 .collect(),
-            by_path: HashMap::new(),
-            by_id: HashMap::new(),
+            rows: crate::rows::RowIndex::new(),
         };
         for batch in reader {
             let batch = batch.map_err(|e| bad(format!("cannot read Parquet: {e}")))?;
@@ -222,11 +219,7 @@ impl FeatureFile {
             }
         }
         for (i, (p, id)) in out.source_paths.iter().zip(&out.image_ids).enumerate() {
-            out.by_path.entry(p.clone()).or_insert(i);
-            out.by_id
-                .entry(id.clone())
-                .and_modify(|e| *e = None)
-                .or_insert(Some(i));
+            out.rows.insert(p, id, i);
         }
         Ok(out)
     }
@@ -241,10 +234,7 @@ impl FeatureFile {
 
     /// The row for a prediction: by source path, else by image id when that is unique.
     pub fn find(&self, source_path: &str, image_id: &str) -> Option<usize> {
-        self.by_path
-            .get(source_path)
-            .copied()
-            .or_else(|| self.by_id.get(image_id).copied().flatten())
+        self.rows.get(source_path, image_id).copied()
     }
 
     /// Whether row `i` has usable values for every set: no error, and in each set at least one

@@ -7,7 +7,6 @@ pub mod optimizer;
 pub mod pseudo;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,7 +83,7 @@ pub struct TrainOptions {
     /// A split file (`path,class,subset`) instead of a fresh stratified split.
     pub split_file: Option<PathBuf>,
     /// Set to stop after the current step; the run writes a checkpoint and returns.
-    pub stop: Option<Arc<AtomicBool>>,
+    pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// Progress reported while training.
@@ -160,6 +159,9 @@ pub fn evaluate(
     Ok((scoring::score(&probs, &labels, net.num_classes), failures))
 }
 
+/// Row-major class probabilities, labels, and the records that failed to decode.
+pub type Probabilities = (Vec<f32>, Vec<i64>, Vec<Failure>);
+
 /// Class probabilities (row-major) and labels of every record that decoded, in record order.
 pub fn predict_probabilities(
     net: &Network,
@@ -167,7 +169,7 @@ pub fn predict_probabilities(
     records: Arc<Vec<ImageRecord>>,
     zmuv: &[Zmuv],
     rt: &tokio::runtime::Handle,
-) -> Result<(Vec<f32>, Vec<i64>, Vec<Failure>), TrainError> {
+) -> Result<Probabilities, TrainError> {
     let _enter = rt.enter();
     let spec = LoaderSpec {
         records,
@@ -695,10 +697,7 @@ pub fn run(
 
         let last = state.step == tc.steps;
         let validate = state.step % tc.validate_every == 0 || last;
-        let mut stop = opts
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed));
+        let mut stop = opts.stop.as_ref().is_some_and(|s| s.is_cancelled());
         let read_now = unread.steps.len() as u64 >= readback_every
             || validate
             || state.step % tc.checkpoint_every == 0
@@ -737,10 +736,7 @@ pub fn run(
             }
             unread = Unread::default();
             // A stop asked for from an event handler counts for this step, as Ctrl-C does.
-            stop = opts
-                .stop
-                .as_ref()
-                .is_some_and(|s| s.load(Ordering::Relaxed));
+            stop = opts.stop.as_ref().is_some_and(|s| s.is_cancelled());
         } else {
             unread.wall += waited + t_step.elapsed();
         }

@@ -59,7 +59,11 @@ impl Optimizer {
             }
             // d/dw of lambda * sum(w^2).
             if p.decay && self.weight_decay > 0.0 {
-                grad = grad + &p.tensor * (2.0 * self.weight_decay);
+                // A new tensor, not `+=`: in place would change the stored gradient itself.
+                #[allow(clippy::assign_op_pattern)]
+                {
+                    grad = grad + &p.tensor * (2.0 * self.weight_decay);
+                }
             }
             match self.kind {
                 OptimizerKind::Nesterov => {

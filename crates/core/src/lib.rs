@@ -14,5 +14,6 @@ pub mod lbfgs;
 pub mod metrics;
 pub mod npy;
 pub mod rng;
+pub mod rows;
 pub mod scoring;
 pub mod tta;

@@ -241,15 +241,12 @@ struct Aligned {
 fn align(members: &[Member]) -> Vec<Aligned> {
     let k = members.len();
     let mut out: Vec<Aligned> = Vec::new();
-    let mut by_path: HashMap<String, usize> = HashMap::new();
-    // None: two rows share the file name, so the id alone cannot match.
-    let mut by_id: HashMap<String, Option<usize>> = HashMap::new();
+    let mut index = plankton_core::rows::RowIndex::<usize>::new();
     for (j, m) in members.iter().enumerate() {
         for (ri, r) in m.p.rows.iter().enumerate() {
-            let found = by_path
-                .get(&r.source_path)
+            let found = index
+                .get(&r.source_path, &r.image_id)
                 .copied()
-                .or_else(|| by_id.get(&r.image_id).copied().flatten())
                 .filter(|&o| out[o].slots[j].is_none());
             let o = match found {
                 Some(o) => o,
@@ -260,11 +257,7 @@ fn align(members: &[Member]) -> Vec<Aligned> {
                         source_path: r.source_path.clone(),
                         slots: vec![None; k],
                     });
-                    by_path.entry(r.source_path.clone()).or_insert(o);
-                    by_id
-                        .entry(r.image_id.clone())
-                        .and_modify(|e| *e = None)
-                        .or_insert(Some(o));
+                    index.insert(&r.source_path, &r.image_id, o);
                     o
                 }
             };

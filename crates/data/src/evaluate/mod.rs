@@ -12,6 +12,7 @@ use crate::sinks::report::{write_report, ReportError, ReportFiles};
 use crate::sources::Dataset;
 use calibration::{apply_temperature, fit_temperature, TemperatureFit};
 use metrics::Evaluation;
+use plankton_core::rows::RowIndex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvaluateError {
@@ -51,28 +52,18 @@ pub struct Labelled {
     pub model_ids: Vec<String>,
 }
 
-/// True class names by source path and by image id (ids only where unique).
-fn dataset_labels(
-    dirs: &[PathBuf],
-) -> Result<(HashMap<String, String>, HashMap<String, Option<String>>), EvaluateError> {
-    let (mut by_path, mut by_id) = (HashMap::new(), HashMap::<String, Option<String>>::new());
+/// True class names by source path, else by image id where the id is in one class only.
+fn dataset_labels(dirs: &[PathBuf]) -> Result<RowIndex<String>, EvaluateError> {
+    let mut labels = RowIndex::new();
     for d in dirs {
         let ds = Dataset::open(d)?;
         for r in ds.train.iter().chain(&ds.test) {
             let Some(l) = r.label else { continue };
             let class = ds.class_names[l as usize].clone();
-            by_path.insert(r.path.display().to_string(), class.clone());
-            by_id
-                .entry(r.id.clone())
-                .and_modify(|c| {
-                    if c.as_ref() != Some(&class) {
-                        *c = None; // the same file name in two classes: ambiguous
-                    }
-                })
-                .or_insert(Some(class));
+            labels.insert(&r.path.display().to_string(), &r.id, class);
         }
     }
-    Ok((by_path, by_id))
+    Ok(labels)
 }
 
 /// Reads a predictions file and attaches true classes: from `data` (dataset folders in the
@@ -86,8 +77,8 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
         .enumerate()
         .map(|(i, c)| (c.as_str(), i))
         .collect();
-    let (by_path, by_id) = if data.is_empty() {
-        Default::default()
+    let labels = if data.is_empty() {
+        RowIndex::new()
     } else {
         dataset_labels(data)?
     };
@@ -110,10 +101,7 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
         let class = if data.is_empty() {
             row.label.clone()
         } else {
-            by_path
-                .get(&row.source_path)
-                .cloned()
-                .or_else(|| by_id.get(&row.image_id).cloned().flatten())
+            labels.get(&row.source_path, &row.image_id).cloned()
         };
         match class.as_deref().and_then(|c| index.get(c)) {
             Some(&l) => {

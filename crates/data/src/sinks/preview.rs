@@ -116,7 +116,15 @@ pub fn render_preview(
             .map_err(|e| draw_err(&e))?;
         for (row, (index, img)) in rows.iter().enumerate() {
             let y0 = gap + row as u32 * (cell + gap);
-            // Original, scaled to fit the cell (nearest neighbour: the preview shows pixels).
+            // Original, scaled to fit the cell: shrunk with an area filter (a large image
+            // sampled pixel by pixel aliases), enlarged by nearest neighbour (shows pixels).
+            let shrunk;
+            let img = if img.width().max(img.height()) > cell {
+                shrunk = plankton_core::imgproc::thumbnail(img, cell);
+                &shrunk
+            } else {
+                img
+            };
             let (w, h) = img.dimensions();
             let scale = (cell as f64 / w.max(h) as f64).min(4.0);
             let (dw, dh) = ((w as f64 * scale) as u32, (h as f64 * scale) as u32);

@@ -1,0 +1,114 @@
+//! `plankton` command line: parse the arguments and hand each command to its module in
+//! `commands/` (its arguments and a `run`); the library does the work.
+
+mod commands;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "plankton",
+    version,
+    about = "Plankton image classification as a streaming pipeline (NDSB 2015 recipe)"
+)]
+struct Cli {
+    /// Log as JSON lines (for daemons and log collectors).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the main job on an embedded default dataset (what `make demo` runs).
+    Demo(commands::demo::DemoArgs),
+    /// Write a synthetic plankton dataset in the competition layout.
+    Synth(commands::synth::SynthArgs),
+    /// Obtain a real dataset.
+    Data {
+        #[command(subcommand)]
+        which: commands::data::DataCommand,
+    },
+    /// Grid of original images beside augmented patches (PNG).
+    Preview(commands::preview::PreviewArgs),
+    /// Write the float32 patch the pipeline makes for exact parameters (before ZMUV) as .npy.
+    Warp(commands::warp::WarpArgs),
+    /// Run the data path alone (no model): images/s overall and per stage, peak memory.
+    LoaderBench(commands::loader_bench::LoaderBenchArgs),
+    /// Write a stratified train/validation split (and bagging splits) of a dataset.
+    Split(commands::split::SplitArgs),
+    /// Estimate the global ZMUV mean/std on augmented training patches.
+    Zmuv(commands::zmuv::ZmuvArgs),
+    /// Train a network (or resume a run) on a dataset in the competition layout.
+    Train(commands::train::TrainArgs),
+    /// Print a pipeline's network: layers, shapes, parameters, multiply-accumulates.
+    Model(commands::model::ModelArgs),
+    /// What this binary finds to compute on: its libtorch, CUDA (loaded or why not), devices.
+    Devices(commands::devices::DevicesArgs),
+    /// Predict images with a trained run (quasi-random TTA) into a Parquet file, and optionally
+    /// a Kaggle submission CSV.
+    Predict(commands::predict::PredictArgs),
+    /// Score a predictions file: log loss, top-k, per-class precision/recall, confusion matrix,
+    /// reliability diagram, and the least confident images.
+    Evaluate(commands::evaluate::EvaluateArgs),
+    /// Fit a temperature on validation predictions and store it in the run (predict applies it).
+    Calibrate(commands::calibrate::CalibrateArgs),
+    /// Blend members' predictions: fit weights (softmax, L-BFGS on the validation log loss)
+    /// with members chosen by cross-validation, or apply the weights of an earlier fit.
+    Blend(commands::blend::BlendArgs),
+    /// The whole reference solution on a dataset folder, resumable: train the members, TTA,
+    /// features, fusion, blend, pseudo-label round, submission, and the score of every stage.
+    Replay(commands::replay::ReplayArgs),
+    /// Run the camera-ingest daemon: folder watch and HTTP upload in, rolling Parquet out,
+    /// Prometheus /metrics. SIGTERM/SIGINT drain and exit; SIGHUP reloads the model.
+    Serve(commands::serve::ServeArgs),
+    /// Image features for late fusion (raw size, moments, Hu, Haralick) into a Parquet file.
+    Features(commands::features::FeaturesArgs),
+    /// Late fusion: fit per-feature-set nets on validation predictions (out-of-fold loss
+    /// before/after, model folder), or apply a fitted model (--model) to other predictions.
+    Fuse(commands::fuse::FuseArgs),
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only on a terminal: escape codes in a log file or a pipe are noise to grep.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Command::Demo(a) => commands::demo::run(a).await,
+        Command::Synth(a) => commands::synth::run(a).await,
+        Command::Data { which } => commands::data::run(which),
+        Command::Preview(a) => commands::preview::run(a),
+        Command::Warp(a) => commands::warp::run(a),
+        Command::LoaderBench(a) => commands::loader_bench::run(a).await,
+        Command::Split(a) => commands::split::run(a),
+        Command::Zmuv(a) => commands::zmuv::run(a).await,
+        Command::Train(a) => commands::train::run(a).await,
+        Command::Model(a) => commands::model::run(a),
+        Command::Devices(a) => commands::devices::run(a),
+        Command::Predict(a) => commands::predict::run(a).await,
+        Command::Evaluate(a) => commands::evaluate::run(a).await,
+        Command::Calibrate(a) => commands::calibrate::run(a).await,
+        Command::Blend(a) => commands::blend::run(a).await,
+        Command::Replay(a) => commands::replay::run(a).await,
+        Command::Serve(a) => commands::serve::run(a).await,
+        Command::Features(a) => commands::features::run(a).await,
+        Command::Fuse(a) => commands::fuse::run(a).await,
+    }
+}
