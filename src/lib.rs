@@ -14,7 +14,7 @@ pub mod replay;
 pub mod serve;
 pub mod train;
 
-pub use plankton_core::{fsx, imgproc, npy, rng, rows, scoring};
+pub use plankton_core::{fsx, imgproc, npy, par, rng, rows, scoring};
 pub use plankton_data::{
     blend, config, data_path, evaluate, features, sinks, sources, split, stages, telemetry,
     topology,

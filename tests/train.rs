@@ -586,28 +586,40 @@ fn the_loss_log_of_a_resumed_run_reads_as_one_run() {
             .arg("--loss-log")
             .arg(&log),
     );
-    // Continue to 30 steps from the checkpoint at 20, and pretend steps 21-25 were logged
-    // before a crash: they are replaced, not repeated.
-    let stored = std::fs::read_to_string(run.join("pipeline.toml")).unwrap();
-    std::fs::write(
-        run.join("pipeline.toml"),
-        stored.replace("steps = 20", "steps = 30"),
-    )
-    .unwrap();
+    // Continue to 30 steps from the checkpoint at 20 (`--resume --steps 30`), and pretend steps
+    // 21-25 were logged before a crash: they are replaced, not repeated.
     let mut text = std::fs::read_to_string(&log).unwrap();
     text += "21,9.9\n25,9.9\n";
     std::fs::write(&log, text).unwrap();
-    run_ok(
+    let resumed = run_ok(
         bin()
-            .args(["train", "--resume", "--device", "cpu", "--data"])
+            .args([
+                "train", "--resume", "--steps", "30", "--device", "cpu", "--data",
+            ])
             .arg(&data)
             .arg("--out")
             .arg(&run)
             .arg("--loss-log")
             .arg(&log),
     );
+    assert!(!resumed.contains("differs from --pipeline"), "{resumed}");
     let steps: Vec<u64> = loss_log(&log).iter().map(|l| l.0).collect();
     assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+    let stored = std::fs::read_to_string(run.join("pipeline.toml")).unwrap();
+    assert!(stored.contains("steps = 30"), "{stored}");
+    // Shorter than where the run is: refused, naming both numbers.
+    let out = bin()
+        .args([
+            "train", "--resume", "--steps", "10", "--device", "cpu", "--data",
+        ])
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("10") && err.contains("30"), "{err}");
     assert!(loss_log(&log).iter().all(|l| l.1 < 9.0));
 
     let out = bin()

@@ -333,30 +333,16 @@ fn threads(requested: usize) -> usize {
 /// nets are far too small for intra-op parallelism, and on a busy machine libtorch's own
 /// threads made a step ten times slower. Results come back in unit order and do not depend on
 /// which worker ran what.
-fn run_units<T: Send>(units: usize, workers: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+fn run_units<T: Send>(
+    units: usize,
+    workers: usize,
+    f: impl Fn(usize) -> T + Sync + Send,
+) -> Vec<T> {
     let before = tch::get_num_threads();
-    let next = AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<T>>> = (0..units).map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|s| {
-        for _ in 0..workers.clamp(1, units.max(1)) {
-            s.spawn(|| {
-                tch::set_num_threads(1);
-                loop {
-                    let u = next.fetch_add(1, Ordering::Relaxed);
-                    if u >= units {
-                        break;
-                    }
-                    let r = f(u);
-                    *slots[u].lock().expect("unpoisoned") = Some(r);
-                }
-            });
-        }
-    });
+    let pool = crate::par::pool_with(workers.clamp(1, units.max(1)), || tch::set_num_threads(1));
+    let out = crate::par::map_range_on(&pool, units, f);
     tch::set_num_threads(before);
-    slots
-        .into_iter()
-        .map(|m| m.into_inner().expect("unpoisoned").expect("every unit ran"))
-        .collect()
+    out
 }
 
 /// Mean over the groups of their nets' fused probabilities for the given prediction rows.

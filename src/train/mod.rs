@@ -74,7 +74,8 @@ impl TrainError {
 /// What `plankton train` asks for.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
-    /// The pipeline (ignored on resume, where the run's own `pipeline.toml` is used).
+    /// The pipeline. On resume the run's own `pipeline.toml` is used; only a different
+    /// `train.steps` (with everything else equal) is taken from here, to lengthen the run.
     pub config: PipelineConfig,
     pub data: PathBuf,
     pub out: PathBuf,
@@ -364,9 +365,34 @@ fn prepare(
     };
     let cfg = if opts.resume {
         let path = run.pipeline();
-        let cfg = PipelineConfig::load(&path).map_err(|e| TrainError::Config(e.to_string()))?;
-        if cfg != opts.config {
+        let mut cfg = PipelineConfig::load(&path).map_err(|e| TrainError::Config(e.to_string()))?;
+        // The one change a resume takes is the length of the run (`--steps`): everything else
+        // stays the run's own, so the resumed run is the same run.
+        let mut other_length = cfg.clone();
+        other_length.train.steps = opts.config.train.steps;
+        if other_length != opts.config {
             tracing::warn!(run = %path.display(), "resuming with the run's own pipeline.toml (it differs from --pipeline)");
+        } else if cfg.train.steps != opts.config.train.steps {
+            let at = match &checkpoint {
+                Some(dir) => RunDir::load_state(dir)?.step,
+                None => 0,
+            };
+            if opts.config.train.steps < at {
+                return Err(TrainError::Config(format!(
+                    "--steps {} is below the checkpoint's step {at} in {}: a run cannot be shortened past where it is",
+                    opts.config.train.steps,
+                    run.root.display()
+                )));
+            }
+            tracing::info!(
+                from = cfg.train.steps,
+                to = opts.config.train.steps,
+                "resuming with a new train.steps"
+            );
+            cfg.train.steps = opts.config.train.steps;
+            let text =
+                toml::to_string_pretty(&cfg).map_err(|e| TrainError::Config(e.to_string()))?;
+            run_dir::write_atomic(&path, text.as_bytes())?;
         }
         cfg
     } else {
@@ -471,6 +497,14 @@ fn prepare(
     let mut history = Vec::new();
     if let Some(dir) = checkpoint {
         state = RunDir::load_state(&dir)?;
+        if state.step > cfg.train.steps {
+            return Err(TrainError::Config(format!(
+                "{}: train.steps {} is below the checkpoint's step {}: a run cannot be shortened past where it is",
+                run.pipeline().display(),
+                cfg.train.steps,
+                state.step
+            )));
+        }
         net.load(&dir.join("model.safetensors"))?;
         optimizer.load(
             &net.params,

@@ -13,6 +13,7 @@ pub mod imgproc;
 pub mod lbfgs;
 pub mod metrics;
 pub mod npy;
+pub mod par;
 pub mod rng;
 pub mod rows;
 pub mod scoring;

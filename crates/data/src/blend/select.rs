@@ -130,7 +130,7 @@ pub fn forward_select(
     let mut steps = Vec::new();
     let mut remaining: Vec<usize> = (0..terms.members).collect();
     while !remaining.is_empty() {
-        let losses = parallel_map(&remaining, |&c| {
+        let losses = plankton_core::par::map(0, &remaining, |&c| {
             let mut ens = chosen.clone();
             ens.push(c);
             cv_log_loss(terms, &ens, &splits, weighting, opts)
@@ -168,31 +168,4 @@ pub fn forward_select(
         steps,
         chosen_size,
     })
-}
-
-/// `f` over `items` on the available cores, results in input order.
-fn parallel_map<T: Sync, R: Send + Default + Clone>(
-    items: &[T],
-    f: impl Fn(&T) -> R + Sync,
-) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(items.len())
-        .max(1);
-    if threads == 1 {
-        return items.iter().map(f).collect();
-    }
-    let mut out = vec![R::default(); items.len()];
-    let chunk = items.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for (ins, outs) in items.chunks(chunk).zip(out.chunks_mut(chunk)) {
-            let f = &f;
-            s.spawn(move || {
-                for (i, o) in ins.iter().zip(outs) {
-                    *o = f(i);
-                }
-            });
-        }
-    });
-    out
 }

@@ -218,48 +218,20 @@ pub fn run(
     let columns = writer::columns(&opts.sets).len();
     // Dropped on an error: the partial file goes with it.
     let mut out = FeatureWriter::create(&opts.out, &opts.sets)?;
-    let threads = if opts.threads > 0 {
-        opts.threads
-    } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    };
+    let pool = plankton_core::par::pool_with(opts.threads, || {});
     let mut failed = Vec::new();
     const CHUNK: usize = 512;
     for (c, chunk) in recs.chunks(CHUNK).enumerate() {
-        let computed: Vec<Computed> = {
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let slots: Vec<std::sync::Mutex<Option<Computed>>> = (0..chunk.len())
-                .map(|_| std::sync::Mutex::new(None))
-                .collect();
-            std::thread::scope(|s| {
-                for _ in 0..threads.min(chunk.len()) {
-                    s.spawn(|| loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= chunk.len() {
-                            break;
-                        }
-                        let path = &chunk[i].0.path;
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            decode_file(path, &opts.decode)
-                                .map_err(|e| e.to_string())
-                                .map(|img| {
-                                    (img.height(), img.width(), writer::compute(&opts.sets, &img))
-                                })
-                        }))
-                        .unwrap_or_else(|_| {
-                            Err(format!("{}: feature computation panicked", path.display()))
-                        });
-                        *slots[i].lock().unwrap() = Some(r);
-                    });
-                }
-            });
-            slots
-                .into_iter()
-                .map(|m| m.into_inner().unwrap().expect("computed"))
-                .collect()
-        };
+        let computed: Vec<Computed> = plankton_core::par::map_range_on(&pool, chunk.len(), |i| {
+            let path = &chunk[i].0.path;
+            // One image's panic is its own error row, not the end of the job.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                decode_file(path, &opts.decode)
+                    .map_err(|e| e.to_string())
+                    .map(|img| (img.height(), img.width(), writer::compute(&opts.sets, &img)))
+            }))
+            .unwrap_or_else(|_| Err(format!("{}: feature computation panicked", path.display())))
+        });
         for ((rec, label), r) in chunk.iter().zip(computed) {
             let (size, values, error) = match r {
                 Ok((h, w, v)) => (Some((h, w)), Some(v), None),

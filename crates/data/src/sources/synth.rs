@@ -32,8 +32,6 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use image::GrayImage;
 
@@ -1469,41 +1467,8 @@ pub fn generate(opts: &SynthOptions, out: &Path) -> Result<SynthSummary, SynthEr
         write_atomic(&path, &bytes)
     };
 
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|t| t.get())
-            .unwrap_or(1)
-    } else {
-        opts.threads
-    }
-    .clamp(1, total.max(1));
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let first_err: Mutex<Option<(usize, SynthError)>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                if failed.load(Ordering::Relaxed) {
-                    break;
-                }
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= total {
-                    break;
-                }
-                if let Err(e) = job(k) {
-                    failed.store(true, Ordering::Relaxed);
-                    let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                    if g.as_ref().is_none_or(|(k0, _)| k < *k0) {
-                        *g = Some((k, e));
-                    }
-                    break;
-                }
-            });
-        }
-    });
-    if let Some((_, e)) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
+    // The first failure (lowest image index) stops the others and is the error reported.
+    plankton_core::par::try_for_each_range(opts.threads, total, job)?;
 
     let p = 1.0 / n as f64;
     let prob_row: String = std::iter::repeat_n(format!(",{p}"), n).collect();

@@ -20,7 +20,8 @@ pub struct TrainArgs {
     /// Use this split file (path,class,subset; see `plankton split`) instead of a fresh one.
     #[arg(long)]
     split: Option<PathBuf>,
-    /// Override train.steps.
+    /// Override train.steps; with --resume, lengthens (or shortens, not past the checkpoint)
+    /// the run.
     #[arg(long)]
     steps: Option<u64>,
     /// Write every step's training loss to this CSV (step,loss), e.g. to compare devices.
@@ -31,7 +32,12 @@ pub struct TrainArgs {
 pub async fn run(a: TrainArgs) -> Result<()> {
     use plankton::train::{self, TrainEvent, TrainOptions};
     use std::io::Write;
-    let mut config = a.pipeline.load()?;
+    // Resuming without --pipeline: the run's own pipeline, so that only --steps can differ.
+    let own = a.out.join("pipeline.toml");
+    let mut config = match &a.pipeline.pipeline {
+        None if a.resume && own.exists() => PipelineConfig::load(&own)?,
+        _ => a.pipeline.load()?,
+    };
     if let Some(steps) = a.steps {
         config.train.steps = steps;
     }
