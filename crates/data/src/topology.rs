@@ -27,10 +27,10 @@ use tokio::sync::Semaphore;
 use crate::config::PipelineConfig;
 use crate::sources::ImageRecord;
 use crate::stages::batch::{Batch, BatchPool};
-use crate::stages::decode::decode_file;
 use crate::stages::normalise::Zmuv;
 use crate::stages::warp::{augmentation_for, make_patch};
 use crate::telemetry::{self, StageMeter, StageTotals};
+use plankton_core::decode::decode_file;
 use plankton_core::imgproc::Augmentation;
 use plankton_core::rng::{Purpose, Stream};
 

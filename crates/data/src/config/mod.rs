@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::stages::decode::DecodeLimits;
+use plankton_core::decode::DecodeLimits;
 
 pub mod compute;
 pub mod model;

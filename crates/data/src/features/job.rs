@@ -15,7 +15,7 @@ use image::GrayImage;
 use super::writer::{self, FeatureRow, FeatureWriter};
 use super::{haralick, lbp, moments, tas, zernike};
 use crate::sources::{Dataset, ImageRecord};
-use crate::stages::decode::{decode_file, DecodeLimits};
+use plankton_core::decode::{decode_file, DecodeLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeaturesError {

@@ -47,7 +47,7 @@ use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
-use crate::evaluate::metrics::summarise_row;
+use plankton_core::metrics::summarise_row;
 
 /// Footer keys.
 pub const META_CLASS_NAMES: &str = "plankton.class_names";

@@ -12,8 +12,8 @@ use plotters::prelude::*;
 
 use crate::config::PipelineConfig;
 use crate::sources::ImageRecord;
-use crate::stages::decode::decode_file;
 use crate::stages::warp::{augmentation_for, make_patch};
+use plankton_core::decode::decode_file;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreviewError {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::plot::{
     render_charts, render_heatmap_with_text, Bars, Chart, Heatmap, LineChart, PlotError, Series,
 };
-use crate::evaluate::metrics::{Evaluation, PerClass};
+use plankton_core::metrics::{Evaluation, PerClass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
