@@ -13,5 +13,6 @@ pub mod sinks;
 pub mod sources;
 pub mod split;
 pub mod stages;
+pub mod table;
 pub mod telemetry;
 pub mod topology;

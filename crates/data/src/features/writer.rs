@@ -6,20 +6,16 @@
 //! file is renamed into place when finished, so a crash never leaves a half file under the
 //! final name.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Builder, StringBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use image::GrayImage;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
-use parquet::file::metadata::KeyValue;
-use parquet::file::properties::WriterProperties;
 
 use super::job::{FeatureSet, FeaturesError};
+use crate::sinks::parquet_file::ParquetFile;
 
 /// Footer key of the JSON description of the sets and columns.
 pub const META_FEATURES: &str = "plankton.features";
@@ -81,9 +77,7 @@ fn schema(columns: &[String], sets: &[FeatureSet]) -> SchemaRef {
 
 /// Streams feature rows into a Parquet file.
 pub struct FeatureWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    writer: Option<ArrowWriter<File>>,
+    file: ParquetFile,
     schema: SchemaRef,
     columns: usize,
     rows: Vec<FeatureRow>,
@@ -98,29 +92,20 @@ impl FeatureWriter {
         };
         let columns = columns(sets);
         let schema = schema(&columns, sets);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| io(dir, e.to_string()))?;
-        }
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".partial");
-        let tmp = PathBuf::from(tmp);
-        let file = File::create(&tmp).map_err(|e| io(&tmp, e.to_string()))?;
         let meta = schema
             .metadata()
             .get(META_FEATURES)
             .cloned()
             .unwrap_or_default();
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_key_value_metadata(Some(vec![KeyValue::new(META_FEATURES.to_string(), meta)]))
-            .set_created_by(format!("plankton {}", env!("CARGO_PKG_VERSION")))
-            .build();
-        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
-            .map_err(|e| io(&tmp, e.to_string()))?;
+        let file = ParquetFile::create(
+            path,
+            schema.clone(),
+            vec![(META_FEATURES.to_string(), meta)],
+            None,
+        )
+        .map_err(|e| io(&e.path, e.message))?;
         Ok(FeatureWriter {
-            path: path.to_path_buf(),
-            tmp,
-            writer: Some(writer),
+            file,
             schema,
             columns: columns.len(),
             rows: Vec::with_capacity(ROWS_PER_BATCH),
@@ -195,36 +180,19 @@ impl FeatureWriter {
         let batch =
             RecordBatch::try_new(self.schema.clone(), arrays).expect("columns match the schema");
         self.written += batch.num_rows();
-        self.writer
-            .as_mut()
-            .expect("open until finished")
-            .write(&batch)
-            .map_err(|e| FeaturesError::Io {
-                path: self.tmp.clone(),
-                message: e.to_string(),
-            })
+        self.file.write(&batch).map_err(|e| FeaturesError::Io {
+            path: e.path,
+            message: e.message,
+        })
     }
 
     /// Writes what is queued, closes the file and renames it into place; returns the rows.
     pub fn finish(mut self) -> Result<usize, FeaturesError> {
-        let io = |p: &Path, e: String| FeaturesError::Io {
-            path: p.to_path_buf(),
-            message: e,
-        };
         self.flush()?;
-        let writer = self.writer.take().expect("open until finished");
-        writer.close().map_err(|e| io(&self.tmp, e.to_string()))?;
-        plankton_core::fsx::commit(&self.tmp, &self.path)
-            .map_err(|e| io(&self.path, e.source.to_string()))?;
+        self.file.finish().map_err(|e| FeaturesError::Io {
+            path: e.path,
+            message: e.message,
+        })?;
         Ok(self.written)
-    }
-}
-
-impl Drop for FeatureWriter {
-    fn drop(&mut self) {
-        // Dropped unfinished (an error on the way): leave no partial file behind.
-        if self.writer.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
     }
 }

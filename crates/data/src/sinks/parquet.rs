@@ -42,11 +42,8 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
-use parquet::file::metadata::KeyValue;
-use parquet::file::properties::WriterProperties;
 
+use super::parquet_file::{ParquetFile, ParquetFileError};
 use plankton_core::metrics::summarise_row;
 
 /// Footer keys.
@@ -162,9 +159,7 @@ fn schema_with(
 
 /// Streams prediction rows into a Parquet file.
 pub struct PredictionWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    writer: Option<ArrowWriter<File>>,
+    file: ParquetFile,
     schema: SchemaRef,
     class_names: Arc<Vec<String>>,
     model_id: String,
@@ -207,13 +202,6 @@ impl PredictionWriter {
         top_k: usize,
         serve_columns: bool,
     ) -> Result<Self, ParquetSinkError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| io(dir)(e.to_string()))?;
-        }
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".partial");
-        let tmp = PathBuf::from(tmp);
-        let file = File::create(&tmp).map_err(|e| io(&tmp)(e.to_string()))?;
         let kv = [
             (
                 META_CLASS_NAMES.to_string(),
@@ -227,20 +215,10 @@ impl PredictionWriter {
             kv.iter().cloned().collect(),
             serve_columns,
         );
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(65_536))
-            .set_key_value_metadata(Some(
-                kv.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect(),
-            ))
-            .set_created_by(format!("plankton {}", env!("CARGO_PKG_VERSION")))
-            .build();
-        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
-            .map_err(|e| io(&tmp)(e.to_string()))?;
+        let file = ParquetFile::create(path, schema.clone(), kv.to_vec(), Some(65_536))
+            .map_err(file_err)?;
         Ok(PredictionWriter {
-            path: path.to_path_buf(),
-            tmp,
-            writer: Some(writer),
+            file,
             schema,
             class_names: Arc::new(class_names),
             model_id: model_id.to_string(),
@@ -294,11 +272,7 @@ impl PredictionWriter {
             return Ok(());
         }
         let batch = self.record_batch();
-        self.writer
-            .as_mut()
-            .expect("open writer")
-            .write(&batch)
-            .map_err(|e| io(&self.tmp)(e.to_string()))?;
+        self.file.write(&batch).map_err(file_err)?;
         self.written += self.rows.len();
         self.rows.clear();
         if let Some(s) = self.serve.as_mut() {
@@ -396,21 +370,13 @@ impl PredictionWriter {
     /// Writes the footer and moves the file into place; returns the row count.
     pub fn finish(mut self) -> Result<usize, ParquetSinkError> {
         self.flush_rows()?;
-        let writer = self.writer.take().expect("open writer");
-        writer.close().map_err(|e| io(&self.tmp)(e.to_string()))?;
-        plankton_core::fsx::commit(&self.tmp, &self.path)
-            .map_err(|e| io(&self.path)(e.source.to_string()))?;
+        self.file.finish().map_err(file_err)?;
         Ok(self.written)
     }
 }
 
-impl Drop for PredictionWriter {
-    fn drop(&mut self) {
-        if self.writer.is_some() {
-            // Not finished (an error upstream): leave no partial file behind.
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
+fn file_err(e: ParquetFileError) -> ParquetSinkError {
+    io(&e.path)(e.message)
 }
 
 /// The `plankton.model` JSON and the (image_id, seq) of every row of a daemon's predictions

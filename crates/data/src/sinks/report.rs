@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use super::plot::{
     render_charts, render_heatmap_with_text, Bars, Chart, Heatmap, LineChart, PlotError, Series,
 };
+use crate::table::{self, csv_bytes};
 use plankton_core::metrics::{Evaluation, PerClass};
 
 #[derive(Debug, thiserror::Error)]
@@ -107,83 +108,82 @@ pub fn write_report(
     })?;
     json.push('\n');
     write(&files.json, &json)?;
-    write(&files.per_class_csv, &per_class_csv(eval))?;
+    write(&files.per_class_csv, per_class_csv(eval))?;
     write(
         &files.least_confident_csv,
-        &least_confident_csv(eval, ids, paths),
+        least_confident_csv(eval, ids, paths),
     )?;
     render_confusion(&files.confusion_png, eval, title)?;
     render_reliability(&files.reliability_png, eval, title)?;
-    write(&files.summary_md, &summary_md(eval, ids, title))?;
+    write(&files.summary_md, summary_md(eval, ids, title))?;
     Ok(files)
 }
 
-fn write(path: &Path, text: &str) -> Result<(), ReportError> {
-    plankton_core::fsx::write_atomic(path, text.as_bytes()).map_err(|e| ReportError::Io {
+fn write(path: &Path, text: impl AsRef<[u8]>) -> Result<(), ReportError> {
+    plankton_core::fsx::write_atomic(path, text.as_ref()).map_err(|e| ReportError::Io {
         path: e.path,
         source: e.source,
     })
 }
 
-/// A CSV field, quoted when it holds a comma, quote or line break.
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
-/// Shortest round-trip form; NaN as an empty field.
-fn csv_num(v: f64) -> String {
-    if v.is_nan() {
-        String::new()
-    } else {
-        format!("{v}")
-    }
-}
-
-fn per_class_csv(eval: &Evaluation) -> String {
-    let mut out = String::from("class,support,predicted,precision,recall,f1,log_loss\n");
-    for p in &eval.per_class {
-        let _ = writeln!(
-            out,
-            "{},{},{},{},{},{},{}",
-            csv_field(&p.class),
-            p.support,
-            p.predicted,
-            csv_num(p.precision),
-            csv_num(p.recall),
-            csv_num(p.f1),
-            p.log_loss.map_or(String::new(), csv_num)
-        );
-    }
-    out
+fn per_class_csv(eval: &Evaluation) -> Vec<u8> {
+    let header = [
+        "class",
+        "support",
+        "predicted",
+        "precision",
+        "recall",
+        "f1",
+        "log_loss",
+    ];
+    csv_bytes(
+        &header,
+        eval.per_class.iter().map(|p| {
+            vec![
+                p.class.clone(),
+                p.support.to_string(),
+                p.predicted.to_string(),
+                table::num(p.precision),
+                table::num(p.recall),
+                table::num(p.f1),
+                p.log_loss.map_or(String::new(), table::num),
+            ]
+        }),
+    )
 }
 
 fn lookup(v: &[String], i: usize) -> &str {
     v.get(i).map_or("", String::as_str)
 }
 
-fn least_confident_csv(eval: &Evaluation, ids: &[String], paths: &[String]) -> String {
-    let mut out =
-        String::from("rank,image,path,predicted,confidence,margin,entropy,true_class,correct\n");
-    for (rank, u) in eval.least_confident.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{},{},{},{},{},{},{},{},{}",
-            rank + 1,
-            csv_field(lookup(ids, u.index)),
-            csv_field(lookup(paths, u.index)),
-            csv_field(&u.predicted),
-            csv_num(u.confidence),
-            csv_num(u.margin),
-            csv_num(u.entropy),
-            csv_field(&u.true_class),
-            u.correct
-        );
-    }
-    out
+fn least_confident_csv(eval: &Evaluation, ids: &[String], paths: &[String]) -> Vec<u8> {
+    let header = [
+        "rank",
+        "image",
+        "path",
+        "predicted",
+        "confidence",
+        "margin",
+        "entropy",
+        "true_class",
+        "correct",
+    ];
+    csv_bytes(
+        &header,
+        eval.least_confident.iter().enumerate().map(|(rank, u)| {
+            vec![
+                (rank + 1).to_string(),
+                lookup(ids, u.index).to_string(),
+                lookup(paths, u.index).to_string(),
+                u.predicted.clone(),
+                table::num(u.confidence),
+                table::num(u.margin),
+                table::num(u.entropy),
+                u.true_class.clone(),
+                u.correct.to_string(),
+            ]
+        }),
+    )
 }
 
 /// Cell size giving a readable matrix: large cells with room for counts for few classes, and

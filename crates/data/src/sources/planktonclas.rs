@@ -32,6 +32,8 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::table::csv_bytes;
+
 /// The pinned package version.
 pub const PLANKTONCLAS_VERSION: &str = "0.2.4";
 /// The interpreter used to run pip when none is given.
@@ -675,33 +677,46 @@ fn write_layout(out: &Path, plan: &Plan) -> Result<()> {
         create_dir(&train_dir.join(class))?;
     }
 
-    let mut test_labels = String::from("image,class\n");
-    let mut split_csv = String::from("image,class,split\n");
-    let mut test_names = Vec::new();
+    let mut test_labels = Vec::new();
+    let mut split_rows = Vec::new();
     for img in &plan.images {
         let dest = if img.split == "test" {
-            test_labels.push_str(&format!("{},{}\n", img.out_name, img.class));
-            test_names.push(img.out_name.as_str());
+            test_labels.push(vec![img.out_name.clone(), img.class.clone()]);
             test_dir.join(&img.out_name)
         } else {
             train_dir.join(&img.class).join(&img.out_name)
         };
         write_atomic(&dest, &img.bytes)?;
-        split_csv.push_str(&format!("{},{},{}\n", img.out_name, img.class, img.split));
+        split_rows.push(vec![
+            img.out_name.clone(),
+            img.class.clone(),
+            img.split.to_string(),
+        ]);
     }
 
-    let p = 1.0 / plan.class_names.len() as f64;
-    let mut submission = format!("image,{}\n", plan.class_names.join(","));
-    let row_tail: String = std::iter::repeat_n(format!(",{p}"), plan.class_names.len()).collect();
-    for name in &test_names {
-        submission.push_str(name);
-        submission.push_str(&row_tail);
-        submission.push('\n');
-    }
+    let classes = plan.class_names.len();
+    let p = (1.0 / classes as f64).to_string();
+    let header: Vec<&str> = std::iter::once("image")
+        .chain(plan.class_names.iter().map(String::as_str))
+        .collect();
+    let submission = csv_bytes(
+        &header,
+        test_labels.iter().map(|row| {
+            std::iter::once(row[0].clone())
+                .chain(std::iter::repeat_n(p.clone(), classes))
+                .collect::<Vec<_>>()
+        }),
+    );
 
-    write_atomic(&out.join(TEST_LABELS_FILE), test_labels.as_bytes())?;
-    write_atomic(&out.join(SAMPLE_SUBMISSION_FILE), submission.as_bytes())?;
-    write_atomic(&out.join(SPLIT_FILE), split_csv.as_bytes())?;
+    write_atomic(
+        &out.join(TEST_LABELS_FILE),
+        &csv_bytes(&["image", "class"], test_labels),
+    )?;
+    write_atomic(&out.join(SAMPLE_SUBMISSION_FILE), &submission)?;
+    write_atomic(
+        &out.join(SPLIT_FILE),
+        &csv_bytes(&["image", "class", "split"], split_rows),
+    )?;
 
     let marker = serde_json::json!({
         "package": "planktonclas",

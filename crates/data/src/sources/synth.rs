@@ -28,13 +28,13 @@
 //! box; drawing is done at 2x and box-filtered down for antialiasing.
 
 use std::f32::consts::{PI, TAU};
-use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use image::GrayImage;
 
+use crate::table::csv_bytes;
 use plankton_core::rng::{Purpose, Stream};
 
 /// What to generate.
@@ -1470,23 +1470,25 @@ pub fn generate(opts: &SynthOptions, out: &Path) -> Result<SynthSummary, SynthEr
     // The first failure (lowest image index) stops the others and is the error reported.
     plankton_core::par::try_for_each_range(opts.threads, total, job)?;
 
-    let p = 1.0 / n as f64;
-    let prob_row: String = std::iter::repeat_n(format!(",{p}"), n).collect();
-    let mut sub = String::with_capacity((opts.test + 1) * (prob_row.len() + 16));
-    sub.push_str("image");
-    for name in &names {
-        sub.push(',');
-        sub.push_str(name);
-    }
-    sub.push('\n');
-    let mut labels = String::from("image,class\n");
-    for j in 0..opts.test {
-        let id = ids[n_train + j];
-        let _ = writeln!(sub, "{id}.jpg{prob_row}");
-        let _ = writeln!(labels, "{id}.jpg,{}", names[test_classes[j]]);
-    }
-    write_atomic(&out.join("sampleSubmission.csv"), sub.as_bytes())?;
-    write_atomic(&out.join("test_labels.csv"), labels.as_bytes())?;
+    let p = (1.0 / n as f64).to_string();
+    let header: Vec<&str> = std::iter::once("image")
+        .chain(names.iter().map(String::as_str))
+        .collect();
+    let test_name = |j: usize| format!("{}.jpg", ids[n_train + j]);
+    let sub = csv_bytes(
+        &header,
+        (0..opts.test).map(|j| {
+            std::iter::once(test_name(j))
+                .chain(std::iter::repeat_n(p.clone(), n))
+                .collect::<Vec<_>>()
+        }),
+    );
+    let labels = csv_bytes(
+        &["image", "class"],
+        (0..opts.test).map(|j| vec![test_name(j), names[test_classes[j]].clone()]),
+    );
+    write_atomic(&out.join("sampleSubmission.csv"), &sub)?;
+    write_atomic(&out.join("test_labels.csv"), &labels)?;
     tracing::info!(classes = n, train = n_train, test = opts.test, out = %out.display(), "synthetic data set written");
     Ok(SynthSummary {
         class_names: names,
