@@ -325,6 +325,8 @@ pub fn run(
     on_event: &mut dyn FnMut(ReplayEvent),
 ) -> Result<ReplayReport, ReplayError> {
     let cfg = ReplayConfig::load(&opts.replay_file)?;
+    // Temporaries of a replay killed mid-write (its report files live here).
+    crate::fsx::sweep_stale_temps(&opts.out);
     let mut pipelines = cfg.member_pipelines(&opts.replay_file)?;
     for (p, m) in pipelines.iter_mut().zip(&cfg.members) {
         if let Some(seed) = m.seed {

@@ -571,6 +571,12 @@ pub fn run(
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary, TrainError> {
     let run = RunDir::new(&opts.out);
+    // Temporaries of a writer killed mid-write (kill -9) in an earlier attempt of this run.
+    let swept = crate::fsx::sweep_stale_temps(&run.root)
+        + crate::fsx::sweep_stale_temps(&run.checkpoints());
+    if swept > 0 {
+        tracing::info!(files = swept, run = %run.root.display(), "removed temporaries of an interrupted write");
+    }
     let Prepared {
         cfg,
         train,

@@ -53,6 +53,51 @@ pub fn temp_path(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()))
 }
 
+/// Removes the temporary files that [`temp_path`] made in `dir` for processes no longer running
+/// (a writer killed between create and rename leaves one; the names are unique, so nothing
+/// else would ever replace it). Files of live processes and every other file are kept. Returns
+/// how many were removed.
+pub fn sweep_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temp_owner(&name) else {
+            continue;
+        };
+        if !process_alive(pid) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The process id in a name made by [`temp_path`]: `.{name}.{pid}-{n}.tmp`.
+fn temp_owner(file_name: &str) -> Option<u32> {
+    let stem = file_name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (_, tail) = stem.rsplit_once('.')?;
+    let (pid, n) = tail.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        Path::new("/proc").join(pid.to_string()).exists()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        // Without /proc, keep them: a stale file is clutter, a deleted live one is a failed write.
+        true
+    }
+}
+
 /// Writes `bytes` to `path` durably (see the module documentation).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     write_atomic_with(path, |f| f.write_all(bytes))
@@ -204,5 +249,37 @@ mod tests {
         let err = write_atomic(Path::new("/nonexistent-plankton-dir/x.csv"), b"x").unwrap_err();
         assert!(err.to_string().contains("x.csv"), "{err}");
         assert!(!err.is_disk_full());
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_swept_and_nothing_else() {
+        let dir = scratch();
+        let ours = temp_path(&dir.join("report.json"));
+        std::fs::write(&ours, b"being written").unwrap();
+        // A pid above the kernel's maximum (4194304) can never be running.
+        let dead = dir.join(".report.json.999999999-0.tmp");
+        std::fs::write(&dead, b"torn").unwrap();
+        for keep in [".hidden", "report.json", "x.tmp", ".a.b.c-d.tmp"] {
+            std::fs::write(dir.join(keep), b"keep").unwrap();
+        }
+        assert_eq!(sweep_stale_temps(&dir), 1);
+        assert!(!dead.exists());
+        assert!(ours.exists());
+        assert_eq!(
+            entries(&dir),
+            vec![
+                ".a.b.c-d.tmp".to_string(),
+                ".hidden".to_string(),
+                ours.file_name().unwrap().to_string_lossy().into_owned(),
+                "report.json".to_string(),
+                "x.tmp".to_string(),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+        assert_eq!(sweep_stale_temps(&dir.join("missing")), 0);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
