@@ -640,3 +640,61 @@ fn the_loss_log_of_a_resumed_run_reads_as_one_run() {
     );
     assert!(!dir.path().join("r2").exists(), "nothing was started");
 }
+
+/// SIGTERM (a scheduler's stop) ends a run with a checkpoint and exit status 130, not 0, so
+/// that `plankton train ... && plankton predict ...` does not go on with an unfinished run;
+/// `--resume` then finishes it.
+#[test]
+fn sigterm_checkpoints_and_exits_130_and_resume_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path(), 3, 8, 4);
+    let p = write(&dir.path().join("p.toml"), &tiny_pipeline(1_000_000, ""));
+    let run = dir.path().join("run");
+    let child = bin()
+        .args(["train", "--device", "cpu", "--data"])
+        .arg(&data)
+        .arg("--pipeline")
+        .arg(&p)
+        .arg("--out")
+        .arg(&run)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !run.join("checkpoints/LATEST").exists() {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "no checkpoint within 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stdout}\n{stderr}");
+    assert!(stdout.contains("stopped at step"), "{stdout}");
+    assert!(stderr.contains("--resume"), "{stderr}");
+    let latest = std::fs::read_to_string(run.join("checkpoints/LATEST")).unwrap();
+    let stopped_at: u64 = latest.trim().trim_start_matches("step-").parse().unwrap();
+    assert!(stopped_at >= 10, "{latest}");
+
+    let text = run_ok(
+        bin()
+            .args(["train", "--resume", "--device", "cpu", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&run)
+            .arg("--steps")
+            .arg((stopped_at + 10).to_string()),
+    );
+    assert!(
+        text.contains(&format!("trained at step {}", stopped_at + 10)),
+        "{text}"
+    );
+}

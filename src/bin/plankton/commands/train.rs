@@ -11,7 +11,8 @@ pub struct TrainArgs {
     /// The run directory (config, split, ZMUV, checkpoints, weights, history, learning curve).
     #[arg(long)]
     out: PathBuf,
-    /// Continue the run in --out from its last checkpoint, with its own pipeline.toml.
+    /// Continue the run in --out from its last checkpoint, with its own pipeline.toml. (A run
+    /// stopped by SIGTERM or Ctrl-C checkpoints first and exits with status 130.)
     #[arg(long)]
     resume: bool,
     /// auto (cuda:0 when a GPU is usable, else the CPU), cpu, cuda or cuda:N.
@@ -179,5 +180,17 @@ pub async fn run(a: TrainArgs) -> Result<()> {
             s.n, s.log_loss, s.top1, s.top5
         );
     }
+    if summary.stopped_early {
+        // Not finished: a script's `plankton train ... && plankton predict ...` must not go on
+        // with a half-trained run. 130 is the shell's "interrupted".
+        eprintln!(
+            "the run is not finished (checkpoint at step {}); continue it with --resume",
+            summary.steps
+        );
+        std::process::exit(STOPPED_EXIT_CODE);
+    }
     Ok(())
 }
+
+/// Exit status of a run stopped by SIGTERM/SIGINT after writing its checkpoint.
+const STOPPED_EXIT_CODE: i32 = 130;
