@@ -13,6 +13,16 @@ pub fn pool_with(threads: usize, on_start: impl Fn() + Send + Sync + 'static) ->
         .expect("a thread pool can be built")
 }
 
+/// Runs `job` on `threads` workers: 0 uses rayon's global pool (one worker per core, built
+/// once per process), so repeated calls (blend selection's steps) spawn no threads.
+fn on_workers<R: Send>(threads: usize, job: impl FnOnce() -> R + Send) -> R {
+    if threads == 0 {
+        job()
+    } else {
+        pool_with(threads, || {}).install(job)
+    }
+}
+
 /// `f` over `items` on `threads` workers (0 = one per core), results in input order.
 pub fn map<T: Sync, R: Send>(
     threads: usize,
@@ -22,7 +32,7 @@ pub fn map<T: Sync, R: Send>(
     if threads == 1 || items.len() <= 1 {
         return items.iter().map(f).collect();
     }
-    pool_with(threads, || {}).install(|| items.par_iter().map(f).collect())
+    on_workers(threads, || items.par_iter().map(f).collect())
 }
 
 /// `f` over `0..n` on `threads` workers (0 = one per core), results in index order.
@@ -34,7 +44,7 @@ pub fn map_range<R: Send>(
     if threads == 1 || n <= 1 {
         return (0..n).map(f).collect();
     }
-    pool_with(threads, || {}).install(|| (0..n).into_par_iter().map(f).collect())
+    on_workers(threads, || (0..n).into_par_iter().map(f).collect())
 }
 
 /// `f` over `0..n` on an existing pool (one built once for many calls), in index order.
@@ -54,7 +64,7 @@ pub fn try_for_each_range<E: Send>(
     f: impl Fn(usize) -> Result<(), E> + Sync + Send,
 ) -> Result<(), E> {
     let failed = std::sync::atomic::AtomicBool::new(false);
-    let errors: Vec<(usize, E)> = pool_with(threads, || {}).install(|| {
+    let errors: Vec<(usize, E)> = on_workers(threads, || {
         (0..n)
             .into_par_iter()
             .filter_map(|i| {

@@ -50,10 +50,6 @@ impl<T: Clone + PartialEq> RowIndex<T> {
             .get(path)
             .or_else(|| self.by_id.get(id).and_then(Option::as_ref))
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_path.is_empty()
-    }
 }
 
 #[cfg(test)]
