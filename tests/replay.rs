@@ -98,6 +98,34 @@ fn replay(replay: &Path, data: &Path, out: &Path) -> String {
     text
 }
 
+/// `plankton replay --plan`: (status, step name) per step.
+fn plan(replay: &Path, data: &Path, out: &Path) -> Vec<(String, String)> {
+    let o = bin()
+        .args(["replay", "--plan", "--pipeline"])
+        .arg(replay)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "replay --plan failed:\n{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    text.lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .filter(|l| !l.contains(" steps: "))
+        .map(|l| {
+            let rest = l.trim_start().split_once("  ").unwrap().1;
+            let (status, name) = rest.split_at(6);
+            (status.trim().to_string(), name.trim().to_string())
+        })
+        .collect()
+}
+
 fn report(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
 }
@@ -122,10 +150,34 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let (data, file) = setup(dir.path());
     let out = dir.path().join("out");
+    // Planned before anything runs, and planning writes nothing.
+    let planned = plan(&file, &data, &out);
+    assert!(!out.exists(), "--plan created the output folder");
+    assert!(planned.iter().all(|(s, _)| s == "to run"), "{planned:?}");
+    let names: Vec<&str> = planned.iter().map(|(_, n)| n.as_str()).collect();
+    for expected in [
+        "split",
+        "train a",
+        "train a bag 1",
+        "predict a bag 1 test, TTA",
+        "average a bags",
+        "fuse b",
+        "blend",
+        "pseudo-label a-shard1",
+        "final mix",
+        "submission",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "no step `{expected}` in {names:?}"
+        );
+    }
     let text = replay(&file, &data, &out);
     assert!(text.contains("| + pseudo-labels |"), "{text}");
 
     let r = report(&out);
+    // The plan was the whole chain: every step it listed ran.
+    assert_eq!(r["steps_run"].as_u64(), Some(planned.len() as u64), "{r}");
     let stages = stage_losses(&r);
     // "+ bagging" appears when the best single member (a or b) is the bagged one.
     let names: Vec<&str> = stages
@@ -239,8 +291,25 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
     assert_eq!(again["steps_run"], 0, "{again}");
     assert_eq!(stage_losses(&again), stages);
 
-    // Losing an intermediate output redoes it and what follows, and lands on the same scores.
+    assert!(plan(&file, &data, &out).iter().all(|(s, _)| s == "done"));
+
+    // Losing an intermediate output redoes it and what follows, and lands on the same scores;
+    // the plan says so beforehand (trainings are kept).
     std::fs::remove_file(out.join("members/b/valid.parquet")).unwrap();
+    let replanned = plan(&file, &data, &out);
+    let first = replanned.iter().position(|(s, _)| s != "done").unwrap();
+    assert_eq!(
+        replanned[first],
+        ("to run".to_string(), "predict b valid, TTA".to_string())
+    );
+    for (status, name) in &replanned[first + 1..] {
+        let expected = if name.starts_with("train ") {
+            "done"
+        } else {
+            "rerun"
+        };
+        assert_eq!(status, expected, "{name}: {replanned:?}");
+    }
     replay(&file, &data, &out);
     let redone = report(&out);
     assert!(redone["steps_run"].as_u64().unwrap() >= 4, "{redone}");
@@ -282,6 +351,60 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
         !o.status.success() && err.contains("another configuration"),
         "{err}"
     );
+}
+
+#[test]
+fn a_failing_step_says_which_step_and_why_and_keeps_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, file) = setup(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // The split step cannot create its folder: a file is in the way.
+    std::fs::write(out.join("split"), b"not a folder").unwrap();
+    let o = bin()
+        .arg("replay")
+        .arg("--pipeline")
+        .arg(&file)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    // The step by number and name, then the cause with the path, as a chain (not one string).
+    assert!(err.contains("step 1/22 `split` failed"), "{err}");
+    let cause = err
+        .split("Caused by:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no cause chain:\n{err}"));
+    assert!(
+        cause.contains(&out.join("split").display().to_string()),
+        "{err}"
+    );
+    // Nothing after the failed step ran.
+    assert!(!out.join("members").exists());
+
+    // The library keeps the typed source: an io::Error with its kind.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let opts = plankton::replay::ReplayOptions {
+        replay_file: file.clone(),
+        data: data.clone(),
+        out: out.clone(),
+        device: tch::Device::Cpu,
+    };
+    let e = plankton::replay::run(&opts, rt.handle(), &mut |_| {}).unwrap_err();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut io_kind = None;
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+        }
+        source = s.source();
+    }
+    assert!(io_kind.is_some(), "no io::Error in the chain of {e:?}");
+    assert!(!e.is_disk_full());
 }
 
 #[test]

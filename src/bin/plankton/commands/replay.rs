@@ -16,10 +16,43 @@ pub struct ReplayArgs {
     /// auto (cuda:0 when a GPU is usable, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// List every step with what a run would do with it now (done, to run, rerun) and exit
+    /// without running or writing anything.
+    #[arg(long)]
+    plan: bool,
+}
+
+/// `--plan`: the steps and their status, one per line.
+fn print_plan(a: &ReplayArgs) -> Result<()> {
+    use plankton::replay::{Plan, StepStatus};
+    let plan = Plan::new(&a.pipeline, &a.data, &a.out)?;
+    let status = plan.status();
+    let width = plan.steps().len().to_string().len();
+    for (k, (step, status)) in plan.steps().iter().zip(&status).enumerate() {
+        let label = match status {
+            StepStatus::Done => "done",
+            StepStatus::ToRun => "to run",
+            StepStatus::Rerun => "rerun",
+        };
+        println!("{:>width$}  {label:<6}  {}", k + 1, step.name);
+    }
+    let count = |s: StepStatus| status.iter().filter(|&&x| x == s).count();
+    println!(
+        "{} steps: {} done, {} to run, {} to rerun (an earlier step runs); output folder {}",
+        status.len(),
+        count(StepStatus::Done),
+        count(StepStatus::ToRun),
+        count(StepStatus::Rerun),
+        a.out.display()
+    );
+    Ok(())
 }
 
 pub async fn run(a: ReplayArgs) -> Result<()> {
     use plankton::replay::{self, ReplayEvent, ReplayOptions};
+    if a.plan {
+        return print_plan(&a);
+    }
     let opts = ReplayOptions {
         replay_file: a.pipeline,
         data: a.data,
