@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-cv-work}
 FOLDS=${2:-5}
-BIN=./target/release/plankton
+BIN=${BIN:-./target/release/plankton}
 NETS=${NETS:-"cyclic plain"}
 mkdir -p "$WORK/runs"
 

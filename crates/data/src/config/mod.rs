@@ -116,6 +116,10 @@ pub struct PatchConfig {
     /// Fixed-scale mode: source pixels per patch pixel.
     pub ds: Option<f64>,
     pub fill: Fill,
+    /// Shrink sources much larger than the patch with an area filter before the warp, so that
+    /// its bilinear sampling does not alias (a 4,096 px image sampled down to 95 px keeps one
+    /// source pixel in ~1,900). Off by default: the reference samples the original directly.
+    pub antialias: bool,
 }
 
 impl Default for PatchConfig {
@@ -133,6 +137,7 @@ impl PatchConfig {
             target,
             ds: None,
             fill: Fill::Zero,
+            antialias: false,
         }
     }
     pub fn fixed_scale(size: usize, ds: f64) -> Self {
@@ -143,6 +148,7 @@ impl PatchConfig {
             target: 85.0,
             ds: Some(ds),
             fill: Fill::Zero,
+            antialias: false,
         }
     }
     pub fn rescale(&self) -> Rescale {
