@@ -6,7 +6,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use plankton_core::imgproc::{patch_transform, warp_inverted, GrayView};
 use plankton_data::config::{AugmentConfig, PatchConfig};
 use plankton_data::stages::decode::{decode_file, DecodeLimits};
-use plankton_data::stages::warp::augmentation_for;
+use plankton_data::stages::warp::{augmentation_for, make_patch};
 
 fn images() -> Vec<image::GrayImage> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
@@ -54,6 +54,30 @@ fn bench_warp(c: &mut Criterion) {
                     let src =
                         GrayView::new(img.as_raw(), img.height() as usize, img.width() as usize);
                     warp_inverted(&src, m, &mut out, patch.rows, patch.cols, 0.0);
+                }
+                std::hint::black_box(&out);
+            })
+        });
+    }
+    group.finish();
+
+    // The whole make_patch (matrix + warp) on 47x47 patches (the planktonclas pipelines), with
+    // and without the anti-aliased pre-downscale; the eight images are 36-503 px, so some of
+    // them are shrunk first and some are not.
+    let mut group = c.benchmark_group("make_patch_47");
+    let augs: Vec<_> = (0..256).map(|i| augmentation_for(&aug, 1, 0, i)).collect();
+    for antialias in [false, true] {
+        let patch = PatchConfig {
+            antialias,
+            ..PatchConfig::size_normalised(47, 42.0)
+        };
+        let mut out = vec![0.0f32; patch.pixels()];
+        group.throughput(Throughput::Elements(augs.len() as u64));
+        let name = if antialias { "antialias" } else { "reference" };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for (i, a) in augs.iter().enumerate() {
+                    make_patch(&imgs[i % imgs.len()], &patch, a, &mut out);
                 }
                 std::hint::black_box(&out);
             })

@@ -1,9 +1,11 @@
-//! Charts: PNG size, data where it belongs, the bitmap font, tick choice, bad input.
+//! Charts: PNG size, data where it belongs, the lettering, tick choice, bad input.
 
-use plankton_data::sinks::font5x7::{draw_text, draw_text_vertical, glyph, text_width};
 use plankton_data::sinks::plot::{
     format_tick, line_chart_areas, nice_ticks, render_heatmap, render_line_charts, Heatmap,
     LineChart, PlotError, Series,
+};
+use plankton_data::sinks::text::{
+    ascent, cap_height, draw_text, draw_text_vertical, text_height, text_width,
 };
 use plotters::prelude::*;
 
@@ -130,87 +132,138 @@ fn series_colour_appears_where_the_data_is() {
     }
 }
 
-#[test]
-fn glyphs_are_drawn_pixel_for_pixel_and_spaces_are_blank() {
-    let (w, h) = (120u32, 60u32);
+/// Draws `text` on a white `w x h` canvas.
+fn lettered(
+    w: u32,
+    h: u32,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>),
+) -> image::RgbImage {
     let mut buf = vec![255u8; (w * h * 3) as usize];
-    let scale = 3;
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        draw_text(&root, 10, 10, "A ", scale, BLACK).unwrap();
-        draw_text(&root, 60, 10, "  ", scale, BLACK).unwrap();
+        draw(&root);
         root.present().unwrap();
     }
-    let img = image::RgbImage::from_raw(w, h, buf).unwrap();
-    let rows = glyph('A');
-    for (r, bits) in rows.iter().enumerate() {
-        for c in 0..5u32 {
-            let on = bits & (0x10 >> c) != 0;
-            // Every pixel of the scaled dot agrees with the bit.
-            for (dx, dy) in [(0, 0), (2, 2), (0, 2), (2, 0)] {
-                let p = img
-                    .get_pixel(10 + c * scale + dx, 10 + r as u32 * scale + dy)
-                    .0;
-                assert_eq!(p == [0, 0, 0], on, "glyph A row {r} col {c}");
+    image::RgbImage::from_raw(w, h, buf).unwrap()
+}
+
+/// The box around every pixel that is not white.
+fn ink_box(img: &image::RgbImage) -> Option<(u32, u32, u32, u32)> {
+    let mut b: Option<(u32, u32, u32, u32)> = None;
+    for (x, y, p) in img.enumerate_pixels() {
+        if p.0 != [255; 3] {
+            b = Some(match b {
+                None => (x, y, x, y),
+                Some((x0, y0, x1, y1)) => (x0.min(x), y0.min(y), x1.max(x), y1.max(y)),
+            });
+        }
+    }
+    b
+}
+
+#[test]
+fn text_stays_in_its_measured_box_is_anti_aliased_and_spaces_are_blank() {
+    let scale = 2;
+    let img = lettered(200, 60, |root| {
+        draw_text(root, 10, 10, "Hg ", scale, BLACK).unwrap();
+        draw_text(root, 120, 10, "   ", scale, BLACK).unwrap();
+    });
+    let (x0, y0, x1, y1) = ink_box(&img).expect("ink");
+    // Inside the line's box: from its top left, text_width wide, text_height tall (the g's
+    // descender included), with the capital reaching up to about the cap height.
+    assert!(x0 >= 10 && x1 < 10 + text_width("Hg", scale), "{x0}..{x1}");
+    assert!(y0 >= 10 && y1 < 10 + text_height(scale), "{y0}..{y1}");
+    assert!(
+        y1 > 10 + ascent(scale),
+        "the g's descender goes below the baseline"
+    );
+    let cap_top = 10 + ascent(scale) as i32 - cap_height(scale) as i32;
+    // (the top row of the H may be a partly covered one)
+    assert!(
+        (y0 as i32 - cap_top).abs() <= 1,
+        "H's top {y0} vs the cap height's {cap_top}"
+    );
+    // Solid strokes and, at their edges, grey: anti-aliased, in the ink's colour only.
+    let greys: Vec<u8> = img
+        .pixels()
+        .filter(|p| p.0 != [255; 3])
+        .map(|p| p.0[0])
+        .collect();
+    assert!(greys.iter().any(|&g| g < 40), "no solid ink");
+    assert!(
+        greys.iter().any(|&g| (60..200).contains(&g)),
+        "no anti-aliased edge"
+    );
+    assert!(
+        img.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]),
+        "black ink on white is grey"
+    );
+    // The trailing space and the three spaces leave the background untouched.
+    assert!(text_width("Hg ", scale) > text_width("Hg", scale));
+    assert!(x1 < 120);
+    assert_eq!(text_width("", scale), 0);
+    // Proportional: an i is narrower than an m.
+    assert!(text_width("iiii", 1) < text_width("mmmm", 1));
+}
+
+#[test]
+fn vertical_text_is_the_horizontal_text_turned_anticlockwise() {
+    let (w, h) = (80u32, 80u32);
+    let flat = lettered(w, h, |root| {
+        draw_text(root, 10, 20, "Fy", 1, BLACK).unwrap()
+    });
+    let turned = lettered(w, h, |root| {
+        draw_text_vertical(root, 20, 70, "Fy", 1, BLACK).unwrap()
+    });
+    // (x, y) of the horizontal text, relative to its top left (10, 20), lands at column 20 + dy
+    // and row 70 - dx - 1.
+    let mut inked = 0;
+    for (x, y, p) in flat.enumerate_pixels() {
+        if x < 10 || y < 20 {
+            assert_eq!(p.0, [255; 3]);
+            continue;
+        }
+        let (dx, dy) = (x - 10, y - 20);
+        let q = turned.get_pixel(20 + dy, 70 - dx - 1).0;
+        assert_eq!(p.0, q, "({dx}, {dy})");
+        inked += (p.0 != [255; 3]) as usize;
+    }
+    assert!(inked > 20, "{inked} pixels of ink");
+}
+
+#[test]
+fn every_printable_character_has_ink() {
+    for c in (' '..='~').chain("éüßµ°±".chars()) {
+        let img = lettered(40, 40, |root| {
+            draw_text(root, 5, 5, &c.to_string(), 2, BLACK).unwrap()
+        });
+        assert_eq!(ink_box(&img).is_some(), c != ' ', "{c:?}");
+    }
+
+    // A sheet of the whole font at both layout scales, to look at.
+    let chars: Vec<char> = (' '..='~').collect();
+    let sheet_img = lettered(700, 200, |root| {
+        let mut y = 6;
+        for scale in [1, 2] {
+            for line in chars.chunks(48) {
+                let text: String = line.iter().collect();
+                draw_text(root, 6, y, &text, scale, BLACK).unwrap();
+                y += text_height(scale) as i32 + 4;
             }
         }
-    }
-    assert!(rows.iter().any(|&b| b != 0));
-    // The space after A and the two spaces elsewhere leave the background untouched.
-    let blank =
-        |x0: u32, x1: u32| (x0..x1).all(|x| (0..h).all(|y| img.get_pixel(x, y).0 == [255; 3]));
-    assert!(blank(10 + 5 * scale, 60), "space after A has ink");
-    assert!(blank(60, w), "spaces have ink");
-    assert_eq!(text_width("A ", scale), 11 * scale);
-    assert_eq!(text_width("", scale), 0);
-}
-
-#[test]
-fn vertical_text_is_the_glyph_turned_anticlockwise() {
-    let (w, h) = (40u32, 40u32);
-    let mut buf = vec![255u8; (w * h * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        draw_text_vertical(&root, 5, 30, "F", 1, BLACK).unwrap();
-        root.present().unwrap();
-    }
-    let img = image::RgbImage::from_raw(w, h, buf).unwrap();
-    for (r, bits) in glyph('F').iter().enumerate() {
-        for c in 0..5u32 {
-            let on = bits & (0x10 >> c) != 0;
-            // Glyph row r becomes image column 5 + r; glyph column c counts up from y = 29.
-            let p = img.get_pixel(5 + r as u32, 29 - c).0;
-            assert_eq!(p == [0, 0, 0], on, "F row {r} col {c}");
-        }
-    }
-}
-
-#[test]
-fn every_printable_character_has_a_glyph() {
-    for c in ' '..='~' {
-        let inked = glyph(c).iter().any(|&b| b != 0);
-        assert_eq!(inked, c != ' ', "{c:?}");
-    }
-    assert_eq!(glyph('é'), glyph('?'));
-
-    // A sheet of the whole font, to look at.
-    let (w, h) = (32 * 6 * 3 + 12, 3 * 10 * 3 + 12);
-    let mut buf = vec![255u8; (w * h * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        let chars: Vec<char> = (' '..='~').collect();
-        for (i, line) in chars.chunks(32).enumerate() {
-            let text: String = line.iter().collect();
-            draw_text(&root, 6, 6 + i as i32 * 30, &text, 3, BLACK).unwrap();
-        }
-        root.present().unwrap();
-    }
+        draw_text(
+            root,
+            6,
+            y,
+            "log loss 0.6125 top-1 83.2% (fold 2/5): ÄÖÜ éè",
+            1,
+            BLACK,
+        )
+        .unwrap();
+    });
     let sheet = kept("font.png");
     std::fs::create_dir_all(sheet.parent().unwrap()).unwrap();
-    image::RgbImage::from_raw(w, h, buf)
-        .unwrap()
-        .save(&sheet)
-        .unwrap();
+    sheet_img.save(&sheet).unwrap();
 }
 
 #[test]

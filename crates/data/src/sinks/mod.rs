@@ -1,8 +1,8 @@
 //! Sinks: what the pipeline writes for people and downstream tools.
-pub mod font5x7;
 pub mod parquet;
 pub mod parquet_file;
 pub mod plot;
 pub mod preview;
 pub mod report;
 pub mod submission;
+pub mod text;

@@ -1,13 +1,17 @@
 //! Charts people read: learning curves (line charts side by side) and heatmaps (confusion
-//! matrices), as PNG. Plotters is built without text support, so axes, ticks and labels are laid
-//! out here and lettered with our bitmap font (`font5x7`); plotters only rasterises.
+//! matrices), as PNG. Axes, ticks, labels and legends are laid out here (ticks that never
+//! overlap, a legend in the emptiest corner, every k-th of 121 heatmap labels) and lettered in
+//! DejaVu Sans (`text`); plotters rasterises.
 
 use std::path::{Path, PathBuf};
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::font5x7::{draw_text, draw_text_vertical, text_height, text_width, DrawError, ADVANCE};
+use super::text::{
+    advance, ascent, cap_height, cap_middle, draw_text, draw_text_vertical, text_height,
+    text_width, DrawError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -474,8 +478,8 @@ fn layout_panel(chart: &LineChart, bars: &[Bars], left: i32, width: i32, height:
     };
     let plot_left = left + MARGIN + y_label_w + y_ticks.widest(scale) + GAP + TICK;
     // Room for half of a typical x tick label past the right edge of the frame.
-    let right = (left + width - MARGIN - 3 * (ADVANCE * scale) as i32).max(plot_left + 1);
-    let x_gap = 2 * (ADVANCE * scale) as i32;
+    let right = (left + width - MARGIN - 3 * advance(scale) as i32).max(plot_left + 1);
+    let x_gap = 2 * advance(scale) as i32;
     let x_ticks = pick_ticks(x_range, false, (right - plot_left) as f64, |t| {
         t.widest(scale) + x_gap
     });
@@ -681,14 +685,14 @@ fn draw_chart(root: &Area, chart: &LineChart, bars: &[Bars], p: &Panel) -> Resul
         let py = y_px(y);
         line(root, (a.left - TICK, py), (a.left, py), FRAME)?;
         let tx = a.left - TICK - GAP - text_width(label, s) as i32;
-        // Centre on the cap height (7 of the 8 rows), not on the descender.
-        draw_text(root, tx, py - (7 * s as i32) / 2, label, s, INK)?;
+        // Centred on the capitals, not on the descenders.
+        draw_text(root, tx, py - cap_middle(s) as i32, label, s, INK)?;
     }
 
     if !chart.title.is_empty() {
         let title = truncate(
             &chart.title,
-            ((p.width - 2 * MARGIN) / (ADVANCE * p.title_scale) as i32) as usize,
+            ((p.width - 2 * MARGIN) / advance(p.title_scale) as i32) as usize,
         );
         let tw = text_width(&title, p.title_scale) as i32;
         let tx = ((a.left + a.right - tw) / 2).max(p.left + MARGIN);
@@ -896,7 +900,7 @@ fn draw_legend(
     let si = s as i32;
     let swatch = 18 * si;
     let row_h = text_height(s) as i32 + 3 * si;
-    let max_chars = ((a.right - a.left) / 2 / (ADVANCE * s) as i32).max(4) as usize;
+    let max_chars = ((a.right - a.left) / 2 / advance(s) as i32).max(4) as usize;
     let names: Vec<String> = named.iter().map(|n| truncate(n.0, max_chars)).collect();
     let text_w = names.iter().map(|n| text_width(n, s)).max().unwrap_or(0) as i32;
     let (w, h) = (swatch + text_w + 4 * GAP, named.len() as i32 * row_h + GAP);
@@ -922,7 +926,7 @@ fn draw_legend(
     rect(root, (x, y), (x + w, y + h), LEGEND_EDGE)?;
     for (i, (&(_, colour, dashed), name)) in named.iter().zip(&names).enumerate() {
         let row_y = y + GAP + i as i32 * row_h;
-        let mid = row_y + (7 * si) / 2;
+        let mid = row_y + cap_middle(s) as i32;
         let colour = rgb(colour);
         let (x0, x1) = ((x + GAP) as f64, (x + GAP + swatch) as f64);
         match dashed {
@@ -931,7 +935,8 @@ fn draw_legend(
                 stroke(root, (x0, mid), (x1, mid), colour, dashed, &mut 0.0)?;
             }
             None => {
-                let (top, bottom) = (row_y, row_y + 7 * si);
+                let bottom = row_y + ascent(s) as i32;
+                let top = bottom - cap_height(s) as i32;
                 rect(root, (x0 as i32, top), (x1 as i32, bottom), colour.filled())?;
             }
         }
@@ -1086,7 +1091,10 @@ fn draw_heatmap(
             let Some(text) = text else {
                 continue;
             };
-            let (tw, th) = (text_width(&text, text_scale) as i32, 7 * text_scale as i32);
+            let (tw, th) = (
+                text_width(&text, text_scale) as i32,
+                cap_height(text_scale) as i32,
+            );
             if tw + 2 <= c && th + 2 <= c {
                 let luma = 0.299 * bg.0 as f64 + 0.587 * bg.1 as f64 + 0.114 * bg.2 as f64;
                 let dark = luma < 140.0;
@@ -1094,7 +1102,7 @@ fn draw_heatmap(
                 draw_text(
                     root,
                     x + (c - tw) / 2,
-                    y + (c - th) / 2,
+                    y + c / 2 - cap_middle(text_scale) as i32,
                     &text,
                     text_scale,
                     ink,
@@ -1120,7 +1128,14 @@ fn draw_heatmap(
         let y = oy + centre(r);
         line(root, (ox - 1 - TICK, y), (ox - 1, y), FRAME)?;
         let x = ox - 1 - TICK - GAP - text_width(&label, 1) as i32;
-        draw_text(root, x.max(MARGIN), y - 3, &label, 1, INK)?;
+        draw_text(
+            root,
+            x.max(MARGIN),
+            y - cap_middle(1) as i32,
+            &label,
+            1,
+            INK,
+        )?;
     }
     let bottom = oy + rows * c;
     for (k, label) in map
@@ -1133,7 +1148,7 @@ fn draw_heatmap(
         let x = ox + centre(k);
         line(root, (x, bottom), (x, bottom + TICK), FRAME)?;
         let y = bottom + TICK + GAP + text_width(&label, 1) as i32;
-        draw_text_vertical(root, x - 3, y, &label, 1, INK)?;
+        draw_text_vertical(root, x - cap_middle(1) as i32, y, &label, 1, INK)?;
     }
 
     if !map.title.is_empty() {
@@ -1159,7 +1174,14 @@ fn draw_heatmap(
     for (&v, label) in h.bar_ticks.values.iter().zip(&h.bar_ticks.labels) {
         let y = oy + ((hi - v) / (hi - lo) * (bh - 1) as f64).round() as i32;
         line(root, (bx + 12, y), (bx + 12 + TICK, y), FRAME)?;
-        draw_text(root, bx + 12 + TICK + GAP, y - 3, label, 1, INK)?;
+        draw_text(
+            root,
+            bx + 12 + TICK + GAP,
+            y - cap_middle(1) as i32,
+            label,
+            1,
+            INK,
+        )?;
     }
     Ok(())
 }
