@@ -123,6 +123,7 @@ fixtures: pytools
 	$(PYENV_DIR)/bin/python tests/fixtures/warp/gen_warp_fixtures.py
 	$(PYENV_DIR)/bin/python tests/fixtures/decode/gen_decode_fixtures.py
 	$(PYENV_DIR)/bin/python tests/fixtures/tta/gen_tta_fixtures.py
+	$(PYENV_DIR)/bin/python tests/fixtures/thumbnail/gen_thumbnail_fixtures.py
 	$(PYENV_DIR)/bin/python tests/fixtures/evaluate/gen_evaluate_fixtures.py
 	$(PYENV_DIR)/bin/python tests/fixtures/features/moments/gen_moments_fixtures.py
 	$(PYENV_DIR)/bin/python tests/fixtures/features/haralick/gen_haralick_fixtures.py
