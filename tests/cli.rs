@@ -132,6 +132,28 @@ fn synth_split_preview_and_zmuv_commands() {
     let ds = plankton::sources::Dataset::open(&data).unwrap();
     let loaded = plankton::split::Split::load(&ds, &split).unwrap();
     assert_eq!(loaded.valid.len(), 5);
+    // A split that lists an image twice (train and valid: a leak) or under another class than
+    // its folder is refused with the line.
+    let first = rows.lines().nth(1).unwrap().to_string();
+    let (path_class, _) = first.rsplit_once(',').unwrap();
+    for (bad, expect) in [
+        (format!("{rows}{path_class},valid\n"), "line 62: "),
+        (
+            rows.replacen(
+                &first,
+                &first.replace(",train", ",valid").replacen(",", ",x", 1),
+                1,
+            ),
+            "but the image is in the class folder",
+        ),
+    ] {
+        let f = dir.path().join("bad-split.csv");
+        std::fs::write(&f, &bad).unwrap();
+        let e = plankton::split::Split::load(&ds, &f)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(expect) && e.contains("bad-split.csv"), "{e}");
+    }
 
     let png = dir.path().join("preview.png");
     run_ok(

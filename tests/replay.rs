@@ -292,6 +292,82 @@ fn the_whole_chain_runs_scores_every_stage_and_resumes() {
     assert_eq!(stage_losses(&again), stages);
 
     assert!(plan(&file, &data, &out).iter().all(|(s, _)| s == "done"));
+    // However the output folder is spelled, it is the same folder: nothing reruns.
+    let respelled = out.join("..").join("out").join(".");
+    assert!(plan(&file, &data, &respelled)
+        .iter()
+        .all(|(s, _)| s == "done"));
+
+    // What the run would refuse, the plan refuses: another dataset, a member whose pipeline
+    // changed since it was trained, an output folder that is busy or not a replay's.
+    let refused = |replay: &Path, data: &Path, out: &Path, plan: bool| {
+        let mut cmd = bin();
+        cmd.arg("replay");
+        if plan {
+            cmd.arg("--plan");
+        }
+        let o = cmd
+            .arg("--pipeline")
+            .arg(replay)
+            .arg("--data")
+            .arg(data)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "not refused: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let other = dir.path().join("other-data");
+    generate(
+        &SynthOptions {
+            classes: 3,
+            per_class: 16,
+            test: 12,
+            seed: 14,
+            threads: 0,
+        },
+        &other,
+    )
+    .unwrap();
+    for plan in [true, false] {
+        let err = refused(&file, &other, &out, plan);
+        assert!(err.contains("another dataset"), "{err}");
+    }
+    let b = std::fs::read_to_string(dir.path().join("b.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        b.replace("learning_rate = 0.01", "learning_rate = 0.02"),
+    )
+    .unwrap();
+    let err = refused(&file, &data, &out, true);
+    assert!(
+        err.contains("members/b/run") && err.contains("another pipeline"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("b.toml"), &b).unwrap();
+    {
+        let _held = plankton::fsx::lock_dir(&out).unwrap();
+        let err = refused(&file, &data, &out, false);
+        assert!(err.contains("another plankton process"), "{err}");
+    }
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    for plan in [true, false] {
+        let err = refused(&file, &data, &foreign, plan);
+        assert!(err.contains("not a replay's"), "{err}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let err = refused(&file, &data, &foreign.join("notes.txt"), true);
+    assert!(err.contains("is not a folder"), "{err}");
 
     // Losing an intermediate output redoes it and what follows, and lands on the same scores;
     // the plan says so beforehand (trainings are kept).
@@ -359,6 +435,7 @@ fn a_failing_step_says_which_step_and_why_and_keeps_the_cause() {
     let (data, file) = setup(dir.path());
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(&file, out.join("replay.toml")).unwrap();
     // The split step cannot create its folder: a file is in the way.
     std::fs::write(out.join("split"), b"not a folder").unwrap();
     let o = bin()

@@ -221,6 +221,30 @@ fn run_dir_is_self_contained_and_not_overwritten() {
         err.contains("--resume") && err.contains(run.to_str().unwrap()),
         "{err}"
     );
+
+    // A run folder another process is working in (a train started a moment earlier, before
+    // it wrote anything) is refused too, even with --resume: one process per run.
+    let fresh = dir.path().join("fresh");
+    let _held = plankton::fsx::lock_dir(&fresh).unwrap();
+    for resume in [false, true] {
+        let mut cmd = bin();
+        cmd.args(["train", "--data"])
+            .arg(&data)
+            .arg("--pipeline")
+            .arg(&pipeline)
+            .arg("--out")
+            .arg(&fresh);
+        if resume {
+            cmd.arg("--resume");
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("another plankton process"),
+            "{err}"
+        );
+    }
+    assert!(!fresh.join("pipeline.toml").exists());
 }
 
 #[test]

@@ -65,8 +65,26 @@ pub enum ReplayError {
     },
     #[error("step `{step}` finished without writing {missing}")]
     Incomplete { step: String, missing: PathBuf },
+    #[error(transparent)]
+    Busy(#[from] crate::fsx::LockError),
     #[error("{path}: holds a replay of another configuration (its replay.toml differs); use another --out")]
     OtherReplay { path: PathBuf },
+    #[error("{path}: holds a replay of another dataset ({stored}; now {now}): its networks and scores belong to that one; use another --out")]
+    OtherDataset {
+        path: PathBuf,
+        stored: String,
+        now: String,
+    },
+    #[error("{run}: trained from another pipeline than member `{member}`'s {pipeline} is now; delete that folder to retrain it with the new one, or use another --out")]
+    MemberChanged {
+        run: PathBuf,
+        member: String,
+        pipeline: PathBuf,
+    },
+    #[error("{path}: is not a folder")]
+    NotAFolder { path: PathBuf },
+    #[error("{path}: holds files that are not a replay's (no replay.toml); choose an empty or new --out")]
+    NotAReplayFolder { path: PathBuf },
 }
 
 impl ReplayError {
@@ -216,6 +234,9 @@ pub fn run(
     on_event: &mut dyn FnMut(ReplayEvent),
 ) -> Result<ReplayReport, ReplayError> {
     let plan = Plan::new(&opts.replay_file, &opts.data, &opts.out)?;
+    plan.check_output_folder()?;
+    // One replay per output folder: two would train the same members twice and race on files.
+    let _lock = crate::fsx::lock_dir(&plan.layout.root)?;
     plan.claim_output_folder()?;
     let done = plan.execute(opts.device, rt, on_event)?;
     let report = plan.report(done);

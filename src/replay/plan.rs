@@ -93,6 +93,19 @@ pub struct Executed {
     pub skipped: usize,
 }
 
+/// `path` made absolute with symbolic links and `.`/`..` resolved, as far as it exists.
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => {
+            canonical(parent).join(name)
+        }
+        _ => std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
+
 /// Steps in order, as [`Plan::new`] lists them.
 #[derive(Default)]
 struct StepList(Vec<Step>);
@@ -139,6 +152,9 @@ impl Plan {
             path: data.to_path_buf(),
             source,
         })?;
+        // Paths are written into outputs (blend inputs, file metadata) that later runs compare:
+        // `out`, `./out` and `/abs/out` must be the same folder to them.
+        let (data, out) = (&canonical(data), &canonical(out));
         if ds.train.is_empty() {
             return Err(ReplayError::NoLabelledImages {
                 path: data.to_path_buf(),
@@ -410,30 +426,110 @@ impl Plan {
             .collect()
     }
 
-    /// Creates the output folder, stores the replay file in it (or refuses a folder that holds
-    /// another replay) and removes temporaries of a replay killed mid-write.
-    pub fn claim_output_folder(&self) -> Result<(), ReplayError> {
+    /// Refuses an output folder this replay could not use: a file, a folder of other files, or
+    /// one holding a replay of another configuration or dataset. Writes nothing.
+    pub fn check_output_folder(&self) -> Result<(), ReplayError> {
         let root = &self.layout.root;
-        std::fs::create_dir_all(root).map_err(ReplayError::io(root))?;
-        crate::fsx::sweep_stale_temps(root);
+        if !root.exists() {
+            return Ok(());
+        }
+        if !root.is_dir() {
+            return Err(ReplayError::NotAFolder { path: root.clone() });
+        }
         let stored = root.join("replay.toml");
         // Compared as parsed configs, not text: a field added by a later version (with its
         // default) must not make an old output folder look like another replay.
         match std::fs::read_to_string(&stored) {
-            Ok(text) if toml::from_str::<ReplayConfig>(&text).ok().as_ref() != Some(&self.cfg) => {
-                Err(ReplayError::OtherReplay { path: root.clone() })
+            Ok(text) => {
+                if toml::from_str::<ReplayConfig>(&text).ok().as_ref() != Some(&self.cfg) {
+                    return Err(ReplayError::OtherReplay { path: root.clone() });
+                }
             }
-            Ok(_) => Ok(()),
             Err(_) => {
-                let canonical = toml::to_string_pretty(&self.cfg).expect("serialisable");
-                crate::fsx::write_atomic(&stored, canonical.as_bytes()).map_err(|source| {
-                    ReplayError::Write {
-                        path: stored.clone(),
-                        source,
-                    }
-                })
+                let foreign = std::fs::read_dir(root)
+                    .map_err(ReplayError::io(root))?
+                    .filter_map(|e| e.ok())
+                    .any(|e| e.file_name() != ".lock");
+                if foreign {
+                    return Err(ReplayError::NotAReplayFolder { path: root.clone() });
+                }
             }
         }
+        // A member trained from a pipeline file that has changed since.
+        for (k, m) in self.cfg.members.iter().enumerate() {
+            for bag in 0..=m.bagging {
+                let run = RunDir::new(&self.layout.member_run(&m.name, bag));
+                let Ok(trained) = PipelineConfig::load(&run.pipeline()) else {
+                    continue;
+                };
+                if trained != self.bag_pipeline(k, bag) {
+                    return Err(ReplayError::MemberChanged {
+                        run: run.root.clone(),
+                        member: m.name.clone(),
+                        pipeline: m.pipeline.clone(),
+                    });
+                }
+            }
+        }
+        if let Ok(stored) = std::fs::read_to_string(root.join("dataset.txt")) {
+            let now = self.dataset_fingerprint();
+            if stored != now {
+                return Err(ReplayError::OtherDataset {
+                    path: root.clone(),
+                    stored: stored.trim().replace('\n', ", "),
+                    now: now.trim().replace('\n', ", "),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Which images, with which labels: what the stored networks and scores depend on.
+    fn dataset_fingerprint(&self) -> String {
+        let mut h = Vec::new();
+        let rel = |p: &Path| {
+            p.strip_prefix(&self.ds.root)
+                .unwrap_or(p)
+                .display()
+                .to_string()
+        };
+        for r in &self.ds.train {
+            let class = r.label.map(|l| self.ds.class_names[l as usize].as_str());
+            h.extend(format!("{}\t{}\n", rel(&r.path), class.unwrap_or("")).bytes());
+        }
+        for r in &self.ds.test {
+            h.extend(format!("test\t{}\n", rel(&r.path)).bytes());
+        }
+        format!(
+            "{} labelled and {} test images in {} classes\nfingerprint {:016x}\n",
+            self.ds.train.len(),
+            self.ds.test.len(),
+            self.ds.class_names.len(),
+            crate::rng::fnv1a64(&h)
+        )
+    }
+
+    /// Checks the output folder ([`Plan::check_output_folder`]), then creates it, stores the
+    /// replay file and the dataset's fingerprint in it and removes temporaries of a replay
+    /// killed mid-write.
+    pub fn claim_output_folder(&self) -> Result<(), ReplayError> {
+        self.check_output_folder()?;
+        let root = &self.layout.root;
+        std::fs::create_dir_all(root).map_err(ReplayError::io(root))?;
+        crate::fsx::sweep_stale_temps(root);
+        let write = |name: &str, text: String| {
+            let path = root.join(name);
+            if path.exists() {
+                return Ok(());
+            }
+            crate::fsx::write_atomic(&path, text.as_bytes())
+                .map_err(|source| ReplayError::Write { path, source })
+        };
+        write(
+            "replay.toml",
+            toml::to_string_pretty(&self.cfg).expect("serialisable"),
+        )?;
+        write("dataset.txt", self.dataset_fingerprint())
     }
 
     /// Runs the steps in order, skipping those whose outputs are present (see [`Reuse`]).

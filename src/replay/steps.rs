@@ -77,7 +77,7 @@ impl Plan {
     }
 
     /// A member's pipeline as trained for one bag (bag 0: the member itself).
-    fn bag_pipeline(&self, member: usize, bag: usize) -> PipelineConfig {
+    pub(super) fn bag_pipeline(&self, member: usize, bag: usize) -> PipelineConfig {
         let mut c = self.pipelines[member].clone();
         if bag > 0 {
             c.seed = crate::rng::mix64(c.seed ^ bag as u64);

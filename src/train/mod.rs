@@ -51,6 +51,8 @@ pub enum TrainError {
     Diverged { step: u64, loss: f64 },
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
+    #[error(transparent)]
+    Busy(#[from] crate::fsx::LockError),
 }
 
 impl From<RunDirError> for TrainError {
@@ -571,6 +573,9 @@ pub fn run(
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary, TrainError> {
     let run = RunDir::new(&opts.out);
+    // One process per run folder: a second `train` on it (or a second resume) would interleave
+    // checkpoints and weights of two networks.
+    let _lock = crate::fsx::lock_dir(&run.root)?;
     // Temporaries of a writer killed mid-write (kill -9) in an earlier attempt of this run.
     let swept = crate::fsx::sweep_stale_temps(&run.root)
         + crate::fsx::sweep_stale_temps(&run.checkpoints());

@@ -283,3 +283,69 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// An exclusive claim on a folder for one process (a train run, a replay): an advisory lock on
+/// `<dir>/.lock`, held while this value lives and released by the kernel when the process ends,
+/// kill -9 included, so a crash never leaves a stale lock behind.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{dir}: another plankton process is working in this folder (it holds {lock}); wait for it to finish or choose another folder")]
+    Busy { dir: PathBuf, lock: PathBuf },
+    #[error("{path}: cannot lock: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Creates `dir` if needed and locks it, or says that another process holds it.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, LockError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LockError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(DirLock { _file: file, path }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Busy {
+            dir: dir.to_path_buf(),
+            lock: path,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_is_locked_once_until_the_lock_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let first = lock_dir(&run).unwrap();
+        assert!(run.join(".lock").exists());
+        let second = lock_dir(&run).unwrap_err();
+        assert!(matches!(second, LockError::Busy { .. }), "{second}");
+        assert!(
+            second.to_string().contains("another plankton process"),
+            "{second}"
+        );
+        drop(first);
+        let _again = lock_dir(&run).unwrap();
+    }
+}

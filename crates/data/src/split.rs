@@ -280,10 +280,27 @@ impl Split {
             train: Vec::new(),
             valid: Vec::new(),
         };
+        let mut first_line: HashMap<usize, usize> = HashMap::new();
         for (line, row) in rows {
             let &i = index.get(&row.path).ok_or_else(|| {
                 invalid(format!("line {line}: `{}` is not in the dataset", row.path))
             })?;
+            // Listed twice, an image could be trained on and validated on at once.
+            if let Some(first) = first_line.insert(i, line) {
+                return Err(invalid(format!(
+                    "line {line}: `{}` is listed again (first on line {first})",
+                    row.path
+                )));
+            }
+            let folder = ds.train[i]
+                .label
+                .map_or("", |l| ds.class_names[l as usize].as_str());
+            if row.class != folder {
+                return Err(invalid(format!(
+                    "line {line}: `{}` says class `{}` but the image is in the class folder `{folder}`",
+                    row.path, row.class
+                )));
+            }
             match row.subset.as_str() {
                 "train" => split.train.push(i),
                 "valid" => split.valid.push(i),

@@ -26,6 +26,9 @@ pub struct ReplayArgs {
 fn print_plan(a: &ReplayArgs) -> Result<()> {
     use plankton::replay::{Plan, StepStatus};
     let plan = Plan::new(&a.pipeline, &a.data, &a.out)?;
+    // What the run would refuse, the plan refuses too.
+    plan.check_output_folder()?;
+    parse_device(&a.device)?;
     let status = plan.status();
     let width = plan.steps().len().to_string().len();
     for (k, (step, status)) in plan.steps().iter().zip(&status).enumerate() {
