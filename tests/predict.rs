@@ -515,6 +515,21 @@ fn bad_arguments_name_the_problem() {
     );
     assert!(err.contains("tta.transforms"), "{err}");
     assert!(!out.exists(), "no output on failure");
+    // A folder given as the submission file is refused before any prediction is made.
+    let err = run_err(
+        bin()
+            .arg("predict")
+            .arg("--model")
+            .arg(&t.run)
+            .arg("--data")
+            .arg(&t.data)
+            .arg("--out")
+            .arg(&out)
+            .arg("--submission")
+            .arg(dir.path()),
+    );
+    assert!(err.contains("is a folder"), "{err}");
+    assert!(!out.exists(), "predictions written before the refusal");
     let err = run_err(
         bin()
             .arg("evaluate")

@@ -468,6 +468,15 @@ pub fn run(
     on_event: &mut dyn FnMut(PredictEvent),
 ) -> Result<PredictSummary, PredictError> {
     let started = Instant::now();
+    // Refused before the work, not after it: a folder where a file is to be written.
+    for out in std::iter::once(&opts.out).chain(&opts.submission) {
+        if out.is_dir() {
+            return Err(PredictError::Input(format!(
+                "{}: is a folder; give a file path to write",
+                out.display()
+            )));
+        }
+    }
     let mut model = LoadedModel::load(&opts.model, &opts.weights, opts.device, opts.calibrate)?;
     if let Some(precision) = opts.precision {
         model.set_precision(precision);

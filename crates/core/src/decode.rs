@@ -40,6 +40,8 @@ pub enum DecodeError {
     },
     #[error("{path}: empty file (0 bytes)")]
     Empty { path: PathBuf },
+    #[error("{path}: not a regular file (a pipe, socket or device): not read")]
+    NotAFile { path: PathBuf },
     #[error("{path}: file is {size} bytes, over the limit of {limit} bytes")]
     TooManyBytes {
         path: PathBuf,
@@ -65,6 +67,7 @@ impl DecodeError {
         match self {
             DecodeError::Io { .. } => "io",
             DecodeError::Empty { .. } => "empty",
+            DecodeError::NotAFile { .. } => "not_a_file",
             DecodeError::TooManyBytes { .. } => "too_many_bytes",
             DecodeError::NotAnImage { .. } => "not_an_image",
             DecodeError::TooManyPixels { .. } => "too_many_pixels",
@@ -76,6 +79,7 @@ impl DecodeError {
         match self {
             DecodeError::Io { path, .. }
             | DecodeError::Empty { path }
+            | DecodeError::NotAFile { path }
             | DecodeError::TooManyBytes { path, .. }
             | DecodeError::NotAnImage { path }
             | DecodeError::TooManyPixels { path, .. }
@@ -90,7 +94,14 @@ pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<GrayImage, Deco
         path: path.to_path_buf(),
         source,
     };
-    let size = std::fs::metadata(path).map_err(io)?.len();
+    let meta = std::fs::metadata(path).map_err(io)?;
+    // Opening a FIFO with no writer blocks forever; a device could be endless.
+    if !meta.is_file() {
+        return Err(DecodeError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let size = meta.len();
     if size > limits.max_bytes {
         return Err(DecodeError::TooManyBytes {
             path: path.to_path_buf(),
@@ -165,6 +176,26 @@ fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// A FIFO in an image folder (nothing will ever write to it) is refused at once instead of
+    /// blocking the reader forever.
+    #[test]
+    fn a_fifo_is_refused_without_being_opened() {
+        let dir = std::env::temp_dir().join(format!("plankton-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("frame.jpg");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = decode_file(&fifo, &DecodeLimits::default()).unwrap_err();
+        assert_eq!(e.kind(), "not_a_file", "{e}");
+        assert!(e.to_string().contains("frame.jpg"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     fn png_bytes(w: u32, h: u32) -> Vec<u8> {
