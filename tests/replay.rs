@@ -470,6 +470,7 @@ fn a_failing_step_says_which_step_and_why_and_keeps_the_cause() {
         data: data.clone(),
         out: out.clone(),
         device: tch::Device::Cpu,
+        stop: None,
     };
     let e = plankton::replay::run(&opts, rt.handle(), &mut |_| {}).unwrap_err();
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
@@ -482,6 +483,56 @@ fn a_failing_step_says_which_step_and_why_and_keeps_the_cause() {
     }
     assert!(io_kind.is_some(), "no io::Error in the chain of {e:?}");
     assert!(!e.is_disk_full());
+}
+
+/// SIGTERM (a scheduler's stop) during a training step: the member checkpoints, the replay
+/// exits 130 saying which step it stopped in, and leaves no lock behind.
+#[test]
+fn sigterm_stops_a_replay_with_a_checkpoint_and_exit_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, file) = setup(dir.path());
+    let slow = member_pipeline(0.125).replace("steps = 40", "steps = 1000000");
+    assert_ne!(slow, member_pipeline(0.125));
+    std::fs::write(dir.path().join("a.toml"), slow).unwrap();
+    let out = dir.path().join("out");
+    let child = bin()
+        .arg("replay")
+        .arg("--pipeline")
+        .arg(&file)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let latest = out.join("members/a/run/checkpoints/LATEST");
+    let t0 = std::time::Instant::now();
+    while !latest.exists() {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "no checkpoint within 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("stopped during step 2/") && err.contains("`train a`"),
+        "{err}"
+    );
+    assert!(!out.join("members/a/run/model.safetensors").exists());
+    // The folder is free again: --plan shows the member still to train.
+    let planned = plan(&file, &data, &out);
+    assert_eq!(planned[1], ("to run".to_string(), "train a".to_string()));
+    let _free = plankton::fsx::lock_dir(&out).unwrap();
 }
 
 #[test]

@@ -63,6 +63,12 @@ pub enum ReplayError {
         #[source]
         source: StepFailure,
     },
+    #[error("stopped during step {index}/{steps} `{step}` (a training step checkpointed first); run the same command again to resume")]
+    Stopped {
+        index: usize,
+        steps: usize,
+        step: String,
+    },
     #[error("step `{step}` finished without writing {missing}")]
     Incomplete { step: String, missing: PathBuf },
     #[error(transparent)]
@@ -117,6 +123,10 @@ pub struct ReplayOptions {
     pub data: PathBuf,
     pub out: PathBuf,
     pub device: Device,
+    /// Cancelled (SIGTERM, Ctrl-C): a training step checkpoints and stops at once, any other
+    /// step finishes first; then the replay ends with [`ReplayError::Stopped`] and a rerun
+    /// resumes it.
+    pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// Progress of the chain.
@@ -233,7 +243,8 @@ pub fn run(
     rt: &tokio::runtime::Handle,
     on_event: &mut dyn FnMut(ReplayEvent),
 ) -> Result<ReplayReport, ReplayError> {
-    let plan = Plan::new(&opts.replay_file, &opts.data, &opts.out)?;
+    let mut plan = Plan::new(&opts.replay_file, &opts.data, &opts.out)?;
+    plan.stop = opts.stop.clone();
     plan.check_output_folder()?;
     // One replay per output folder: two would train the same members twice and race on files.
     let _lock = crate::fsx::lock_dir(&plan.layout.root)?;

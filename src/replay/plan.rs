@@ -134,6 +134,8 @@ pub struct Plan {
     pub(super) fuse_on: bool,
     pub(super) pseudo_on: bool,
     steps: Vec<Step>,
+    /// See [`super::ReplayOptions::stop`].
+    pub(super) stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Plan {
@@ -176,6 +178,7 @@ impl Plan {
                 root: out.to_path_buf(),
             },
             steps: Vec::new(),
+            stop: None,
         };
         plan.steps = plan.list_steps();
         Ok(plan)
@@ -559,13 +562,20 @@ impl Plan {
                 name: step.name.clone(),
             });
             let t = Instant::now();
-            self.perform(step, device, rt, on_event)
-                .map_err(|source| ReplayError::Step {
+            let result = self.perform(step, device, rt, on_event);
+            if self.stop.as_ref().is_some_and(|s| s.is_cancelled()) {
+                return Err(ReplayError::Stopped {
                     index,
                     steps: total,
                     step: step.name.clone(),
-                    source,
-                })?;
+                });
+            }
+            result.map_err(|source| ReplayError::Step {
+                index,
+                steps: total,
+                step: step.name.clone(),
+                source,
+            })?;
             if let Some(missing) = step.outputs.iter().find(|p| !p.exists()) {
                 return Err(ReplayError::Incomplete {
                     step: step.name.clone(),

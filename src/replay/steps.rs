@@ -114,6 +114,7 @@ impl Plan {
                 };
                 train_member(
                     &label,
+                    self.stop.clone(),
                     &self.bag_pipeline(*member, *bag),
                     data,
                     &layout.bag_split(*bag),
@@ -281,6 +282,7 @@ impl Plan {
         if !RunDir::new(&run).final_weights().exists() {
             train_member(
                 &tag,
+                self.stop.clone(),
                 &c,
                 &self.data,
                 &self.layout.split(),
@@ -300,6 +302,7 @@ impl Plan {
 #[allow(clippy::too_many_arguments)]
 fn train_member(
     name: &str,
+    stop: Option<tokio_util::sync::CancellationToken>,
     cfg: &PipelineConfig,
     data: &Path,
     split: &Path,
@@ -317,7 +320,7 @@ fn train_member(
         resume,
         device,
         split_file: Some(split.to_path_buf()),
-        stop: None,
+        stop,
     };
     let summary = train::run(&opts, rt, &mut |event| {
         on_event(ReplayEvent::Train {

@@ -61,6 +61,7 @@ pub async fn run(a: ReplayArgs) -> Result<()> {
         data: a.data,
         out: a.out,
         device: parse_device(&a.device)?,
+        stop: Some(stop_on_signals(None)?),
     };
     let handle = tokio::runtime::Handle::current();
     let report = tokio::task::spawn_blocking(move || {
@@ -98,7 +99,15 @@ pub async fn run(a: ReplayArgs) -> Result<()> {
         }
         r.map(|r| (r, opts.out))
     })
-    .await??;
+    .await?;
+    let report = match report {
+        Err(e @ replay::ReplayError::Stopped { .. }) => {
+            // Not finished: `plankton replay ... && next-step` must not go on. 130, as train.
+            eprintln!("{e}");
+            std::process::exit(130);
+        }
+        r => r?,
+    };
     let (report, out) = report;
     println!(
         "{}",
