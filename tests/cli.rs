@@ -197,6 +197,33 @@ fn bad_arguments_get_clear_errors() {
         "{err}"
     );
 
+    // split: --bagging with --folds would be ignored, and an unbounded --bagging would write
+    // files without end; both are refused before anything is read.
+    for (args, expect) in [
+        (
+            &["--folds", "3", "--bagging", "2"][..],
+            "cannot be used with",
+        ),
+        (&["--bagging", "100000"][..], "not in 0..=1000"),
+    ] {
+        let out = bin()
+            .args([
+                "split",
+                "--data",
+                "/nonexistent",
+                "--out",
+                "/nonexistent/s.csv",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(expect),
+            "{args:?}: {err}"
+        );
+    }
+
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
     std::fs::write(&p, "[augment]\nzoom = [0.0, 2.0]\n").unwrap();

@@ -14,6 +14,8 @@ pub enum SubmissionError {
     Io { path: PathBuf, message: String },
     #[error("{path}: the submission's classes do not match the model's: {reason}")]
     Classes { path: PathBuf, reason: String },
+    #[error("{path}: image `{image}` would appear twice (two inputs hold a file of that name); a submission needs one row per image")]
+    DuplicateImage { path: PathBuf, image: String },
 }
 
 /// One image: its id and its probabilities in the model's class order (`None` = failed).
@@ -79,6 +81,13 @@ pub fn write_submission(
     fallback: &[f64],
 ) -> Result<SubmissionSummary, SubmissionError> {
     let mapping = column_mapping(model_classes, columns, columns_from)?;
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    if let Some(dup) = rows.iter().find(|r| !seen.insert(r.image_id)) {
+        return Err(SubmissionError::DuplicateImage {
+            path: path.to_path_buf(),
+            image: dup.image_id.to_string(),
+        });
+    }
     assert_eq!(
         fallback.len(),
         model_classes.len(),
@@ -202,6 +211,32 @@ mod tests {
         assert!((r2[0] - 0.5).abs() < 1e-7 && (r2.iter().sum::<f64>() - 1.0).abs() < 1e-6);
         assert_eq!(parse(lines[3]), vec![0.25, 0.5, 0.25]);
         assert!(lines[3].starts_with("3.jpg,"));
+    }
+
+    #[test]
+    fn an_image_id_twice_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub.csv");
+        let model = names(&["a", "b"]);
+        let p = [0.5f32, 0.5];
+        let row = |id| SubmissionRow {
+            image_id: id,
+            probabilities: Some(&p),
+        };
+        let e = write_submission(
+            &path,
+            &model,
+            &model,
+            Path::new("h.csv"),
+            &[row("1.jpg"), row("2.jpg"), row("1.jpg")],
+            &[0.5, 0.5],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, SubmissionError::DuplicateImage { image, .. } if image == "1.jpg"),
+            "{e}"
+        );
+        assert!(!path.exists());
     }
 
     #[test]

@@ -16,11 +16,11 @@ pub struct SplitArgs {
     valid_fraction: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Number of extra bagging splits (default: the pipeline's split.bagging).
-    #[arg(long)]
-    bagging: Option<usize>,
+    /// Number of extra bagging splits (default: the pipeline's split.bagging; at most 1,000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    bagging: Option<u64>,
     /// Write K cross-validation folds (<stem>-fold<k>.csv) instead.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bagging")]
     folds: Option<usize>,
 }
 
@@ -42,7 +42,7 @@ pub fn run(a: SplitArgs) -> Result<()> {
             &a.out,
             a.valid_fraction.unwrap_or(cfg.split.valid_fraction),
             a.seed.unwrap_or(cfg.seed),
-            a.bagging.unwrap_or(cfg.split.bagging),
+            a.bagging.map_or(cfg.split.bagging, |b| b as usize),
         )
     }
 }
