@@ -195,6 +195,31 @@ fn tta_predictions_read_cleanly_in_pyarrow_pandas_duckdb_and_match_sklearn() {
     ] {
         assert!(report.join(f).is_file(), "{f} missing");
     }
+    // Another dataset whose test images have the same names but other classes: scoring against
+    // it would be silently wrong, so it is refused.
+    let other = dir.path().join("other");
+    generate(
+        &SynthOptions {
+            classes: 4,
+            per_class: 20,
+            test: 12,
+            seed: 6,
+            threads: 0,
+        },
+        &other,
+    )
+    .unwrap();
+    let err = run_err(
+        bin()
+            .arg("evaluate")
+            .arg("--predictions")
+            .arg(&pred)
+            .arg("--data")
+            .arg(&other)
+            .arg("--out")
+            .arg(dir.path().join("report-other")),
+    );
+    assert!(err.contains("another true class than --data"), "{err}");
     let Some(py) = python() else { return };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_predictions.py");
     let out = run_ok(

@@ -24,6 +24,14 @@ pub enum EvaluateError {
     Report(#[from] ReportError),
     #[error("{path}: {reason}")]
     NoLabels { path: PathBuf, reason: String },
+    #[error("{path}: {count} of its rows carry another true class than --data gives them (e.g. `{example}`: `{own}` in the file, `{given}` in --data); is --data the dataset these predictions were made on?")]
+    LabelsDisagree {
+        path: PathBuf,
+        count: usize,
+        example: String,
+        own: String,
+        given: String,
+    },
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error("{path}: only {n} labelled images; a temperature fitted on fewer than {min} follows their noise (it can make the test loss worse, not better): predict more validation images or pass a lower --min-images")]
@@ -93,6 +101,7 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
         temperature: p.model.get("temperature").and_then(|t| t.as_f64()),
         model_ids: p.model_ids.clone(),
     };
+    let (mut disagree, mut example) = (0usize, None);
     for row in &p.rows {
         let Some(probs) = &row.probabilities else {
             out.failed += 1;
@@ -103,6 +112,13 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
         } else {
             labels.get(&row.source_path, &row.image_id).cloned()
         };
+        // The file's own label (written by predict from its dataset) against --data's.
+        if let (Some(own), Some(given)) = (&row.label, &class) {
+            if own != given {
+                disagree += 1;
+                example.get_or_insert_with(|| (row.image_id.clone(), own.clone(), given.clone()));
+            }
+        }
         match class.as_deref().and_then(|c| index.get(c)) {
             Some(&l) => {
                 out.probs.extend_from_slice(probs);
@@ -112,6 +128,15 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
             }
             None => out.unlabelled += 1,
         }
+    }
+    if let Some((example, own, given)) = example {
+        return Err(EvaluateError::LabelsDisagree {
+            path: predictions.to_path_buf(),
+            count: disagree,
+            example,
+            own,
+            given,
+        });
     }
     if out.labels.is_empty() {
         return Err(EvaluateError::NoLabels {
