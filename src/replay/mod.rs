@@ -100,21 +100,6 @@ impl ReplayError {
             source,
         }
     }
-
-    /// Whether a full disk is somewhere in the chain of causes (the step can be rerun once
-    /// there is room: every output is written atomically).
-    pub fn is_disk_full(&self) -> bool {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(e) = cause {
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if io.raw_os_error() == Some(28) {
-                    return true;
-                }
-            }
-            cause = e.source();
-        }
-        false
-    }
 }
 
 #[derive(Debug, Clone)]

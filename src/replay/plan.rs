@@ -22,6 +22,14 @@ pub enum Reuse {
     UntilUpstreamRuns,
 }
 
+impl Reuse {
+    /// Whether a step whose outputs are all present is skipped, given whether a step before it
+    /// ran (or will run) in this invocation.
+    fn skips(self, upstream_ran: bool) -> bool {
+        self == Reuse::WhenPresent || !upstream_ran
+    }
+}
+
 /// What a step does; the paths it reads and writes follow from the plan's layout.
 #[derive(Debug, Clone)]
 pub(super) enum Action {
@@ -93,19 +101,6 @@ pub struct Executed {
     pub skipped: usize,
 }
 
-/// `path` made absolute with symbolic links and `.`/`..` resolved, as far as it exists.
-fn canonical(path: &Path) -> PathBuf {
-    if let Ok(p) = std::fs::canonicalize(path) {
-        return p;
-    }
-    match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => {
-            canonical(parent).join(name)
-        }
-        _ => std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
-    }
-}
-
 /// Steps in order, as [`Plan::new`] lists them.
 #[derive(Default)]
 struct StepList(Vec<Step>);
@@ -156,7 +151,10 @@ impl Plan {
         })?;
         // Paths are written into outputs (blend inputs, file metadata) that later runs compare:
         // `out`, `./out` and `/abs/out` must be the same folder to them.
-        let (data, out) = (&canonical(data), &canonical(out));
+        let (data, out) = (
+            &crate::fsx::resolve_path(data),
+            &crate::fsx::resolve_path(out),
+        );
         if ds.train.is_empty() {
             return Err(ReplayError::NoLabelledImages {
                 path: data.to_path_buf(),
@@ -418,10 +416,10 @@ impl Plan {
             .iter()
             .map(|step| {
                 let present = self.is_present(step);
-                let status = match (present, step.reuse, upstream_runs) {
-                    (false, _, _) => StepStatus::ToRun,
-                    (true, Reuse::UntilUpstreamRuns, true) => StepStatus::Rerun,
-                    (true, _, _) => StepStatus::Done,
+                let status = match (present, step.reuse.skips(upstream_runs)) {
+                    (false, _) => StepStatus::ToRun,
+                    (true, false) => StepStatus::Rerun,
+                    (true, true) => StepStatus::Done,
                 };
                 upstream_runs |= status != StepStatus::Done;
                 status
@@ -547,8 +545,7 @@ impl Plan {
         let mut done = Executed::default();
         for (i, step) in self.steps.iter().enumerate() {
             let index = i + 1;
-            let reusable = step.reuse == Reuse::WhenPresent || done.ran == 0;
-            if reusable && self.is_present(step) {
+            if step.reuse.skips(done.ran > 0) && self.is_present(step) {
                 done.skipped += 1;
                 tracing::info!(step = %step.name, "outputs present: skipped");
                 on_event(ReplayEvent::StepSkipped {

@@ -239,44 +239,6 @@ impl Default for OutputConfig {
     }
 }
 
-/// `path` as the file system resolves it: its longest existing ancestor canonicalised (symbolic
-/// links and `..` resolved), the rest appended with `.` dropped and `..` applied.
-pub fn resolve_path(path: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut existing = path.to_path_buf();
-    let mut rest = Vec::new();
-    let base = loop {
-        if let Ok(c) = std::fs::canonicalize(&existing) {
-            break c;
-        }
-        match (
-            existing.file_name().map(|n| n.to_os_string()),
-            existing.parent(),
-        ) {
-            (Some(name), Some(parent)) => {
-                rest.push(name);
-                existing = parent.to_path_buf();
-            }
-            // Nothing of it exists (or a `..` tail): resolve the text alone.
-            _ => break std::env::current_dir().unwrap_or_default().join(&existing),
-        }
-    };
-    let mut out = PathBuf::new();
-    for c in base
-        .components()
-        .chain(rest.iter().rev().flat_map(|n| Path::new(n).components()))
-    {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
-}
-
 /// Obvious non-organisms, flagged in the row's `flag` column (they are still predicted: the
 /// flag tells a reader not to trust the class).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -416,7 +378,10 @@ impl ServeConfig {
         // spool's own files, must never land among another folder's files (a watched folder
         // holding the output takes every finished file back in, without end). Compared as the
         // file system will resolve them: `..` and symbolic links of the existing part resolved.
-        let resolved: Vec<PathBuf> = dirs.iter().map(|(_, d)| resolve_path(d)).collect();
+        let resolved: Vec<PathBuf> = dirs
+            .iter()
+            .map(|(_, d)| crate::fsx::resolve_path(d))
+            .collect();
         for (i, (a, da)) in dirs.iter().enumerate() {
             for (j, (b, db)) in dirs.iter().enumerate().skip(i + 1) {
                 let (ra, rb) = (&resolved[i], &resolved[j]);

@@ -284,6 +284,44 @@ mod tests {
     }
 }
 
+/// `path` as the file system resolves it: its longest existing ancestor canonicalised (symbolic
+/// links and `..` resolved), the rest appended with `.` dropped and `..` applied.
+pub fn resolve_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    let base = loop {
+        if let Ok(c) = std::fs::canonicalize(&existing) {
+            break c;
+        }
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            // Nothing of it exists (or a `..` tail): resolve the text alone.
+            _ => break std::env::current_dir().unwrap_or_default().join(&existing),
+        }
+    };
+    let mut out = PathBuf::new();
+    for c in base
+        .components()
+        .chain(rest.iter().rev().flat_map(|n| Path::new(n).components()))
+    {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 /// An exclusive claim on a folder for one process (a train run, a replay): an advisory lock on
 /// `<dir>/.lock`, held while this value lives and released by the kernel when the process ends,
 /// kill -9 included, so a crash never leaves a stale lock behind.

@@ -423,6 +423,20 @@ fn rgb((r, g, b): (u8, u8, u8)) -> RGBColor {
     RGBColor(r, g, b)
 }
 
+/// `label` shortened (ending in "..") until it is at most `max_px` wide at `scale`: measured,
+/// since the letters of a proportional font differ in width.
+fn fit_width(label: &str, scale: u32, max_px: i32) -> String {
+    if text_width(label, scale) as i32 <= max_px {
+        return label.to_string();
+    }
+    let chars: Vec<char> = label.chars().collect();
+    (0..chars.len())
+        .rev()
+        .map(|n| chars[..n].iter().collect::<String>() + "..")
+        .find(|t| text_width(t, scale) as i32 <= max_px)
+        .unwrap_or_else(|| "..".into())
+}
+
 fn truncate(label: &str, max_chars: usize) -> String {
     if label.chars().count() <= max_chars {
         label.to_string()
@@ -690,10 +704,7 @@ fn draw_chart(root: &Area, chart: &LineChart, bars: &[Bars], p: &Panel) -> Resul
     }
 
     if !chart.title.is_empty() {
-        let title = truncate(
-            &chart.title,
-            ((p.width - 2 * MARGIN) / advance(p.title_scale) as i32) as usize,
-        );
+        let title = fit_width(&chart.title, p.title_scale, p.width - 2 * MARGIN);
         let tw = text_width(&title, p.title_scale) as i32;
         let tx = ((a.left + a.right - tw) / 2).max(p.left + MARGIN);
         draw_text(root, tx, MARGIN + GAP, &title, p.title_scale, INK)?;
@@ -900,8 +911,10 @@ fn draw_legend(
     let si = s as i32;
     let swatch = 18 * si;
     let row_h = text_height(s) as i32 + 3 * si;
-    let max_chars = ((a.right - a.left) / 2 / advance(s) as i32).max(4) as usize;
-    let names: Vec<String> = named.iter().map(|n| truncate(n.0, max_chars)).collect();
+    let names: Vec<String> = named
+        .iter()
+        .map(|n| fit_width(n.0, s, (a.right - a.left) / 2))
+        .collect();
     let text_w = names.iter().map(|n| text_width(n, s)).max().unwrap_or(0) as i32;
     let (w, h) = (swatch + text_w + 4 * GAP, named.len() as i32 * row_h + GAP);
     let inset = 6;
@@ -1184,4 +1197,26 @@ fn draw_heatmap(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod fit_tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_cut_to_the_measured_width_not_a_character_count() {
+        let title = "test.parquet (run-planktonclas/best@dc14f1a0): reliability (ECE 0.123)";
+        assert_eq!(fit_width(title, 2, 10_000), title);
+        let cut = fit_width(title, 2, 300);
+        assert!(cut.ends_with("..") && text_width(&cut, 2) <= 300, "{cut}");
+        // The longest cut that fits: one more character would not.
+        let kept = cut.trim_end_matches("..").chars().count();
+        let longer: String = title.chars().take(kept + 1).collect::<String>() + "..";
+        assert!(text_width(&longer, 2) > 300, "{longer}");
+        // Narrow letters: more of them fit in the same width.
+        let narrow = fit_width(&"i".repeat(200), 1, 100);
+        let wide = fit_width(&"m".repeat(200), 1, 100);
+        assert!(narrow.len() > 2 * wide.len(), "{narrow} / {wide}");
+        assert_eq!(fit_width("anything", 1, 0), "..");
+    }
 }
