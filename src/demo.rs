@@ -4,7 +4,7 @@
 //! validation images (to fit a temperature), the test images (Parquet + Kaggle submission), and
 //! an evaluation report of the test predictions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::{Fill, PipelineConfig};
@@ -79,9 +79,35 @@ pub async fn run(
     })?;
     let cfg = PipelineConfig::embedded_demo();
     say("== plankton demo: the data path (decode -> warp/augment -> ZMUV -> batch) ==".into());
+    let synth_ds = synthesise(opts, &cfg, &mut say).await?;
+    let real_ds = fetch_real(opts, &mut say)?;
+    previews(out, &cfg, &synth_ds, real_ds.as_ref(), &mut say)?;
+    split_and_zmuv(out, &cfg, &synth_ds, &mut say).await?;
 
-    // 1. Synthetic competition-layout data.
-    let synth_dir = out.join("synth");
+    // 5. The data path alone, as loader-bench runs it.
+    let train = Arc::new(synth_ds.train.clone());
+    let report = data_path::loader_bench(&cfg, train, opts.epochs, on_batch).await?;
+    say("[5/9] data path:".into());
+    say(report.render());
+
+    // 6-9: the real images when we have them, else the synthetic set.
+    let (data, which) = match &real_ds {
+        Some(real) => (real.root.clone(), "planktonclas"),
+        None => (synth_ds.root.clone(), "synthetic"),
+    };
+    let run_dir = train_demo(opts, &data, which, &mut say).await?;
+    predict_and_evaluate(out, &run_dir, &data, &mut say).await?;
+    say(format!("outputs: {}", out.display()));
+    Ok(report)
+}
+
+/// 1. Synthetic competition-layout data.
+async fn synthesise(
+    opts: &DemoOptions,
+    cfg: &PipelineConfig,
+    say: &mut impl FnMut(String),
+) -> Result<Dataset, DemoError> {
+    let synth_dir = opts.out.join("synth");
     let synth_opts = synth::SynthOptions {
         classes: opts.classes,
         per_class: opts.per_class,
@@ -102,46 +128,52 @@ pub async fn run(
         synth_dir.display(),
         t0.elapsed().as_secs_f64()
     ));
+    Ok(Dataset::open(&synth_dir)?)
+}
 
-    // 2. Real plankton images (optional: needs PyPI).
-    let real_dir = out.join("planktonclas");
-    let real = if !opts.real_data {
-        None
-    } else {
-        match planktonclas::fetch(&planktonclas::PlanktonclasOptions::new(
-            &real_dir,
-            out.join("cache"),
-        )) {
-            Ok(s) => {
-                say(format!(
-                    "[2/9] real data: planktonclas {} images in {} classes -> {}",
-                    s.train_images + s.test_images,
-                    s.class_names.len(),
-                    real_dir.display()
-                ));
-                Some(real_dir)
-            }
-            Err(e) => {
-                say(format!("[2/9] real data skipped: {e}"));
-                None
-            }
+/// 2. Real plankton images (optional: needs PyPI; the demo goes on without them).
+fn fetch_real(
+    opts: &DemoOptions,
+    say: &mut impl FnMut(String),
+) -> Result<Option<Dataset>, DemoError> {
+    if !opts.real_data {
+        return Ok(None);
+    }
+    let real_dir = opts.out.join("planktonclas");
+    let fetch = planktonclas::PlanktonclasOptions::new(&real_dir, opts.out.join("cache"));
+    match planktonclas::fetch(&fetch) {
+        Ok(s) => {
+            say(format!(
+                "[2/9] real data: planktonclas {} images in {} classes -> {}",
+                s.train_images + s.test_images,
+                s.class_names.len(),
+                real_dir.display()
+            ));
+            Ok(Some(Dataset::open(&real_dir)?))
         }
-    };
+        Err(e) => {
+            say(format!("[2/9] real data skipped: {e}"));
+            Ok(None)
+        }
+    }
+}
 
-    // 3. Augmentation previews.
-    let synth_ds = Dataset::open(&synth_dir)?;
-    let real_ds = real.map(|dir| Dataset::open(&dir)).transpose()?;
-    for (name, ds) in [
-        ("synth", Some(&synth_ds)),
-        ("planktonclas", real_ds.as_ref()),
-    ] {
+/// 3. Augmentation previews.
+fn previews(
+    out: &Path,
+    cfg: &PipelineConfig,
+    synth_ds: &Dataset,
+    real_ds: Option<&Dataset>,
+    say: &mut impl FnMut(String),
+) -> Result<(), DemoError> {
+    for (name, ds) in [("synth", Some(synth_ds)), ("planktonclas", real_ds)] {
         let Some(ds) = ds else { continue };
         let picked: Vec<_> = pick_spread(&ds.train, ds.train.len())
             .iter()
             .map(|&i| ds.train[i].clone())
             .collect();
         let png = out.join(format!("preview-{name}.png"));
-        render_preview(&cfg, &picked, &png, &PreviewOptions::default())?;
+        render_preview(cfg, &picked, &png, &PreviewOptions::default())?;
         say(format!("[3/9] augmentation preview -> {}", png.display()));
         if name == "planktonclas" {
             // Grey-background images: the reference's fill of 0 frames every rotated patch;
@@ -156,11 +188,18 @@ pub async fn run(
             ));
         }
     }
+    Ok(())
+}
 
-    // 4. Split + ZMUV on the synthetic set.
-    let ds = synth_ds;
+/// 4. Split files and ZMUV statistics of the synthetic set.
+async fn split_and_zmuv(
+    out: &Path,
+    cfg: &PipelineConfig,
+    ds: &Dataset,
+    say: &mut impl FnMut(String),
+) -> Result<(), DemoError> {
     for (path, split) in crate::split::write_split_files(
-        &ds,
+        ds,
         &out.join("split.csv"),
         cfg.split.valid_fraction,
         cfg.seed,
@@ -174,7 +213,7 @@ pub async fn run(
         ));
     }
     let zmuv_path = out.join("zmuv.json");
-    let (stats, _) = data_path::estimate_and_save_zmuv(&cfg, &ds, &zmuv_path).await?;
+    let (stats, _) = data_path::estimate_and_save_zmuv(cfg, ds, &zmuv_path).await?;
     say(format!(
         "[4/9] split files and ZMUV (mean {:.4}, std {:.4} over {} augmented patches) -> {}",
         stats.inputs[0].mean,
@@ -182,24 +221,22 @@ pub async fn run(
         stats.samples,
         zmuv_path.display()
     ));
+    Ok(())
+}
 
-    // 5. The data path alone, as loader-bench runs it.
-    let report =
-        data_path::loader_bench(&cfg, Arc::new(ds.train.clone()), opts.epochs, on_batch).await?;
-    say("[5/9] data path:".into());
-    say(report.render());
-
-    // 6. A short training run: the real images when we have them, else the synthetic set.
+/// 6. A short training run with its learning curve; returns the run folder.
+async fn train_demo(
+    opts: &DemoOptions,
+    data: &Path,
+    which: &str,
+    say: &mut impl FnMut(String),
+) -> Result<PathBuf, DemoError> {
     let mut train_cfg = embedded_train_pipeline();
     if opts.train_steps > 0 {
         train_cfg.train.steps = opts.train_steps;
         train_cfg.train.validate_every = train_cfg.train.validate_every.min(opts.train_steps);
     }
-    let (data, which) = match &real_ds {
-        Some(real) => (real.root.clone(), "planktonclas"),
-        None => (ds.root.clone(), "synthetic"),
-    };
-    let run_dir = out.join(format!("run-{which}"));
+    let run_dir = opts.out.join(format!("run-{which}"));
     let _ = std::fs::remove_dir_all(&run_dir);
     say(format!(
         "[6/9] training a quarter-width cyclic convroll4 on the {which} images for {} steps -> {}",
@@ -208,7 +245,7 @@ pub async fn run(
     ));
     let train_opts = crate::train::TrainOptions {
         config: train_cfg,
-        data,
+        data: data.to_path_buf(),
         out: run_dir.clone(),
         resume: false,
         device: tch::Device::Cpu,
@@ -240,16 +277,24 @@ pub async fn run(
             run_dir.join("learning_curve.png").display()
         ));
     }
+    Ok(run_dir)
+}
 
-    // 7-9. Predict with TTA, calibrate on the validation images, predict the test images into
-    // Parquet and a submission, evaluate.
-    let data = match &real_ds {
-        Some(real) => real.root.clone(),
-        None => ds.root.clone(),
-    };
+/// 7-9. Predict with TTA, calibrate on the validation images, predict the test images into
+/// Parquet and a submission, evaluate.
+async fn predict_and_evaluate(
+    out: &Path,
+    run_dir: &Path,
+    data: &Path,
+    say: &mut impl FnMut(String),
+) -> Result<(), DemoError> {
     let predictions = out.join("predictions");
     let handle = tokio::runtime::Handle::current();
-    let (run_c, data_c, pred_c) = (run_dir.clone(), data.clone(), predictions.clone());
+    let (run_c, data_c, pred_c) = (
+        run_dir.to_path_buf(),
+        data.to_path_buf(),
+        predictions.clone(),
+    );
     let (valid, fit, test, eval) = tokio::task::spawn_blocking(move || -> Result<_, DemoError> {
         use crate::predict::job::{run, PredictOptions, Subset};
         let mut opts =
@@ -311,6 +356,5 @@ pub async fn run(
             files.least_confident_csv.display()
         ));
     }
-    say(format!("outputs: {}", out.display()));
-    Ok(report)
+    Ok(())
 }

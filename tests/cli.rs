@@ -281,6 +281,37 @@ fn bad_arguments_get_clear_errors() {
         "{err}"
     );
     assert!(!dir.path().join("cv-fold0.csv").exists());
+
+    // Counts of 0 are refused by name, not quietly raised to 1.
+    for (cmd, flag) in [
+        ("predict", "--tta"),
+        ("predict", "--top-k"),
+        ("predict", "--batch-size"),
+        ("blend", "--top-k"),
+        ("fuse", "--top-k"),
+    ] {
+        let out = bin().args([cmd, flag, "0"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(flag) && err.contains("must be at least 1"),
+            "{cmd} {flag} 0: {err}"
+        );
+    }
+
+    // A train that is refused for its arguments leaves no half-made run behind.
+    let run = dir.path().join("run");
+    let out = bin()
+        .args(["train", "--steps", "0", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("steps"), "{err}");
+    for file in ["pipeline.toml", "classes.txt", "split.csv"] {
+        assert!(!run.join(file).exists(), "{file} written by a refused run");
+    }
 }
 
 /// File names with a comma and with a quote survive a split file: `plankton split` writes it,

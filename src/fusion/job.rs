@@ -468,6 +468,35 @@ fn output_metadata(
     })
 }
 
+impl FitOptions {
+    fn check(&self) -> Result<(), FusionError> {
+        if self.repeats == 0 {
+            return Err(FusionError::Input("--repeats must be at least 1".into()));
+        }
+        if self.folds < 2 {
+            return Err(FusionError::Input(
+                "--folds must be at least 2 (the loss after fusion is measured out of fold)".into(),
+            ));
+        }
+        if self.train.steps == 0 || self.train.batch_size == 0 {
+            return Err(FusionError::Input(
+                "--steps and the batch size must be at least 1".into(),
+            ));
+        }
+        if !self
+            .train
+            .schedule
+            .iter()
+            .all(|(_, lr)| lr.is_finite() && *lr > 0.0)
+        {
+            return Err(FusionError::Input(
+                "--learning-rate must be a positive number".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Fits fusion on labelled predictions: out-of-fold fused predictions to `out`, final nets to
 /// `model_out`. `progress(done, total)` counts trained blocks of nets.
 pub fn fit(
@@ -475,53 +504,14 @@ pub fn fit(
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<FusionSummary, FusionError> {
     let started = Instant::now();
-    if opts.repeats == 0 {
-        return Err(FusionError::Input("--repeats must be at least 1".into()));
-    }
-    if opts.folds < 2 {
-        return Err(FusionError::Input(
-            "--folds must be at least 2 (the loss after fusion is measured out of fold)".into(),
-        ));
-    }
-    if opts.train.steps == 0 || opts.train.batch_size == 0 {
-        return Err(FusionError::Input(
-            "--steps and the batch size must be at least 1".into(),
-        ));
-    }
-    if !opts
-        .train
-        .schedule
-        .iter()
-        .all(|(_, lr)| lr.is_finite() && *lr > 0.0)
-    {
-        return Err(FusionError::Input(
-            "--learning-rate must be a positive number".into(),
-        ));
-    }
+    opts.check()?;
     let p = Predictions::read(&opts.predictions)?;
     let labels = row_labels(&p, &opts.predictions, &opts.data, true)?;
     let names: Vec<String> = opts.sets.iter().map(|s| s.name.clone()).collect();
     let feats = FeatureFile::read(&opts.features, &names, &[])?;
     let mut m = match_rows(p, feats);
     let c = m.p.class_names.len();
-    let fit_rows: Vec<usize> = (0..m.p.rows.len())
-        .filter(|&i| m.feature_row[i].is_some() && labels[i].is_some())
-        .collect();
-    let n = fit_rows.len();
-    m.counts.labelled = n;
-    if n < 2 * opts.folds {
-        return Err(FusionError::TooFewRows {
-            path: opts.predictions.clone(),
-            reason: format!(
-                "only {n} labelled rows have features in {} ({} predicted rows, {} without usable features); {} folds need at least {}",
-                opts.features.display(),
-                m.counts.fused + m.counts.without_features,
-                m.counts.without_features,
-                opts.folds,
-                2 * opts.folds
-            ),
-        });
-    }
+    let fit_rows = labelled_rows(opts, &mut m, &labels)?;
     let y: Vec<usize> = fit_rows
         .iter()
         .map(|&i| labels[i].expect("labelled"))
@@ -529,100 +519,8 @@ pub fn fit(
     let y32: Vec<u32> = y.iter().map(|&v| v as u32).collect();
     let splits = crate::split::stratified_folds(&y32, opts.folds, opts.seed)
         .map_err(|e| FusionError::Input(e.to_string()))?;
-    let probs: Vec<&[f32]> = fit_rows
-        .iter()
-        .map(|&i| m.p.rows[i].probabilities.as_deref().expect("predicted"))
-        .collect();
-    let lp = log_probs(&probs);
-    let targets: Vec<i64> = y.iter().map(|&v| v as i64).collect();
-    let fit_feature_rows: Vec<usize> = fit_rows
-        .iter()
-        .map(|&i| m.feature_row[i].expect("has features"))
-        .collect();
-
-    // Units: (set, block); blocks 0..K hold out fold k, block K is the final fit on all rows.
-    let blocks = opts.folds + 1;
-    let units = opts.sets.len() * blocks;
-    let done = AtomicUsize::new(0);
-    progress(0, units);
-    enum Out {
-        Held(Vec<f32>),
-        Final(Stack, Standardisation),
-    }
     let workers = threads(opts.threads);
-    let outs = run_units(units, workers, |u| {
-        let (g, b) = (u / blocks, u % blocks);
-        let spec = &opts.sets[g];
-        let set = &m.feats.sets[g];
-        let train_rows: Vec<usize> = if b < opts.folds {
-            splits[b].train.clone()
-        } else {
-            (0..n).collect()
-        };
-        let st = Standardisation::fit(
-            set.columns.len(),
-            train_rows.iter().map(|&j| set.row(fit_feature_rows[j])),
-        );
-        let (x, _) = standardised(set, &st, &fit_feature_rows);
-        let xt = Tensor::from_slice(&x).view([n as i64, set.columns.len() as i64]);
-        let lpt = Tensor::from_slice(&lp).view([n as i64, c as i64]);
-        let tt = Tensor::from_slice(&targets);
-        let seeds: Vec<u64> = (0..opts.repeats)
-            .map(|r| net_seed(opts.seed, &spec.name, b, r))
-            .collect();
-        let mut stack = Stack::new(&seeds, set.columns.len(), c);
-        let rows: Vec<i64> = train_rows.iter().map(|&j| j as i64).collect();
-        stack.train(
-            &TrainData {
-                x: &xt,
-                log_p: &lpt,
-                targets: &tt,
-                rows: &rows,
-            },
-            &seeds,
-            &opts.train,
-            spec.l2,
-        );
-        let out = if b < opts.folds {
-            let held = Tensor::from_slice(
-                &splits[b]
-                    .valid
-                    .iter()
-                    .map(|&j| j as i64)
-                    .collect::<Vec<_>>(),
-            );
-            Out::Held(stack.predict(&xt.index_select(0, &held), &lpt.index_select(0, &held)))
-        } else {
-            Out::Final(stack.slice(0, opts.repeats), st)
-        };
-        progress(done.fetch_add(1, Ordering::Relaxed) + 1, units);
-        out
-    });
-
-    // Out-of-fold: each row's fold nets, averaged over the sets.
-    let mut oof = vec![0.0f32; n * c];
-    let mut groups = Vec::new();
-    for (u, out) in outs.into_iter().enumerate() {
-        let (g, b) = (u / blocks, u % blocks);
-        match out {
-            Out::Held(p) => {
-                for (k, &j) in splits[b].valid.iter().enumerate() {
-                    for (o, v) in oof[j * c..(j + 1) * c]
-                        .iter_mut()
-                        .zip(&p[k * c..(k + 1) * c])
-                    {
-                        *o += v / opts.sets.len() as f32;
-                    }
-                }
-            }
-            Out::Final(stack, standardisation) => groups.push(Group {
-                set: opts.sets[g].clone(),
-                columns: m.feats.sets[g].columns.clone(),
-                standardisation,
-                stack,
-            }),
-        }
-    }
+    let (oof, groups) = cross_fit(opts, &m, &fit_rows, &y, &splits, workers, progress);
 
     // The final nets on every fusable row: the in-sample score, and the output for fused rows
     // without a label (no leakage: they were not fitted on).
@@ -641,7 +539,11 @@ pub fn fit(
         .flat_map(|i| final_by_row[i].iter().copied())
         .collect();
 
-    let before_probs: Vec<f32> = probs.iter().flat_map(|r| r.iter().copied()).collect();
+    let before_probs: Vec<f32> = fit_rows
+        .iter()
+        .flat_map(|&i| m.p.rows[i].probabilities.as_deref().expect("predicted"))
+        .copied()
+        .collect();
     let before = score(&before_probs, &y, c);
     let after = score(&oof, &y, c);
     let mut fused: HashMap<usize, &[f32]> = final_by_row.clone();
@@ -649,10 +551,208 @@ pub fn fit(
         fused.insert(i, &oof[j * c..(j + 1) * c]);
     }
     let (all_before, all_after) = all_labelled(&m, &labels, &fused);
+    let model_id = save_model(opts, &m, &groups, before, after)?;
 
-    // Store the final nets.
+    let summary = FusionSummary {
+        mode: "fit",
+        sets: opts.sets.clone(),
+        columns: groups.iter().map(|g| g.columns.len()).collect(),
+        repeats: opts.repeats,
+        folds: Some(opts.folds),
+        seed: opts.seed,
+        train: opts.train.clone(),
+        rows: m.counts.clone(),
+        before: Some(before),
+        after: Some(after),
+        all_labelled_before: all_before,
+        all_labelled_after: all_after,
+        final_in_sample: Some(score(&in_sample, &y, c)),
+        model_id: format!("{model_id}:out-of-fold"),
+        source_model_ids: m.p.model_ids.clone(),
+        out: opts.out.clone(),
+        model_dir: opts.model_out.clone(),
+        seconds: 0.0,
+        nets_trained: opts.sets.len() * (opts.folds + 1) * opts.repeats,
+    };
+    let meta = output_metadata(&summary, &m.p, &opts.predictions);
+    write_output(&opts.out, &m, &fused, &summary.model_id, &meta, opts.top_k)?;
+    let summary = FusionSummary {
+        seconds: started.elapsed().as_secs_f64(),
+        ..summary
+    };
+    if let Some(r) = &opts.report {
+        write_json(r, &summary)?;
+    }
+    Ok(summary)
+}
+
+/// The prediction rows fusion is fitted on (labelled, with features); enough for the folds.
+fn labelled_rows(
+    opts: &FitOptions,
+    m: &mut Matched,
+    labels: &[Option<usize>],
+) -> Result<Vec<usize>, FusionError> {
+    let fit_rows: Vec<usize> = (0..m.p.rows.len())
+        .filter(|&i| m.feature_row[i].is_some() && labels[i].is_some())
+        .collect();
+    let n = fit_rows.len();
+    m.counts.labelled = n;
+    if n < 2 * opts.folds {
+        return Err(FusionError::TooFewRows {
+            path: opts.predictions.clone(),
+            reason: format!(
+                "only {n} labelled rows have features in {} ({} predicted rows, {} without usable features); {} folds need at least {}",
+                opts.features.display(),
+                m.counts.fused + m.counts.without_features,
+                m.counts.without_features,
+                opts.folds,
+                2 * opts.folds
+            ),
+        });
+    }
+    Ok(fit_rows)
+}
+
+/// What every net of the cross-fit trains on: the fitted rows' features (by feature-file row),
+/// log probabilities and classes.
+struct FitData<'a> {
+    m: &'a Matched,
+    feature_rows: Vec<usize>,
+    log_p: Vec<f32>,
+    targets: Vec<i64>,
+}
+
+/// What one unit of the cross-fit yields.
+enum UnitOut {
+    /// Predictions for the held-out fold's rows (row-major).
+    Held(Vec<f32>),
+    /// The final nets, fitted on every row.
+    Final(Stack, Standardisation),
+}
+
+/// Trains every (set, block): blocks 0..K hold out fold k, block K is the final fit on all
+/// rows. Returns the out-of-fold predictions (each row's fold nets, averaged over the sets) and
+/// the final groups.
+fn cross_fit(
+    opts: &FitOptions,
+    m: &Matched,
+    fit_rows: &[usize],
+    y: &[usize],
+    splits: &[crate::split::Split],
+    workers: usize,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> (Vec<f32>, Vec<Group>) {
+    let c = m.p.class_names.len();
+    let probs: Vec<&[f32]> = fit_rows
+        .iter()
+        .map(|&i| m.p.rows[i].probabilities.as_deref().expect("predicted"))
+        .collect();
+    let data = FitData {
+        m,
+        feature_rows: fit_rows
+            .iter()
+            .map(|&i| m.feature_row[i].expect("has features"))
+            .collect(),
+        log_p: log_probs(&probs),
+        targets: y.iter().map(|&v| v as i64).collect(),
+    };
+    let blocks = opts.folds + 1;
+    let units = opts.sets.len() * blocks;
+    let done = AtomicUsize::new(0);
+    progress(0, units);
+    let outs = run_units(units, workers, |u| {
+        let out = fit_unit(opts, &data, splits, u / blocks, u % blocks);
+        progress(done.fetch_add(1, Ordering::Relaxed) + 1, units);
+        out
+    });
+
+    let n = fit_rows.len();
+    let mut oof = vec![0.0f32; n * c];
+    let mut groups = Vec::new();
+    for (u, out) in outs.into_iter().enumerate() {
+        let (g, b) = (u / blocks, u % blocks);
+        match out {
+            UnitOut::Held(p) => {
+                for (k, &j) in splits[b].valid.iter().enumerate() {
+                    for (o, v) in oof[j * c..(j + 1) * c]
+                        .iter_mut()
+                        .zip(&p[k * c..(k + 1) * c])
+                    {
+                        *o += v / opts.sets.len() as f32;
+                    }
+                }
+            }
+            UnitOut::Final(stack, standardisation) => groups.push(Group {
+                set: opts.sets[g].clone(),
+                columns: m.feats.sets[g].columns.clone(),
+                standardisation,
+                stack,
+            }),
+        }
+    }
+    (oof, groups)
+}
+
+/// The nets of set `g` for block `b`: standardised on the block's training rows.
+fn fit_unit(
+    opts: &FitOptions,
+    d: &FitData,
+    splits: &[crate::split::Split],
+    g: usize,
+    b: usize,
+) -> UnitOut {
+    let (n, c) = (d.targets.len(), d.m.p.class_names.len());
+    let spec = &opts.sets[g];
+    let set = &d.m.feats.sets[g];
+    let train_rows: Vec<usize> = if b < opts.folds {
+        splits[b].train.clone()
+    } else {
+        (0..n).collect()
+    };
+    let st = Standardisation::fit(
+        set.columns.len(),
+        train_rows.iter().map(|&j| set.row(d.feature_rows[j])),
+    );
+    let (x, _) = standardised(set, &st, &d.feature_rows);
+    let xt = Tensor::from_slice(&x).view([n as i64, set.columns.len() as i64]);
+    let lpt = Tensor::from_slice(&d.log_p).view([n as i64, c as i64]);
+    let tt = Tensor::from_slice(&d.targets);
+    let seeds: Vec<u64> = (0..opts.repeats)
+        .map(|r| net_seed(opts.seed, &spec.name, b, r))
+        .collect();
+    let mut stack = Stack::new(&seeds, set.columns.len(), c);
+    let rows: Vec<i64> = train_rows.iter().map(|&j| j as i64).collect();
+    stack.train(
+        &TrainData {
+            x: &xt,
+            log_p: &lpt,
+            targets: &tt,
+            rows: &rows,
+        },
+        &seeds,
+        &opts.train,
+        spec.l2,
+    );
+    if b < opts.folds {
+        let held: Vec<i64> = splits[b].valid.iter().map(|&j| j as i64).collect();
+        let held = Tensor::from_slice(&held);
+        UnitOut::Held(stack.predict(&xt.index_select(0, &held), &lpt.index_select(0, &held)))
+    } else {
+        UnitOut::Final(stack.slice(0, opts.repeats), st)
+    }
+}
+
+/// Stores the final nets (safetensors) and the model file; returns the model id, which names
+/// the weights' hash.
+fn save_model(
+    opts: &FitOptions,
+    m: &Matched,
+    groups: &[Group],
+    before: Scores,
+    after: Scores,
+) -> Result<String, FusionError> {
     let mut named = Vec::new();
-    for g in &groups {
+    for g in groups {
         named.extend(g.stack.named(&g.set.name));
     }
     std::fs::create_dir_all(&opts.model_out).map_err(|e| FusionError::io(&opts.model_out, e))?;
@@ -695,38 +795,7 @@ pub fn fit(
         created_by: format!("plankton {}", env!("CARGO_PKG_VERSION")),
     };
     write_json(&opts.model_out.join(MODEL_JSON), &file)?;
-
-    let summary = FusionSummary {
-        mode: "fit",
-        sets: opts.sets.clone(),
-        columns: groups.iter().map(|g| g.columns.len()).collect(),
-        repeats: opts.repeats,
-        folds: Some(opts.folds),
-        seed: opts.seed,
-        train: opts.train.clone(),
-        rows: m.counts.clone(),
-        before: Some(before),
-        after: Some(after),
-        all_labelled_before: all_before,
-        all_labelled_after: all_after,
-        final_in_sample: Some(score(&in_sample, &y, c)),
-        model_id: format!("{model_id}:out-of-fold"),
-        source_model_ids: m.p.model_ids.clone(),
-        out: opts.out.clone(),
-        model_dir: opts.model_out.clone(),
-        seconds: 0.0,
-        nets_trained: units * opts.repeats,
-    };
-    let meta = output_metadata(&summary, &m.p, &opts.predictions);
-    write_output(&opts.out, &m, &fused, &summary.model_id, &meta, opts.top_k)?;
-    let summary = FusionSummary {
-        seconds: started.elapsed().as_secs_f64(),
-        ..summary
-    };
-    if let Some(r) = &opts.report {
-        write_json(r, &summary)?;
-    }
-    Ok(summary)
+    Ok(model_id)
 }
 
 /// Scores over every labelled predicted row: stored probabilities, and with `fused` replacing

@@ -522,29 +522,11 @@ fn build_branch(
                     return Err(invalid("filters must be > 0".into()));
                 }
                 let untied = untied_biases.unwrap_or(cfg.untied_biases);
-                let weight =
-                    b.orthogonal(filters, c * 9, 1.0)
-                        .view([filters as i64, c as i64, 3, 3]);
-                let wi = b.add(format!("{prefix}.conv.weight"), weight, true);
-                let bias_shape: Vec<i64> = if untied {
-                    vec![filters as i64, h as i64, w as i64]
-                } else {
-                    vec![filters as i64]
-                };
-                let bi_ = b.add(
-                    format!("{prefix}.conv.bias"),
-                    Tensor::full(bias_shape.as_slice(), 0.1, (Kind::Float, Device::Cpu)),
-                    false,
-                );
-                params = filters * c * 9 + if untied { filters * h * w } else { filters };
+                let (layer, n) = conv_layer(b, &prefix, (c, h, w), filters, untied, activation);
+                params = n;
                 macs = (views * filters * c * 9 * h * w) as u64;
                 shape = Shape::Map { c: filters, h, w };
-                Layer::Conv {
-                    w: wi,
-                    b: bi_,
-                    untied,
-                    act: activation,
-                }
+                layer
             }
             LayerSpec::Pool {} => {
                 let Shape::Map { c, h, w } = shape else {
@@ -593,28 +575,13 @@ fn build_branch(
                     return Err(invalid("units and maxout must be > 0".into()));
                 }
                 let fan_in = shape.numel();
-                let outputs = units * maxout;
-                let wi = b.add(
-                    format!("{prefix}.dense.weight"),
-                    b.orthogonal(outputs, fan_in, 1.0),
-                    true,
-                );
-                let bi_ = b.add(
-                    format!("{prefix}.dense.bias"),
-                    Tensor::full([outputs as i64], 0.1, (Kind::Float, Device::Cpu)),
-                    false,
-                );
-                params = fan_in * outputs + outputs;
-                macs = (views * fan_in * outputs) as u64;
                 let flatten = matches!(shape, Shape::Map { .. });
+                let (layer, n) =
+                    dense_layer(b, &prefix, fan_in, units, maxout, activation, flatten);
+                params = n;
+                macs = (views * fan_in * units * maxout) as u64;
                 shape = Shape::Flat(units);
-                Layer::Dense {
-                    w: wi,
-                    b: bi_,
-                    act: activation,
-                    maxout: maxout as i64,
-                    flatten,
-                }
+                layer
             }
             LayerSpec::DenseRoll {} => {
                 let Shape::Flat(f) = shape else {
@@ -663,6 +630,67 @@ fn build_branch(
         },
         out,
     ))
+}
+
+/// A 3x3 convolution of a `c x h x w` map: orthogonal weights, biases of 0.1 (one per filter,
+/// or per filter and pixel when untied). Returns the layer and its parameter count.
+fn conv_layer(
+    b: &mut Builder,
+    prefix: &str,
+    (c, h, w): (usize, usize, usize),
+    filters: usize,
+    untied: bool,
+    act: Activation,
+) -> (Layer, usize) {
+    let weight = b
+        .orthogonal(filters, c * 9, 1.0)
+        .view([filters as i64, c as i64, 3, 3]);
+    let wi = b.add(format!("{prefix}.conv.weight"), weight, true);
+    let bias_shape: Vec<i64> = if untied {
+        vec![filters as i64, h as i64, w as i64]
+    } else {
+        vec![filters as i64]
+    };
+    let bias = Tensor::full(bias_shape.as_slice(), 0.1, (Kind::Float, Device::Cpu));
+    let bi = b.add(format!("{prefix}.conv.bias"), bias, false);
+    let params = filters * c * 9 + if untied { filters * h * w } else { filters };
+    (
+        Layer::Conv {
+            w: wi,
+            b: bi,
+            untied,
+            act,
+        },
+        params,
+    )
+}
+
+/// A dense layer of `units` x `maxout` outputs: orthogonal weights, biases of 0.1. Returns the
+/// layer and its parameter count.
+fn dense_layer(
+    b: &mut Builder,
+    prefix: &str,
+    fan_in: usize,
+    units: usize,
+    maxout: usize,
+    act: Activation,
+    flatten: bool,
+) -> (Layer, usize) {
+    let outputs = units * maxout;
+    let weight = b.orthogonal(outputs, fan_in, 1.0);
+    let wi = b.add(format!("{prefix}.dense.weight"), weight, true);
+    let bias = Tensor::full([outputs as i64], 0.1, (Kind::Float, Device::Cpu));
+    let bi = b.add(format!("{prefix}.dense.bias"), bias, false);
+    (
+        Layer::Dense {
+            w: wi,
+            b: bi,
+            act,
+            maxout: maxout as i64,
+            flatten,
+        },
+        fan_in * outputs + outputs,
+    )
 }
 
 fn layer_name(spec: &LayerSpec) -> &'static str {

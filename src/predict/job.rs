@@ -17,6 +17,7 @@ use super::tta::{quasi_random_transforms, TtaConfig};
 use crate::config::PipelineConfig;
 use crate::device::{download, BatchTensors, Download};
 use crate::evaluate::calibration::{apply_temperature, TemperatureFit};
+use crate::imgproc::Augmentation;
 use crate::model::Network;
 use crate::scoring::{self, Scores};
 use crate::sinks::parquet::{ParquetSinkError, PredictionRow, PredictionWriter};
@@ -484,6 +485,88 @@ pub fn run(
     let run_dir = RunDir::new(&opts.model);
     let (records, found_sample) =
         resolve_inputs(&opts.data, opts.subset, &run_dir, &model.class_names)?;
+    let (cfg, tta, transforms) = job_config(opts, &model)?;
+    let views = transforms.len();
+    let model_id = opts
+        .model_id
+        .clone()
+        .unwrap_or_else(|| model.model_id.clone());
+    let metadata = output_metadata(opts, &model, &cfg, &tta, views);
+    let mut writer = PredictionWriter::create(
+        &opts.out,
+        model.class_names.clone(),
+        &model_id,
+        &metadata,
+        opts.top_k,
+    )?;
+    on_event(PredictEvent::Started {
+        images: records.len(),
+        views,
+        model_id: model_id.clone(),
+    });
+    let records = Arc::new(records);
+    let mut job = Predicting {
+        model: &model,
+        records: records.clone(),
+        aggregator: Aggregator::new(model.class_names.len(), views, tta.aggregation),
+        views,
+        writer: &mut writer,
+        probabilities: vec![None; records.len()],
+        done: 0,
+        started,
+        last_event: Instant::now(),
+    };
+    let failures = job.predict(&cfg, transforms, rt, on_event)?;
+    let (probabilities, done) = (job.probabilities, job.done);
+    let failed: Vec<(PathBuf, String)> = failures
+        .iter()
+        .map(|f| (f.path.clone(), f.reason.clone()))
+        .collect();
+    metrics::counter!(crate::telemetry::PREDICT_FAILED).increment(failed.len() as u64);
+    write_unpredicted(&mut writer, &model, &records, &probabilities, &failed)?;
+    writer.finish()?;
+    on_event(PredictEvent::Progress {
+        images_done: done,
+        images_total: records.len(),
+        images_per_second: done as f64 / started.elapsed().as_secs_f64(),
+    });
+
+    let scores = labelled_scores(&records, &probabilities, model.class_names.len());
+    let submission = match &opts.submission {
+        None => None,
+        Some(path) => {
+            let header = opts.sample_submission.clone().or(found_sample);
+            let s =
+                write_submission_file(path, header, &model, &run_dir, &records, &probabilities)?;
+            Some((path.clone(), s))
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(PredictSummary {
+        out: opts.out.clone(),
+        model_id,
+        images: records.len(),
+        predicted: done,
+        failed,
+        views,
+        aggregation: tta.aggregation,
+        temperature: model.calibration.map(|c| c.temperature),
+        seconds,
+        images_per_second: done as f64 / seconds,
+        patches_per_second: (done * views) as f64 / seconds,
+        scores,
+        submission,
+    })
+}
+
+/// The run's pipeline and TTA with the job's overrides (transforms, aggregation, batch size),
+/// the views, and a data path sized for them: each record in flight holds all of its views, so
+/// just enough records stay in flight to fill the next batches and memory does not grow with
+/// the transform count.
+fn job_config(
+    opts: &PredictOptions,
+    model: &LoadedModel,
+) -> Result<(PipelineConfig, TtaConfig, Arc<Vec<Augmentation>>), PredictError> {
     let mut cfg = model.cfg.clone();
     let mut tta: TtaConfig = cfg.tta.clone();
     if let Some(n) = opts.tta {
@@ -501,8 +584,6 @@ pub fn run(
     }
     let transforms = Arc::new(quasi_random_transforms(&tta));
     let views = transforms.len();
-    // Each record in flight holds all of its views: keep just enough records in flight to fill
-    // the next batches, so memory does not grow with the transform count.
     let workers = cfg.worker_count();
     let per_batch = cfg.batch.size.div_ceil(views);
     cfg.loader.reorder_window = cfg
@@ -513,9 +594,18 @@ pub fn run(
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
     }
-    let classes = model.class_names.len();
-    let temperature = model.calibration.map(|c| c.temperature);
-    let metadata = serde_json::json!({
+    Ok((cfg, tta, transforms))
+}
+
+/// The Parquet file's metadata: what produced these predictions.
+fn output_metadata(
+    opts: &PredictOptions,
+    model: &LoadedModel,
+    cfg: &PipelineConfig,
+    tta: &TtaConfig,
+    views: usize,
+) -> serde_json::Value {
+    serde_json::json!({
         "model_id": model.model_id,
         "run_dir": opts.model.display().to_string(),
         "weights": model.weights_path.display().to_string(),
@@ -525,197 +615,207 @@ pub fn run(
         "zmuv": model.zmuv.inputs,
         "tta": tta,
         "views": views,
-        "temperature": temperature,
+        "temperature": model.calibration.map(|c| c.temperature),
         "calibration": model.calibration,
         "device": crate::device::name(model.net.device),
         "precision": model.net.precision(),
         "plankton_version": env!("CARGO_PKG_VERSION"),
         "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-    });
-    let model_id = opts
-        .model_id
-        .clone()
-        .unwrap_or_else(|| model.model_id.clone());
-    let mut writer = PredictionWriter::create(
-        &opts.out,
-        model.class_names.clone(),
-        &model_id,
-        &metadata,
-        opts.top_k,
-    )?;
-    on_event(PredictEvent::Started {
-        images: records.len(),
-        views,
-        model_id: model_id.clone(),
-    });
+    })
+}
 
-    let records = Arc::new(records);
-    let _enter = rt.enter();
-    let spec = LoaderSpec {
-        records: records.clone(),
-        plan: SamplePlan::Ordered { epochs: 1 },
-        augment: false,
-        zmuv: Some(model.zmuv.inputs.clone()),
-        first_epoch: 0,
-        views: Some(transforms.clone()),
-    };
-    let mut loader = Loader::spawn(&cfg, spec)?;
-    let mut aggregator = Aggregator::new(classes, views, tta.aggregation);
-    // Kept for the submission and the summary scores (C floats per image).
-    let mut probabilities: Vec<Option<Vec<f32>>> = vec![None; records.len()];
-    let mut done = 0usize;
-    let mut last_event = Instant::now();
-    let _guard = tch::no_grad_guard();
-    crate::telemetry::describe();
-    let batch_seconds = metrics::histogram!(crate::telemetry::PREDICT_BATCH_SECONDS);
-    let images_total = metrics::counter!(crate::telemetry::PREDICT_IMAGES);
-    let patches_total = metrics::counter!(crate::telemetry::PREDICT_PATCHES);
-    // One batch in flight: the next batch's forward pass is enqueued before this one's result
-    // is read back, so a GPU computes while the host aggregates and writes.
-    let mut in_flight: Option<(Batch, Download, Instant)> = None;
-    loop {
-        let launched = rt.block_on(loader.next_batch()).map(|batch| {
-            let t_batch = Instant::now();
-            let inputs: Vec<tch::Tensor> = (0..batch.inputs.len())
-                .map(|k| model.net.upload(&batch.input_tensor(k)))
-                .collect();
-            let log_probs = download(
-                &model
-                    .net
-                    .forward_t(&inputs, false)
-                    .log_softmax(-1, Kind::Float),
-            );
-            (batch, log_probs, t_batch)
-        });
-        let Some((batch, log_probs, t_batch)) = std::mem::replace(&mut in_flight, launched) else {
-            if in_flight.is_none() {
-                break;
-            }
-            continue;
+/// A prediction job in progress: views come back per batch, each image's row is written once
+/// all of its views are in.
+struct Predicting<'a> {
+    model: &'a LoadedModel,
+    records: Arc<Vec<ImageRecord>>,
+    aggregator: Aggregator,
+    views: usize,
+    writer: &'a mut PredictionWriter,
+    /// Kept for the submission and the summary scores (C floats per image).
+    probabilities: Vec<Option<Vec<f32>>>,
+    done: usize,
+    started: Instant,
+    last_event: Instant,
+}
+
+impl Predicting<'_> {
+    /// Runs every view of every record through the network; returns the images the data path
+    /// set aside.
+    fn predict(
+        &mut self,
+        cfg: &PipelineConfig,
+        transforms: Arc<Vec<Augmentation>>,
+        rt: &tokio::runtime::Handle,
+        on_event: &mut dyn FnMut(PredictEvent),
+    ) -> Result<Vec<crate::topology::Failure>, PredictError> {
+        let _enter = rt.enter();
+        let spec = LoaderSpec {
+            records: self.records.clone(),
+            plan: SamplePlan::Ordered { epochs: 1 },
+            augment: false,
+            zmuv: Some(self.model.zmuv.inputs.clone()),
+            first_epoch: 0,
+            views: Some(transforms),
         };
-        let flat: Vec<f32> = Vec::try_from(log_probs.wait().flatten(0, -1)).expect("float tensor");
-        batch_seconds.record(t_batch.elapsed().as_secs_f64());
-        patches_total.increment(batch.len as u64);
-        for (i, &record) in batch.record_indices[..batch.len].iter().enumerate() {
-            let Some((rec, p)) = aggregator.push(record, &flat[i * classes..(i + 1) * classes])
+        let mut loader = Loader::spawn(cfg, spec)?;
+        let _guard = tch::no_grad_guard();
+        crate::telemetry::describe();
+        let batch_seconds = metrics::histogram!(crate::telemetry::PREDICT_BATCH_SECONDS);
+        let patches_total = metrics::counter!(crate::telemetry::PREDICT_PATCHES);
+        // One batch in flight: the next batch's forward pass is enqueued before this one's
+        // result is read back, so a GPU computes while the host aggregates and writes.
+        let mut in_flight: Option<(Batch, Download, Instant)> = None;
+        loop {
+            let launched = rt
+                .block_on(loader.next_batch())
+                .map(|batch| self.launch(batch));
+            let Some((batch, log_probs, t_batch)) = std::mem::replace(&mut in_flight, launched)
             else {
+                if in_flight.is_none() {
+                    break;
+                }
+                continue;
+            };
+            let flat: Vec<f32> =
+                Vec::try_from(log_probs.wait().flatten(0, -1)).expect("float tensor");
+            batch_seconds.record(t_batch.elapsed().as_secs_f64());
+            patches_total.increment(batch.len as u64);
+            self.take(&batch, &flat)?;
+            if self.last_event.elapsed().as_secs_f64() > 0.2 {
+                self.last_event = Instant::now();
+                on_event(PredictEvent::Progress {
+                    images_done: self.done,
+                    images_total: self.records.len(),
+                    images_per_second: self.done as f64 / self.started.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        Ok(rt.block_on(loader.finish())?.failures)
+    }
+
+    /// Enqueues the batch's forward pass; its log probabilities are read back later.
+    fn launch(&self, batch: Batch) -> (Batch, Download, Instant) {
+        let t_batch = Instant::now();
+        let net = &self.model.net;
+        let inputs: Vec<tch::Tensor> = (0..batch.inputs.len())
+            .map(|k| net.upload(&batch.input_tensor(k)))
+            .collect();
+        let log_probs = download(&net.forward_t(&inputs, false).log_softmax(-1, Kind::Float));
+        (batch, log_probs, t_batch)
+    }
+
+    /// Aggregates the batch's views; writes the row of every image whose views are all in.
+    fn take(&mut self, batch: &Batch, log_probs: &[f32]) -> Result<(), PredictError> {
+        let classes = self.model.class_names.len();
+        let temperature = self.model.calibration.map(|c| c.temperature);
+        let images_total = metrics::counter!(crate::telemetry::PREDICT_IMAGES);
+        for (i, &record) in batch.record_indices[..batch.len].iter().enumerate() {
+            let view = &log_probs[i * classes..(i + 1) * classes];
+            let Some((rec, p)) = self.aggregator.push(record, view) else {
                 continue;
             };
             let mut p: Vec<f32> = p.into_iter().map(|v| v as f32).collect();
             if let Some(t) = temperature {
                 p = apply_temperature(&p, classes, t);
             }
-            let r = &records[rec];
-            writer.push(PredictionRow {
+            let r = &self.records[rec];
+            self.writer.push(PredictionRow {
                 image_id: r.id.clone(),
                 source_path: r.path.display().to_string(),
-                label: r.label.map(|l| model.class_names[l as usize].clone()),
+                label: r.label.map(|l| self.model.class_names[l as usize].clone()),
                 probabilities: Some(p.clone()),
-                views: views as u16,
+                views: self.views as u16,
                 error: None,
             })?;
-            probabilities[rec] = Some(p);
-            done += 1;
+            self.probabilities[rec] = Some(p);
+            self.done += 1;
             images_total.increment(1);
         }
-        if last_event.elapsed().as_secs_f64() > 0.2 {
-            last_event = Instant::now();
-            on_event(PredictEvent::Progress {
-                images_done: done,
-                images_total: records.len(),
-                images_per_second: done as f64 / started.elapsed().as_secs_f64(),
-            });
-        }
+        Ok(())
     }
-    let loaded = rt.block_on(loader.finish())?;
-    drop(_guard);
-    let failed: Vec<(PathBuf, String)> = loaded
-        .failures
-        .iter()
-        .map(|f| (f.path.clone(), f.reason.clone()))
-        .collect();
-    metrics::counter!(crate::telemetry::PREDICT_FAILED).increment(failed.len() as u64);
+}
+
+/// A row with its reason for every image without a prediction.
+fn write_unpredicted(
+    writer: &mut PredictionWriter,
+    model: &LoadedModel,
+    records: &[ImageRecord],
+    probabilities: &[Option<Vec<f32>>],
+    failed: &[(PathBuf, String)],
+) -> Result<(), PredictError> {
     let failed_reasons: HashMap<&Path, &str> = failed
         .iter()
         .map(|(p, r)| (p.as_path(), r.as_str()))
         .collect();
-    for (i, r) in records.iter().enumerate() {
-        if probabilities[i].is_none() {
-            let reason = failed_reasons
-                .get(r.path.as_path())
-                .copied()
-                .unwrap_or("no prediction (the data path dropped it)");
-            writer.push(PredictionRow {
-                image_id: r.id.clone(),
-                source_path: r.path.display().to_string(),
-                label: r.label.map(|l| model.class_names[l as usize].clone()),
-                probabilities: None,
-                views: 0,
-                error: Some(reason.to_string()),
-            })?;
+    for (r, p) in records.iter().zip(probabilities) {
+        if p.is_some() {
+            continue;
         }
+        let reason = failed_reasons
+            .get(r.path.as_path())
+            .copied()
+            .unwrap_or("no prediction (the data path dropped it)");
+        writer.push(PredictionRow {
+            image_id: r.id.clone(),
+            source_path: r.path.display().to_string(),
+            label: r.label.map(|l| model.class_names[l as usize].clone()),
+            probabilities: None,
+            views: 0,
+            error: Some(reason.to_string()),
+        })?;
     }
-    writer.finish()?;
-    on_event(PredictEvent::Progress {
-        images_done: done,
-        images_total: records.len(),
-        images_per_second: done as f64 / started.elapsed().as_secs_f64(),
-    });
+    Ok(())
+}
 
+/// Scores on the images whose class the source knows.
+fn labelled_scores(
+    records: &[ImageRecord],
+    probabilities: &[Option<Vec<f32>>],
+    classes: usize,
+) -> Option<Scores> {
     let mut labelled_probs = Vec::new();
     let mut labels = Vec::new();
-    for (r, p) in records.iter().zip(&probabilities) {
+    for (r, p) in records.iter().zip(probabilities) {
         if let (Some(l), Some(p)) = (r.label, p) {
             labelled_probs.extend_from_slice(p);
             labels.push(l as usize);
         }
     }
-    let scores = (!labels.is_empty()).then(|| scoring::score(&labelled_probs, &labels, classes));
+    (!labels.is_empty()).then(|| scoring::score(&labelled_probs, &labels, classes))
+}
 
-    let submission = match &opts.submission {
-        None => None,
-        Some(path) => {
-            let header = opts.sample_submission.clone().or(found_sample);
-            let (columns, from) = match &header {
-                Some(h) => (
-                    crate::sources::dataset::read_submission_classes(h)?,
-                    h.clone(),
-                ),
-                None => (model.class_names.clone(), run_dir.classes()),
-            };
-            let rows: Vec<SubmissionRow> = records
-                .iter()
-                .zip(&probabilities)
-                .map(|(r, p)| SubmissionRow {
-                    image_id: &r.id,
-                    probabilities: p.as_deref(),
-                })
-                .collect();
-            let s = submission::write_submission(
-                path,
-                &model.class_names,
-                &columns,
-                &from,
-                &rows,
-                &class_prior(&run_dir, &model.class_names),
-            )?;
-            Some((path.clone(), s))
-        }
+/// The competition's submission CSV, in the columns of `header` (a sampleSubmission.csv) or
+/// the model's class order.
+fn write_submission_file(
+    path: &Path,
+    header: Option<PathBuf>,
+    model: &LoadedModel,
+    run_dir: &RunDir,
+    records: &[ImageRecord],
+    probabilities: &[Option<Vec<f32>>],
+) -> Result<SubmissionSummary, PredictError> {
+    let (columns, from) = match &header {
+        Some(h) => (
+            crate::sources::dataset::read_submission_classes(h)?,
+            h.clone(),
+        ),
+        None => (model.class_names.clone(), run_dir.classes()),
     };
-    let seconds = started.elapsed().as_secs_f64().max(1e-9);
-    Ok(PredictSummary {
-        out: opts.out.clone(),
-        model_id,
-        images: records.len(),
-        predicted: done,
-        failed,
-        views,
-        aggregation: tta.aggregation,
-        temperature,
-        seconds,
-        images_per_second: done as f64 / seconds,
-        patches_per_second: (done * views) as f64 / seconds,
-        scores,
-        submission,
-    })
+    let rows: Vec<SubmissionRow> = records
+        .iter()
+        .zip(probabilities)
+        .map(|(r, p)| SubmissionRow {
+            image_id: &r.id,
+            probabilities: p.as_deref(),
+        })
+        .collect();
+    Ok(submission::write_submission(
+        path,
+        &model.class_names,
+        &columns,
+        &from,
+        &rows,
+        &class_prior(run_dir, &model.class_names),
+    )?)
 }

@@ -163,18 +163,7 @@ pub async fn run(
     reload: Arc<tokio::sync::Notify>,
     mut on_event: impl FnMut(ServeEvent) + Send,
 ) -> Result<ServeSummary, ServeError> {
-    // A wrong `model` must not leave folders behind (the run is loaded later, after the lock).
-    if !cfg.model.join("pipeline.toml").is_file() {
-        let why = if cfg.model.is_dir() {
-            "not a trained run (no pipeline.toml in it)"
-        } else {
-            "no such run directory"
-        };
-        return Err(ServeError::Io {
-            path: cfg.model.clone(),
-            message: format!("model: {why}: name a folder written by `plankton train`"),
-        });
-    }
+    check_model(&cfg)?;
     // One daemon per spool and output folder, before anything in them is touched: a second
     // one started by mistake must not delete the first one's open `.partial` file.
     let _spool_lock = DirLock::acquire(&cfg.spool, SPOOL_LOCK, "spool")?;
@@ -186,17 +175,7 @@ pub async fn run(
         _ => None,
     };
     let listener = if cfg.http.enabled {
-        let listener = tokio::net::TcpListener::bind(&cfg.http.bind)
-            .await
-            .map_err(|e| ServeError::Bind {
-                addr: cfg.http.bind.clone(),
-                message: e.to_string(),
-            })?;
-        let addr = listener.local_addr().map_err(|e| ServeError::Bind {
-            addr: cfg.http.bind.clone(),
-            message: e.to_string(),
-        })?;
-        Some((listener, addr))
+        Some(bind(&cfg).await?)
     } else {
         None
     };
@@ -249,19 +228,11 @@ pub async fn run(
     if replayed > 0 {
         tracing::info!(images = replayed, "replaying spooled images");
     }
-    {
-        let tx = ingest_tx.clone();
-        let stop = sources.clone();
-        tasks.push(tokio::spawn(async move {
-            for e in pending {
-                tokio::select! {
-                    r = tx.send(e) => if r.is_err() { break },
-                    _ = stop.cancelled() => break,
-                }
-            }
-            Ok::<u64, String>(0)
-        }));
-    }
+    tasks.push(tokio::spawn(replay_pending(
+        pending,
+        ingest_tx.clone(),
+        sources.clone(),
+    )));
     if cfg.watch.enabled {
         let (wcfg, sp, tx, stop) = (
             cfg.watch.clone(),
@@ -298,29 +269,12 @@ pub async fn run(
                 .map_err(|e| e.to_string())
         }));
     }
-    // A new weights file (a retrained run written in place) or SIGHUP: reload between batches.
-    {
-        let (slot, stop) = (slot.clone(), sources.clone());
-        tasks.push(tokio::spawn(async move {
-            let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-            let mut seen = modified(&weights_path);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = reload.notified() => slot.reload.store(true, Ordering::SeqCst),
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {
-                        let now = modified(&weights_path);
-                        if now.is_some() && now != seen {
-                            seen = now;
-                            tracing::info!(weights = %weights_path.display(), "weights changed on disk: reloading");
-                            slot.reload.store(true, Ordering::SeqCst);
-                        }
-                    }
-                }
-            }
-            Ok(0)
-        }));
-    }
+    tasks.push(tokio::spawn(watch_for_reload(
+        slot.clone(),
+        weights_path,
+        reload,
+        sources.clone(),
+    )));
     ready.store(true, Ordering::SeqCst);
     on_event(ServeEvent::Ready { model_id, replayed });
 
@@ -344,4 +298,73 @@ pub async fn run(
         .map_err(ServeError::Crashed)?;
     tracing::info!("stopped: every accepted image is in a finished file or still spooled");
     Ok(ServeSummary { replayed, watched })
+}
+
+/// A wrong `model` must not leave folders behind (the run is loaded later, after the locks).
+fn check_model(cfg: &ServeConfig) -> Result<(), ServeError> {
+    if cfg.model.join("pipeline.toml").is_file() {
+        return Ok(());
+    }
+    let why = if cfg.model.is_dir() {
+        "not a trained run (no pipeline.toml in it)"
+    } else {
+        "no such run directory"
+    };
+    Err(ServeError::Io {
+        path: cfg.model.clone(),
+        message: format!("model: {why}: name a folder written by `plankton train`"),
+    })
+}
+
+async fn bind(cfg: &ServeConfig) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
+    let bind_error = |e: std::io::Error| ServeError::Bind {
+        addr: cfg.http.bind.clone(),
+        message: e.to_string(),
+    };
+    let listener = tokio::net::TcpListener::bind(&cfg.http.bind)
+        .await
+        .map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, addr))
+}
+
+/// Sends what the spool held at the start into the pipeline again.
+async fn replay_pending(
+    pending: Vec<SpoolEntry>,
+    tx: async_channel::Sender<SpoolEntry>,
+    stop: CancellationToken,
+) -> Result<u64, String> {
+    for e in pending {
+        tokio::select! {
+            r = tx.send(e) => if r.is_err() { break },
+            _ = stop.cancelled() => break,
+        }
+    }
+    Ok(0)
+}
+
+/// A new weights file (a retrained run written in place) or SIGHUP: reload between batches.
+async fn watch_for_reload(
+    slot: Arc<ModelSlot>,
+    weights_path: std::path::PathBuf,
+    reload: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) -> Result<u64, String> {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&weights_path);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = reload.notified() => slot.reload.store(true, Ordering::SeqCst),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                let now = modified(&weights_path);
+                if now.is_some() && now != seen {
+                    seen = now;
+                    tracing::info!(weights = %weights_path.display(), "weights changed on disk: reloading");
+                    slot.reload.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+    Ok(0)
 }

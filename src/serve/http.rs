@@ -404,44 +404,10 @@ async fn upload(
         return upload_multipart(&state, query, &headers, request).await;
     }
 
-    // The id: `?id=` or `X-Image-Id`, validated (never silently altered), else a fresh one.
-    let header_id = match headers.get(ID_HEADER).map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(v)) => Some(v.to_string()),
-        Some(Err(_)) => {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                "bad_id",
-                "X-Image-Id is not visible ASCII",
-            )
-        }
+    let (id, name) = match single_id_and_name(&query, &headers) {
+        Ok(x) => x,
+        Err(r) => return r,
     };
-    let raw_id = match (query.id, header_id) {
-        (Some(q), Some(h)) if q != h => {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                "bad_id",
-                format!("?id={q:?} and X-Image-Id {h:?} disagree"),
-            )
-        }
-        (Some(q), _) => Some(q),
-        (None, h) => h,
-    };
-    let id = match raw_id {
-        Some(raw) => match spool::sanitize_id(&raw) {
-            Ok(id) => id,
-            Err(e) => return reject(StatusCode::BAD_REQUEST, "bad_id", e.to_string()),
-        },
-        None => spool::new_id(),
-    };
-    let name = query.name.unwrap_or_default();
-    if name.chars().any(char::is_control) {
-        return reject(
-            StatusCode::BAD_REQUEST,
-            "bad_name",
-            "?name= must not contain control characters",
-        );
-    }
 
     // Room first: under `reject`, a full queue refuses before the body is read or spooled.
     if state.ingest.is_closed() {
@@ -486,9 +452,88 @@ async fn upload(
         );
     }
 
-    // Durable before acknowledged: the spool fsyncs, so it runs off the async workers.
+    let (entry, duplicate) = match spool_one(&state, &id, &name, bytes).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let seq = entry.seq;
+    // An id already pending is already on its way through the pipeline: not a second time.
+    if !duplicate {
+        if let Err(e) = state.ingest.send(entry).await {
+            // Spooled, so it is safe: the next start picks it up from the spool.
+            tracing::warn!(id = %e.0.id, "ingest queue closed; the image stays in the spool for the next start");
+        }
+    }
+    if !query.wait {
+        let mut body = json!({ "id": id, "status": "accepted" });
+        if duplicate {
+            body["duplicate"] = json!(true);
+        }
+        return (StatusCode::ACCEPTED, Json(body)).into_response();
+    }
+    wait_for_prediction(&state, &id, seq).await
+}
+
+/// The id of a single upload: `?id=` or `X-Image-Id`, validated (never silently altered), else
+/// a fresh one; and its `?name=`.
+// The error is the request's early answer (built at most once per request).
+#[allow(clippy::result_large_err)]
+fn single_id_and_name(
+    query: &UploadQuery,
+    headers: &HeaderMap,
+) -> Result<(String, String), Response> {
+    let header_id = match headers.get(ID_HEADER).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => Some(v.to_string()),
+        Some(Err(_)) => {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "bad_id",
+                "X-Image-Id is not visible ASCII",
+            ))
+        }
+    };
+    let raw_id = match (query.id.clone(), header_id) {
+        (Some(q), Some(h)) if q != h => {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "bad_id",
+                format!("?id={q:?} and X-Image-Id {h:?} disagree"),
+            ))
+        }
+        (Some(q), _) => Some(q),
+        (None, h) => h,
+    };
+    let id = match raw_id {
+        Some(raw) => match spool::sanitize_id(&raw) {
+            Ok(id) => id,
+            Err(e) => return Err(reject(StatusCode::BAD_REQUEST, "bad_id", e.to_string())),
+        },
+        None => spool::new_id(),
+    };
+    let name = query.name.clone().unwrap_or_default();
+    if name.chars().any(char::is_control) {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+            "?name= must not contain control characters",
+        ));
+    }
+    Ok((id, name))
+}
+
+/// Spools one upload (durable before acknowledged: the spool fsyncs, so it runs off the async
+/// workers). Returns the entry and whether its id was already pending with these bytes.
+// The error is the request's early answer (built at most once per request).
+#[allow(clippy::result_large_err)]
+async fn spool_one(
+    state: &HttpState,
+    id: &str,
+    name: &str,
+    bytes: Bytes,
+) -> Result<(SpoolEntry, bool), Response> {
     let spool = state.spool.clone();
-    let (accept_id, accept_name) = (id.clone(), name.clone());
+    let (accept_id, accept_name) = (id.to_string(), name.to_string());
     let spooled = tokio::task::spawn_blocking(move || {
         let before = spool.pending_key(&accept_id);
         spool
@@ -504,49 +549,39 @@ async fn upload(
             })
     })
     .await;
-    let (entry, duplicate) = match spooled {
+    let accepted = match spooled {
         Ok(Ok(x)) => x,
         Ok(Err(e @ spool::SpoolError::Conflict { .. })) => {
-            return reject(StatusCode::CONFLICT, "conflict", e.to_string());
+            return Err(reject(StatusCode::CONFLICT, "conflict", e.to_string()));
         }
         Ok(Err(e)) => {
             tracing::error!(id = %id, error = %e, "cannot spool an upload");
             let (status, reason) = spool_failure(&e);
-            return reject(status, reason, format!("cannot spool the image: {e}"));
+            return Err(reject(
+                status,
+                reason,
+                format!("cannot spool the image: {e}"),
+            ));
         }
         Err(e) => {
             tracing::error!(id = %id, error = %e, "spool task failed");
-            return reject(
+            return Err(reject(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "spool",
                 "cannot spool the image",
-            );
+            ));
         }
     };
     metrics::counter!(STAGE_RECEIVED, "stage" => "http").increment(1);
+    Ok(accepted)
+}
 
-    let seq = entry.seq;
-    // An id already pending is already on its way through the pipeline: not a second time.
-    if !duplicate {
-        if let Err(e) = state.ingest.send(entry).await {
-            // Spooled, so it is safe: the next start picks it up from the spool.
-            tracing::warn!(id = %e.0.id, "ingest queue closed; the image stays in the spool for the next start");
-        }
-    }
-
-    let accepted = || {
-        let mut body = json!({ "id": id, "status": "accepted" });
-        if duplicate {
-            body["duplicate"] = json!(true);
-        }
-        (StatusCode::ACCEPTED, Json(body)).into_response()
-    };
-    if !query.wait {
-        return accepted();
-    }
+/// `?wait=true`: the prediction (200), the quarantine record of a refused image (422), or
+/// "pending" (202) after `sync_timeout_ms`.
+async fn wait_for_prediction(state: &HttpState, id: &str, seq: u64) -> Response {
     match state
         .results
-        .wait(&id, seq, Duration::from_millis(state.cfg.sync_timeout_ms))
+        .wait(id, seq, Duration::from_millis(state.cfg.sync_timeout_ms))
         .await
     {
         // Refused (bad input): recorded durably (quarantine + its owed error row) by now.
@@ -661,34 +696,62 @@ async fn upload_multipart(
     if let Some(r) = declared_too_large(&state.cfg, headers) {
         return r;
     }
+    let parts = match read_parts(&state.cfg, request).await {
+        Ok(parts) => parts,
+        Err(r) => return r,
+    };
+    if parts.is_empty() {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "empty_body",
+            "a multipart upload without parts: send one image per part",
+        );
+    }
+    let ids = part_ids(parts.iter().map(|p| p.field_name.as_deref()));
+    let (mut outcomes, to_spool) = screen_parts(&parts, &ids);
+    if refusing && !to_spool.is_empty() {
+        if let Some(r) = no_room_for(state, to_spool.len()) {
+            return r;
+        }
+    }
+    let failures = match spool_parts(state, to_spool, &mut outcomes).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    multipart_answer(&parts, &ids, outcomes, failures)
+}
+
+/// Reads every part of a multipart body, piece by piece, so that only a pause, not a slow
+/// link, ends the upload.
+// The error is the request's early answer (built at most once per request).
+#[allow(clippy::result_large_err)]
+async fn read_parts(cfg: &HttpConfig, request: Request) -> Result<Vec<Part>, Response> {
     let mut multipart = match Multipart::from_request(request, &()).await {
         Ok(m) => m,
-        Err(e) => return reject(e.status(), "bad_multipart", e.body_text()),
+        Err(e) => return Err(reject(e.status(), "bad_multipart", e.body_text())),
     };
-    let idle = Duration::from_millis(state.cfg.body_idle_timeout_ms);
+    let idle = Duration::from_millis(cfg.body_idle_timeout_ms);
     let mut parts = Vec::new();
     loop {
         let Ok(next) = tokio::time::timeout(idle, multipart.next_field()).await else {
-            return body_stalled(&state.cfg);
+            return Err(body_stalled(cfg));
         };
-        let field = match next {
+        let mut field = match next {
             Ok(Some(field)) => field,
             Ok(None) => break,
-            Err(e) => return multipart_error(&state.cfg, e),
+            Err(e) => return Err(multipart_error(cfg, e)),
         };
         let field_name = field.name().map(str::to_string);
         let file_name = field.file_name().unwrap_or_default().to_string();
-        // Piece by piece, so that only a pause, not a slow link, ends the upload.
-        let mut field = field;
         let mut bytes = Vec::new();
         loop {
             let Ok(chunk) = tokio::time::timeout(idle, field.chunk()).await else {
-                return body_stalled(&state.cfg);
+                return Err(body_stalled(cfg));
             };
             match chunk {
                 Ok(Some(c)) => bytes.extend_from_slice(&c),
                 Ok(None) => break,
-                Err(e) => return multipart_error(&state.cfg, e),
+                Err(e) => return Err(multipart_error(cfg, e)),
             }
         }
         parts.push(Part {
@@ -697,18 +760,18 @@ async fn upload_multipart(
             bytes: Bytes::from(bytes),
         });
     }
-    if parts.is_empty() {
-        return reject(
-            StatusCode::BAD_REQUEST,
-            "empty_body",
-            "a multipart upload without parts: send one image per part",
-        );
-    }
+    Ok(parts)
+}
 
-    let ids = part_ids(parts.iter().map(|p| p.field_name.as_deref()));
-    let mut outcomes: Vec<Option<PartOutcome>> = Vec::with_capacity(parts.len());
+/// A part to spool: its index, id, filename and bytes.
+type ToSpool = (usize, String, String, Bytes);
+
+/// Rejects the parts that are empty or whose filename holds control characters (their outcome
+/// is set); the others are to be spooled (their outcome is `None` until then).
+fn screen_parts(parts: &[Part], ids: &[String]) -> (Vec<Option<PartOutcome>>, Vec<ToSpool>) {
+    let mut outcomes = Vec::with_capacity(parts.len());
     let mut to_spool = Vec::new();
-    for (i, (part, id)) in parts.iter().zip(&ids).enumerate() {
+    for (i, (part, id)) in parts.iter().zip(ids).enumerate() {
         let problem = if part.bytes.is_empty() {
             Some(("empty_part", "empty part: send the image bytes"))
         } else if part.file_name.chars().any(char::is_control) {
@@ -730,38 +793,55 @@ async fn upload_multipart(
             }
         }
     }
+    (outcomes, to_spool)
+}
 
-    // Room for all of them, or none is spooled.
-    if refusing && !to_spool.is_empty() {
-        if let Some(capacity) = state.ingest.capacity() {
-            if to_spool.len() > capacity {
-                return reject(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_many_parts",
-                    format!(
-                        "{} images in one request, more than the ingest queue holds \
-                         (queue.ingest = {capacity}): send fewer per request",
-                        to_spool.len()
-                    ),
-                );
-            }
-            if capacity.saturating_sub(state.ingest.len()) < to_spool.len() {
-                metrics::counter!(STAGE_DROPPED, "stage" => "http")
-                    .increment(to_spool.len() as u64);
-                // The body was read: the connection stays usable for the retry.
-                let mut r = unavailable(
-                    &state.cfg,
-                    "busy",
-                    "ingest queue has no room for all the images: retry later",
-                );
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-                return r;
-            }
-        }
+/// Under `reject`: room for all `n` images in the ingest queue, or the answer that refuses
+/// them all (413 when the queue could never hold them, else 503 to retry).
+fn no_room_for(state: &HttpState, n: usize) -> Option<Response> {
+    let capacity = state.ingest.capacity()?;
+    if n > capacity {
+        return Some(reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_parts",
+            format!(
+                "{n} images in one request, more than the ingest queue holds \
+                 (queue.ingest = {capacity}): send fewer per request"
+            ),
+        ));
     }
+    if capacity.saturating_sub(state.ingest.len()) < n {
+        metrics::counter!(STAGE_DROPPED, "stage" => "http").increment(n as u64);
+        // The body was read: the connection stays usable for the retry.
+        let mut r = unavailable(
+            &state.cfg,
+            "busy",
+            "ingest queue has no room for all the images: retry later",
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        return Some(r);
+    }
+    None
+}
 
-    // Durable before acknowledged, one part after the other, off the async workers.
+/// How the spooling of a multipart upload's parts failed, if it did.
+#[derive(Default)]
+struct SpoolFailures {
+    spool_failed: bool,
+    disk_full: bool,
+    conflict: bool,
+}
+
+/// Spools the parts (durable before acknowledged, one after the other, off the async workers)
+/// and sends each new one on; sets each part's outcome.
+// The error is the request's early answer (built at most once per request).
+#[allow(clippy::result_large_err)]
+async fn spool_parts(
+    state: &HttpState,
+    to_spool: Vec<ToSpool>,
+    outcomes: &mut [Option<PartOutcome>],
+) -> Result<SpoolFailures, Response> {
     let spool = state.spool.clone();
     let spooled = tokio::task::spawn_blocking(move || {
         to_spool
@@ -785,16 +865,14 @@ async fn upload_multipart(
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "spool task failed");
-            return reject(
+            return Err(reject(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "spool",
                 "cannot spool the images",
-            );
+            ));
         }
     };
-    let mut spool_failed = false;
-    let mut disk_full = false;
-    let mut conflict = false;
+    let mut failures = SpoolFailures::default();
     for (i, id, result) in spooled {
         outcomes[i] = Some(match result {
             Ok((entry, duplicate)) => {
@@ -810,24 +888,34 @@ async fn upload_multipart(
             Err(e @ spool::SpoolError::Conflict { .. }) => {
                 metrics::counter!(STAGE_ERRORS, "stage" => "http", "reason" => "conflict")
                     .increment(1);
-                conflict = true;
+                failures.conflict = true;
                 PartOutcome::Rejected(e.to_string())
             }
             Err(e) => {
                 tracing::error!(id = %id, error = %e, "cannot spool an upload");
                 let (status, reason) = spool_failure(&e);
                 metrics::counter!(STAGE_ERRORS, "stage" => "http", "reason" => reason).increment(1);
-                spool_failed = true;
-                disk_full |= status == StatusCode::INSUFFICIENT_STORAGE;
+                failures.spool_failed = true;
+                failures.disk_full |= status == StatusCode::INSUFFICIENT_STORAGE;
                 PartOutcome::Rejected(format!("cannot spool the image: {e}"))
             }
         });
     }
+    Ok(failures)
+}
 
+/// The multipart answer: every part's outcome in part order; 202 when any was accepted, else
+/// the status of the worst failure.
+fn multipart_answer(
+    parts: &[Part],
+    ids: &[String],
+    outcomes: Vec<Option<PartOutcome>>,
+    failures: SpoolFailures,
+) -> Response {
     let mut any_accepted = false;
     let images: Vec<serde_json::Value> = parts
         .iter()
-        .zip(&ids)
+        .zip(ids)
         .zip(outcomes)
         .map(|((part, id), outcome)| {
             let mut entry = json!({ "id": id, "name": part.file_name });
@@ -849,11 +937,11 @@ async fn upload_multipart(
         .collect();
     let status = if any_accepted {
         StatusCode::ACCEPTED
-    } else if disk_full {
+    } else if failures.disk_full {
         StatusCode::INSUFFICIENT_STORAGE
-    } else if spool_failed {
+    } else if failures.spool_failed {
         StatusCode::INTERNAL_SERVER_ERROR
-    } else if conflict {
+    } else if failures.conflict {
         StatusCode::CONFLICT
     } else {
         StatusCode::BAD_REQUEST

@@ -421,27 +421,7 @@ pub async fn run_watch(
 ) -> Result<u64, WatchError> {
     let root = cfg.dir.clone();
     fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
-    let ledger = {
-        let (spool, root) = (spool.clone(), root.clone());
-        tokio::task::spawn_blocking(move || -> Result<Ledger, WatchError> {
-            let mut ledger = Ledger::load_and_compact(spool.dir(), &root)?;
-            // A crash between a file's spool copy and its ledger line: the spooled entry says
-            // which version it holds, so that version is not taken a second time.
-            for w in spooled {
-                let state = FileState {
-                    size: w.size,
-                    mtime_ns: w.mtime_ns,
-                };
-                if !ledger.taken(&w.key, state) {
-                    ledger.record(w.key, state)?;
-                }
-            }
-            Ok(ledger)
-        })
-        .await
-        .expect("ledger load panicked")?
-    };
-    let ledger = Arc::new(Mutex::new(ledger));
+    let ledger = open_ledger(spool.clone(), root.clone(), spooled).await?;
     let wake = Arc::new(Notify::new());
     let watcher = match cfg.mode {
         WatchMode::Poll => None,
@@ -454,190 +434,221 @@ pub async fn run_watch(
             }
         },
     };
-    let watching = watcher.is_some();
-    let poll = Duration::from_millis(cfg.poll_interval_ms.max(1));
-    let settle = Duration::from_millis(cfg.settle_ms);
-    tracing::info!(dir = %root.display(), mode = ?cfg.mode, events = watching, recursive = cfg.recursive, "watch: started");
-
-    let mut candidates: HashMap<String, Candidate> = HashMap::new();
-    // Files that could not be read, by the version that failed (retried once they change).
-    let mut failed: HashMap<String, FileState> = HashMap::new();
-    let mut last_errors: HashSet<PathBuf> = HashSet::new();
-    let mut last_spool_error: Option<Instant> = None;
-    let mut spool_errors = 0u64;
-    // Links skipped on the last scan (each is logged and counted once while it stays).
-    let mut skipped_links: HashSet<PathBuf> = HashSet::new();
-    let mut taken = 0u64;
-
+    let events = watcher.is_some();
+    tracing::info!(dir = %root.display(), mode = ?cfg.mode, events, recursive = cfg.recursive, "watch: started");
+    let mut watch = FolderWatch {
+        settle: Duration::from_millis(cfg.settle_ms),
+        cfg,
+        spool,
+        ledger,
+        tx,
+        shutdown,
+        candidates: HashMap::new(),
+        failed: HashMap::new(),
+        last_errors: HashSet::new(),
+        skipped_links: HashSet::new(),
+        last_spool_error: None,
+        spool_errors: 0,
+        taken: 0,
+    };
     loop {
         let scan_started = Instant::now();
-        let found = {
-            let (root, ignore, recursive, symlinks) = (
-                root.clone(),
-                cfg.ignore_suffixes.clone(),
-                cfg.recursive,
-                cfg.symlinks,
-            );
-            let job =
-                tokio::task::spawn_blocking(move || scan(&root, recursive, &ignore, symlinks));
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = job => r.expect("folder scan panicked"),
-            }
+        let Some(found) = watch.scan().await else {
+            break;
         };
+        let complete = watch.note_problems(&found);
+        let (ready, present) = watch.settled(found.files);
+        if complete {
+            watch.forget_missing(present).await;
+        }
+        watch.take_ready(ready).await?;
+        if watch.shutdown.is_cancelled() || !watch.sleep(scan_started, &wake, events).await {
+            break;
+        }
+    }
+    drop(watcher);
+    tracing::info!(taken = watch.taken, "watch: stopped");
+    Ok(watch.taken)
+}
+
+/// Loads (and compacts) the ledger. A crash between a file's spool copy and its ledger line:
+/// the spooled entry says which version it holds, so that version is not taken a second time.
+async fn open_ledger(
+    spool: Arc<Spool>,
+    root: PathBuf,
+    spooled: Vec<WatchedFile>,
+) -> Result<Arc<Mutex<Ledger>>, WatchError> {
+    let ledger = tokio::task::spawn_blocking(move || -> Result<Ledger, WatchError> {
+        let mut ledger = Ledger::load_and_compact(spool.dir(), &root)?;
+        for w in spooled {
+            let state = FileState {
+                size: w.size,
+                mtime_ns: w.mtime_ns,
+            };
+            if !ledger.taken(&w.key, state) {
+                ledger.record(w.key, state)?;
+            }
+        }
+        Ok(ledger)
+    })
+    .await
+    .expect("ledger load panicked")?;
+    Ok(Arc::new(Mutex::new(ledger)))
+}
+
+/// The watcher's state between scans.
+struct FolderWatch {
+    cfg: WatchConfig,
+    settle: Duration,
+    spool: Arc<Spool>,
+    ledger: Arc<Mutex<Ledger>>,
+    tx: async_channel::Sender<SpoolEntry>,
+    shutdown: CancellationToken,
+    /// Files not yet taken, with the version seen and since when.
+    candidates: HashMap<String, Candidate>,
+    /// Files that could not be read, by the version that failed (retried once they change).
+    failed: HashMap<String, FileState>,
+    /// Folders that could not be listed on the last scan (each is logged once while it stays).
+    last_errors: HashSet<PathBuf>,
+    /// Links skipped on the last scan (each is logged and counted once while it stays).
+    skipped_links: HashSet<PathBuf>,
+    last_spool_error: Option<Instant>,
+    /// Spool failures since the last one logged.
+    spool_errors: u64,
+    taken: u64,
+}
+
+impl FolderWatch {
+    /// Lists the folder off the runtime; `None` once shutdown is asked for.
+    async fn scan(&self) -> Option<Scan> {
+        let cfg = &self.cfg;
+        let (root, ignore, recursive, symlinks) = (
+            cfg.dir.clone(),
+            cfg.ignore_suffixes.clone(),
+            cfg.recursive,
+            cfg.symlinks,
+        );
+        let job = tokio::task::spawn_blocking(move || scan(&root, recursive, &ignore, symlinks));
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            r = job => Some(r.expect("folder scan panicked")),
+        }
+    }
+
+    /// Logs what the scan could not list or follow (once while it stays so). Returns whether
+    /// the scan listed everything (only then is a missing file forgotten).
+    fn note_problems(&mut self, found: &Scan) -> bool {
         let errors: HashSet<PathBuf> = found.errors.iter().map(|(p, _)| p.clone()).collect();
         for (path, message) in &found.errors {
-            if !last_errors.contains(path) {
+            if !self.last_errors.contains(path) {
                 tracing::warn!(path = %one_line(path.display()), error = %one_line(message), "watch: cannot list");
                 error_metric("scan");
             }
         }
         let complete = errors.is_empty();
-        last_errors = errors;
+        self.last_errors = errors;
         let links: HashSet<PathBuf> = found.skipped_links.iter().map(|(p, _)| p.clone()).collect();
         for (path, why) in &found.skipped_links {
-            if !skipped_links.contains(path) {
+            if !self.skipped_links.contains(path) {
                 tracing::warn!(path = %one_line(path.display()), reason = why, "watch: symbolic link skipped");
                 metrics::counter!(STAGE_DROPPED, "stage" => "watch", "reason" => "symlink")
                     .increment(1);
             }
         }
-        skipped_links = links;
+        self.skipped_links = links;
+        complete
+    }
 
+    /// The files whose version has not changed for `settle` and that are not taken yet (with
+    /// their ledger keys), and the keys of every file present.
+    fn settled(&mut self, files: Vec<SeenFile>) -> (Vec<(String, SeenFile)>, HashSet<String>) {
         let now = Instant::now();
         let mut ready = Vec::new();
-        let mut present = HashSet::with_capacity(found.files.len());
-        {
-            let ledger = lock(&ledger);
-            for f in found.files {
-                let key = ledger_key(&f.rel);
-                present.insert(key.clone());
-                if ledger.taken(&key, f.state) {
-                    candidates.remove(&key);
-                    continue;
-                }
-                if failed.get(&key) == Some(&f.state) {
-                    continue;
-                }
-                failed.remove(&key);
-                match candidates.get_mut(&key) {
-                    Some(c) if c.state == f.state => {
-                        if now.duration_since(c.since) >= settle {
-                            ready.push((key, f));
-                        }
+        let mut present = HashSet::with_capacity(files.len());
+        let ledger = lock(&self.ledger);
+        for f in files {
+            let key = ledger_key(&f.rel);
+            present.insert(key.clone());
+            if ledger.taken(&key, f.state) {
+                self.candidates.remove(&key);
+                continue;
+            }
+            if self.failed.get(&key) == Some(&f.state) {
+                continue;
+            }
+            self.failed.remove(&key);
+            let seen = Candidate {
+                state: f.state,
+                since: now,
+            };
+            match self.candidates.get_mut(&key) {
+                Some(c) if c.state == f.state => {
+                    if now.duration_since(c.since) >= self.settle {
+                        ready.push((key, f));
                     }
-                    Some(c) => {
-                        *c = Candidate {
-                            state: f.state,
-                            since: now,
-                        }
-                    }
-                    None => {
-                        candidates.insert(
-                            key.clone(),
-                            Candidate {
-                                state: f.state,
-                                since: now,
-                            },
-                        );
-                        if settle.is_zero() {
-                            ready.push((key, f));
-                        }
+                }
+                Some(c) => *c = seen,
+                None => {
+                    self.candidates.insert(key.clone(), seen);
+                    if self.settle.is_zero() {
+                        ready.push((key, f));
                     }
                 }
             }
         }
-        if complete {
-            candidates.retain(|k, _| present.contains(k));
-            failed.retain(|k, _| present.contains(k));
-            let ledger = ledger.clone();
-            let pruned = tokio::task::spawn_blocking(move || lock(&ledger).prune(&present))
-                .await
-                .expect("ledger prune panicked");
-            if let Err(e) = pruned {
-                tracing::warn!(error = %e, "watch: cannot compact the ledger");
-                error_metric("ledger");
-            }
-        }
-
         // Oldest first: the instrument's order.
         ready.sort_by(|a, b| (a.1.state.mtime_ns, &a.1.rel).cmp(&(b.1.state.mtime_ns, &b.1.rel)));
+        (ready, present)
+    }
+
+    /// After a complete scan: forgets what is gone from the folder (and its ledger lines).
+    async fn forget_missing(&mut self, present: HashSet<String>) {
+        self.candidates.retain(|k, _| present.contains(k));
+        self.failed.retain(|k, _| present.contains(k));
+        let ledger = self.ledger.clone();
+        let pruned = tokio::task::spawn_blocking(move || lock(&ledger).prune(&present))
+            .await
+            .expect("ledger prune panicked");
+        if let Err(e) = pruned {
+            tracing::warn!(error = %e, "watch: cannot compact the ledger");
+            error_metric("ledger");
+        }
+    }
+
+    /// Takes the settled files in order until shutdown (or, under `backpressure = "reject"`, a
+    /// full queue: the rest stay settled candidates, taken on a later scan).
+    async fn take_ready(&mut self, ready: Vec<(String, SeenFile)>) -> Result<(), WatchError> {
         for (key, f) in ready {
-            if shutdown.is_cancelled() {
+            if self.shutdown.is_cancelled() {
                 break;
             }
-            if cfg.backpressure == Backpressure::Reject && tx.is_full() {
-                break; // the files stay settled candidates: taken on a later scan
+            if self.cfg.backpressure == Backpressure::Reject && self.tx.is_full() {
+                break;
             }
             let id = id_for_path(&f.rel);
-            if spool.contains(&id) {
+            if self.spool.contains(&id) {
                 tracing::debug!(file = %one_line(f.abs.display()), id = %id, "watch: previous version still pending; taking it later");
                 continue;
             }
-            let name = f
-                .rel
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let job = {
-                let (spool, ledger, abs, key) =
-                    (spool.clone(), ledger.clone(), f.abs.clone(), key.clone());
-                let state = f.state;
-                tokio::task::spawn_blocking(move || -> Result<SpoolEntry, SpoolError> {
-                    let watched = WatchedFile {
-                        key: key.clone(),
-                        size: state.size,
-                        mtime_ns: state.mtime_ns,
-                    };
-                    let entry = spool.accept_file(&id, &abs, &name, Some(watched))?;
-                    if let Err(e) = lock(&ledger).record(key, state) {
-                        // Still sent: at worst the file is taken again after a restart.
-                        tracing::error!(error = %e, "watch: cannot append to the ledger");
-                        error_metric("ledger");
-                    }
-                    Ok(entry)
-                })
-            };
-            let entry = match job.await.expect("spool accept panicked") {
+            let entry = match self.spool_file(&id, &key, &f).await {
                 Ok(entry) => entry,
                 Err(e) => {
-                    candidates.remove(&key);
-                    let source_problem =
-                        matches!(&e, SpoolError::Io { path, .. } if *path == f.abs);
-                    if !f.abs.exists() {
-                        tracing::warn!(file = %one_line(f.abs.display()), "watch: file vanished before it could be taken");
-                        error_metric("vanished");
-                    } else if source_problem {
-                        tracing::warn!(file = %one_line(f.abs.display()), error = %one_line(&e), "watch: cannot read file; skipped until it changes");
-                        error_metric("unreadable");
-                        failed.insert(key, f.state);
-                    } else {
-                        // Retried at every scan until the spool takes it (a full disk): logged
-                        // once per SPOOL_ERROR_LOG_EVERY, with how many failures it stands for.
-                        error_metric("spool");
-                        spool_errors += 1;
-                        if last_spool_error
-                            .is_none_or(|t: Instant| t.elapsed() >= SPOOL_ERROR_LOG_EVERY)
-                        {
-                            tracing::error!(file = %one_line(f.abs.display()), error = %one_line(&e), failures = spool_errors, "watch: cannot store files in the spool; retrying at every scan");
-                            last_spool_error = Some(Instant::now());
-                            spool_errors = 0;
-                        }
-                    }
+                    self.candidates.remove(&key);
+                    self.not_taken(key, &f, &e);
                     continue;
                 }
             };
-            candidates.remove(&key);
-            taken += 1;
+            self.candidates.remove(&key);
+            self.taken += 1;
             metrics::counter!(STAGE_RECEIVED, "stage" => "watch").increment(1);
             tracing::debug!(file = %one_line(f.abs.display()), id = %entry.id, seq = entry.seq, "watch: taken");
             // Block policy: wait for room. A cancelled wait loses nothing: the entry is spooled.
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
-                sent = tx.send(entry) => {
+                _ = self.shutdown.cancelled() => break,
+                sent = self.tx.send(entry) => {
                     if sent.is_err() {
-                        if shutdown.is_cancelled() {
+                        if self.shutdown.is_cancelled() {
                             break;
                         }
                         return Err(WatchError::Closed);
@@ -645,33 +656,89 @@ pub async fn run_watch(
                 }
             }
         }
-        if shutdown.is_cancelled() {
-            break;
-        }
+        Ok(())
+    }
 
-        // Sleep until the next poll, the moment the next candidate settles, or an event.
+    /// Copies the file into the spool (durable), then appends its ledger line.
+    async fn spool_file(
+        &self,
+        id: &str,
+        key: &str,
+        f: &SeenFile,
+    ) -> Result<SpoolEntry, SpoolError> {
+        let name = f
+            .rel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (spool, ledger, abs) = (self.spool.clone(), self.ledger.clone(), f.abs.clone());
+        let (id, key, state) = (id.to_string(), key.to_string(), f.state);
+        tokio::task::spawn_blocking(move || -> Result<SpoolEntry, SpoolError> {
+            let watched = WatchedFile {
+                key: key.clone(),
+                size: state.size,
+                mtime_ns: state.mtime_ns,
+            };
+            let entry = spool.accept_file(&id, &abs, &name, Some(watched))?;
+            if let Err(e) = lock(&ledger).record(key, state) {
+                // Still sent: at worst the file is taken again after a restart.
+                tracing::error!(error = %e, "watch: cannot append to the ledger");
+                error_metric("ledger");
+            }
+            Ok(entry)
+        })
+        .await
+        .expect("spool accept panicked")
+    }
+
+    /// Why a settled file was not taken: gone, unreadable (skipped until it changes), or a
+    /// spool that cannot store it (a full disk: retried at every scan).
+    fn not_taken(&mut self, key: String, f: &SeenFile, e: &SpoolError) {
+        let source_problem = matches!(e, SpoolError::Io { path, .. } if *path == f.abs);
+        if !f.abs.exists() {
+            tracing::warn!(file = %one_line(f.abs.display()), "watch: file vanished before it could be taken");
+            error_metric("vanished");
+        } else if source_problem {
+            tracing::warn!(file = %one_line(f.abs.display()), error = %one_line(e), "watch: cannot read file; skipped until it changes");
+            error_metric("unreadable");
+            self.failed.insert(key, f.state);
+        } else {
+            // Logged once per SPOOL_ERROR_LOG_EVERY, with how many failures it stands for.
+            error_metric("spool");
+            self.spool_errors += 1;
+            if self
+                .last_spool_error
+                .is_none_or(|t: Instant| t.elapsed() >= SPOOL_ERROR_LOG_EVERY)
+            {
+                tracing::error!(file = %one_line(f.abs.display()), error = %one_line(e), failures = self.spool_errors, "watch: cannot store files in the spool; retrying at every scan");
+                self.last_spool_error = Some(Instant::now());
+                self.spool_errors = 0;
+            }
+        }
+    }
+
+    /// Sleeps until the next poll, the moment the next candidate settles, or an event (then a
+    /// little more, so that a burst of writes is one rescan). False once shutdown is asked for.
+    async fn sleep(&self, scan_started: Instant, wake: &Notify, events: bool) -> bool {
         let now = Instant::now();
-        let mut deadline = now + poll;
-        for c in candidates.values() {
-            let at = c.since + settle;
+        let mut deadline = now + Duration::from_millis(self.cfg.poll_interval_ms.max(1));
+        for c in self.candidates.values() {
+            let at = c.since + self.settle;
             if at > now && at < deadline {
                 deadline = at;
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = wake.notified(), if watching => {
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep_until(deadline) => true,
+            _ = wake.notified(), if events => {
                 tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep_until(scan_started + EVENT_GAP) => {}
+                    _ = self.shutdown.cancelled() => false,
+                    _ = tokio::time::sleep_until(scan_started + EVENT_GAP) => true,
                 }
             }
         }
     }
-    drop(watcher);
-    tracing::info!(taken, "watch: stopped");
-    Ok(taken)
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub struct RunDir {
 
 /// Where a run stood at a checkpoint; with the weights and optimiser state this is all that is
 /// needed to continue exactly (every random stream is keyed by seed and step or epoch).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainState {
     /// Steps completed.

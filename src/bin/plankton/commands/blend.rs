@@ -36,7 +36,7 @@ pub struct BlendArgs {
     #[arg(long, requires = "weights")]
     allow_other_models: bool,
     /// Classes listed per row in top_classes.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::positive)]
     top_k: usize,
 }
 

@@ -47,7 +47,7 @@ pub struct FuseArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Classes listed per row in top_classes.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::positive)]
     top_k: usize,
 }
 

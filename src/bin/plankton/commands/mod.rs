@@ -63,6 +63,16 @@ pub fn open_dataset(dir: &Path) -> Result<Dataset> {
     Ok(ds)
 }
 
+/// A count that must be at least 1 (clap refuses 0 with this message instead of the job
+/// quietly using 1).
+pub fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 pub fn parse_device(s: &str) -> Result<tch::Device> {
     plankton::device::select(s).map_err(|e| anyhow::anyhow!("--device: {e}"))
 }

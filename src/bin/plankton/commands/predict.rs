@@ -17,7 +17,7 @@ pub struct PredictArgs {
     #[arg(long, value_enum, default_value_t = plankton::predict::job::Subset::Test)]
     subset: plankton::predict::job::Subset,
     /// Transforms per image (default: the run's [tta], 70); 1 = one pass without augmentation.
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive)]
     tta: Option<usize>,
     /// How an image's views are combined: mean-probability, mean-log-probability, geometric-mean
     /// or entropy-weighted (default: the run's [tta]).
@@ -36,7 +36,7 @@ pub struct PredictArgs {
     #[arg(long, default_value = "auto")]
     device: String,
     /// Patches per forward pass (default: the run's batch size).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive)]
     batch_size: Option<usize>,
     /// fp32 or bf16 (default: the run's [compute] precision).
     #[arg(long)]
@@ -48,7 +48,7 @@ pub struct PredictArgs {
     #[arg(long)]
     model_id: Option<String>,
     /// Classes listed per row in top_classes.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::positive)]
     top_k: usize,
 }
 
