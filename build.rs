@@ -37,6 +37,8 @@ fn compile_shim(libtorch: &std::path::Path) {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
+        // Debug info of two forwarding functions is not worth compiling libtorch's headers with.
+        .debug(false)
         .compile("plankton_shim");
     // The shim calls into libtorch_cpu and c10, which torch-sys links as well.
     println!(
