@@ -54,11 +54,13 @@ pub(super) fn prepare(
         TrainError::Config(format!("{source}: {e}"))
     })?;
     let sizes = patch_sizes(&cfg)?;
+    if opts.resume {
+        // First: another dataset would otherwise fail on a split line, less clearly.
+        check_classes(run, &ds)?;
+    }
     let split = run_split(opts, run, &ds, &cfg)?;
     let pseudo = pseudo::load(&cfg.pseudo, &ds)?;
-    if opts.resume {
-        check_classes(run, &ds)?;
-    } else {
+    if !opts.resume {
         // Written only now: a bad --steps or --split leaves no half-made run behind.
         std::fs::create_dir_all(&run.root).map_err(|e| TrainError::io(&run.root, e))?;
         write_pipeline(run, &cfg)?;

@@ -144,16 +144,28 @@ pub fn run(
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary, TrainError> {
     let run = RunDir::new(&opts.out);
+    let made_here = !run.root.exists();
     // One process per run folder: a second `train` on it (or a second resume) would interleave
     // checkpoints and weights of two networks.
-    let _lock = crate::fsx::lock_dir(&run.root)?;
+    let lock = crate::fsx::lock_dir(&run.root)?;
     // Temporaries of a writer killed mid-write (kill -9) in an earlier attempt of this run.
     let swept = crate::fsx::sweep_stale_temps(&run.root)
         + crate::fsx::sweep_stale_temps(&run.checkpoints());
     if swept > 0 {
         tracing::info!(files = swept, run = %run.root.display(), "removed temporaries of an interrupted write");
     }
-    let prepared = prepare(opts, &run, rt)?;
+    let prepared = match prepare(opts, &run, rt) {
+        Ok(p) => p,
+        Err(e) => {
+            // A refused new run leaves no folder behind (just its lock was made).
+            drop(lock);
+            if made_here {
+                remove_if_only_lock(&run.root);
+            }
+            return Err(e);
+        }
+    };
+    let _lock = lock;
     let mut trainer = Trainer::start(opts, rt, run, prepared, on_event)?;
     let total_steps = trainer.cfg.train.steps;
     let mut stopped_early = false;
@@ -212,7 +224,8 @@ struct Trainer<'a> {
     optimizer: Optimizer,
     state: TrainState,
     history: Vec<HistoryRow>,
-    loader: Loader,
+    /// The labelled loader (taken only while one epoch's loader is replaced by the next).
+    loader: Option<Loader>,
     pseudo: Option<PseudoFeed>,
     failures: Vec<Failure>,
     /// Losses stay on the device until read back: every step on the CPU (reading costs
@@ -313,7 +326,7 @@ impl<'a> Trainer<'a> {
             elapsed_before: state.elapsed_seconds,
             state,
             history,
-            loader,
+            loader: Some(loader),
             pseudo,
             failures: Vec::new(),
             readback_every,
@@ -338,10 +351,16 @@ impl<'a> Trainer<'a> {
     fn next_batch(&mut self) -> Result<(Batch, Duration), TrainError> {
         loop {
             let t_wait = Instant::now();
-            if let Some(batch) = self.rt.block_on(self.loader.next_batch()) {
+            let loader = self.loader.as_mut().expect("a loader between steps");
+            if let Some(batch) = self.rt.block_on(loader.next_batch()) {
                 return Ok((batch, t_wait.elapsed()));
             }
-            let next = spawn_train_loader(
+            // The spent loader is finished first: its error (why the epoch ended early) is the
+            // one to report, before a new epoch starts decoding.
+            let spent = self.loader.take().expect("a loader between steps");
+            let spent = self.rt.block_on(spent.finish())?;
+            merge_failures(&mut self.failures, spent.failures);
+            self.loader = Some(spawn_train_loader(
                 &self.labelled_cfg,
                 &self.train,
                 &self.zmuv,
@@ -349,11 +368,7 @@ impl<'a> Trainer<'a> {
                 0,
                 self.cfg.train.steps - self.state.step,
                 self.rt,
-            )?;
-            let s = self
-                .rt
-                .block_on(std::mem::replace(&mut self.loader, next).finish())?;
-            merge_failures(&mut self.failures, s.failures);
+            )?);
         }
     }
 
@@ -529,7 +544,8 @@ impl<'a> Trainer<'a> {
 
     /// Drains the loaders, writes the final weights (unless stopped early) and sums up.
     fn finish(mut self, stopped_early: bool) -> Result<TrainSummary, TrainError> {
-        let summary = self.rt.block_on(self.loader.finish())?;
+        let loader = self.loader.take().expect("a loader between steps");
+        let summary = self.rt.block_on(loader.finish())?;
         merge_failures(&mut self.failures, summary.failures);
         if let Some(feed) = self.pseudo {
             let s = self.rt.block_on(feed.loader.finish())?;
@@ -562,6 +578,18 @@ impl<'a> Trainer<'a> {
             batch_wait_fraction: self.total_wait.as_secs_f64() / wall,
             failures: self.failures,
         })
+    }
+}
+
+fn remove_if_only_lock(dir: &std::path::Path) {
+    let only_lock = std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .all(|e| e.file_name() == ".lock")
+    });
+    if only_lock {
+        let _ = std::fs::remove_file(dir.join(".lock"));
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

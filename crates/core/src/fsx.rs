@@ -335,6 +335,8 @@ pub struct DirLock {
 pub enum LockError {
     #[error("{dir}: another plankton process is working in this folder (it holds {lock}); wait for it to finish or choose another folder")]
     Busy { dir: PathBuf, lock: PathBuf },
+    #[error("{path}: not a folder (a file of that name is in the way)")]
+    NotAFolder { path: PathBuf },
     #[error("{path}: cannot lock: {source}")]
     Io {
         path: PathBuf,
@@ -349,6 +351,11 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, LockError> {
         let path = path.to_path_buf();
         move |source| LockError::Io { path, source }
     };
+    if dir.exists() && !dir.is_dir() {
+        return Err(LockError::NotAFolder {
+            path: dir.to_path_buf(),
+        });
+    }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let path = dir.join(".lock");
     let file = std::fs::OpenOptions::new()
@@ -385,5 +392,16 @@ mod lock_tests {
         );
         drop(first);
         let _again = lock_dir(&run).unwrap();
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_named_as_not_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("out");
+        std::fs::write(&file, b"x").unwrap();
+        let e = lock_dir(&file).unwrap_err();
+        assert!(matches!(e, LockError::NotAFolder { .. }), "{e}");
+        assert!(e.to_string().contains("not a folder"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
     }
 }

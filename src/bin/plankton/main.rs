@@ -87,10 +87,20 @@ fn init_logging(json: bool) {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
-    match cli.command {
+    match dispatch(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", error_report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
         Command::Demo(a) => commands::demo::run(a).await,
         Command::Synth(a) => commands::synth::run(a).await,
         Command::Data { which } => commands::data::run(which),
@@ -110,5 +120,75 @@ async fn main() -> Result<()> {
         Command::Serve(a) => commands::serve::run(a).await,
         Command::Features(a) => commands::features::run(a).await,
         Command::Fuse(a) => commands::fuse::run(a).await,
+    }
+}
+
+/// `Error: <message>`, then the causes in anyhow's layout, leaving out each cause whose text
+/// the lines above already say (many messages name their cause: "x: cannot lock: File exists"
+/// followed by "Caused by: File exists" told the user nothing new).
+fn error_report(e: &anyhow::Error) -> String {
+    let mut said = e.to_string();
+    let mut causes = Vec::new();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            said.push('\n');
+            said.push_str(&text);
+            causes.push(text);
+        }
+    }
+    let mut report = format!("Error: {e}");
+    match causes.as_slice() {
+        [] => {}
+        [only] => report.push_str(&format!("\n\nCaused by:\n    {only}")),
+        many => {
+            report.push_str("\n\nCaused by:");
+            for (i, c) in many.iter().enumerate() {
+                report.push_str(&format!("\n    {i}: {c}"));
+            }
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_report;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: cannot lock: {source}")]
+    struct Named {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_the_message_already_names_is_not_repeated() {
+        let io = || std::io::Error::from_raw_os_error(17);
+        let e = anyhow::Error::new(Named {
+            path: "out",
+            source: io(),
+        });
+        let report = error_report(&e);
+        assert!(report.starts_with("Error: out: cannot lock: "), "{report}");
+        assert_eq!(report.matches(&io().to_string()).count(), 1, "{report}");
+        assert!(!report.contains("Caused by"), "{report}");
+
+        // A cause the message does not say is kept, numbered when there are several.
+        let e = anyhow::Error::new(io())
+            .context("reading x")
+            .context("step 1/3 failed");
+        let report = error_report(&e);
+        assert!(
+            report.contains("Caused by:\n    0: reading x\n    1: "),
+            "{report}"
+        );
+        let e = anyhow::Error::new(io()).context("step 1/3 failed");
+        assert!(
+            error_report(&e).contains("Caused by:\n    File exists"),
+            "{}",
+            error_report(&e)
+        );
     }
 }

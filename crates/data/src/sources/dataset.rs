@@ -259,8 +259,36 @@ impl Dataset {
         }
         let labels_path = root.join("test_labels.csv");
         if labels_path.is_file() {
-            let labels: HashMap<String, String> =
-                read_labels_csv(&labels_path)?.into_iter().collect();
+            let mut labels: HashMap<String, String> = HashMap::new();
+            let mut conflicting = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for (image, class) in read_labels_csv(&labels_path)? {
+                match labels.get(&image) {
+                    Some(first) if *first != class => {
+                        let seen = conflicting
+                            .entry(image.clone())
+                            .or_insert_with(|| vec![first.clone()]);
+                        if !seen.contains(&class) {
+                            seen.push(class);
+                        }
+                    }
+                    _ => {
+                        labels.insert(image, class);
+                    }
+                }
+            }
+            // An image listed with two classes keeps neither: which one is right is not ours
+            // to guess (the last one used to win silently).
+            for (image, classes) in conflicting {
+                labels.remove(&image);
+                problems.push(LayoutProblem {
+                    path: labels_path.clone(),
+                    reason: format!(
+                        "{image} is listed with {} classes ({}): left unlabelled",
+                        classes.len(),
+                        classes.join(", ")
+                    ),
+                });
+            }
             for rec in &mut test {
                 match labels.get(&rec.id).map(|c| (c, index.get(c.as_str()))) {
                     Some((_, Some(&l))) => rec.label = Some(l),
@@ -322,5 +350,35 @@ mod csv_tests {
             .unwrap_err()
             .to_string()
             .contains("expected header"));
+    }
+
+    #[test]
+    fn an_image_labelled_twice_with_different_classes_is_left_unlabelled_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for class in ["a", "b"] {
+            std::fs::create_dir_all(dir.path().join("train").join(class)).unwrap();
+            std::fs::write(dir.path().join("train").join(class).join("t.jpg"), b"x").unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("test")).unwrap();
+        for image in ["x.jpg", "y.jpg"] {
+            std::fs::write(dir.path().join("test").join(image), b"x").unwrap();
+        }
+        std::fs::write(
+            dir.path().join("test_labels.csv"),
+            "image,class\nx.jpg,a\ny.jpg,b\nx.jpg,b\ny.jpg,b\n",
+        )
+        .unwrap();
+        let ds = Dataset::open(dir.path()).unwrap();
+        let label = |id: &str| ds.test.iter().find(|r| r.id == id).unwrap().label;
+        assert_eq!(label("x.jpg"), None);
+        assert_eq!(label("y.jpg"), Some(1), "a repeated identical row is fine");
+        assert_eq!(ds.problems.len(), 1, "{:?}", ds.problems);
+        assert!(
+            ds.problems[0]
+                .reason
+                .contains("x.jpg is listed with 2 classes (a, b)"),
+            "{:?}",
+            ds.problems
+        );
     }
 }
