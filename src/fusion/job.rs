@@ -433,6 +433,36 @@ fn write_output(
     Ok(w.finish()?)
 }
 
+/// Where a fit or an apply writes: the fused predictions (the summary in their metadata) and
+/// the optional JSON report.
+struct Outputs<'a> {
+    predictions: &'a Path,
+    out: &'a Path,
+    report: Option<&'a Path>,
+    top_k: usize,
+}
+
+impl Outputs<'_> {
+    fn write(
+        &self,
+        summary: FusionSummary,
+        m: &Matched,
+        fused: &HashMap<usize, &[f32]>,
+        started: Instant,
+    ) -> Result<FusionSummary, FusionError> {
+        let meta = output_metadata(&summary, &m.p, self.predictions);
+        write_output(self.out, m, fused, &summary.model_id, &meta, self.top_k)?;
+        let summary = FusionSummary {
+            seconds: started.elapsed().as_secs_f64(),
+            ..summary
+        };
+        if let Some(r) = self.report {
+            write_json(r, &summary)?;
+        }
+        Ok(summary)
+    }
+}
+
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), FusionError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| FusionError::io(dir, e))?;
@@ -574,16 +604,13 @@ pub fn fit(
         seconds: 0.0,
         nets_trained: opts.sets.len() * (opts.folds + 1) * opts.repeats,
     };
-    let meta = output_metadata(&summary, &m.p, &opts.predictions);
-    write_output(&opts.out, &m, &fused, &summary.model_id, &meta, opts.top_k)?;
-    let summary = FusionSummary {
-        seconds: started.elapsed().as_secs_f64(),
-        ..summary
+    let outputs = Outputs {
+        predictions: &opts.predictions,
+        out: &opts.out,
+        report: opts.report.as_deref(),
+        top_k: opts.top_k,
     };
-    if let Some(r) = &opts.report {
-        write_json(r, &summary)?;
-    }
-    Ok(summary)
+    outputs.write(summary, &m, &fused, started)
 }
 
 /// The prediction rows fusion is fitted on (labelled, with features); enough for the folds.
@@ -954,16 +981,13 @@ pub fn apply(opts: &ApplyOptions) -> Result<FusionSummary, FusionError> {
         seconds: 0.0,
         nets_trained: 0,
     };
-    let meta = output_metadata(&summary, &m.p, &opts.predictions);
-    write_output(&opts.out, &m, &fused, &file.model_id, &meta, opts.top_k)?;
-    let summary = FusionSummary {
-        seconds: started.elapsed().as_secs_f64(),
-        ..summary
+    let outputs = Outputs {
+        predictions: &opts.predictions,
+        out: &opts.out,
+        report: opts.report.as_deref(),
+        top_k: opts.top_k,
     };
-    if let Some(r) = &opts.report {
-        write_json(r, &summary)?;
-    }
-    Ok(summary)
+    outputs.write(summary, &m, &fused, started)
 }
 
 impl FusionSummary {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Aggregation;
 use crate::halton::Halton;
-use crate::imgproc::Augmentation;
+use crate::imgproc::{Augmentation, AugmentationRanges};
 
 /// Upper bound on `tta.transforms` accepted by [`TtaConfig::validate`].
 pub const MAX_TRANSFORMS: usize = 10_000;
@@ -55,19 +55,6 @@ impl Default for TtaConfig {
     }
 }
 
-fn check_range(key: &str, r: [f64; 2]) -> Result<(), String> {
-    if !(r[0].is_finite() && r[1].is_finite()) {
-        return Err(format!("tta.{key}: range must be finite, got {r:?}"));
-    }
-    if r[0] > r[1] {
-        return Err(format!(
-            "tta.{key}: low must be <= high, got [{}, {}]",
-            r[0], r[1]
-        ));
-    }
-    Ok(())
-}
-
 impl TtaConfig {
     /// Checks the ranges; the message names the offending key (e.g. "tta.zoom: ...").
     pub fn validate(&self) -> Result<(), String> {
@@ -77,23 +64,17 @@ impl TtaConfig {
                 self.transforms
             ));
         }
-        check_range("rotation", self.rotation)?;
-        check_range("translation", self.translation)?;
-        check_range("shear", self.shear)?;
-        check_range("zoom", self.zoom)?;
-        if self.zoom[0] <= 0.0 {
-            return Err(format!(
-                "tta.zoom: must be > 0, got [{}, {}]",
-                self.zoom[0], self.zoom[1]
-            ));
+        self.ranges().validate("tta")
+    }
+
+    pub fn ranges(&self) -> AugmentationRanges {
+        AugmentationRanges {
+            rotation: self.rotation,
+            translation: self.translation,
+            zoom: self.zoom,
+            stretch: self.stretch,
+            shear: self.shear,
         }
-        if !self.stretch.is_finite() || self.stretch < 1.0 {
-            return Err(format!(
-                "tta.stretch: must be finite and >= 1 (1 = no stretch), got {}",
-                self.stretch
-            ));
-        }
-        Ok(())
     }
 
     /// Number of views per image that [`quasi_random_transforms`] yields (at least 1).

@@ -87,6 +87,53 @@ pub struct Augmentation {
     pub flip: bool,
 }
 
+/// The ranges augmentations are drawn from: training's `[augment]` (random) and test time's
+/// `[tta]` (quasi-random) share them, and their checks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AugmentationRanges {
+    /// Degrees, and source pixels per axis (uniform).
+    pub rotation: [f64; 2],
+    pub translation: [f64; 2],
+    /// Log-uniform; > 1 enlarges the organism.
+    pub zoom: [f64; 2],
+    /// The stretch is log-uniform in [1/stretch, stretch]; 1 = none.
+    pub stretch: f64,
+    /// Degrees (uniform).
+    pub shear: [f64; 2],
+}
+
+impl AugmentationRanges {
+    /// Finite ranges with low <= high, zoom > 0, stretch >= 1. The message names the key as
+    /// `<section>.<key>` (section: the config table, "augment" or "tta").
+    pub fn validate(&self, section: &str) -> Result<(), String> {
+        for (key, [lo, hi]) in [
+            ("rotation", self.rotation),
+            ("translation", self.translation),
+            ("shear", self.shear),
+            ("zoom", self.zoom),
+        ] {
+            if !lo.is_finite() || !hi.is_finite() || lo > hi {
+                return Err(format!(
+                    "{section}.{key}: range [{lo}, {hi}] must be finite with low <= high"
+                ));
+            }
+        }
+        if self.zoom[0] <= 0.0 {
+            return Err(format!(
+                "{section}.zoom: must be > 0, got [{}, {}]",
+                self.zoom[0], self.zoom[1]
+            ));
+        }
+        if !self.stretch.is_finite() || self.stretch < 1.0 {
+            return Err(format!(
+                "{section}.stretch: must be finite and >= 1 (1 = no stretch), got {}",
+                self.stretch
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Augmentation {
     fn default() -> Self {
         Self::IDENTITY
@@ -159,6 +206,30 @@ pub fn size_normalised_ds(src_rows: usize, src_cols: usize, target: f64) -> f64 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_are_checked_with_their_section_named() {
+        let ok = AugmentationRanges {
+            rotation: [0.0, 360.0],
+            translation: [-8.0, 8.0],
+            zoom: [0.7, 1.4],
+            stretch: 1.2,
+            shear: [-10.0, 10.0],
+        };
+        assert_eq!(ok.validate("augment"), Ok(()));
+        let check = |f: fn(&mut AugmentationRanges), section: &str, key: &str| {
+            let mut r = ok;
+            f(&mut r);
+            let e = r.validate(section).unwrap_err();
+            assert!(e.starts_with(&format!("{section}.{key}: ")), "{e}");
+        };
+        check(|r| r.rotation = [10.0, 0.0], "augment", "rotation");
+        check(|r| r.translation = [f64::NAN, 1.0], "tta", "translation");
+        check(|r| r.shear = [0.0, f64::INFINITY], "augment", "shear");
+        check(|r| r.zoom = [0.0, 1.4], "tta", "zoom");
+        check(|r| r.stretch = 0.9, "augment", "stretch");
+        check(|r| r.stretch = f64::NAN, "tta", "stretch");
+    }
 
     fn close(a: &Affine, b: &Affine) -> bool {
         a.m.iter()

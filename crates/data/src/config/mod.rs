@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use plankton_core::decode::DecodeLimits;
+use plankton_core::imgproc::AugmentationRanges;
 
 pub mod compute;
 pub mod model;
@@ -193,6 +194,18 @@ pub struct AugmentConfig {
     pub flip: bool,
 }
 
+impl AugmentConfig {
+    pub fn ranges(&self) -> AugmentationRanges {
+        AugmentationRanges {
+            rotation: self.rotation,
+            translation: self.translation,
+            zoom: self.zoom,
+            stretch: self.stretch,
+            shear: self.shear,
+        }
+    }
+}
+
 impl Default for AugmentConfig {
     fn default() -> Self {
         AugmentConfig {
@@ -346,24 +359,8 @@ impl PipelineConfig {
                 _ => {}
             }
         }
-        let a = &self.augment;
-        for (name, [lo, hi]) in [
-            ("rotation", a.rotation),
-            ("translation", a.translation),
-            ("shear", a.shear),
-            ("zoom", a.zoom),
-        ] {
-            if !lo.is_finite() || !hi.is_finite() || lo > hi {
-                return bad(format!(
-                    "augment.{name}: range [{lo}, {hi}] must be finite with low <= high"
-                ));
-            }
-        }
-        if a.zoom[0] <= 0.0 {
-            return bad(format!("augment.zoom: must be > 0, got {:?}", a.zoom));
-        }
-        if !(a.stretch >= 1.0 && a.stretch.is_finite()) {
-            return bad(format!("augment.stretch: must be >= 1, got {}", a.stretch));
+        if let Err(message) = self.augment.ranges().validate("augment") {
+            return bad(message);
         }
         if self.batch.size == 0 {
             return bad("batch.size must be > 0".into());
