@@ -34,7 +34,7 @@ else
 TORCH_PIP := torch==$(TORCH_VERSION)
 endif
 
-.PHONY: promtool all libtorch build demo lint test bench bench-train crash-test gpu-check-pack pytools pytorch fixtures clean-demo
+.PHONY: promtool nats-server all libtorch build demo lint test bench bench-train crash-test gpu-check-pack pytools pytorch fixtures clean-demo
 
 all: build
 
@@ -82,6 +82,17 @@ $(PROMTOOL):
 
 promtool: $(PROMTOOL)
 
+# nats-server (Debian's package, unpacked locally) for the tests of the daemons as a JetStream
+# consumer group; the tests start it themselves on loopback with a temporary store.
+NATS_SERVER := .tools/bin/nats-server
+$(NATS_SERVER):
+	rm -rf .tools/deb-nats && mkdir -p .tools/deb-nats .tools/bin
+	cd .tools/deb-nats && (apt-get download nats-server || (apt-get update -qq && apt-get download nats-server))
+	dpkg -x .tools/deb-nats/nats-server_*.deb .tools/deb-nats/x
+	cp .tools/deb-nats/x/usr/sbin/nats-server $@ && rm -rf .tools/deb-nats
+
+nats-server: $(NATS_SERVER)
+
 # Formatting and clippy (warnings are errors) over every crate, tests and benches included.
 # --release: the build scripts (torch-sys compiles its C++ wrapper, minutes on 2 cores) are
 # then the same units as the release test build's, so they are built once, not twice.
@@ -91,9 +102,9 @@ lint: libtorch
 
 # Lint first; benches are compiled too (so they cannot rot); the last line totals every test
 # binary of the workspace. PLANKTON_REQUIRE_PYTHON: the Parquet reader test must run (not skip).
-test: libtorch pytools promtool lint
+test: libtorch pytools promtool nats-server lint
 	$(CARGO) bench --workspace --no-run
-	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 $(CARGO) test --release --workspace 2>&1 | tee target/test-output.log
+	set -o pipefail; PATH="$(abspath .tools/bin):$$PATH" PLANKTON_REQUIRE_PYTHON=1 PLANKTON_REQUIRE_PROMTOOL=1 PLANKTON_REQUIRE_NATS=1 $(CARGO) test --release --workspace 2>&1 | tee target/test-output.log
 	$(PYENV_DIR)/bin/python scripts/serve_crash_test.py --uploads 300 --kills 3 --out target/crash-test-smoke
 	scripts/gpu_check.sh run --device cpu --tiny --binary target/release/plankton --out target/gpu-check-dry
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test-output.log

@@ -10,6 +10,7 @@ pub mod device;
 pub mod fusion;
 pub mod model;
 pub mod predict;
+pub mod publish;
 pub mod replay;
 pub mod serve;
 pub mod train;

@@ -72,7 +72,21 @@ fn the_docker_daemon_config_is_valid() {
 }
 
 #[test]
-fn the_docker_prometheus_config_passes_promtool() {
+fn the_docker_nats_daemon_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/serve-nats.toml");
+    let cfg = plankton::serve::config::ServeConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.nats.enabled && !cfg.watch.enabled);
+    assert_eq!(cfg.nats.servers, vec!["nats://nats:4222".to_string()]);
+}
+
+#[test]
+fn the_docker_prometheus_configs_pass_promtool() {
+    for file in ["prometheus.yml", "prometheus-nats.yml"] {
+        promtool_check_config(file);
+    }
+}
+
+fn promtool_check_config(file: &str) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let local = root.join(".tools/bin/promtool");
     let promtool = if local.is_file() {
@@ -82,7 +96,7 @@ fn the_docker_prometheus_config_passes_promtool() {
     };
     let out = std::process::Command::new(&promtool)
         .args(["check", "config"])
-        .arg(root.join("docker/prometheus/prometheus.yml"))
+        .arg(root.join("docker/prometheus").join(file))
         .output();
     match out {
         Ok(o) => assert!(

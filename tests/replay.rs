@@ -443,6 +443,7 @@ fn a_failing_step_says_which_step_and_why_and_keeps_the_cause() {
         out: out.clone(),
         device: tch::Device::Cpu,
         stop: None,
+        only: None,
     };
     let e = plankton::replay::run(&opts, rt.handle(), &mut |_| {}).unwrap_err();
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
@@ -539,4 +540,229 @@ fn a_bad_replay_file_names_the_file_and_the_problem() {
             "expected `{expect}`:\n{err}"
         );
     }
+}
+
+/// Members and blend only: the part that runs distributed.
+const REPLAY_MEMBERS: &str = r#"
+name = "tiny-members"
+seed = 5
+valid_fraction = 0.25
+
+[[member]]
+name = "a"
+pipeline = "a.toml"
+bagging = 1
+
+[[member]]
+name = "b"
+pipeline = "b.toml"
+seed = 99
+
+[blend]
+select = "all"
+folds = 3
+"#;
+
+/// Every prediction file under `out` (relative path -> rows of (id, probabilities)); the image
+/// features file is compared by the fusion's predictions it feeds.
+fn prediction_files(out: &Path) -> std::collections::BTreeMap<String, Vec<(String, Vec<f32>)>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![out.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet")
+                && !p
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("features")
+            {
+                let mut rows: Vec<(String, Vec<f32>)> =
+                    plankton::sinks::parquet::Predictions::read(&p)
+                        .unwrap()
+                        .rows
+                        .into_iter()
+                        .map(|r| (r.image_id, r.probabilities.unwrap_or_default()))
+                        .collect();
+                rows.sort_by(|a, b| a.0.cmp(&b.0));
+                let rel = p.strip_prefix(out).unwrap().display().to_string();
+                files.insert(rel, rows);
+            }
+        }
+    }
+    files
+}
+
+fn assert_same_predictions(a: &Path, b: &Path) {
+    let (fa, fb) = (prediction_files(a), prediction_files(b));
+    assert_eq!(
+        fa.keys().collect::<Vec<_>>(),
+        fb.keys().collect::<Vec<_>>(),
+        "the same prediction files"
+    );
+    for (name, rows) in &fa {
+        let other = &fb[name];
+        assert_eq!(rows.len(), other.len(), "{name}");
+        for (x, y) in rows.iter().zip(other) {
+            assert_eq!(x.0, y.0, "{name}");
+            let gap =
+                x.1.iter()
+                    .zip(&y.1)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+            assert!(gap <= 1e-5, "{name}: {} differs by {gap}", x.0);
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(a.join("submission.csv")).unwrap(),
+        std::fs::read_to_string(b.join("submission.csv")).unwrap()
+    );
+}
+
+#[test]
+fn members_run_as_concurrent_jobs_on_one_folder_give_the_sequential_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = setup(dir.path());
+    let file = dir.path().join("members.toml");
+    std::fs::write(&file, REPLAY_MEMBERS).unwrap();
+    let sequential = dir.path().join("sequential");
+    replay(&file, &data, &sequential);
+
+    // Three jobs at once on one folder: a, b chosen by a Slurm array index, and a again (a job
+    // started twice): the split is made once, each step runs in one process.
+    let jobs = dir.path().join("jobs");
+    let start = |only: &str| {
+        let mut c = replay_cmd(&file, &data, &jobs);
+        c.args(["--device", "cpu", "--only", only]);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // b: the Slurm array script itself, as task 1 of the array.
+    let slurm_task = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/slurm/replay.sbatch"))
+        .args(["members"])
+        .args([&file, &data, &jobs])
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("PLANKTON", env!("CARGO_BIN_EXE_plankton"))
+        .env("PLANKTON_DEVICE", "cpu")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let children = [start("member=a"), slurm_task, start("member=0")];
+    let outputs: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&o.stdout).to_string()
+                + &String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{text}");
+            text
+        })
+        .collect();
+    assert!(outputs[1].contains("member b:"), "{}", outputs[1]);
+    assert!(
+        !outputs[1].contains("train a"),
+        "the array task ran only member b: {}",
+        outputs[1]
+    );
+    // a's steps ran once between the two processes that asked for it.
+    let trained_a = outputs
+        .iter()
+        .filter(|t| t.contains("done: train a ("))
+        .count();
+    assert_eq!(trained_a, 1, "{outputs:?}");
+    // Nothing after the members has run yet; the whole replay runs it, reusing the members.
+    assert!(!jobs.join("blend").exists() && !jobs.join("report.json").exists());
+    let planned = plan(&file, &data, &jobs);
+    for (status, name) in &planned {
+        let members_step = ["split", "train ", "predict ", "average "]
+            .iter()
+            .any(|p| name.starts_with(p));
+        assert_eq!(status == "done", members_step, "{name}: {status}");
+    }
+    let rest = planned.iter().filter(|(s, _)| s == "to run").count();
+    replay(&file, &data, &jobs);
+    let r = report(&jobs);
+    assert_eq!(
+        r["steps_run"].as_u64(),
+        Some(rest as u64),
+        "only the rest ran: {r}"
+    );
+    assert_same_predictions(&sequential, &jobs);
+
+    // --devices: the same, members in child processes, one per device at a time.
+    let devices = dir.path().join("devices");
+    let o = replay_cmd(&file, &data, &devices)
+        .args(["--devices", "cpu,cpu"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("member a: started on cpu") && text.contains("member b: done on cpu"),
+        "{text}"
+    );
+    assert!(devices.join("logs/member-a.log").is_file());
+    assert_same_predictions(&sequential, &devices);
+}
+
+#[test]
+fn only_refuses_unknown_members_and_a_missing_task_index_and_a_whole_replay_waits_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = setup(dir.path());
+    let file = dir.path().join("members.toml");
+    std::fs::write(&file, REPLAY_MEMBERS).unwrap();
+    let out = dir.path().join("out");
+    for (only, says) in [
+        ("member=c", "names no member (members: 0=a, 1=b"),
+        ("member=2", "names no member"),
+        ("member=task", "SLURM_ARRAY_TASK_ID"),
+        ("a", "expected member=NAME"),
+    ] {
+        let o = replay_cmd(&file, &data, &out)
+            .args(["--only", only])
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .env_remove("JOB_COMPLETION_INDEX")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{only}: {err}");
+    }
+    let o = replay_cmd(&file, &data, &out)
+        .args(["--only", "member=task"])
+        .env("JOB_COMPLETION_INDEX", "7")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("JOB_COMPLETION_INDEX=7 names no member"),
+        "{err}"
+    );
+    // While a member job holds the folder, a whole replay is refused (its later steps read
+    // every member's outputs), and the other way round.
+    let part = plankton::fsx::lock_dir_shared(&out).unwrap();
+    let o = replay_cmd(&file, &data, &out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("another plankton process"),
+        "{err}"
+    );
+    drop(part);
+    let whole = plankton::fsx::lock_dir(&out).unwrap();
+    let o = replay_cmd(&file, &data, &out)
+        .args(["--only", "member=a"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("another plankton process"),
+        "{err}"
+    );
+    drop(whole);
 }

@@ -91,6 +91,8 @@ pub enum ReplayError {
     NotAFolder { path: PathBuf },
     #[error("{path}: holds files that are not a replay's (no replay.toml); choose an empty or new --out")]
     NotAReplayFolder { path: PathBuf },
+    #[error("--only {0}")]
+    Only(String),
 }
 
 impl ReplayError {
@@ -112,6 +114,8 @@ pub struct ReplayOptions {
     /// step finishes first; then the replay ends with [`ReplayError::Stopped`] and a rerun
     /// resumes it.
     pub stop: Option<tokio_util::sync::CancellationToken>,
+    /// Run only these steps (see [`Only`]); None: the whole chain.
+    pub only: Option<Only>,
 }
 
 /// Progress of the chain.
@@ -220,6 +224,90 @@ impl Layout {
     fn submission(&self) -> PathBuf {
         self.root.join("submission.csv")
     }
+    /// The lock a process holds while it runs `step` (hidden: not an output).
+    fn step_lock(&self, step: &str) -> PathBuf {
+        let slug: String = step
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.root.join(".locks").join(format!("{slug}.lock"))
+    }
+    /// Held while a process claims the folder (writes replay.toml and dataset.txt).
+    fn claim_lock(&self) -> PathBuf {
+        self.root.join(".locks").join("claim.lock")
+    }
+}
+
+/// The part of the chain one process runs (`plankton replay --only`), so that members train
+/// as separate jobs (a Slurm array, a Kubernetes Indexed Job, one process per GPU) on one shared
+/// output folder; a replay without `--only` then runs what is left (fusion, blend, pseudo-labels,
+/// submission), skipping the members already trained and predicted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Only {
+    /// A member by name, or by its 0-based index in the replay file; `task` takes the index from
+    /// `SLURM_ARRAY_TASK_ID` (a Slurm job array) or `JOB_COMPLETION_INDEX` (a Kubernetes Indexed
+    /// Job).
+    Member(String),
+}
+
+/// The environment variables `--only member=task` reads, in order.
+pub const TASK_INDEX_VARS: [&str; 2] = ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"];
+
+impl std::str::FromStr for Only {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            Some(("member", m)) if !m.trim().is_empty() => Ok(Only::Member(m.trim().to_string())),
+            _ => Err(format!(
+                "`{s}`: expected member=NAME, member=INDEX (0-based) or member=task (SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)"
+            )),
+        }
+    }
+}
+
+impl Only {
+    /// The member's index in `cfg`.
+    pub fn member_index(&self, cfg: &ReplayConfig) -> Result<usize, ReplayError> {
+        let Only::Member(m) = self;
+        let names = || {
+            cfg.members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| format!("{i}={}", m.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let by_index = |text: &str, origin: &str| -> Result<usize, ReplayError> {
+            match text.trim().parse::<usize>() {
+                Ok(i) if i < cfg.members.len() => Ok(i),
+                _ => Err(ReplayError::Only(format!(
+                    "{origin}{text} names no member (members: {}; an array's indices start at 0)",
+                    names()
+                ))),
+            }
+        };
+        if let Some(i) = cfg.members.iter().position(|x| &x.name == m) {
+            return Ok(i);
+        }
+        if m == "task" {
+            for var in TASK_INDEX_VARS {
+                if let Ok(v) = std::env::var(var) {
+                    return by_index(&v, &format!("member=task: {var}="));
+                }
+            }
+            return Err(ReplayError::Only(format!(
+                "member=task: neither {} is set (run it as an array task, or name the member)",
+                TASK_INDEX_VARS.join(" nor ")
+            )));
+        }
+        by_index(m, "member=")
+    }
 }
 
 /// Runs (or resumes) the chain: [`Plan::new`], [`Plan::execute`], then the report.
@@ -228,14 +316,69 @@ pub fn run(
     rt: &tokio::runtime::Handle,
     on_event: &mut dyn FnMut(ReplayEvent),
 ) -> Result<ReplayReport, ReplayError> {
-    let mut plan = Plan::new(&opts.replay_file, &opts.data, &opts.out)?;
-    plan.stop = opts.stop.clone();
-    plan.check_output_folder()?;
-    // One replay per output folder: two would train the same members twice and race on files.
-    let _lock = crate::fsx::lock_dir(&plan.layout.root)?;
-    plan.claim_output_folder()?;
+    assert!(opts.only.is_none(), "run_only runs a part");
+    let (plan, _lock) = start(opts)?;
     let done = plan.execute(opts.device, rt, on_event)?;
     let report = plan.report(done);
     report::write(&plan.layout.root, &report)?;
     Ok(report)
+}
+
+/// What a `--only` run did.
+#[derive(Debug, Clone)]
+pub struct PartDone {
+    pub member: String,
+    pub ran: usize,
+    pub skipped: usize,
+}
+
+/// Runs (or resumes) the part of the chain `opts.only` names; several such processes share the
+/// output folder, each step run by one of them (a lock per step). The report is written by the
+/// replay without `--only` that runs the rest once every member is done.
+pub fn run_only(
+    opts: &ReplayOptions,
+    rt: &tokio::runtime::Handle,
+    on_event: &mut dyn FnMut(ReplayEvent),
+) -> Result<PartDone, ReplayError> {
+    let (plan, _lock) = start(opts)?;
+    let member = plan
+        .steps()
+        .iter()
+        .find_map(|s| s.member)
+        .map_or_else(String::new, |k| plan.member_name(k).to_string());
+    let done = plan.execute(opts.device, rt, on_event)?;
+    Ok(PartDone {
+        member,
+        ran: done.ran,
+        skipped: done.skipped,
+    })
+}
+
+/// Checks and claims the output folder (replay.toml, dataset.txt) and lets it go: before
+/// member processes are started on it (`--devices`), so that what they share is settled first.
+pub fn claim_folder(opts: &ReplayOptions) -> Result<(), ReplayError> {
+    start(opts).map(|_| ())
+}
+
+/// Plans, selects, locks and claims the output folder. A whole replay holds the folder alone;
+/// `--only` parts hold it shared (with each other, never with a whole replay, whose later steps
+/// read every member's outputs).
+fn start(opts: &ReplayOptions) -> Result<(Plan, crate::fsx::DirLock), ReplayError> {
+    let mut plan = Plan::new(&opts.replay_file, &opts.data, &opts.out)?;
+    plan.stop = opts.stop.clone();
+    if let Some(only) = &opts.only {
+        plan.select(only)?;
+    }
+    plan.check_output_folder()?;
+    let lock = if opts.only.is_some() {
+        crate::fsx::lock_dir_shared(&plan.layout.root)?
+    } else {
+        crate::fsx::lock_dir(&plan.layout.root)?
+    };
+    {
+        // Parts started together claim the folder one after the other.
+        let _claim = crate::fsx::lock_file_waiting(&plan.layout.claim_lock(), || ())?;
+        plan.claim_output_folder()?;
+    }
+    Ok((plan, lock))
 }

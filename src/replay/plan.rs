@@ -80,6 +80,9 @@ pub struct Step {
     /// Every file the step writes; it counts as done when all of them exist.
     pub outputs: Vec<PathBuf>,
     pub reuse: Reuse,
+    /// The member whose step it is (train, predict, average its bags): what `--only member=`
+    /// selects.
+    pub member: Option<usize>,
     pub(super) action: Action,
 }
 
@@ -112,8 +115,16 @@ impl StepList {
             name: name.into(),
             outputs,
             reuse: Reuse::UntilUpstreamRuns,
+            member: None,
             action,
         });
+    }
+
+    /// Marks the steps from `first` on as member `k`'s.
+    fn belong_to(&mut self, first: usize, k: usize) {
+        for step in &mut self.0[first..] {
+            step.member = Some(k);
+        }
     }
 }
 
@@ -186,6 +197,20 @@ impl Plan {
         &self.steps
     }
 
+    /// Keeps only the steps `only` names, and the shared split they need: one process of
+    /// several sharing the output folder (see [`super::Only`]). Returns the member's index.
+    pub fn select(&mut self, only: &super::Only) -> Result<usize, ReplayError> {
+        let k = only.member_index(&self.cfg)?;
+        self.steps
+            .retain(|s| s.member == Some(k) || matches!(s.action, Action::Split));
+        Ok(k)
+    }
+
+    /// Member `k`'s name.
+    pub fn member_name(&self, k: usize) -> &str {
+        &self.cfg.members[k].name
+    }
+
     fn list_steps(&self) -> Vec<Step> {
         let mut steps = StepList::default();
         let max_bags = self
@@ -202,7 +227,9 @@ impl Plan {
             Action::Split,
         );
         for k in 0..self.cfg.members.len() {
+            let first = steps.0.len();
             self.member_steps(k, &mut steps);
+            steps.belong_to(first, k);
         }
         if self.fuse_on {
             self.fusion_steps(&mut steps);
@@ -247,6 +274,7 @@ impl Plan {
                 },
                 outputs: vec![RunDir::new(&self.layout.member_run(&m.name, bag)).final_weights()],
                 reuse: Reuse::WhenPresent,
+                member: Some(k),
                 action: Action::Train { member: k, bag },
             });
         }
@@ -447,10 +475,12 @@ impl Plan {
                 }
             }
             Err(_) => {
+                // Hidden entries are the locks and other processes' temporary files (members
+                // started together), not foreign files.
                 let foreign = std::fs::read_dir(root)
                     .map_err(ReplayError::io(root))?
                     .filter_map(|e| e.ok())
-                    .any(|e| e.file_name() != ".lock");
+                    .any(|e| !e.file_name().to_string_lossy().starts_with('.'));
                 if foreign {
                     return Err(ReplayError::NotAReplayFolder { path: root.clone() });
                 }
@@ -545,6 +575,13 @@ impl Plan {
         let mut done = Executed::default();
         for (i, step) in self.steps.iter().enumerate() {
             let index = i + 1;
+            // One process at a time per step (members run as separate jobs share the split,
+            // and a job run twice must not train one network twice at once); the outputs are
+            // looked at once the lock is ours.
+            let lock = self.layout.step_lock(&step.name);
+            let _step_lock = crate::fsx::lock_file_waiting(&lock, || {
+                tracing::info!(step = %step.name, "another process is running this step: waiting for it");
+            })?;
             if step.reuse.skips(done.ran > 0) && self.is_present(step) {
                 done.skipped += 1;
                 tracing::info!(step = %step.name, "outputs present: skipped");

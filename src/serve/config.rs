@@ -47,6 +47,7 @@ pub struct ServeConfig {
     pub threads: usize,
     pub watch: WatchConfig,
     pub http: HttpConfig,
+    pub nats: NatsConfig,
     pub batch: MicroBatchConfig,
     pub queue: QueueConfig,
     pub output: OutputConfig,
@@ -70,6 +71,7 @@ impl Default for ServeConfig {
             threads: 0,
             watch: WatchConfig::default(),
             http: HttpConfig::default(),
+            nats: NatsConfig::default(),
             batch: MicroBatchConfig::default(),
             queue: QueueConfig::default(),
             output: OutputConfig::default(),
@@ -170,6 +172,143 @@ impl Default for HttpConfig {
             retry_after_seconds: 1,
             recent_results: 100_000,
         }
+    }
+}
+
+/// A JetStream pull consumer shared by every daemon of a group (see `serve::nats`): each
+/// message is one image (its bytes, or a `Plankton-Ref` header naming a file on shared storage),
+/// acked once its row is in a finished Parquet file, so a daemon that dies leaves its messages to
+/// the others.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub enabled: bool,
+    /// Server URLs of one cluster (`nats://host:4222`, `tls://host:4222`); the client fails over
+    /// between them and reconnects without end.
+    pub servers: Vec<String>,
+    /// File holding a token (`authorization { token }` on the server).
+    pub token_file: Option<PathBuf>,
+    /// User name, with `password_file`.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// A `.creds` file (JWT + NKey seed), as `nsc` writes them.
+    pub credentials_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS.
+    pub tls: bool,
+    /// CA certificates (PEM) to trust beyond the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// The JetStream stream holding the images.
+    pub stream: String,
+    /// The stream's subjects, used when the daemon creates the stream (`create_stream`).
+    pub subjects: Vec<String>,
+    /// Create the stream (file storage, limits retention) if it does not exist yet; off where
+    /// the stream is provisioned with its own retention by whoever runs the servers.
+    pub create_stream: bool,
+    /// The durable consumer every daemon of the group shares (created if missing).
+    pub consumer: String,
+    /// Only messages on this subject (empty: the whole stream).
+    pub filter_subject: String,
+    /// Messages asked for per pull request.
+    pub batch: usize,
+    /// A message not acked this long after delivery goes to another daemon. The daemon keeps
+    /// the messages it holds alive (in-progress acks) until their file is finished, so this is
+    /// how fast the group notices a daemon that died, not a bound on `output.roll_seconds`.
+    pub ack_wait_seconds: u64,
+    /// Unacked messages the consumer hands out across the group: the bound on what all the
+    /// daemons hold between delivery and a finished file (memory and spool space); the rest of a
+    /// backlog waits in the stream.
+    pub max_ack_pending: usize,
+    /// Deliveries of one message before JetStream gives up on it (a message that crashes every
+    /// daemon it reaches must not go round for ever); -1: no limit.
+    pub max_deliver: i64,
+    /// Folders a `Plankton-Ref` header may name a file in (after symbolic links are resolved);
+    /// empty: references are refused.
+    pub reference_dirs: Vec<PathBuf>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            enabled: false,
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            token_file: None,
+            user: None,
+            password_file: None,
+            credentials_file: None,
+            tls: false,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            stream: "PLANKTON".into(),
+            subjects: vec!["plankton.images.>".into()],
+            create_stream: true,
+            consumer: "plankton-daemons".into(),
+            filter_subject: String::new(),
+            batch: 64,
+            ack_wait_seconds: 30,
+            max_ack_pending: 1024,
+            max_deliver: 10,
+            reference_dirs: Vec::new(),
+        }
+    }
+}
+
+impl NatsConfig {
+    fn validate(&self) -> Result<(), String> {
+        // JetStream names: no white space, `.`, `*`, `>` or path separators.
+        let bad_name = |n: &str| {
+            n.is_empty()
+                || n.len() > 200
+                || n.chars().any(|c| {
+                    c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\')
+                })
+        };
+        if self.servers.is_empty() {
+            return Err("nats.servers: name at least one server".into());
+        }
+        if bad_name(&self.stream) {
+            return Err(format!(
+                "nats.stream `{}`: a JetStream name (no spaces, `.`, `*`, `>` or slashes)",
+                self.stream
+            ));
+        }
+        if bad_name(&self.consumer) {
+            return Err(format!(
+                "nats.consumer `{}`: a JetStream name (no spaces, `.`, `*`, `>` or slashes)",
+                self.consumer
+            ));
+        }
+        if self.create_stream && self.subjects.is_empty() {
+            return Err(
+                "nats.subjects: a stream the daemon creates needs at least one subject".into(),
+            );
+        }
+        if self.batch == 0 || self.ack_wait_seconds == 0 || self.max_ack_pending == 0 {
+            return Err(
+                "nats.batch, nats.ack_wait_seconds and nats.max_ack_pending must be > 0".into(),
+            );
+        }
+        if self.max_deliver == 0 || self.max_deliver < -1 {
+            return Err("nats.max_deliver must be > 0, or -1 for no limit".into());
+        }
+        if self.user.is_some() != self.password_file.is_some() {
+            return Err("nats.user and nats.password_file go together".into());
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err("nats.client_cert and nats.client_key go together".into());
+        }
+        let ways = [
+            self.token_file.is_some(),
+            self.user.is_some(),
+            self.credentials_file.is_some(),
+        ];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return Err("nats: one of token_file, user/password_file or credentials_file".into());
+        }
+        Ok(())
     }
 }
 
@@ -303,7 +442,20 @@ impl ServeConfig {
                 *p = base.join(&*p);
             }
         }
-        if let Some(t) = cfg.http.token_file.as_mut() {
+        let n = &mut cfg.nats;
+        for t in [
+            cfg.http.token_file.as_mut(),
+            n.token_file.as_mut(),
+            n.password_file.as_mut(),
+            n.credentials_file.as_mut(),
+            n.ca_file.as_mut(),
+            n.client_cert.as_mut(),
+            n.client_key.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(n.reference_dirs.iter_mut())
+        {
             if t.is_relative() {
                 *t = base.join(&*t);
             }
@@ -322,8 +474,11 @@ impl ServeConfig {
         if let Err(e) = self.device.parse::<crate::device::DeviceChoice>() {
             return Err(format!("device: {e}"));
         }
-        if !self.watch.enabled && !self.http.enabled {
-            return Err("no source: enable [watch] and/or [http]".into());
+        if !self.watch.enabled && !self.http.enabled && !self.nats.enabled {
+            return Err("no source: enable [watch], [http] and/or [nats]".into());
+        }
+        if self.nats.enabled {
+            self.nats.validate()?;
         }
         if self.batch.max_images == 0 {
             return Err("batch.max_images must be > 0".into());
@@ -414,6 +569,46 @@ mod tests {
         assert_eq!(cfg.spool, PathBuf::from("/etc/p/serve/spool"));
         assert_eq!(cfg.http.backpressure, Backpressure::Reject);
         assert_eq!(cfg.watch.symlinks, SymlinkPolicy::Skip);
+    }
+
+    #[test]
+    fn a_nats_source_is_checked_and_its_files_are_relative_to_the_config() {
+        let load = |nats: &str| {
+            ServeConfig::from_toml_str(
+                &format!("[http]\nenabled = false\n[nats]\nenabled = true\n{nats}"),
+                Path::new("/etc/p/d.toml"),
+                Path::new("/etc/p"),
+            )
+        };
+        let cfg = load("token_file = \"tok\"\nreference_dirs = [\"shared\"]\n").unwrap();
+        assert_eq!(cfg.nats.token_file, Some(PathBuf::from("/etc/p/tok")));
+        assert_eq!(
+            cfg.nats.reference_dirs,
+            vec![PathBuf::from("/etc/p/shared")]
+        );
+        for (bad, says) in [
+            ("stream = \"a.b\"", "nats.stream"),
+            ("consumer = \"\"", "nats.consumer"),
+            ("servers = []", "nats.servers"),
+            ("max_ack_pending = 0", "nats.max_ack_pending"),
+            ("max_deliver = 0", "nats.max_deliver"),
+            ("user = \"u\"", "password_file"),
+            ("client_key = \"k\"", "client_cert"),
+            ("token_file = \"t\"\ncredentials_file = \"c\"", "one of"),
+            ("subjects = []", "nats.subjects"),
+            ("acks = 1", "unknown field"),
+        ] {
+            let e = load(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let none = ServeConfig::from_toml_str(
+            "[http]\nenabled = false\n",
+            Path::new("d.toml"),
+            Path::new("."),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(none.contains("[nats]"), "{none}");
     }
 
     #[cfg(unix)]

@@ -12,7 +12,7 @@ use super::config::ServeConfig;
 use super::engine::{self, Engine, InFlight, ModelSlot};
 use super::results::ResultStore;
 use super::spool::{self, Spool, SpoolEntry};
-use super::{http, watch};
+use super::{http, nats, watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -25,6 +25,8 @@ pub enum ServeError {
         path: std::path::PathBuf,
         message: String,
     },
+    #[error(transparent)]
+    Nats(#[from] super::nats::NatsError),
     #[error("http.bind {addr}: {message}")]
     Bind { addr: String, message: String },
     #[error("{path}: {message}")]
@@ -179,6 +181,12 @@ pub async fn run(
     } else {
         None
     };
+    // Connects in the background (the server may come up later); bad credentials files fail here.
+    let nats = if cfg.nats.enabled {
+        Some(nats::NatsInput::start(&cfg.nats, &cfg.name).await?)
+    } else {
+        None
+    };
     let metrics_handle = prometheus();
     engine::describe();
     let spool = Arc::new(Spool::open(&cfg.spool)?);
@@ -195,7 +203,18 @@ pub async fn run(
     // The watcher counts these files as taken, released below or not.
     let spooled_files: Vec<spool::WatchedFile> =
         pending.iter().filter_map(|e| e.watched.clone()).collect();
-    let pending = engine::release_already_written(&spool, &cfg.output.dir, pending);
+    let (pending, released) = engine::release_already_written(&spool, &cfg.output.dir, pending);
+    // The deliveries of spooled messages: acked once their rows are written (now, for those
+    // already written before a crash).
+    let (settled_tx, settled_rx) = async_channel::unbounded::<engine::Settled>();
+    if let Some(n) = &nats {
+        n.restore(&pending);
+        for e in &released {
+            if let Some(s) = engine::Settled::of(e, e.quarantined.is_some()) {
+                let _ = settled_tx.try_send(s);
+            }
+        }
+    }
     let cfg_c = cfg.clone();
     let model = tokio::task::spawn_blocking(move || engine::load_model(&cfg_c))
         .await
@@ -217,6 +236,7 @@ pub async fn run(
         slot: slot.clone(),
         cfg: cfg.clone(),
         in_flight,
+        settled: nats.is_some().then(|| settled_tx.clone()),
     }
     .start()
     .map_err(ServeError::Crashed)?;
@@ -245,6 +265,18 @@ pub async fn run(
                 .await
                 .map_err(|e| e.to_string())
         }));
+    }
+    // Ends once the writer has finished (its sender dropped) and every ack is sent.
+    drop(settled_tx);
+    let acker = nats.clone().map(|n| tokio::spawn(n.settle(settled_rx)));
+    if let Some(n) = &nats {
+        let (sp, q, tx, stop) = (
+            spool.clone(),
+            cfg.quarantine.clone(),
+            ingest_tx.clone(),
+            sources.clone(),
+        );
+        tasks.push(tokio::spawn(n.clone().pull(sp, q, tx, stop)));
     }
     let ready = Arc::new(AtomicBool::new(false));
     let accepting = Arc::new(AtomicBool::new(true));
@@ -296,6 +328,11 @@ pub async fn run(
         .await
         .map_err(|e| ServeError::Crashed(e.to_string()))?
         .map_err(ServeError::Crashed)?;
+    if let Some(acker) = acker {
+        if let Err(e) = acker.await {
+            tracing::error!(error = %e, "the NATS acker crashed (unacked messages are redelivered)");
+        }
+    }
     tracing::info!("stopped: every accepted image is in a finished file or still spooled");
     Ok(ServeSummary { replayed, watched })
 }

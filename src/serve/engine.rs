@@ -140,6 +140,25 @@ impl OutRow {
     }
 }
 
+/// An image that came as a JetStream message and whose row is now in a finished file: its
+/// delivery is to be acked, or terminated when the row is an error row (see `serve::nats`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settled {
+    pub key: EntryKey,
+    pub reply: String,
+    pub failed: bool,
+}
+
+impl Settled {
+    pub fn of(entry: &SpoolEntry, failed: bool) -> Option<Settled> {
+        entry.delivery.as_ref().map(|d| Settled {
+            key: entry.key(),
+            reply: d.reply.clone(),
+            failed,
+        })
+    }
+}
+
 pub struct Engine {
     pub model: LoadedModel,
     pub ingest: async_channel::Receiver<SpoolEntry>,
@@ -148,6 +167,8 @@ pub struct Engine {
     pub slot: Arc<ModelSlot>,
     pub cfg: ServeConfig,
     pub in_flight: Arc<InFlight>,
+    /// Where the writer reports finished images that came as JetStream messages.
+    pub settled: Option<async_channel::Sender<Settled>>,
 }
 
 /// Handles of the running engine threads; `join` waits for the drain to finish.
@@ -255,6 +276,7 @@ impl Engine {
             in_flight: self.in_flight.clone(),
             class_names,
             feature_sets,
+            settled: self.settled,
         };
         threads.push(spawn(
             "serve-writer".into(),
@@ -644,6 +666,7 @@ struct WriterCtx {
     in_flight: Arc<InFlight>,
     class_names: Vec<String>,
     feature_sets: Arc<Vec<FeatureSet>>,
+    settled: Option<async_channel::Sender<Settled>>,
 }
 
 /// The open output file: rows since it was opened and the ids to release when it is finished.
@@ -655,6 +678,8 @@ struct OpenFile {
     opened: Instant,
     /// The spool entries whose rows are in this file.
     keys: Vec<EntryKey>,
+    /// Those that came as JetStream messages, to be acked once the file is finished.
+    settle: Vec<Settled>,
     path: PathBuf,
     /// flocks held on the `.partial` files while they are written: another daemon's start-up
     /// clean-up skips them.
@@ -673,20 +698,20 @@ fn lock_partial(final_path: &Path) -> Option<std::fs::File> {
 /// Spool entries whose rows are already in a finished file of this spool (a crash between a
 /// file's rename and the release of its images) are released instead of predicted again, so
 /// a `kill -9` does not duplicate rows. Only files finished since the oldest entry was accepted
-/// are read (two columns each). Returns the entries still to process.
+/// are read (two columns each). Returns the entries still to process, and those released.
 pub fn release_already_written(
     spool: &Spool,
     out_dir: &Path,
     pending: Vec<SpoolEntry>,
-) -> Vec<SpoolEntry> {
+) -> (Vec<SpoolEntry>, Vec<SpoolEntry>) {
     let Some(oldest) = pending.iter().map(|e| e.received_unix_ms).min() else {
-        return pending;
+        return (pending, Vec::new());
     };
     // A little slack for a file system whose clock is not ours (a network mount).
     let since = UNIX_EPOCH + Duration::from_millis(oldest.saturating_sub(5_000));
     let mut written = HashSet::new();
     let Ok(listing) = std::fs::read_dir(out_dir) else {
-        return pending;
+        return (pending, Vec::new());
     };
     for e in listing.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -715,20 +740,20 @@ pub fn release_already_written(
         .into_iter()
         .partition(|e| written.contains(&e.key()));
     if done.is_empty() {
-        return todo;
+        return (todo, done);
     }
     let keys: Vec<EntryKey> = done.iter().map(SpoolEntry::key).collect();
     match spool.complete(&keys) {
         Ok(()) => {
             tracing::info!(images = keys.len(), "released spooled images whose rows were already in a finished file (a crash came between the two)");
-            todo
+            (todo, done)
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot release images already written; they are predicted again");
             let mut all = todo;
             all.extend(done);
             all.sort_by_key(|e| e.seq);
-            all
+            (all, Vec::new())
         }
     }
 }
@@ -803,6 +828,7 @@ impl WriterCtx {
             model_id: model_id.to_string(),
             opened: Instant::now(),
             keys: Vec::new(),
+            settle: Vec::new(),
             path,
             _partial_locks: partial_locks,
         })
@@ -814,6 +840,7 @@ impl WriterCtx {
             writer,
             features,
             keys,
+            settle,
             path,
             ..
         } = file;
@@ -828,8 +855,19 @@ impl WriterCtx {
             Ok(rows) => {
                 metrics::counter!(SERVE_FILES).increment(1);
                 tracing::info!(path = %path.display(), rows, "prediction file finished");
-                if let Err(e) = self.spool.complete(&keys) {
-                    tracing::error!(error = %e, "could not release finished images from the spool (they will be predicted again after a restart)");
+                match self.spool.complete(&keys) {
+                    Ok(()) => {
+                        if let Some(tx) = &self.settled {
+                            for s in settle {
+                                let _ = tx.try_send(s);
+                            }
+                        }
+                    }
+                    // Not acked either: a restart releases them (their rows are in this file)
+                    // and acks them then.
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not release finished images from the spool (they will be predicted again after a restart)")
+                    }
                 }
                 self.in_flight.end(keys);
             }
@@ -875,6 +913,7 @@ impl WriterCtx {
                 self.finish(open.take().expect("open"));
             }
             let Some(mut row) = row else { continue };
+            let settle = Settled::of(&row.entry, row.error.is_some());
             let row_started = Instant::now();
             if open.is_none() {
                 match self.open(&row.model_id, &mut seq) {
@@ -948,6 +987,8 @@ impl WriterCtx {
                     received_unix_ms: row.entry.received_unix_ms,
                     image_size: row.size,
                     flag: row.flag.map(str::to_string),
+                    stream_seq: row.entry.delivery.as_ref().map(|d| d.stream_seq),
+                    captured_unix_ms: row.entry.delivery.as_ref().and_then(|d| d.captured_unix_ms),
                 },
             );
             if let Err(e) = pushed {
@@ -955,6 +996,7 @@ impl WriterCtx {
                 continue;
             }
             f.keys.push(row.entry.key());
+            f.settle.extend(settle);
             self.results.publish(served);
             metrics::counter!(telemetry::STAGE_SENT, "stage" => "writer").increment(1);
             telemetry::busy_since("writer", row_started);

@@ -83,6 +83,22 @@ pub struct SpoolEntry {
     /// before the ledger line was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watched: Option<WatchedFile>,
+    /// For an image that came as a JetStream message: which delivery, to be acked once its row
+    /// is in a finished file (see `serve::nats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+}
+
+/// The JetStream message an entry came in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub stream_seq: u64,
+    /// The message's `$JS.ACK.…` reply subject: an ack published to it from any connection
+    /// settles the message, so one kept here is acked after a restart too.
+    pub reply: String,
+    /// When the instrument captured the image (the `Plankton-Captured` header), if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captured_unix_ms: Option<u64>,
 }
 
 /// The version of a watched file an entry holds (see `serve::watch`).
@@ -468,7 +484,28 @@ impl Spool {
         original_name: &str,
         bytes: &[u8],
     ) -> Result<SpoolEntry, SpoolError> {
-        self.accept_payload(id, source, original_name, Payload::Bytes(bytes), None)
+        self.accept_payload(id, source, original_name, Payload::Bytes(bytes), None, None)
+    }
+
+    /// As [`Spool::accept`], for an image that came as a JetStream message (`delivery` is kept
+    /// in its sidecar). A redelivery of a message still pending returns the existing entry,
+    /// whose delivery is the first one's.
+    pub fn accept_delivery(
+        &self,
+        id: &str,
+        source: &str,
+        original_name: &str,
+        bytes: &[u8],
+        delivery: Delivery,
+    ) -> Result<SpoolEntry, SpoolError> {
+        self.accept_payload(
+            id,
+            source,
+            original_name,
+            Payload::Bytes(bytes),
+            None,
+            Some(delivery),
+        )
     }
 
     /// As [`Spool::accept`], copying `source_file` (which is neither modified nor removed);
@@ -487,6 +524,7 @@ impl Spool {
             original_name,
             Payload::File(source_file),
             watched,
+            None,
         )
     }
 
@@ -497,6 +535,7 @@ impl Spool {
         original_name: &str,
         payload: Payload<'_>,
         watched: Option<WatchedFile>,
+        delivery: Option<Delivery>,
     ) -> Result<SpoolEntry, SpoolError> {
         let _busy = crate::telemetry::Busy::start("spool");
         let id = sanitize_id(id)?;
@@ -543,6 +582,7 @@ impl Spool {
                 bytes_path: self.bytes_path(&id),
                 quarantined: None,
                 watched,
+                delivery,
             },
             Err(e) => {
                 let _ = fs::remove_file(&tmp_bytes);
@@ -631,6 +671,8 @@ impl Spool {
                             bytes_path: bytes_path.clone(),
                             quarantined: None,
                             watched: None,
+                            // Its message (if any) is redelivered by JetStream after ack_wait.
+                            delivery: None,
                         };
                         let tmp = self.tmp_path(&self.pending_dir, "json");
                         let dest = self.sidecar_path(id);

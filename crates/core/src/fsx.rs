@@ -347,6 +347,16 @@ pub enum LockError {
 
 /// Creates `dir` if needed and locks it, or says that another process holds it.
 pub fn lock_dir(dir: &Path) -> Result<DirLock, LockError> {
+    lock_dir_as(dir, false)
+}
+
+/// As [`lock_dir`], shared: any number of processes holding it shared (the members of one
+/// replay run as separate jobs) keep out one that wants it exclusively, and the other way round.
+pub fn lock_dir_shared(dir: &Path) -> Result<DirLock, LockError> {
+    lock_dir_as(dir, true)
+}
+
+fn lock_dir_as(dir: &Path, shared: bool) -> Result<DirLock, LockError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| LockError::Io { path, source }
@@ -364,7 +374,12 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, LockError> {
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    match file.try_lock() {
+    let locked = if shared {
+        file.try_lock_shared()
+    } else {
+        file.try_lock()
+    };
+    match locked {
         Ok(()) => Ok(DirLock { _file: file, path }),
         Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Busy {
             dir: dir.to_path_buf(),
@@ -372,6 +387,37 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, LockError> {
         }),
         Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
     }
+}
+
+/// An exclusive lock on the file `path` (created if missing), waiting while another process
+/// holds it: one step of a job that several processes share runs in one of them at a time.
+/// `on_wait` is called first when it has to wait.
+pub fn lock_file_waiting(path: &Path, on_wait: impl FnOnce()) -> Result<DirLock, LockError> {
+    let io_err = |source| LockError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            on_wait();
+            file.lock().map_err(io_err)?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(e)),
+    }
+    Ok(DirLock {
+        _file: file,
+        path: path.to_path_buf(),
+    })
 }
 
 #[cfg(test)]
@@ -392,6 +438,41 @@ mod lock_tests {
         );
         drop(first);
         let _again = lock_dir(&run).unwrap();
+    }
+
+    #[test]
+    fn shared_holders_exclude_an_exclusive_one_and_the_other_way_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let a = lock_dir_shared(&out).unwrap();
+        let b = lock_dir_shared(&out).unwrap();
+        assert!(matches!(lock_dir(&out), Err(LockError::Busy { .. })));
+        drop((a, b));
+        let whole = lock_dir(&out).unwrap();
+        assert!(matches!(lock_dir_shared(&out), Err(LockError::Busy { .. })));
+        drop(whole);
+    }
+
+    #[test]
+    fn a_waiting_lock_is_taken_once_the_holder_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locks/step.lock");
+        let held = lock_file_waiting(&path, || panic!("free")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let waiter = std::thread::spawn(move || {
+            let _l = lock_file_waiting(&p, || ()).unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "waits while held"
+        );
+        drop(held);
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("taken once released");
+        waiter.join().unwrap();
     }
 
     #[test]

@@ -61,9 +61,15 @@ enum Command {
     /// The whole reference solution on a dataset folder, resumable: train the members, TTA,
     /// features, fusion, blend, pseudo-label round, submission, and the score of every stage.
     Replay(commands::replay::ReplayArgs),
-    /// Run the camera-ingest daemon: folder watch and HTTP upload in, rolling Parquet out,
-    /// Prometheus /metrics. SIGTERM/SIGINT drain and exit; SIGHUP reloads the model.
+    /// Run the camera-ingest daemon: folder watch, HTTP upload and a NATS JetStream consumer
+    /// group in, rolling Parquet out, Prometheus /metrics. SIGTERM/SIGINT drain and exit;
+    /// SIGHUP reloads the model.
     Serve(commands::serve::ServeArgs),
+    /// Publish image files to a NATS JetStream subject for a group of daemons (backfill),
+    /// with a bounded number of publishes awaiting their acks; nothing is dropped silently.
+    Publish(commands::publish::PublishArgs),
+    /// One row per image from the daemons' prediction files (delivery is at-least-once).
+    Compact(commands::compact::CompactArgs),
     /// Image features for late fusion (raw size, moments, Hu, Haralick) into a Parquet file.
     Features(commands::features::FeaturesArgs),
     /// Late fusion: fit per-feature-set nets on validation predictions (out-of-fold loss
@@ -118,6 +124,8 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Blend(a) => commands::blend::run(a).await,
         Command::Replay(a) => commands::replay::run(a).await,
         Command::Serve(a) => commands::serve::run(a).await,
+        Command::Publish(a) => commands::publish::run(a).await,
+        Command::Compact(a) => commands::compact::run(a),
         Command::Features(a) => commands::features::run(a).await,
         Command::Fuse(a) => commands::fuse::run(a).await,
     }

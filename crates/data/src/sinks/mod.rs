@@ -1,4 +1,5 @@
 //! Sinks: what the pipeline writes for people and downstream tools.
+pub mod compact;
 pub mod parquet;
 pub mod parquet_file;
 pub mod plot;

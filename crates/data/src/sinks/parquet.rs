@@ -17,7 +17,7 @@
 //! | `views` | uint16 | test-time transforms averaged (0 for an image that failed) |
 //! | `error` | utf8, nullable | why an image has no prediction (unreadable, too large...) |
 //!
-//! The daemon (`plankton serve`) adds five columns after these:
+//! The daemon (`plankton serve`) adds seven columns after these:
 //!
 //! | column | type | |
 //! |---|---|---|
@@ -25,6 +25,8 @@
 //! | `received_at` | timestamp[ms, UTC] | when the image was accepted (acknowledged) |
 //! | `image_height`, `image_width` | uint32, nullable | the decoded image's size (null when it could not be decoded) |
 //! | `flag` | utf8, nullable | `too_small` or `blank` ([serve] `[checks]`): predicted, but not an organism |
+//! | `stream_seq` | uint64, nullable | NATS input: the JetStream stream sequence of the message (two rows with one `stream_seq` are one message delivered twice, e.g. after a `kill -9`; `plankton compact` keeps one) |
+//! | `captured_at` | timestamp[ms, UTC], nullable | NATS input: the capture time the message's `Plankton-Captured` header gave |
 //!
 //! An image that could not be read keeps its row, with null predictions and the reason in
 //! `error`, so nothing is silently lost. The file is written under a temporary name and renamed
@@ -91,6 +93,11 @@ pub struct ServeColumns {
     /// (height, width) of the decoded image.
     pub image_size: Option<(u32, u32)>,
     pub flag: Option<String>,
+    /// The JetStream stream sequence of the message the image came in (NATS input only): with
+    /// `image_id` it makes a redelivery after a crash visible as a second row of one message.
+    pub stream_seq: Option<u64>,
+    /// When the instrument captured the image, if its source said (NATS `Plankton-Captured`).
+    pub captured_unix_ms: Option<u64>,
 }
 
 /// Indices of the `k` largest entries, largest first (ties: lower index first).
@@ -112,6 +119,12 @@ fn serve_fields() -> Vec<Field> {
         Field::new("image_height", DataType::UInt32, true),
         Field::new("image_width", DataType::UInt32, true),
         Field::new("flag", DataType::Utf8, true),
+        Field::new("stream_seq", DataType::UInt64, true),
+        Field::new(
+            "captured_at",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
     ]
 }
 
@@ -351,18 +364,24 @@ impl PredictionWriter {
             let mut heights = UInt32Builder::new();
             let mut widths = UInt32Builder::new();
             let mut flags = StringBuilder::new();
+            let mut stream_seqs = UInt64Builder::new();
+            let mut captured = TimestampMillisecondBuilder::new().with_timezone("UTC");
             for s in serve {
                 seq.append_value(s.seq);
                 received.append_value(s.received_unix_ms as i64);
                 heights.append_option(s.image_size.map(|(h, _)| h));
                 widths.append_option(s.image_size.map(|(_, w)| w));
                 flags.append_option(s.flag.as_deref());
+                stream_seqs.append_option(s.stream_seq);
+                captured.append_option(s.captured_unix_ms.map(|ms| ms as i64));
             }
             columns.push(Arc::new(seq.finish()));
             columns.push(Arc::new(received.finish()));
             columns.push(Arc::new(heights.finish()));
             columns.push(Arc::new(widths.finish()));
             columns.push(Arc::new(flags.finish()));
+            columns.push(Arc::new(stream_seqs.finish()));
+            columns.push(Arc::new(captured.finish()));
         }
         RecordBatch::try_new(self.schema.clone(), columns).expect("columns match the schema")
     }

@@ -2,6 +2,7 @@
 //! what several commands share is here.
 pub mod blend;
 pub mod calibrate;
+pub mod compact;
 pub mod data;
 pub mod demo;
 pub mod devices;
@@ -12,6 +13,7 @@ pub mod loader_bench;
 pub mod model;
 pub mod predict;
 pub mod preview;
+pub mod publish;
 pub mod replay;
 pub mod serve;
 pub mod split;

@@ -20,12 +20,25 @@ pub struct ReplayArgs {
     /// without running or writing anything.
     #[arg(long)]
     plan: bool,
+    /// Run one member's steps only (train its bags, predict, average), for members run as
+    /// separate jobs on one shared --out: member=NAME, member=INDEX (0-based), or member=task
+    /// (SLURM_ARRAY_TASK_ID of a Slurm array, JOB_COMPLETION_INDEX of a Kubernetes Indexed Job).
+    /// A replay without --only then runs the rest once every member is done.
+    #[arg(long, conflicts_with = "devices")]
+    only: Option<plankton::replay::Only>,
+    /// Train the members concurrently, one per device (e.g. cuda:0,cuda:1; a device may repeat),
+    /// each in its own process (log in <out>/logs/), then run the rest on the first device.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    devices: Vec<String>,
 }
 
 /// `--plan`: the steps and their status, one per line.
 fn print_plan(a: &ReplayArgs) -> Result<()> {
     use plankton::replay::{Plan, StepStatus};
-    let plan = Plan::new(&a.pipeline, &a.data, &a.out)?;
+    let mut plan = Plan::new(&a.pipeline, &a.data, &a.out)?;
+    if let Some(only) = &a.only {
+        plan.select(only)?;
+    }
     // What the run would refuse, the plan refuses too.
     plan.check_output_folder()?;
     parse_device(&a.device)?;
@@ -56,13 +69,27 @@ pub async fn run(a: ReplayArgs) -> Result<()> {
     if a.plan {
         return print_plan(&a);
     }
+    for d in &a.devices {
+        parse_device(d)?;
+    }
+    let stop = stop_on_signals(None)?;
+    let device = a.devices.first().unwrap_or(&a.device);
     let opts = ReplayOptions {
-        replay_file: a.pipeline,
-        data: a.data,
-        out: a.out,
-        device: parse_device(&a.device)?,
-        stop: Some(stop_on_signals(None)?),
+        replay_file: a.pipeline.clone(),
+        data: a.data.clone(),
+        out: a.out.clone(),
+        device: parse_device(device)?,
+        stop: Some(stop.clone()),
+        only: a.only.clone(),
     };
+    if !a.devices.is_empty() {
+        let o = opts.clone();
+        tokio::task::spawn_blocking(move || replay::claim_folder(&o)).await??;
+        members_on_devices(&a, &stop).await?;
+    }
+    if opts.only.is_some() {
+        return run_part(opts).await;
+    }
     let handle = tokio::runtime::Handle::current();
     let report = tokio::task::spawn_blocking(move || {
         let mut pb: Option<ProgressBar> = None;
@@ -124,4 +151,130 @@ pub async fn run(a: ReplayArgs) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// `--only`: one member's steps, with a line per step.
+async fn run_part(opts: plankton::replay::ReplayOptions) -> Result<()> {
+    use plankton::replay::{self, ReplayEvent};
+    let handle = tokio::runtime::Handle::current();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut on_event = |e: ReplayEvent| match e {
+            ReplayEvent::StepSkipped { name, .. } => println!("present: {name}"),
+            ReplayEvent::StepDone { name, seconds, .. } => {
+                println!("done: {name} ({seconds:.1} s)")
+            }
+            ReplayEvent::StepStarted { name, .. } => tracing::info!(step = %name, "started"),
+            _ => {}
+        };
+        replay::run_only(&opts, &handle, &mut on_event)
+    })
+    .await?;
+    let done = match done {
+        Err(e @ replay::ReplayError::Stopped { .. }) => {
+            eprintln!("{e}");
+            std::process::exit(130);
+        }
+        r => r?,
+    };
+    println!(
+        "member {}: {} step(s) run, {} skipped (outputs present); run the replay without --only once every member is done",
+        done.member, done.ran, done.skipped
+    );
+    Ok(())
+}
+
+/// `--devices`: every member in its own `replay --only` process, at most one per device at a
+/// time; returns once all have finished (an error names the members that failed and their logs).
+async fn members_on_devices(
+    a: &ReplayArgs,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let cfg = plankton::replay::ReplayConfig::load(&a.pipeline)?;
+    let logs = a.out.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("{}", logs.display()))?;
+    let exe = std::env::current_exe()?;
+    let mut queue: std::collections::VecDeque<String> =
+        cfg.members.iter().map(|m| m.name.clone()).collect();
+    let mut free: Vec<String> = a.devices.iter().rev().cloned().collect();
+    let mut running: Vec<(String, String, PathBuf, std::process::Child)> = Vec::new();
+    let mut failed = Vec::new();
+    while !queue.is_empty() || !running.is_empty() {
+        while let (Some(device), false) = (free.last().cloned(), queue.is_empty()) {
+            free.pop();
+            let member = queue.pop_front().expect("not empty");
+            let log = logs.join(format!("member-{member}.log"));
+            let file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
+            let child = std::process::Command::new(&exe)
+                .arg("replay")
+                .arg("--pipeline")
+                .arg(&a.pipeline)
+                .arg("--data")
+                .arg(&a.data)
+                .arg("--out")
+                .arg(&a.out)
+                .arg("--device")
+                .arg(&device)
+                .arg("--only")
+                .arg(format!("member={member}"))
+                .stdin(std::process::Stdio::null())
+                .stdout(file.try_clone()?)
+                .stderr(file)
+                .spawn()
+                .context("cannot start a member process")?;
+            println!(
+                "member {member}: started on {device} (log {})",
+                log.display()
+            );
+            running.push((member, device, log, child));
+        }
+        // Wait for any member to finish, or a stop.
+        let finished = tokio::select! {
+            _ = stop.cancelled() => {
+                for (_, _, _, child) in &running {
+                    // SAFETY: a plain kill(2) on a child we started and have not reaped.
+                    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                }
+                for (_, _, _, child) in &mut running {
+                    let _ = child.wait();
+                }
+                eprintln!("stopped: the members checkpointed; run the same command again to resume");
+                std::process::exit(130);
+            }
+            f = first_exit(&mut running) => f,
+        };
+        let (member, device, log, status) = finished;
+        free.push(device.clone());
+        if status.success() {
+            println!("member {member}: done on {device}");
+        } else {
+            eprintln!(
+                "member {member}: failed on {device} ({status}); see {}",
+                log.display()
+            );
+            failed.push(member);
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "member(s) {} failed (logs in {}); rerun to resume",
+            failed.join(", "),
+            logs.display()
+        );
+    }
+    Ok(())
+}
+
+/// Waits until one of the running children exits; removes it and returns it with its status.
+async fn first_exit(
+    running: &mut Vec<(String, String, PathBuf, std::process::Child)>,
+) -> (String, String, PathBuf, std::process::ExitStatus) {
+    loop {
+        for i in 0..running.len() {
+            if let Ok(Some(status)) = running[i].3.try_wait() {
+                let (m, d, l, _) = running.swap_remove(i);
+                return (m, d, l, status);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

@@ -1,0 +1,338 @@
+//! `plankton compact`: one row per image from the daemons' rolling prediction files. Delivery is
+//! at-least-once (a daemon killed between writing a row and acking its message leaves the
+//! message to another daemon, which writes a second row), so the files of a group of daemons
+//! may hold an image twice. Compaction keeps, for each `image_id`, the first row that has a
+//! prediction (files in name order, rows in file order), else the first error row, and writes
+//! them to one Parquet file with the same columns. The DuckDB equivalent is in the README.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, BooleanArray, StringArray};
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+
+use super::parquet_file::ParquetFile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    #[error("{path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{path}: its columns differ from {first}'s (files of different models or versions cannot be compacted into one)")]
+    Schema { path: PathBuf, first: PathBuf },
+    #[error("no prediction files (predictions-*.parquet) in {0}")]
+    Empty(String),
+    #[error(transparent)]
+    Write(#[from] super::parquet_file::ParquetFileError),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactSummary {
+    pub files: usize,
+    pub rows: usize,
+    /// Rows written: one per image id.
+    pub kept: usize,
+    /// Ids that had more than one row.
+    pub duplicated_ids: usize,
+}
+
+/// The prediction files among `inputs`: files as given, folders' finished
+/// `predictions-*.parquet` files (not `.partial` ones), in name order.
+pub fn prediction_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, CompactError> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let listing = std::fs::read_dir(input).map_err(|e| CompactError::Read {
+                path: input.clone(),
+                message: e.to_string(),
+            })?;
+            let mut found: Vec<PathBuf> = listing
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().is_some_and(|n| {
+                        let n = n.to_string_lossy();
+                        n.starts_with("predictions-") && n.ends_with(".parquet")
+                    })
+                })
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(input.clone());
+        }
+    }
+    if files.is_empty() {
+        let names: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
+        return Err(CompactError::Empty(names.join(", ")));
+    }
+    Ok(files)
+}
+
+fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, CompactError> {
+    let read = |message: String| CompactError::Read {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = File::open(path).map_err(|e| read(e.to_string()))?;
+    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| read(format!("not Parquet: {e}")))
+}
+
+fn strings<'a>(
+    batch: &'a arrow::record_batch::RecordBatch,
+    name: &str,
+    path: &Path,
+) -> Result<&'a StringArray, CompactError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| CompactError::Read {
+            path: path.to_path_buf(),
+            message: format!("no text column `{name}`: not a predictions file"),
+        })
+}
+
+/// Compacts `files` into `out` (written atomically).
+pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactError> {
+    // Pass 1: which row of which file each id keeps (two columns read).
+    let mut schema: Option<(SchemaRef, PathBuf)> = None;
+    let mut metadata: Option<Vec<(String, String)>> = None;
+    // id -> (file, row, has prediction, rows seen)
+    let mut keep: HashMap<String, (usize, usize, bool, usize)> = HashMap::new();
+    let mut rows = 0usize;
+    for (fi, path) in files.iter().enumerate() {
+        let builder = open(path)?;
+        match &schema {
+            None => schema = Some((builder.schema().clone(), path.clone())),
+            Some((s, first)) => {
+                if s.fields() != builder.schema().fields() {
+                    return Err(CompactError::Schema {
+                        path: path.clone(),
+                        first: first.clone(),
+                    });
+                }
+            }
+        }
+        let kv: Vec<(String, String)> = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .map(|kv| {
+                kv.iter()
+                    .filter_map(|e| Some((e.key.clone(), e.value.clone()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Keys every file agrees on are kept (a model id that changed mid-stream is not).
+        metadata = Some(match metadata {
+            None => kv,
+            Some(m) => m.into_iter().filter(|e| kv.contains(e)).collect(),
+        });
+        let fields = builder.schema().fields();
+        let columns: Vec<usize> = ["image_id", "error"]
+            .iter()
+            .filter_map(|c| fields.iter().position(|f| f.name() == c))
+            .collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), columns);
+        let reader = builder
+            .with_projection(mask)
+            .build()
+            .map_err(|e| CompactError::Read {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let mut row = 0usize;
+        for batch in reader {
+            let batch = batch.map_err(|e| CompactError::Read {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let ids = strings(&batch, "image_id", path)?;
+            let errors = strings(&batch, "error", path)?;
+            for i in 0..batch.num_rows() {
+                let predicted = errors.is_null(i);
+                keep.entry(ids.value(i).to_string())
+                    .and_modify(|k| {
+                        k.3 += 1;
+                        if predicted && !k.2 {
+                            (k.0, k.1, k.2) = (fi, row, true);
+                        }
+                    })
+                    .or_insert((fi, row, predicted, 1));
+                row += 1;
+            }
+        }
+        rows += row;
+    }
+    let Some((schema, _)) = schema else {
+        return Err(CompactError::Empty("no files".into()));
+    };
+    // Pass 2: each file's kept rows, in order.
+    let mut kept_rows: Vec<Vec<usize>> = vec![Vec::new(); files.len()];
+    for (f, r, _, _) in keep.values() {
+        kept_rows[*f].push(*r);
+    }
+    let mut writer = ParquetFile::create(out, schema, metadata.unwrap_or_default(), None)?;
+    for (fi, path) in files.iter().enumerate() {
+        let mut wanted = std::mem::take(&mut kept_rows[fi]);
+        if wanted.is_empty() {
+            continue;
+        }
+        wanted.sort_unstable();
+        let reader = open(path)?.build().map_err(|e| CompactError::Read {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let (mut start, mut next) = (0usize, 0usize);
+        for batch in reader {
+            let batch = batch.map_err(|e| CompactError::Read {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let n = batch.num_rows();
+            let mut mask = vec![false; n];
+            while next < wanted.len() && wanted[next] < start + n {
+                mask[wanted[next] - start] = true;
+                next += 1;
+            }
+            start += n;
+            let picked = arrow::compute::filter_record_batch(&batch, &BooleanArray::from(mask))
+                .map_err(|e| CompactError::Read {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            if picked.num_rows() > 0 {
+                writer.write(&picked)?;
+            }
+        }
+    }
+    writer.finish()?;
+    Ok(CompactSummary {
+        files: files.len(),
+        rows,
+        kept: keep.len(),
+        duplicated_ids: keep.values().filter(|k| k.3 > 1).count(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::parquet::{PredictionRow, PredictionWriter, Predictions, ServeColumns};
+
+    fn write(path: &Path, rows: &[(&str, Option<f32>, u64)]) {
+        let classes = vec!["a".to_string(), "b".to_string()];
+        let mut w =
+            PredictionWriter::create_served(path, classes, "m", &serde_json::json!({}), 2).unwrap();
+        for (id, p, seq) in rows {
+            w.push_served(
+                PredictionRow {
+                    image_id: id.to_string(),
+                    source_path: format!("nats:{seq}"),
+                    label: None,
+                    probabilities: p.map(|p| vec![p, 1.0 - p]),
+                    views: 1,
+                    error: p.is_none().then(|| "bad image".to_string()),
+                },
+                ServeColumns {
+                    seq: *seq,
+                    stream_seq: Some(*seq),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn one_row_per_id_preferring_a_prediction_over_an_error_row() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        write(
+            &d.join("predictions-1-0001.parquet"),
+            &[("x", Some(0.9), 1), ("y", None, 2), ("z", Some(0.2), 3)],
+        );
+        write(
+            &d.join("predictions-2-0001.parquet"),
+            &[("x", Some(0.8), 4), ("y", Some(0.3), 5), ("w", None, 6)],
+        );
+        std::fs::write(d.join("predictions-3-0001.parquet.partial"), b"unfinished").unwrap();
+        let files = prediction_files(&[d.to_path_buf()]).unwrap();
+        assert_eq!(files.len(), 2, "the .partial file is not read");
+        let out = d.join("compact/all.parquet");
+        let s = compact(&files, &out).unwrap();
+        assert_eq!(
+            s,
+            CompactSummary {
+                files: 2,
+                rows: 6,
+                kept: 4,
+                duplicated_ids: 2
+            }
+        );
+        let back = Predictions::read(&out).unwrap();
+        let mut got: Vec<(String, Option<f32>)> = back
+            .rows
+            .iter()
+            .map(|r| (r.image_id.clone(), r.probabilities.as_ref().map(|p| p[0])))
+            .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            vec![
+                ("w".into(), None),
+                ("x".into(), Some(0.9)),
+                ("y".into(), Some(0.3)),
+                ("z".into(), Some(0.2)),
+            ],
+            "x: the first file's row; y: the later row with a prediction"
+        );
+    }
+
+    #[test]
+    fn files_of_another_layout_or_not_parquet_are_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        write(&d.join("predictions-1.parquet"), &[("x", Some(0.9), 1)]);
+        let other = d.join("other.parquet");
+        let mut w = PredictionWriter::create(
+            &other,
+            vec!["a".into(), "b".into(), "c".into()],
+            "m",
+            &serde_json::json!({}),
+            2,
+        )
+        .unwrap();
+        w.push(PredictionRow {
+            image_id: "x".into(),
+            source_path: "x".into(),
+            label: None,
+            probabilities: Some(vec![0.2, 0.3, 0.5]),
+            views: 1,
+            error: None,
+        })
+        .unwrap();
+        w.finish().unwrap();
+        let e = compact(
+            &[d.join("predictions-1.parquet"), other.clone()],
+            &d.join("o.parquet"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, CompactError::Schema { ref path, .. } if path == &other),
+            "{e}"
+        );
+        std::fs::write(d.join("junk.parquet"), b"not parquet").unwrap();
+        let e = compact(&[d.join("junk.parquet")], &d.join("o.parquet")).unwrap_err();
+        assert!(e.to_string().contains("junk.parquet"), "{e}");
+        assert!(!d.join("o.parquet").exists());
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            prediction_files(&[empty.path().to_path_buf()]),
+            Err(CompactError::Empty(_))
+        ));
+    }
+}

@@ -1,0 +1,307 @@
+//! `plankton publish`: a backfill or replay producer. Every image file under the inputs becomes
+//! one message on a JetStream subject, with a bounded number of publishes awaiting their
+//! JetStream acks at any time; a publish whose ack does not come (or says no) is sent again
+//! with the same `Nats-Msg-Id`, which the stream de-duplicates, so nothing is dropped silently
+//! and nothing is stored twice. What still fails is listed with its reason.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use crate::serve::config::NatsConfig;
+use crate::serve::nats::{self, NatsError, HEADER_ID, HEADER_NAME, HEADER_REF, HEADER_SOURCE};
+use crate::serve::spool::id_for_path;
+
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Servers, credentials, TLS, and the stream (created when missing if `create_stream`).
+    pub nats: NatsConfig,
+    pub subject: String,
+    /// Image files, or folders searched recursively (hidden entries skipped).
+    pub inputs: Vec<PathBuf>,
+    /// Send the file's absolute path (`Plankton-Ref`) instead of its bytes: for images on
+    /// storage the daemons share, or larger than the server's `max_payload`.
+    pub reference: bool,
+    /// `Plankton-Source` of every message (the camera or instrument).
+    pub source: Option<String>,
+    /// Publishes awaiting their JetStream ack at most.
+    pub in_flight: usize,
+    /// Attempts per message before it is reported as failed.
+    pub attempts: u32,
+}
+
+/// One image to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub path: PathBuf,
+    /// The image id: the path relative to the folder given (as the daemon's folder source
+    /// names it), or the file name for a file given on its own.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PublishSummary {
+    pub published: u64,
+    /// Acked as duplicates (the stream already held that `Nats-Msg-Id` within its window).
+    pub duplicates: u64,
+    pub bytes: u64,
+    /// Files not published, with the reason.
+    pub failed: Vec<(PathBuf, String)>,
+    /// The stream's sequence range this run's messages got.
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+}
+
+/// The files to publish, in a stable order (sorted paths; folders recursively).
+pub fn list_inputs(inputs: &[PathBuf]) -> Result<Vec<Item>, String> {
+    let mut items = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input).map_err(|e| format!("{}: {e}", input.display()))?;
+        if meta.is_dir() {
+            let mut files = Vec::new();
+            walk(input, &mut files).map_err(|e| format!("{}: {e}", input.display()))?;
+            files.sort();
+            for f in files {
+                let rel = f.strip_prefix(input).unwrap_or(&f).to_path_buf();
+                items.push(Item {
+                    id: id_for_path(&rel),
+                    path: f,
+                });
+            }
+        } else if meta.is_file() {
+            let name = input.file_name().map(PathBuf::from).unwrap_or_default();
+            items.push(Item {
+                id: id_for_path(&name),
+                path: input.clone(),
+            });
+        } else {
+            return Err(format!("{}: neither a file nor a folder", input.display()));
+        }
+    }
+    Ok(items)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let t = e.file_type()?;
+        if t.is_dir() {
+            walk(&e.path(), out)?;
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// A message on its way: what to send again if its ack does not come.
+struct Sent {
+    item: Item,
+    attempt: u32,
+    ack: PublishAckFuture,
+}
+
+/// Publishes `items`; `progress(done, total)` after each acked (or finally failed) message.
+pub async fn publish(
+    opts: &PublishOptions,
+    items: Vec<Item>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<PublishSummary, NatsError> {
+    let client = nats::connect(&opts.nats, "plankton-publish", true).await?;
+    let js = jetstream::new(client.clone());
+    let stream = nats::stream(&js, &opts.nats).await?;
+    let mut stream_info = stream;
+    let subjects = stream_info
+        .info()
+        .await
+        .map(|i| i.config.subjects.clone())
+        .unwrap_or_default();
+    if !subjects.is_empty() && !subjects.iter().any(|s| subject_matches(s, &opts.subject)) {
+        return Err(NatsError::Stream {
+            stream: opts.nats.stream.clone(),
+            message: format!(
+                "its subjects {subjects:?} do not cover `{}`: the messages would go nowhere",
+                opts.subject
+            ),
+        });
+    }
+    let max_payload = client.server_info().max_payload;
+    let total = items.len() as u64;
+    let mut summary = PublishSummary::default();
+    let mut done = 0u64;
+    let mut waiting: VecDeque<Sent> = VecDeque::new();
+    let mut queue: VecDeque<(Item, u32)> = items.into_iter().map(|i| (i, 1)).collect();
+    while !queue.is_empty() || !waiting.is_empty() {
+        // Keep up to `in_flight` publishes waiting for their acks.
+        while waiting.len() < opts.in_flight.max(1) {
+            let Some((item, attempt)) = queue.pop_front() else {
+                break;
+            };
+            match send(&js, opts, &item, max_payload).await {
+                Ok((ack, len)) => {
+                    if attempt == 1 {
+                        summary.bytes += len as u64;
+                    }
+                    waiting.push_back(Sent { item, attempt, ack })
+                }
+                Err(reason) => {
+                    summary.failed.push((item.path, reason));
+                    done += 1;
+                    progress(done, total);
+                }
+            }
+        }
+        let Some(sent) = waiting.pop_front() else {
+            continue;
+        };
+        match sent.ack.await {
+            Ok(ack) => {
+                if ack.duplicate {
+                    summary.duplicates += 1;
+                } else {
+                    summary.published += 1;
+                    summary.first_seq = Some(
+                        summary
+                            .first_seq
+                            .map_or(ack.sequence, |s| s.min(ack.sequence)),
+                    );
+                    summary.last_seq = Some(
+                        summary
+                            .last_seq
+                            .map_or(ack.sequence, |s| s.max(ack.sequence)),
+                    );
+                }
+                done += 1;
+                progress(done, total);
+            }
+            Err(e) if sent.attempt < opts.attempts => {
+                tracing::warn!(file = %sent.item.path.display(), attempt = sent.attempt, error = %e, "no JetStream ack; publishing again");
+                queue.push_front((sent.item, sent.attempt + 1));
+            }
+            Err(e) => {
+                summary.failed.push((
+                    sent.item.path,
+                    format!("no JetStream ack after {} attempts: {e}", sent.attempt),
+                ));
+                done += 1;
+                progress(done, total);
+            }
+        }
+    }
+    client.flush().await.ok();
+    Ok(summary)
+}
+
+/// Sends one message; its ack future and payload size, or why it cannot be sent.
+async fn send(
+    js: &jetstream::Context,
+    opts: &PublishOptions,
+    item: &Item,
+    max_payload: usize,
+) -> Result<(PublishAckFuture, usize), String> {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", item.id.as_str());
+    headers.insert(HEADER_ID, item.id.as_str());
+    if let Some(name) = item.path.file_name() {
+        headers.insert(HEADER_NAME, name.to_string_lossy().as_ref());
+    }
+    if let Some(source) = &opts.source {
+        headers.insert(HEADER_SOURCE, source.as_str());
+    }
+    let payload = if opts.reference {
+        let abs = std::path::absolute(&item.path).map_err(|e| e.to_string())?;
+        headers.insert(HEADER_REF, abs.to_string_lossy().as_ref());
+        Bytes::new()
+    } else {
+        let bytes = tokio::fs::read(&item.path)
+            .await
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if bytes.len() > max_payload {
+            return Err(format!(
+                "{} bytes, more than the server's max_payload ({max_payload}): publish it as a reference (--reference) from shared storage, or raise max_payload",
+                bytes.len()
+            ));
+        }
+        Bytes::from(bytes)
+    };
+    let len = payload.len();
+    let message = jetstream::message::PublishMessage::build()
+        .payload(payload)
+        .headers(headers);
+    js.send_publish(opts.subject.clone(), message)
+        .await
+        .map(|ack| (ack, len))
+        .map_err(|e| format!("cannot publish: {e}"))
+}
+
+/// Whether a stream subject (with `*` and `>` wildcards) covers a concrete subject.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_subjects_with_wildcards_cover_concrete_subjects() {
+        assert!(subject_matches("plankton.images.>", "plankton.images.cam1"));
+        assert!(subject_matches(
+            "plankton.images.>",
+            "plankton.images.cam1.x"
+        ));
+        assert!(!subject_matches("plankton.images.>", "plankton.images"));
+        assert!(subject_matches("plankton.*.raw", "plankton.cam1.raw"));
+        assert!(!subject_matches("plankton.*.raw", "plankton.cam1.jpg"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+    }
+
+    #[test]
+    fn folders_are_listed_recursively_in_order_with_ids_as_the_folder_source_names_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir_all(d.join("b/c")).unwrap();
+        std::fs::create_dir_all(d.join(".hidden")).unwrap();
+        for f in ["a.jpg", "b/c/z.png", "b/y.jpg", ".dot.jpg", ".hidden/h.jpg"] {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        let items = list_inputs(&[d.to_path_buf(), d.join("a.jpg")]).unwrap();
+        let rel: Vec<(String, String)> = items
+            .iter()
+            .map(|i| {
+                (
+                    i.path.strip_prefix(d).unwrap().display().to_string(),
+                    i.id.clone(),
+                )
+            })
+            .collect();
+        let expect = |p: &str, full: &str| (p.to_string(), id_for_path(Path::new(full)));
+        assert_eq!(
+            rel,
+            vec![
+                expect("a.jpg", "a.jpg"),
+                expect("b/c/z.png", "b/c/z.png"),
+                expect("b/y.jpg", "b/y.jpg"),
+                expect("a.jpg", "a.jpg"),
+            ]
+        );
+        assert!(list_inputs(&[d.join("missing")]).is_err());
+    }
+}
