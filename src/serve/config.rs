@@ -219,7 +219,8 @@ pub struct NatsConfig {
     pub ack_wait_seconds: u64,
     /// Unacked messages the consumer hands out across the group: the bound on what all the
     /// daemons hold between delivery and a finished file (memory and spool space); the rest of a
-    /// backlog waits in the stream.
+    /// backlog waits in the stream. A daemon finishes its open file early when the group holds
+    /// half of it, so files then hold about this many rows at most.
     pub max_ack_pending: usize,
     /// Deliveries of one message before JetStream gives up on it (a message that crashes every
     /// daemon it reaches must not go round for ever); -1: no limit.

@@ -237,6 +237,9 @@ pub async fn run(
         cfg: cfg.clone(),
         in_flight,
         settled: nats.is_some().then(|| settled_tx.clone()),
+        roll_now: nats
+            .as_ref()
+            .map_or_else(Default::default, |n| n.roll_signal()),
     }
     .start()
     .map_err(ServeError::Crashed)?;

@@ -169,6 +169,9 @@ pub struct Engine {
     pub in_flight: Arc<InFlight>,
     /// Where the writer reports finished images that came as JetStream messages.
     pub settled: Option<async_channel::Sender<Settled>>,
+    /// Set by the NATS source when the consumer group holds nearly `max_ack_pending` messages:
+    /// the writer then finishes a file holding messages at once (see `serve::nats`).
+    pub roll_now: Arc<AtomicBool>,
 }
 
 /// Handles of the running engine threads; `join` waits for the drain to finish.
@@ -277,6 +280,7 @@ impl Engine {
             class_names,
             feature_sets,
             settled: self.settled,
+            roll_now: self.roll_now.clone(),
         };
         threads.push(spawn(
             "serve-writer".into(),
@@ -667,7 +671,11 @@ struct WriterCtx {
     class_names: Vec<String>,
     feature_sets: Arc<Vec<FeatureSet>>,
     settled: Option<async_channel::Sender<Settled>>,
+    roll_now: Arc<AtomicBool>,
 }
+
+/// How often a writer whose open file holds JetStream messages looks at the pressure flag.
+const PRESSURE_CHECK: Duration = Duration::from_millis(200);
 
 /// The open output file: rows since it was opened and the ids to release when it is finished.
 struct OpenFile {
@@ -891,10 +899,14 @@ impl WriterCtx {
         let k = self.cfg.output.top_k.min(self.class_names.len());
         let mut last_rss = Instant::now() - Duration::from_secs(1);
         loop {
-            // Wake up at the roll deadline even when no rows come.
+            // Wake up at the roll deadline even when no rows come (and a few times a second while
+            // the file holds JetStream messages, for a pressure roll).
             let row = match &open {
                 Some(f) => {
-                    let left = roll_after.saturating_sub(f.opened.elapsed());
+                    let mut left = roll_after.saturating_sub(f.opened.elapsed());
+                    if !f.settle.is_empty() {
+                        left = left.min(PRESSURE_CHECK);
+                    }
                     match recv_timeout(&rt, &self.rows, left) {
                         Recv::Row(r) => Some(r),
                         Recv::Timeout => None,
@@ -906,8 +918,16 @@ impl WriterCtx {
                     Err(_) => break,
                 },
             };
+            // The consumer group is near max_ack_pending: its messages are acked only once their
+            // file is finished, so the file is finished now instead of at roll_seconds.
+            let pressure = open.as_ref().is_some_and(|f| !f.settle.is_empty())
+                && self.roll_now.swap(false, Ordering::SeqCst);
+            if pressure {
+                metrics::counter!(super::nats::PRESSURE_ROLLS).increment(1);
+            }
             if open.as_ref().is_some_and(|f| {
-                f.opened.elapsed() >= roll_after
+                pressure
+                    || f.opened.elapsed() >= roll_after
                     || row.as_ref().is_some_and(|r| r.model_id != f.model_id)
             }) {
                 self.finish(open.take().expect("open"));

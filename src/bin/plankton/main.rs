@@ -79,7 +79,9 @@ enum Command {
 
 fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The NATS client's own connection lines repeat ours (plankton::serve::nats logs them).
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     // Colour only on a terminal: escape codes in a log file or a pipe are noise to grep.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,12 @@ pub const HELD: &str = "plankton_nats_held_messages";
 pub const CONSUMER_PENDING: &str = "plankton_nats_consumer_pending_messages";
 pub const CONSUMER_ACK_PENDING: &str = "plankton_nats_consumer_ack_pending_messages";
 pub const CONSUMER_REDELIVERED: &str = "plankton_nats_consumer_redelivered_messages";
+pub const PRESSURE_ROLLS: &str = "plankton_nats_pressure_rolls_total";
+
+/// The share of the consumer's `max_ack_pending` held by the group at which a daemon finishes
+/// its open file early (its messages are acked only then; at the cap JetStream delivers nothing
+/// more, and the group would wait for `roll_seconds`).
+const PRESSURE: f64 = 0.5;
 
 /// The longest file a `Plankton-Ref` may name (the decoder refuses larger images anyway).
 const MAX_REFERENCE_BYTES: u64 = 256 << 20;
@@ -85,6 +92,10 @@ pub fn describe() {
         "Times the connection to NATS was lost (the client reconnects)"
     );
     describe_gauge!(nats_link::CONNECTED, "1 while connected to a NATS server");
+    describe_counter!(
+        PRESSURE_ROLLS,
+        "Files finished before roll_seconds because the consumer group neared max_ack_pending"
+    );
 }
 
 /// The reply subjects of the deliveries this daemon holds, by spool entry (a message
@@ -113,6 +124,10 @@ impl Held {
         replies
     }
 
+    fn is_empty(&self) -> bool {
+        self.0.lock().expect("held").is_empty()
+    }
+
     fn replies(&self) -> Vec<String> {
         let held = self.0.lock().expect("held");
         held.values().flatten().cloned().collect()
@@ -124,6 +139,7 @@ pub struct NatsInput {
     client: async_nats::Client,
     cfg: NatsConfig,
     held: Held,
+    roll_now: Arc<AtomicBool>,
 }
 
 impl NatsInput {
@@ -136,7 +152,14 @@ impl NatsInput {
             client,
             cfg: cfg.clone(),
             held: Held::default(),
+            roll_now: Arc::default(),
         }))
+    }
+
+    /// The flag this source sets when the group nears `max_ack_pending` (the engine's
+    /// `roll_now`).
+    pub fn roll_signal(&self) -> Arc<AtomicBool> {
+        self.roll_now.clone()
     }
 
     /// Spool entries of an earlier run that came as messages: their deliveries are acked (by
@@ -208,8 +231,10 @@ impl NatsInput {
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(self.cfg.batch)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
+                // Short-lived pull requests: after a stop, the server stops delivering to this
+                // daemon within seconds.
+                .heartbeat(Duration::from_secs(2))
+                .expires(Duration::from_secs(5))
                 .messages()
                 .await;
             let mut messages = match messages {
@@ -358,7 +383,7 @@ impl NatsInput {
         let js = jetstream::new(self.client.clone());
         let every = Duration::from_secs(self.cfg.ack_wait_seconds).div_f64(3.0);
         let mut progress = tokio::time::interval(every.max(Duration::from_millis(250)));
-        let mut sample = tokio::time::interval(Duration::from_secs(2));
+        let mut sample = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 s = settled.recv() => match s {
@@ -411,6 +436,11 @@ impl NatsInput {
             metrics::gauge!(CONSUMER_PENDING).set(info.num_pending as f64);
             metrics::gauge!(CONSUMER_ACK_PENDING).set(info.num_ack_pending as f64);
             metrics::gauge!(CONSUMER_REDELIVERED).set(info.num_redelivered as f64);
+            // The consumer's own limit (it may have been created with another one).
+            let cap = info.config.max_ack_pending.max(1) as f64;
+            if info.num_ack_pending as f64 >= PRESSURE * cap && !self.held.is_empty() {
+                self.roll_now.store(true, Ordering::SeqCst);
+            }
         }
     }
 }

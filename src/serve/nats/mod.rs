@@ -90,6 +90,8 @@ pub async fn connect(
                     metrics::counter!(RECONNECTS).increment(1);
                     tracing::warn!("nats: disconnected; reconnecting");
                 }
+                // A connection closed by us (the end of `publish`, a drained daemon).
+                async_nats::Event::Closed => tracing::debug!("nats: connection closed"),
                 other => tracing::warn!(event = %other, "nats"),
             }
         });
