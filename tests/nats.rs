@@ -118,6 +118,32 @@ fn consumer_counts(url: &str) -> Option<(u64, usize, usize)> {
     })
 }
 
+/// Messages on `subject`, collected by a subscriber thread (started before this returns).
+fn subscribe(url: &str, subject: &str) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (url, subject, sink) = (url.to_string(), subject.to_string(), got.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use futures_util::StreamExt;
+            let client = async_nats::connect(url).await.unwrap();
+            let mut sub = client.subscribe(subject).await.unwrap();
+            client.flush().await.unwrap();
+            ready_tx.send(()).unwrap();
+            while let Some(m) = sub.next().await {
+                let text = String::from_utf8_lossy(&m.payload).to_string();
+                sink.lock().unwrap().push(text);
+            }
+        });
+    });
+    ready_rx.recv_timeout(DEADLINE).expect("subscribed");
+    got
+}
+
 // ---------------------------------------------------------------------------------------------
 // The tiny run and the images
 
@@ -228,6 +254,7 @@ struct Knobs {
     roll_seconds: u64,
     ack_wait_seconds: u64,
     reference_dir: Option<PathBuf>,
+    results_subject: &'static str,
 }
 
 impl Default for Knobs {
@@ -237,6 +264,7 @@ impl Default for Knobs {
             roll_seconds: 1,
             ack_wait_seconds: 2,
             reference_dir: None,
+            results_subject: "",
         }
     }
 }
@@ -273,6 +301,7 @@ batch = 4
 ack_wait_seconds = {ack_wait}
 max_ack_pending = {map}
 reference_dirs = {refs}
+results_subject = "{results}"
 
 [batch]
 max_images = 4
@@ -296,6 +325,7 @@ top_k = 2
             ack_wait = k.ack_wait_seconds,
             map = k.max_ack_pending,
             roll = k.roll_seconds,
+            results = k.results_subject,
         );
         std::fs::write(site.dir.path().join("daemon.toml"), text).unwrap();
         site
@@ -699,9 +729,11 @@ fn a_long_roll_does_not_stall_the_group_at_max_ack_pending() {
         &server.url(),
         &Knobs {
             roll_seconds: 600,
+            results_subject: "plankton.results",
             ..Knobs::default()
         },
     );
+    let results = subscribe(&server.url(), "plankton.results");
     let daemon = site.start();
     publish(&server.url(), &[], &images);
     let t0 = Instant::now();
@@ -711,6 +743,20 @@ fn a_long_roll_does_not_stall_the_group_at_max_ack_pending() {
         .metric("plankton_nats_pressure_rolls_total")
         .unwrap_or(0.0);
     assert!(rolls >= 1.0, "finished early {rolls} times");
+    // Each written row was published as a result, once its file was finished.
+    let got = poll("40 results", DEADLINE, || {
+        let got = results.lock().unwrap().clone();
+        (got.len() >= 40).then_some(got)
+    });
+    let result_ids: BTreeSet<String> = got
+        .iter()
+        .map(|j| {
+            let v: serde_json::Value = serde_json::from_str(j).unwrap();
+            assert!(v["predicted_class"].is_string(), "{v}");
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(result_ids, ids);
     eprintln!(
         "40 images through 8 unacked at most in {:.1} s, {rolls} early file(s)",
         t0.elapsed().as_secs_f64()

@@ -228,6 +228,10 @@ pub struct NatsConfig {
     /// Folders a `Plankton-Ref` header may name a file in (after symbolic links are resolved);
     /// empty: references are refused.
     pub reference_dirs: Vec<PathBuf>,
+    /// Publish every row this daemon writes (from any source), once its file is finished, as
+    /// JSON (the body of `GET /v1/predictions/{id}`) on this subject; empty: off. Core NATS:
+    /// capture the subject with a stream for a durable feed.
+    pub results_subject: String,
 }
 
 impl Default for NatsConfig {
@@ -253,6 +257,7 @@ impl Default for NatsConfig {
             max_ack_pending: 1024,
             max_deliver: 10,
             reference_dirs: Vec::new(),
+            results_subject: String::new(),
         }
     }
 }
@@ -291,6 +296,16 @@ impl NatsConfig {
             return Err(
                 "nats.batch, nats.ack_wait_seconds and nats.max_ack_pending must be > 0".into(),
             );
+        }
+        if self
+            .results_subject
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '*' | '>'))
+        {
+            return Err(format!(
+                "nats.results_subject `{}`: a subject without spaces or wildcards",
+                self.results_subject
+            ));
         }
         if self.max_deliver == 0 || self.max_deliver < -1 {
             return Err("nats.max_deliver must be > 0, or -1 for no limit".into());
@@ -597,6 +612,7 @@ mod tests {
             ("client_key = \"k\"", "client_cert"),
             ("token_file = \"t\"\ncredentials_file = \"c\"", "one of"),
             ("subjects = []", "nats.subjects"),
+            ("results_subject = \"out.>\"", "nats.results_subject"),
             ("acks = 1", "unknown field"),
         ] {
             let e = load(bad).unwrap_err().to_string();

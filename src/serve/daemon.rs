@@ -207,6 +207,8 @@ pub async fn run(
     // The deliveries of spooled messages: acked once their rows are written (now, for those
     // already written before a crash).
     let (settled_tx, settled_rx) = async_channel::unbounded::<engine::Settled>();
+    let (results_tx, results_rx) = async_channel::unbounded::<super::results::ServedPrediction>();
+    let publish_results = nats.is_some() && !cfg.nats.results_subject.is_empty();
     if let Some(n) = &nats {
         n.restore(&pending);
         for e in &released {
@@ -240,6 +242,7 @@ pub async fn run(
         roll_now: nats
             .as_ref()
             .map_or_else(Default::default, |n| n.roll_signal()),
+        results_out: publish_results.then_some(results_tx),
     }
     .start()
     .map_err(ServeError::Crashed)?;
@@ -271,7 +274,10 @@ pub async fn run(
     }
     // Ends once the writer has finished (its sender dropped) and every ack is sent.
     drop(settled_tx);
-    let acker = nats.clone().map(|n| tokio::spawn(n.settle(settled_rx)));
+    let results_rx = publish_results.then_some(results_rx);
+    let acker = nats
+        .clone()
+        .map(|n| tokio::spawn(n.settle(settled_rx, results_rx)));
     if let Some(n) = &nats {
         let (sp, q, tx, stop) = (
             spool.clone(),

@@ -172,6 +172,8 @@ pub struct Engine {
     /// Set by the NATS source when the consumer group holds nearly `max_ack_pending` messages:
     /// the writer then finishes a file holding messages at once (see `serve::nats`).
     pub roll_now: Arc<AtomicBool>,
+    /// Where the writer sends the rows of each finished file (`nats.results_subject`).
+    pub results_out: Option<async_channel::Sender<ServedPrediction>>,
 }
 
 /// Handles of the running engine threads; `join` waits for the drain to finish.
@@ -281,6 +283,7 @@ impl Engine {
             feature_sets,
             settled: self.settled,
             roll_now: self.roll_now.clone(),
+            results_out: self.results_out,
         };
         threads.push(spawn(
             "serve-writer".into(),
@@ -672,6 +675,7 @@ struct WriterCtx {
     feature_sets: Arc<Vec<FeatureSet>>,
     settled: Option<async_channel::Sender<Settled>>,
     roll_now: Arc<AtomicBool>,
+    results_out: Option<async_channel::Sender<ServedPrediction>>,
 }
 
 /// How often a writer whose open file holds JetStream messages looks at the pressure flag.
@@ -688,6 +692,8 @@ struct OpenFile {
     keys: Vec<EntryKey>,
     /// Those that came as JetStream messages, to be acked once the file is finished.
     settle: Vec<Settled>,
+    /// Its rows as published results (only when `results_out` is set).
+    served: Vec<ServedPrediction>,
     path: PathBuf,
     /// flocks held on the `.partial` files while they are written: another daemon's start-up
     /// clean-up skips them.
@@ -837,6 +843,7 @@ impl WriterCtx {
             opened: Instant::now(),
             keys: Vec::new(),
             settle: Vec::new(),
+            served: Vec::new(),
             path,
             _partial_locks: partial_locks,
         })
@@ -849,6 +856,7 @@ impl WriterCtx {
             features,
             keys,
             settle,
+            served,
             path,
             ..
         } = file;
@@ -868,6 +876,11 @@ impl WriterCtx {
                         if let Some(tx) = &self.settled {
                             for s in settle {
                                 let _ = tx.try_send(s);
+                            }
+                        }
+                        if let Some(tx) = &self.results_out {
+                            for p in served {
+                                let _ = tx.try_send(p);
                             }
                         }
                     }
@@ -1017,6 +1030,9 @@ impl WriterCtx {
             }
             f.keys.push(row.entry.key());
             f.settle.extend(settle);
+            if self.results_out.is_some() {
+                f.served.push(served.clone());
+            }
             self.results.publish(served);
             metrics::counter!(telemetry::STAGE_SENT, "stage" => "writer").increment(1);
             telemetry::busy_since("writer", row_started);

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::{self as nats_link, NatsError};
 use crate::serve::config::NatsConfig;
 use crate::serve::engine::Settled;
+use crate::serve::results::ServedPrediction;
 use crate::serve::spool::{self, Delivery, EntryKey, Spool, SpoolEntry, SpoolError};
 
 pub const RECEIVED: &str = "plankton_nats_received_total";
@@ -331,6 +332,14 @@ impl NatsInput {
             })
         });
         match spooled {
+            // The same id and bytes, still pending from an upload or the watched folder: that
+            // entry's row will not ack this message, so it waits until the row is written.
+            Ok(entry) if entry.delivery.is_none() => {
+                tracing::info!(id = %incoming.id, stream_seq, "nats: this id is pending from another source; handed back for later");
+                self.send(&reply, AckKind::Nak(Some(RETRY_DELAY))).await;
+                metrics::counter!(NAKED).increment(1);
+                None
+            }
             Ok(entry) => self.held.hold(entry.key(), reply).then_some(entry),
             Err(e) => {
                 // Another daemon may take it now; this one may take it later.
@@ -379,7 +388,11 @@ impl NatsInput {
     /// Acks the messages whose rows are in finished files, keeps the held ones alive, and
     /// samples the consumer's counts, until the writer has finished (`settled` closed); then
     /// flushes what it sent.
-    pub async fn settle(self: Arc<Self>, settled: async_channel::Receiver<Settled>) {
+    pub async fn settle(
+        self: Arc<Self>,
+        settled: async_channel::Receiver<Settled>,
+        results: Option<async_channel::Receiver<ServedPrediction>>,
+    ) {
         let js = jetstream::new(self.client.clone());
         let every = Duration::from_secs(self.cfg.ack_wait_seconds).div_f64(3.0);
         let mut progress = tokio::time::interval(every.max(Duration::from_millis(250)));
@@ -390,12 +403,19 @@ impl NatsInput {
                     Ok(s) => self.settled(s).await,
                     Err(_) => break,
                 },
+                Some(Ok(p)) = next_result(&results) => self.publish_result(p).await,
                 _ = progress.tick() => {
                     for reply in self.held.replies() {
                         self.send(&reply, AckKind::Progress).await;
                     }
                 }
                 _ = sample.tick() => self.sample(&js).await,
+            }
+        }
+        // Rows of the last files (the writer has finished, so nothing more comes).
+        if let Some(r) = &results {
+            while let Ok(p) = r.try_recv() {
+                self.publish_result(p).await;
             }
         }
         match tokio::time::timeout(Duration::from_secs(10), self.client.flush()).await {
@@ -406,6 +426,20 @@ impl NatsInput {
             Err(_) => tracing::warn!(
                 "nats: no server to flush the last acks to (their messages will be redelivered)"
             ),
+        }
+    }
+
+    async fn publish_result(&self, p: ServedPrediction) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(nats_link::HEADER_ID, p.id.as_str());
+        let body = serde_json::to_vec(&p).expect("a prediction serialises");
+        let subject = self.cfg.results_subject.clone();
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject, headers, body.into())
+            .await
+        {
+            tracing::warn!(id = %p.id, error = %e, "nats: cannot publish a result");
         }
     }
 
@@ -442,6 +476,16 @@ impl NatsInput {
                 self.roll_now.store(true, Ordering::SeqCst);
             }
         }
+    }
+}
+
+/// The next published result, or never when results are not published.
+async fn next_result(
+    results: &Option<async_channel::Receiver<ServedPrediction>>,
+) -> Option<Result<ServedPrediction, async_channel::RecvError>> {
+    match results {
+        Some(r) => Some(r.recv().await),
+        None => std::future::pending().await,
     }
 }
 
