@@ -7,7 +7,7 @@ data=${2:?dataset folder}
 out=${3:?shared output folder}
 shift 3
 here=$(cd "$(dirname "$0")/.." && pwd)
-members=$(grep -c '^\[\[member\]\]' "$replay")
+members=$(grep -cE '^[[:space:]]*\[\[[[:space:]]*member[[:space:]]*\]\]' "$replay" || true)
 if [ "$members" -eq 0 ]; then
   echo "$replay: no [[member]] entries" >&2
   exit 2

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::HeaderMap;
@@ -55,8 +56,49 @@ pub struct PublishSummary {
     pub last_seq: Option<u64>,
 }
 
-/// The files to publish, in a stable order (sorted paths; folders recursively).
-pub fn list_inputs(inputs: &[PathBuf]) -> Result<Vec<Item>, String> {
+/// The files to publish, in a stable order (sorted paths; folders recursively; a file named
+/// twice is published once), each id `id_prefix` + the id the folder source would give it.
+/// Two files that would get one id are refused: the stream would drop the second as a
+/// duplicate of the first.
+pub fn list_inputs(inputs: &[PathBuf], id_prefix: &str) -> Result<Vec<Item>, String> {
+    let items = list_files(inputs)?;
+    let mut seen_paths = std::collections::HashSet::new();
+    let mut by_id: std::collections::HashMap<String, PathBuf> = std::collections::HashMap::new();
+    let mut clashes = Vec::new();
+    let mut out = Vec::new();
+    for mut item in items {
+        if !seen_paths.insert(std::path::absolute(&item.path).unwrap_or(item.path.clone())) {
+            continue;
+        }
+        item.id = format!("{id_prefix}{}", item.id);
+        crate::serve::spool::sanitize_id(&item.id)
+            .map_err(|e| format!("--id-prefix `{id_prefix}`: {e}"))?;
+        match by_id.get(&item.id) {
+            Some(first) => clashes.push(format!(
+                "{} and {} (id {})",
+                first.display(),
+                item.path.display(),
+                item.id
+            )),
+            None => {
+                by_id.insert(item.id.clone(), item.path.clone());
+                out.push(item);
+            }
+        }
+    }
+    if !clashes.is_empty() {
+        let n = clashes.len();
+        clashes.truncate(5);
+        return Err(format!(
+            "{n} file(s) would share an image id with another (ids are paths under the folder given): {}{}; publish such folders one at a time with their own --id-prefix",
+            clashes.join("; "),
+            if n > 5 { "; ..." } else { "" }
+        ));
+    }
+    Ok(out)
+}
+
+fn list_files(inputs: &[PathBuf]) -> Result<Vec<Item>, String> {
     let mut items = Vec::new();
     for input in inputs {
         let meta = std::fs::metadata(input).map_err(|e| format!("{}: {e}", input.display()))?;
@@ -121,8 +163,11 @@ pub async fn publish(
         .info()
         .await
         .map(|i| i.config.subjects.clone())
-        .unwrap_or_default();
-    if !subjects.is_empty() && !subjects.iter().any(|s| subject_matches(s, &opts.subject)) {
+        .map_err(|e| NatsError::Stream {
+            stream: opts.nats.stream.clone(),
+            message: e.to_string(),
+        })?;
+    if !subjects.iter().any(|s| subject_matches(s, &opts.subject)) {
         return Err(NatsError::Stream {
             stream: opts.nats.stream.clone(),
             message: format!(
@@ -143,6 +188,10 @@ pub async fn publish(
             let Some((item, attempt)) = queue.pop_front() else {
                 break;
             };
+            if attempt > 1 {
+                // A server that did not answer: give it a moment (0.2, 0.4, 0.8... s).
+                tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+            }
             match send(&js, opts, &item, max_payload).await {
                 Ok((ack, len)) => {
                     if attempt == 1 {
@@ -222,7 +271,15 @@ async fn send(
         let bytes = tokio::fs::read(&item.path)
             .await
             .map_err(|e| format!("cannot read: {e}"))?;
-        if bytes.len() > max_payload {
+        // The server counts the headers too.
+        let header_bytes: usize = 12
+            + headers
+                .iter()
+                .map(|(k, v)| {
+                    k.to_string().len() + v.iter().map(|x| x.as_str().len() + 4).sum::<usize>()
+                })
+                .sum::<usize>();
+        if bytes.len() + header_bytes > max_payload {
             return Err(format!(
                 "{} bytes, more than the server's max_payload ({max_payload}): publish it as a reference (--reference) from shared storage, or raise max_payload",
                 bytes.len()
@@ -282,7 +339,7 @@ mod tests {
         for f in ["a.jpg", "b/c/z.png", "b/y.jpg", ".dot.jpg", ".hidden/h.jpg"] {
             std::fs::write(d.join(f), b"x").unwrap();
         }
-        let items = list_inputs(&[d.to_path_buf(), d.join("a.jpg")]).unwrap();
+        let items = list_inputs(&[d.to_path_buf(), d.join("a.jpg")], "").unwrap();
         let rel: Vec<(String, String)> = items
             .iter()
             .map(|i| {
@@ -299,9 +356,25 @@ mod tests {
                 expect("a.jpg", "a.jpg"),
                 expect("b/c/z.png", "b/c/z.png"),
                 expect("b/y.jpg", "b/y.jpg"),
-                expect("a.jpg", "a.jpg"),
-            ]
+            ],
+            "a.jpg given twice is published once"
         );
-        assert!(list_inputs(&[d.join("missing")]).is_err());
+        assert!(list_inputs(&[d.join("missing")], "").is_err());
+        // Two folders with a file of one name: one id for two images, refused.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other.path().join("cam2")).unwrap();
+        std::fs::write(other.path().join("cam2/a.jpg"), b"y").unwrap();
+        let cam2 = other.path().join("cam2");
+        let e = list_inputs(&[d.to_path_buf(), cam2.clone()], "").unwrap_err();
+        assert!(
+            e.contains("would share an image id") && e.contains("--id-prefix"),
+            "{e}"
+        );
+        let ok = list_inputs(std::slice::from_ref(&cam2), "cam2-").unwrap();
+        assert_eq!(
+            ok[0].id,
+            format!("cam2-{}", id_for_path(Path::new("a.jpg")))
+        );
+        assert!(list_inputs(&[cam2], "bad prefix ").is_err());
     }
 }

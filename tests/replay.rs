@@ -695,6 +695,21 @@ fn members_run_as_concurrent_jobs_on_one_folder_give_the_sequential_result() {
         "only the rest ran: {r}"
     );
     assert_same_predictions(&sequential, &jobs);
+    // A member run again as a part (here: an output lost) makes what read it stale: the
+    // blend and the submission are removed, so the next whole replay redoes them.
+    std::fs::remove_file(jobs.join("members/b/valid.parquet")).unwrap();
+    let o = replay_cmd(&file, &data, &jobs)
+        .args(["--device", "cpu", "--only", "member=b"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(jobs.join("members/b/valid.parquet").is_file());
+    assert!(!jobs.join("blend/weights.json").exists() && !jobs.join("submission.csv").exists());
+    let planned = plan(&file, &data, &jobs);
+    assert!(
+        planned.contains(&("to run".to_string(), "blend".to_string())),
+        "{planned:?}"
+    );
 
     // --devices: the same, members in child processes, one per device at a time.
     let devices = dir.path().join("devices");

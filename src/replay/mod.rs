@@ -347,6 +347,9 @@ pub fn run_only(
         .find_map(|s| s.member)
         .map_or_else(String::new, |k| plan.member_name(k).to_string());
     let done = plan.execute(opts.device, rt, on_event)?;
+    if done.ran > 0 {
+        plan.remove_downstream()?;
+    }
     Ok(PartDone {
         member,
         ran: done.ran,

@@ -140,6 +140,8 @@ pub struct Plan {
     pub(super) fuse_on: bool,
     pub(super) pseudo_on: bool,
     steps: Vec<Step>,
+    /// With a selection ([`Plan::select`]): the outputs of the steps after the members.
+    downstream: Vec<PathBuf>,
     /// See [`super::ReplayOptions::stop`].
     pub(super) stop: Option<tokio_util::sync::CancellationToken>,
 }
@@ -187,6 +189,7 @@ impl Plan {
                 root: out.to_path_buf(),
             },
             steps: Vec::new(),
+            downstream: Vec::new(),
             stop: None,
         };
         plan.steps = plan.list_steps();
@@ -201,9 +204,35 @@ impl Plan {
     /// several sharing the output folder (see [`super::Only`]). Returns the member's index.
     pub fn select(&mut self, only: &super::Only) -> Result<usize, ReplayError> {
         let k = only.member_index(&self.cfg)?;
+        // What reads the members' outputs (fusion, blend, pseudo-labels, the final mix, the
+        // submission): stale once a part has run something (see `remove_downstream`).
+        self.downstream = self
+            .steps
+            .iter()
+            .filter(|s| s.member.is_none() && !matches!(s.action, Action::Split | Action::Features))
+            .flat_map(|s| s.outputs.iter().cloned())
+            .collect();
         self.steps
             .retain(|s| s.member == Some(k) || matches!(s.action, Action::Split));
         Ok(k)
+    }
+
+    /// After a part ran a step (a member trained or predicted again): removes the outputs of
+    /// the steps after the members that exist, so that the whole replay that follows runs them
+    /// again, as a sequential replay would have. Returns how many files it removed.
+    pub fn remove_downstream(&self) -> Result<usize, ReplayError> {
+        let mut removed = 0;
+        for p in &self.downstream {
+            match std::fs::remove_file(p) {
+                Ok(()) => {
+                    tracing::info!(file = %p.display(), "removed: it read outputs this part has just rewritten");
+                    removed += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ReplayError::io(p)(e)),
+            }
+        }
+        Ok(removed)
     }
 
     /// Member `k`'s name.

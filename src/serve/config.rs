@@ -222,8 +222,10 @@ pub struct NatsConfig {
     /// backlog waits in the stream. A daemon finishes its open file early when the group holds
     /// half of it, so files then hold about this many rows at most.
     pub max_ack_pending: usize,
-    /// Deliveries of one message before JetStream gives up on it (a message that crashes every
-    /// daemon it reaches must not go round for ever); -1: no limit.
+    /// Deliveries of one message before JetStream drops it without a row; -1 (the default): no
+    /// limit. Bad input is terminated with its error row anyway; a limit only matters for a
+    /// message that kills every daemon it reaches, and it also drops messages handed back
+    /// often (an id pending with other bytes for a long time).
     pub max_deliver: i64,
     /// Folders a `Plankton-Ref` header may name a file in (after symbolic links are resolved);
     /// empty: references are refused.
@@ -255,7 +257,7 @@ impl Default for NatsConfig {
             batch: 64,
             ack_wait_seconds: 30,
             max_ack_pending: 1024,
-            max_deliver: 10,
+            max_deliver: -1,
             reference_dirs: Vec::new(),
             results_subject: String::new(),
         }

@@ -183,7 +183,7 @@ pub async fn run(
     };
     // Connects in the background (the server may come up later); bad credentials files fail here.
     let nats = if cfg.nats.enabled {
-        Some(nats::NatsInput::start(&cfg.nats, &cfg.name).await?)
+        Some(nats::NatsInput::start(&cfg.nats, &cfg.name, cfg.output.roll_seconds).await?)
     } else {
         None
     };

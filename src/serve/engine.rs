@@ -933,8 +933,10 @@ impl WriterCtx {
             };
             // The consumer group is near max_ack_pending: its messages are acked only once their
             // file is finished, so the file is finished now instead of at roll_seconds.
-            let pressure = open.as_ref().is_some_and(|f| !f.settle.is_empty())
-                && self.roll_now.swap(false, Ordering::SeqCst);
+            // (The flag is cleared whatever the file holds: one raised while the file held no
+            // message must not cut the next file short.)
+            let pressure = self.roll_now.swap(false, Ordering::SeqCst)
+                && open.as_ref().is_some_and(|f| !f.settle.is_empty());
             if pressure {
                 metrics::counter!(super::nats::PRESSURE_ROLLS).increment(1);
             }

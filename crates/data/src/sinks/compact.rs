@@ -94,6 +94,31 @@ fn strings<'a>(
         })
 }
 
+/// The key-value metadata two files share: a key with one value in both is kept; a key whose
+/// values are JSON objects (the model description, which names the daemon and its spool) keeps
+/// the fields they agree on; any other key is left out.
+fn merge_metadata(a: Vec<(String, String)>, b: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (key, value) in a {
+        let Some((_, other)) = b.iter().find(|(k, _)| k == &key) else {
+            continue;
+        };
+        if &value == other {
+            out.push((key, value));
+            continue;
+        }
+        let parse = |t: &str| serde_json::from_str::<serde_json::Value>(t).ok();
+        if let (Some(serde_json::Value::Object(x)), Some(serde_json::Value::Object(y))) =
+            (parse(&value), parse(other))
+        {
+            let common: serde_json::Map<String, serde_json::Value> =
+                x.into_iter().filter(|(k, v)| y.get(k) == Some(v)).collect();
+            out.push((key, serde_json::Value::Object(common).to_string()));
+        }
+    }
+    out
+}
+
 /// Compacts `files` into `out` (written atomically).
 pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactError> {
     // Pass 1: which row of which file each id keeps (two columns read).
@@ -125,10 +150,9 @@ pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactE
                     .collect()
             })
             .unwrap_or_default();
-        // Keys every file agrees on are kept (a model id that changed mid-stream is not).
         metadata = Some(match metadata {
             None => kv,
-            Some(m) => m.into_iter().filter(|e| kv.contains(e)).collect(),
+            Some(m) => merge_metadata(m, &kv),
         });
         let fields = builder.schema().fields();
         let columns: Vec<usize> = ["image_id", "error"]
@@ -290,6 +314,37 @@ mod tests {
             ],
             "x: the first file's row; y: the later row with a prediction"
         );
+    }
+
+    #[test]
+    fn files_of_several_daemons_keep_the_model_fields_they_share() {
+        let a = vec![
+            (
+                "plankton.class_names".to_string(),
+                "[\"a\",\"b\"]".to_string(),
+            ),
+            (
+                "plankton.model".to_string(),
+                r#"{"model_id":"m1","daemon":"cam-a","spool_id":"x","tta":1}"#.to_string(),
+            ),
+            ("other".to_string(), "1".to_string()),
+        ];
+        let b = vec![
+            (
+                "plankton.class_names".to_string(),
+                "[\"a\",\"b\"]".to_string(),
+            ),
+            (
+                "plankton.model".to_string(),
+                r#"{"model_id":"m1","daemon":"cam-b","spool_id":"y","tta":1}"#.to_string(),
+            ),
+            ("other".to_string(), "2".to_string()),
+        ];
+        let m = merge_metadata(a, &b);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[0], b[0]);
+        let model: serde_json::Value = serde_json::from_str(&m[1].1).unwrap();
+        assert_eq!(model, serde_json::json!({"model_id": "m1", "tta": 1}));
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub struct PublishArgs {
     /// The camera or instrument (header Plankton-Source; rows' source_path).
     #[arg(long)]
     source: Option<String>,
+    /// Put before every image id (ids are otherwise the paths under the folder given, so two
+    /// folders holding a file of one name need their own prefixes).
+    #[arg(long, default_value = "")]
+    id_prefix: String,
     /// Publishes awaiting their JetStream ack at most.
     #[arg(long, default_value_t = 256, value_parser = super::positive)]
     in_flight: usize,
@@ -60,7 +64,7 @@ pub async fn run(a: PublishArgs) -> Result<()> {
         create_stream: !a.no_create_stream,
         ..NatsConfig::default()
     };
-    let items = publish::list_inputs(&a.inputs).map_err(anyhow::Error::msg)?;
+    let items = publish::list_inputs(&a.inputs, &a.id_prefix).map_err(anyhow::Error::msg)?;
     if items.is_empty() {
         bail!(
             "no files under {}",

@@ -185,10 +185,43 @@ async fn run_part(opts: plankton::replay::ReplayOptions) -> Result<()> {
 
 /// `--devices`: every member in its own `replay --only` process, at most one per device at a
 /// time; returns once all have finished (an error names the members that failed and their logs).
+/// The children end with this process: on an error here, and on its death (PR_SET_PDEATHSIG).
 async fn members_on_devices(
     a: &ReplayArgs,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<()> {
+    let mut running: Vec<Running> = Vec::new();
+    let result = schedule_members(a, stop, &mut running).await;
+    if result.is_err() || stop.is_cancelled() {
+        for r in &running {
+            // SAFETY: a plain kill(2) on a child we started and have not reaped.
+            unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+        }
+        for r in &mut running {
+            let _ = r.child.wait();
+        }
+    }
+    if stop.is_cancelled() {
+        eprintln!("stopped: the members checkpointed; run the same command again to resume");
+        std::process::exit(130);
+    }
+    result
+}
+
+/// A member process.
+struct Running {
+    member: String,
+    device: String,
+    log: PathBuf,
+    child: std::process::Child,
+}
+
+async fn schedule_members(
+    a: &ReplayArgs,
+    stop: &tokio_util::sync::CancellationToken,
+    running: &mut Vec<Running>,
+) -> Result<()> {
+    use std::os::unix::process::CommandExt;
     let cfg = plankton::replay::ReplayConfig::load(&a.pipeline)?;
     let logs = a.out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}", logs.display()))?;
@@ -196,7 +229,6 @@ async fn members_on_devices(
     let mut queue: std::collections::VecDeque<String> =
         cfg.members.iter().map(|m| m.name.clone()).collect();
     let mut free: Vec<String> = a.devices.iter().rev().cloned().collect();
-    let mut running: Vec<(String, String, PathBuf, std::process::Child)> = Vec::new();
     let mut failed = Vec::new();
     while !queue.is_empty() || !running.is_empty() {
         while let (Some(device), false) = (free.last().cloned(), queue.is_empty()) {
@@ -204,8 +236,8 @@ async fn members_on_devices(
             let member = queue.pop_front().expect("not empty");
             let log = logs.join(format!("member-{member}.log"));
             let file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
-            let child = std::process::Command::new(&exe)
-                .arg("replay")
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("replay")
                 .arg("--pipeline")
                 .arg(&a.pipeline)
                 .arg("--data")
@@ -218,40 +250,44 @@ async fn members_on_devices(
                 .arg(format!("member={member}"))
                 .stdin(std::process::Stdio::null())
                 .stdout(file.try_clone()?)
-                .stderr(file)
-                .spawn()
-                .context("cannot start a member process")?;
+                .stderr(file);
+            // SAFETY: prctl is async-signal-safe; the child asks for SIGTERM (a checkpoint and
+            // exit) when this process dies, so a killed scheduler leaves no GPU busy.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().context("cannot start a member process")?;
             println!(
                 "member {member}: started on {device} (log {})",
                 log.display()
             );
-            running.push((member, device, log, child));
+            running.push(Running {
+                member,
+                device,
+                log,
+                child,
+            });
         }
         // Wait for any member to finish, or a stop.
         let finished = tokio::select! {
-            _ = stop.cancelled() => {
-                for (_, _, _, child) in &running {
-                    // SAFETY: a plain kill(2) on a child we started and have not reaped.
-                    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-                }
-                for (_, _, _, child) in &mut running {
-                    let _ = child.wait();
-                }
-                eprintln!("stopped: the members checkpointed; run the same command again to resume");
-                std::process::exit(130);
-            }
-            f = first_exit(&mut running) => f,
+            _ = stop.cancelled() => return Ok(()),
+            f = first_exit(running) => f?,
         };
-        let (member, device, log, status) = finished;
-        free.push(device.clone());
+        let (r, status) = finished;
+        free.push(r.device.clone());
         if status.success() {
-            println!("member {member}: done on {device}");
+            println!("member {}: done on {}", r.member, r.device);
         } else {
             eprintln!(
-                "member {member}: failed on {device} ({status}); see {}",
-                log.display()
+                "member {}: failed on {} ({status}); see {}",
+                r.member,
+                r.device,
+                r.log.display()
             );
-            failed.push(member);
+            failed.push(r.member);
         }
     }
     if !failed.is_empty() {
@@ -265,14 +301,15 @@ async fn members_on_devices(
 }
 
 /// Waits until one of the running children exits; removes it and returns it with its status.
-async fn first_exit(
-    running: &mut Vec<(String, String, PathBuf, std::process::Child)>,
-) -> (String, String, PathBuf, std::process::ExitStatus) {
+async fn first_exit(running: &mut Vec<Running>) -> Result<(Running, std::process::ExitStatus)> {
     loop {
         for i in 0..running.len() {
-            if let Ok(Some(status)) = running[i].3.try_wait() {
-                let (m, d, l, _) = running.swap_remove(i);
-                return (m, d, l, status);
+            let status = running[i]
+                .child
+                .try_wait()
+                .with_context(|| format!("member {}: cannot wait for it", running[i].member))?;
+            if let Some(status) = status {
+                return Ok((running.swap_remove(i), status));
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
