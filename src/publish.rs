@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use futures_util::StreamExt;
 
 use crate::serve::config::NatsConfig;
 use crate::serve::nats::{self, NatsError, HEADER_ID, HEADER_NAME, HEADER_REF, HEADER_SOURCE};
@@ -137,6 +138,9 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
             walk(&e.path(), out)?;
         } else if t.is_file() {
             out.push(e.path());
+        } else {
+            // Said, not silent: a link may point anywhere, a FIFO would block the reader.
+            tracing::warn!(path = %e.path().display(), "not published: not a regular file (a symbolic link, FIFO, socket or device)");
         }
     }
     Ok(())
@@ -146,7 +150,6 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 struct Sent {
     item: Item,
     attempt: u32,
-    ack: PublishAckFuture,
 }
 
 /// Publishes `items`; `progress(done, total)` after each acked (or finally failed) message.
@@ -180,8 +183,11 @@ pub async fn publish(
     let total = items.len() as u64;
     let mut summary = PublishSummary::default();
     let mut done = 0u64;
-    let mut waiting: VecDeque<Sent> = VecDeque::new();
+    let mut waiting = futures_util::stream::FuturesUnordered::new();
     let mut queue: VecDeque<(Item, u32)> = items.into_iter().map(|i| (i, 1)).collect();
+    // Acks are awaited together, so a server that went away costs one ack timeout, not one
+    // per message in flight; re-sends wait until `retry_at` (a moment for the server).
+    let mut retry_at = tokio::time::Instant::now();
     while !queue.is_empty() || !waiting.is_empty() {
         // Keep up to `in_flight` publishes waiting for their acks.
         while waiting.len() < opts.in_flight.max(1) {
@@ -189,15 +195,17 @@ pub async fn publish(
                 break;
             };
             if attempt > 1 {
-                // A server that did not answer: give it a moment (0.2, 0.4, 0.8... s).
-                tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+                tokio::time::sleep_until(retry_at).await;
             }
             match send(&js, opts, &item, max_payload).await {
                 Ok((ack, len)) => {
                     if attempt == 1 {
                         summary.bytes += len as u64;
                     }
-                    waiting.push_back(Sent { item, attempt, ack })
+                    waiting.push(async move {
+                        let result = ack.await;
+                        (Sent { item, attempt }, result)
+                    })
                 }
                 Err(reason) => {
                     summary.failed.push((item.path, reason));
@@ -206,10 +214,10 @@ pub async fn publish(
                 }
             }
         }
-        let Some(sent) = waiting.pop_front() else {
+        let Some((sent, result)) = waiting.next().await else {
             continue;
         };
-        match sent.ack.await {
+        match result {
             Ok(ack) => {
                 if ack.duplicate {
                     summary.duplicates += 1;
@@ -231,6 +239,9 @@ pub async fn publish(
             }
             Err(e) if sent.attempt < opts.attempts => {
                 tracing::warn!(file = %sent.item.path.display(), attempt = sent.attempt, error = %e, "no JetStream ack; publishing again");
+                // 0.2, 0.4, 0.8... s from now.
+                let wait = Duration::from_millis(100 << sent.attempt.min(6));
+                retry_at = retry_at.max(tokio::time::Instant::now() + wait);
                 queue.push_front((sent.item, sent.attempt + 1));
             }
             Err(e) => {
@@ -265,7 +276,10 @@ async fn send(
     }
     let payload = if opts.reference {
         let abs = std::path::absolute(&item.path).map_err(|e| e.to_string())?;
-        headers.insert(HEADER_REF, abs.to_string_lossy().as_ref());
+        let Some(text) = abs.to_str().filter(|t| !t.chars().any(char::is_control)) else {
+            return Err("its path is not UTF-8 or holds control characters, so it cannot travel in a header: publish its bytes (without --reference)".into());
+        };
+        headers.insert(HEADER_REF, text);
         Bytes::new()
     } else {
         let bytes = tokio::fs::read(&item.path)

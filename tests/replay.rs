@@ -677,6 +677,19 @@ fn members_run_as_concurrent_jobs_on_one_folder_give_the_sequential_result() {
         .filter(|t| t.contains("done: train a ("))
         .count();
     assert_eq!(trained_a, 1, "{outputs:?}");
+    // And every later step of a too: the process that trained does not redo what the other
+    // did meanwhile (its outputs are newer than the training).
+    for step in [
+        "predict a valid, one pass",
+        "predict a test, TTA",
+        "average a bags",
+    ] {
+        let runs = outputs
+            .iter()
+            .map(|t| t.matches(&format!("done: {step} (")).count())
+            .sum::<usize>();
+        assert_eq!(runs, 1, "{step}: {outputs:?}");
+    }
     // Nothing after the members has run yet; the whole replay runs it, reusing the members.
     assert!(!jobs.join("blend").exists() && !jobs.join("report.json").exists());
     let planned = plan(&file, &data, &jobs);

@@ -198,6 +198,13 @@ impl ReplayConfig {
                     m.name
                 ));
             }
+            // `--only member=` takes a name, an index or `task`: a name must not read as the others.
+            if m.name == "task" || m.name.chars().all(|c| c.is_ascii_digit()) {
+                return Err(format!(
+                    "member name `{}`: `task` and numbers are taken by `--only member=` (an array index); choose another",
+                    m.name
+                ));
+            }
             if !seen.insert(m.name.as_str()) {
                 return Err(format!("member `{}` is listed twice", m.name));
             }

@@ -602,6 +602,9 @@ impl Plan {
         let total = self.steps.len();
         on_event(ReplayEvent::Started { steps: total });
         let mut done = Executed::default();
+        // When the last step this process ran finished: a present output written after it (by
+        // another process sharing the folder, from the same inputs) is current.
+        let mut last_ran: Option<std::time::SystemTime> = None;
         for (i, step) in self.steps.iter().enumerate() {
             let index = i + 1;
             // One process at a time per step (members run as separate jobs share the split,
@@ -611,7 +614,15 @@ impl Plan {
             let _step_lock = crate::fsx::lock_file_waiting(&lock, || {
                 tracing::info!(step = %step.name, "another process is running this step: waiting for it");
             })?;
-            if step.reuse.skips(done.ran > 0) && self.is_present(step) {
+            let written_since = |t: std::time::SystemTime| {
+                step.outputs.iter().all(|p| {
+                    std::fs::metadata(p)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|m| m >= t)
+                })
+            };
+            let current = step.reuse.skips(done.ran > 0) || last_ran.is_some_and(written_since);
+            if current && self.is_present(step) {
                 done.skipped += 1;
                 tracing::info!(step = %step.name, "outputs present: skipped");
                 on_event(ReplayEvent::StepSkipped {
@@ -646,6 +657,7 @@ impl Plan {
                 });
             }
             done.ran += 1;
+            last_ran = Some(std::time::SystemTime::now());
             let seconds = t.elapsed().as_secs_f64();
             tracing::info!(step = %step.name, seconds, "step done");
             on_event(ReplayEvent::StepDone {

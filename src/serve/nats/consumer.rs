@@ -43,14 +43,18 @@ pub const CONSUMER_ACK_PENDING: &str = "plankton_nats_consumer_ack_pending_messa
 pub const CONSUMER_REDELIVERED: &str = "plankton_nats_consumer_redelivered_messages";
 pub const PRESSURE_ROLLS: &str = "plankton_nats_pressure_rolls_total";
 pub const GIVEN_UP: &str = "plankton_nats_given_up_total";
+pub const CONSUMING: &str = "plankton_nats_consuming";
 
 /// The share of the consumer's `max_ack_pending` held by the group at which a daemon finishes
 /// its open file early (its messages are acked only then; at the cap JetStream delivers nothing
 /// more, and the group would wait for `roll_seconds`).
 const PRESSURE: f64 = 0.5;
 
-/// The longest file a `Plankton-Ref` may name (the decoder refuses larger images anyway).
-const MAX_REFERENCE_BYTES: u64 = 256 << 20;
+/// The longest file a `Plankton-Ref` may name: the decoder's own byte limit (a larger file is
+/// refused without being copied into the spool and the quarantine).
+fn max_reference_bytes() -> u64 {
+    plankton_core::decode::DecodeLimits::default().max_bytes
+}
 /// How long a message is left before JetStream offers it again when this daemon cannot take it
 /// now (its id is pending with other bytes, or the spool's disk is full).
 const RETRY_DELAY: Duration = Duration::from_secs(10);
@@ -100,6 +104,10 @@ pub fn describe() {
         "Times the connection to NATS was lost (the client reconnects)"
     );
     describe_gauge!(nats_link::CONNECTED, "1 while connected to a NATS server");
+    describe_gauge!(
+        CONSUMING,
+        "1 while the daemon pulls from its consumer (0: not connected, or the stream or consumer cannot be used: see the log)"
+    );
     describe_counter!(
         GIVEN_UP,
         "Held messages no longer kept alive: their row was not written in time (an error on the way)"
@@ -196,6 +204,8 @@ impl NatsInput {
         roll_seconds: u64,
     ) -> Result<Arc<NatsInput>, NatsError> {
         describe();
+        metrics::gauge!(CONSUMING).set(0.0);
+        metrics::gauge!(nats_link::CONNECTED).set(0.0);
         let client = nats_link::connect(cfg, daemon, false).await?;
         Ok(Arc::new(NatsInput {
             client,
@@ -289,6 +299,7 @@ impl NatsInput {
                 match attempt {
                     Ok(c) => break c,
                     Err(e) => {
+                        metrics::gauge!(CONSUMING).set(0.0);
                         tracing::warn!(error = %e, "nats: consumer not ready; retrying");
                         if pause(&stop, Duration::from_secs(2)).await {
                             return Ok(taken);
@@ -296,6 +307,7 @@ impl NatsInput {
                     }
                 }
             };
+            metrics::gauge!(CONSUMING).set(1.0);
             if !announced {
                 announced = true;
                 tracing::info!(stream = %self.cfg.stream, consumer = %self.cfg.consumer, "nats: consuming");
@@ -663,7 +675,7 @@ impl Incoming {
         let captured_unix_ms = header(nats_link::HEADER_CAPTURED).and_then(|c| {
             let ms = nats_link::parse_captured(&c);
             if ms.is_none() {
-                tracing::warn!(id = %id, captured = %crate::serve::one_line(&c), "nats: Plankton-Captured is neither RFC 3339 nor Unix milliseconds; left out");
+                tracing::warn!(id = %id, captured = %crate::serve::one_line(&c), "nats: Plankton-Captured is neither RFC 3339 nor Unix milliseconds of 1973-9999; left out");
             }
             ms
         });
@@ -728,10 +740,11 @@ async fn read_reference(reference: &str, dirs: &[PathBuf]) -> Result<Vec<u8>, Re
                 "reference `{reference}` is not a regular file"
             )));
         }
-        if meta.len() > MAX_REFERENCE_BYTES {
+        if meta.len() > max_reference_bytes() {
             return Err(refused(format!(
-                "reference `{reference}` is {} bytes, more than the {MAX_REFERENCE_BYTES} taken",
-                meta.len()
+                "reference `{reference}` is {} bytes, more than the {} an image may have",
+                meta.len(),
+                max_reference_bytes()
             )));
         }
         std::fs::read(&real).map_err(io)

@@ -164,15 +164,23 @@ pub async fn stream(
     }
 }
 
-/// Unix milliseconds from a `Plankton-Captured` value: RFC 3339 or an integer of milliseconds.
+/// Unix milliseconds from a `Plankton-Captured` value: RFC 3339 or an integer of milliseconds,
+/// between 1973-03-03 and 9999-12-31 (a smaller integer is most likely seconds, refused rather
+/// than read as a date in January 1970).
 pub fn parse_captured(text: &str) -> Option<u64> {
+    const EARLIEST_MS: u64 = 100_000_000_000;
+    const LATEST_MS: u64 = 253_402_300_799_999;
     let text = text.trim();
-    if let Ok(ms) = text.parse::<u64>() {
-        return Some(ms);
-    }
-    let t =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+    let ms = match text.parse::<u64>() {
+        Ok(ms) => ms,
+        Err(_) => {
+            let t =
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                    .ok()?;
+            u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()?
+        }
+    };
+    (EARLIEST_MS..=LATEST_MS).contains(&ms).then_some(ms)
 }
 
 #[cfg(test)]
@@ -191,6 +199,13 @@ mod tests {
             Some(1_764_882_000_250)
         );
         assert_eq!(parse_captured("yesterday"), None);
+        assert_eq!(
+            parse_captured("1764882000"),
+            None,
+            "seconds, not milliseconds"
+        );
+        assert_eq!(parse_captured("18446744073709551615"), None);
+        assert_eq!(parse_captured("9223372036854775808"), None);
         assert_eq!(parse_captured("1969-12-31T23:59:59Z"), None, "before 1970");
     }
 }

@@ -22,6 +22,8 @@ pub enum CompactError {
     Read { path: PathBuf, message: String },
     #[error("{path}: its columns differ from {first}'s (files of different models or versions cannot be compacted into one)")]
     Schema { path: PathBuf, first: PathBuf },
+    #[error("{path}: its classes differ from {first}'s (same count, other names or order): the probabilities would be read against the wrong classes")]
+    Classes { path: PathBuf, first: PathBuf },
     #[error("no prediction files (predictions-*.parquet) in {0}")]
     Empty(String),
     #[error(transparent)]
@@ -150,6 +152,19 @@ pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactE
                     .collect()
             })
             .unwrap_or_default();
+        let classes = |kv: &[(String, String)]| {
+            kv.iter()
+                .find(|(k, _)| k == super::parquet::META_CLASS_NAMES)
+                .map(|(_, v)| v.clone())
+        };
+        if let (Some(m), Some((_, first))) = (&metadata, &schema) {
+            if classes(m) != classes(&kv) {
+                return Err(CompactError::Classes {
+                    path: path.clone(),
+                    first: first.clone(),
+                });
+            }
+        }
         metadata = Some(match metadata {
             None => kv,
             Some(m) => merge_metadata(m, &kv),
@@ -247,7 +262,11 @@ mod tests {
     use crate::sinks::parquet::{PredictionRow, PredictionWriter, Predictions, ServeColumns};
 
     fn write(path: &Path, rows: &[(&str, Option<f32>, u64)]) {
-        let classes = vec!["a".to_string(), "b".to_string()];
+        write_classes(path, rows, &["a", "b"]);
+    }
+
+    fn write_classes(path: &Path, rows: &[(&str, Option<f32>, u64)], classes: &[&str]) {
+        let classes: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
         let mut w =
             PredictionWriter::create_served(path, classes, "m", &serde_json::json!({}), 2).unwrap();
         for (id, p, seq) in rows {
@@ -378,6 +397,18 @@ mod tests {
         .unwrap_err();
         assert!(
             matches!(e, CompactError::Schema { ref path, .. } if path == &other),
+            "{e}"
+        );
+        // Same columns, classes in another order: refused.
+        let swapped = d.join("predictions-2.parquet");
+        write_classes(&swapped, &[("y", Some(0.1), 2)], &["b", "a"]);
+        let e = compact(
+            &[d.join("predictions-1.parquet"), swapped.clone()],
+            &d.join("o.parquet"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, CompactError::Classes { ref path, .. } if path == &swapped),
             "{e}"
         );
         std::fs::write(d.join("junk.parquet"), b"not parquet").unwrap();
