@@ -718,7 +718,22 @@ async fn read_reference(reference: &str, dirs: &[PathBuf]) -> Result<Vec<u8>, Re
                 "reference `{reference}`: this daemon takes no references (nats.reference_dirs is empty)"
             )));
         }
-        let path = Path::new(&reference);
+        // A path, or a file:// URL (no host; percent-escapes are not decoded: refused).
+        let text = match reference.strip_prefix("file://") {
+            Some(rest) if rest.contains('%') => {
+                return Err(refused(format!(
+                    "reference `{reference}`: percent-escapes in file URLs are not taken: send the plain path"
+                )))
+            }
+            Some(rest) => rest,
+            None if reference.contains("://") => {
+                return Err(refused(format!(
+                    "reference `{reference}`: only paths and file:// URLs on shared storage are taken"
+                )))
+            }
+            None => reference.as_str(),
+        };
+        let path = Path::new(text);
         if !path.is_absolute() {
             return Err(refused(format!(
                 "reference `{reference}` is not an absolute path"
@@ -771,6 +786,16 @@ mod tests {
         let dirs = vec![inside.clone()];
         let ok = read_reference(inside.join("a.png").to_str().unwrap(), &dirs).await;
         assert_eq!(ok.unwrap(), b"image");
+        let url = format!("file://{}", inside.join("a.png").display());
+        assert_eq!(read_reference(&url, &dirs).await.unwrap(), b"image");
+        for url in [
+            "http://host/a.png",
+            "s3://bucket/a.png",
+            "file:///x%20y.png",
+        ] {
+            let e = read_reference(url, &dirs).await.unwrap_err();
+            assert!(!e.transient, "{url}: {}", e.reason);
+        }
         for (bad, transient) in [
             (tmp.path().join("secret"), false),
             (inside.join("link"), false),

@@ -160,7 +160,11 @@ pub async fn stream(
     } else {
         js.get_stream(&cfg.stream)
             .await
-            .map_err(|e| err(format!("{e} (create it, or set nats.create_stream = true)")))
+            .map_err(|e| {
+                err(format!(
+                    "{e} (create it first, or let plankton create it: nats.create_stream = true in a daemon config, no --no-create-stream for publish)"
+                ))
+            })
     }
 }
 

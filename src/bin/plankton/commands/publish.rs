@@ -64,6 +64,16 @@ pub async fn run(a: PublishArgs) -> Result<()> {
         create_stream: !a.no_create_stream,
         ..NatsConfig::default()
     };
+    if a.subject.is_empty()
+        || a.subject
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '*' | '>'))
+    {
+        bail!(
+            "--subject `{}`: a concrete subject (no wildcards or spaces), e.g. plankton.images.cam1",
+            a.subject
+        );
+    }
     let items = publish::list_inputs(&a.inputs, &a.id_prefix).map_err(anyhow::Error::msg)?;
     if items.is_empty() {
         bail!(

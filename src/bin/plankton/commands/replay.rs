@@ -70,7 +70,7 @@ pub async fn run(a: ReplayArgs) -> Result<()> {
         return print_plan(&a);
     }
     for d in &a.devices {
-        parse_device(d)?;
+        plankton::device::select(d).map_err(|e| anyhow::anyhow!("--devices `{d}`: {e}"))?;
     }
     let stop = stop_on_signals(None)?;
     let device = a.devices.first().unwrap_or(&a.device);
