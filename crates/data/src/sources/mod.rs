@@ -1,5 +1,6 @@
 //! Sources: where image records (id, path, label if any) come from.
 pub mod dataset;
+pub mod ifcb;
 pub mod planktonclas;
 pub mod synth;
 

@@ -1,0 +1,395 @@
+//! IFCB "bins": what an Imaging FlowCytobot writes, three files per sample run:
+//! `<bin>.hdr` (settings, `key: value` lines), `<bin>.adc` (one CSV row per trigger) and
+//! `<bin>.roi` (the regions of interest, raw 8-bit grey, back to back). Two generations:
+//!
+//! | pid | ADC columns |
+//! |---|---|
+//! | `DYYYYMMDDTHHMMSS_IFCBnnn` | named by the header's `ADCFileFormat` line (`ROIx, ROIy, ROIwidth, ROIheight, start_byte`) |
+//! | `IFCBn_YYYY_DDD_HHMMSS` | fixed: x, y, width, height, start byte in columns 10-14 (1-based) |
+//!
+//! A ROI is `height` rows of `width` bytes at `start_byte` of the .roi file; triggers without
+//! an image (width or height 0) are skipped; a ROI's id is the standard IFCB pid,
+//! `<bin>_<5-digit ADC row number>`. A bin is read whole or refused: a row pointing past the
+//! end of its .roi file (a truncated or half-written bin), a missing file of the three or a
+//! header that names no ADC columns refuse the bin with the reason.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IfcbError {
+    #[error("{path}: {reason}")]
+    Bin { path: PathBuf, reason: String },
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> IfcbError {
+    IfcbError::Bin {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Which instrument generation wrote a bin (from its pid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    /// `IFCBn_YYYY_DDD_HHMMSS`: fixed ADC columns.
+    Old,
+    /// `DYYYYMMDDTHHMMSS_IFCBnnn`: the header names the ADC columns.
+    Current,
+}
+
+/// The generation of a bin pid, or None when `pid` is not one.
+pub fn generation(pid: &str) -> Option<Generation> {
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = pid.strip_prefix('D') {
+        let (stamp, inst) = rest.split_once("_IFCB")?;
+        let (date, time) = stamp.split_once('T')?;
+        return (digits(date, 8)
+            && digits(time, 6)
+            && !inst.is_empty()
+            && digits(inst, inst.len()))
+        .then_some(Generation::Current);
+    }
+    let rest = pid.strip_prefix("IFCB")?;
+    let parts: Vec<&str> = rest.split('_').collect();
+    (parts.len() == 4
+        && !parts[0].is_empty()
+        && digits(parts[0], parts[0].len())
+        && digits(parts[1], 4)
+        && digits(parts[2], 3)
+        && digits(parts[3], 6))
+    .then_some(Generation::Old)
+}
+
+/// One image of a bin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roi {
+    /// The 1-based ADC row number (the pid's last part).
+    pub number: u32,
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+    pub start_byte: u64,
+}
+
+/// A bin, its ROIs checked against its .roi file.
+#[derive(Debug, Clone)]
+pub struct Bin {
+    pub pid: String,
+    pub generation: Generation,
+    pub hdr: PathBuf,
+    pub adc: PathBuf,
+    pub roi: PathBuf,
+    /// The header's `key: value` lines (a current-generation header; the old one is CSV).
+    pub header: Vec<(String, String)>,
+    pub rois: Vec<Roi>,
+}
+
+/// Where the five ROI fields are among an ADC row's columns.
+struct Columns {
+    x: usize,
+    y: usize,
+    width: usize,
+    height: usize,
+    start: usize,
+}
+
+/// The old generation's fixed layout (0-based: columns 10-14 of 15).
+const OLD_COLUMNS: Columns = Columns {
+    x: 9,
+    y: 10,
+    width: 11,
+    height: 12,
+    start: 13,
+};
+
+impl Bin {
+    /// Opens the bin whose header is `hdr` (`<bin>.hdr`; the .adc and .roi beside it).
+    pub fn open(hdr: &Path) -> Result<Bin, IfcbError> {
+        let pid = hdr
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let generation = generation(&pid).ok_or_else(|| {
+            bad(
+                hdr,
+                "not an IFCB bin name (DYYYYMMDDTHHMMSS_IFCBnnn or IFCBn_YYYY_DDD_HHMMSS)",
+            )
+        })?;
+        let (adc, roi) = (hdr.with_extension("adc"), hdr.with_extension("roi"));
+        for p in [hdr, &adc, &roi] {
+            if !p.is_file() {
+                return Err(bad(p, "missing: a bin is its .hdr, .adc and .roi files"));
+            }
+        }
+        let text = std::fs::read(hdr).map_err(|e| bad(hdr, e.to_string()))?;
+        let text = String::from_utf8_lossy(&text);
+        let header: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let columns = match generation {
+            Generation::Old => OLD_COLUMNS,
+            Generation::Current => {
+                let format = header
+                    .iter()
+                    .find(|(k, _)| k == "ADCFileFormat")
+                    .map(|(_, v)| v.as_str())
+                    .ok_or_else(|| {
+                        bad(
+                            hdr,
+                            "unknown header format: no ADCFileFormat line names the ADC columns",
+                        )
+                    })?;
+                let names: Vec<String> = format
+                    .split(',')
+                    .map(|n| n.trim().to_ascii_lowercase())
+                    .collect();
+                let find = |name: &str| {
+                    names
+                        .iter()
+                        .position(|n| n == name)
+                        .ok_or_else(|| bad(hdr, format!("ADCFileFormat names no `{name}` column")))
+                };
+                Columns {
+                    x: find("roix")?,
+                    y: find("roiy")?,
+                    width: find("roiwidth")?,
+                    height: find("roiheight")?,
+                    start: find("start_byte")?,
+                }
+            }
+        };
+        let roi_len = std::fs::metadata(&roi)
+            .map_err(|e| bad(&roi, e.to_string()))?
+            .len();
+        let adc_text = std::fs::read(&adc).map_err(|e| bad(&adc, e.to_string()))?;
+        let adc_text = String::from_utf8_lossy(&adc_text);
+        let mut rois = Vec::new();
+        for (i, line) in adc_text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let number = i as u32 + 1;
+            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            let value = |c: usize, what: &str| -> Result<f64, IfcbError> {
+                let f = fields.get(c).ok_or_else(|| {
+                    bad(&adc, format!("row {number}: no column {} ({what})", c + 1))
+                })?;
+                f.parse::<f64>()
+                    .map_err(|_| bad(&adc, format!("row {number}: {what} `{f}` is not a number")))
+            };
+            let (w, h) = (
+                value(columns.width, "width")?,
+                value(columns.height, "height")?,
+            );
+            if w <= 0.0 || h <= 0.0 {
+                continue; // a trigger without an image
+            }
+            let whole = |v: f64, what: &str| -> Result<u64, IfcbError> {
+                if v < 0.0 || v.fract() != 0.0 || v > u32::MAX as f64 {
+                    return Err(bad(
+                        &adc,
+                        format!("row {number}: {what} {v} is not a pixel count or offset"),
+                    ));
+                }
+                Ok(v as u64)
+            };
+            let r = Roi {
+                number,
+                x: whole(value(columns.x, "x")?.max(0.0), "x")? as u32,
+                y: whole(value(columns.y, "y")?.max(0.0), "y")? as u32,
+                width: whole(w, "width")? as u32,
+                height: whole(h, "height")? as u32,
+                start_byte: whole(value(columns.start, "start byte")?, "start byte")?,
+            };
+            let end = r.start_byte + r.width as u64 * r.height as u64;
+            if end > roi_len {
+                return Err(bad(
+                    &roi,
+                    format!(
+                        "ADC row {number} points past the end of the .roi file (bytes {}..{end}, the file has {roi_len}): truncated or still being written",
+                        r.start_byte
+                    ),
+                ));
+            }
+            rois.push(r);
+        }
+        Ok(Bin {
+            pid,
+            generation,
+            hdr: hdr.to_path_buf(),
+            adc,
+            roi,
+            header,
+            rois,
+        })
+    }
+
+    /// The standard IFCB pid of a ROI: `<bin>_<5-digit number>`.
+    pub fn roi_id(&self, r: &Roi) -> String {
+        format!("{}_{:05}", self.pid, r.number)
+    }
+
+    /// Every ROI's pixels, in ADC order, read in one pass over the .roi file.
+    pub fn images(&self) -> Result<Vec<(String, image::GrayImage)>, IfcbError> {
+        let bytes = std::fs::read(&self.roi).map_err(|e| bad(&self.roi, e.to_string()))?;
+        self.rois
+            .iter()
+            .map(|r| {
+                let start = r.start_byte as usize;
+                let end = start + r.width as usize * r.height as usize;
+                let pixels = bytes.get(start..end).ok_or_else(|| {
+                    bad(
+                        &self.roi,
+                        format!(
+                            "ROI {} ends past the file (changed since it was opened)",
+                            r.number
+                        ),
+                    )
+                })?;
+                let img = image::GrayImage::from_raw(r.width, r.height, pixels.to_vec())
+                    .expect("width x height bytes");
+                Ok((self.roi_id(r), img))
+            })
+            .collect()
+    }
+}
+
+/// The headers of the bins under `dir` (nested by date as labs store them), sorted; files
+/// that are not bin headers are left alone.
+pub fn find_bins(dir: &Path) -> Result<Vec<PathBuf>, IfcbError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let listing = std::fs::read_dir(&d).map_err(|e| bad(&d, e.to_string()))?;
+        for e in listing.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "hdr")
+                && p.file_stem()
+                    .is_some_and(|s| generation(&s.to_string_lossy()).is_some())
+            {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ifcb")
+    }
+
+    #[test]
+    fn pids_of_both_generations_and_not_pids() {
+        assert_eq!(
+            generation("D20130526T095207_IFCB013"),
+            Some(Generation::Current)
+        );
+        assert_eq!(generation("IFCB5_2012_028_081515"), Some(Generation::Old));
+        for no in [
+            "D2013_IFCB013",
+            "IFCB5_2012_28_081515",
+            "img-001",
+            "D20130526T095207_IFCB",
+            "",
+        ] {
+            assert_eq!(generation(no), None, "{no}");
+        }
+    }
+
+    /// ROI geometry and pixels of two real bins against libifcb's (make_golden.py).
+    #[test]
+    fn real_bins_of_both_generations_match_libifcb() {
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join("golden.json")).unwrap())
+                .unwrap();
+        let bins = find_bins(&fixtures()).unwrap();
+        assert_eq!(bins.len(), 2, "{bins:?}");
+        for hdr in bins {
+            let bin = Bin::open(&hdr).unwrap();
+            let expected: Vec<&serde_json::Value> = golden[&bin.pid]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["width"].as_u64().unwrap() * r["height"].as_u64().unwrap() > 0)
+                .collect();
+            assert_eq!(bin.rois.len(), expected.len(), "{}", bin.pid);
+            let images = bin.images().unwrap();
+            for ((r, (id, img)), want) in bin.rois.iter().zip(&images).zip(&expected) {
+                assert_eq!(r.number as u64, want["number"].as_u64().unwrap());
+                assert_eq!(r.width as u64, want["width"].as_u64().unwrap());
+                assert_eq!(r.height as u64, want["height"].as_u64().unwrap());
+                assert_eq!(r.x as i64, want["x"].as_i64().unwrap());
+                assert_eq!(r.start_byte, want["start_byte"].as_u64().unwrap());
+                assert_eq!(id, &format!("{}_{:05}", bin.pid, r.number));
+                let hash = format!("{:016x}", plankton_core::rng::fnv1a64(img.as_raw()));
+                assert_eq!(hash, want["fnv1a64"].as_str().unwrap(), "{id}");
+            }
+        }
+    }
+
+    fn copy_bin(to: &Path) -> PathBuf {
+        let from = fixtures().join("D2013/D20130526/D20130526T095207_IFCB013");
+        for e in ["hdr", "adc", "roi"] {
+            std::fs::copy(
+                from.with_extension(e),
+                to.join(format!("D20130526T095207_IFCB013.{e}")),
+            )
+            .unwrap();
+        }
+        to.join("D20130526T095207_IFCB013.hdr")
+    }
+
+    #[test]
+    fn a_truncated_roi_file_a_missing_file_and_an_unknown_header_refuse_the_bin() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hdr = copy_bin(tmp.path());
+        assert!(Bin::open(&hdr).is_ok());
+        // Truncated (or still being written): refused whole, never half-counted.
+        let roi = hdr.with_extension("roi");
+        let len = std::fs::metadata(&roi).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&roi)
+            .unwrap()
+            .set_len(len - 100)
+            .unwrap();
+        let e = Bin::open(&hdr).unwrap_err().to_string();
+        assert!(e.contains("points past the end of the .roi file"), "{e}");
+        // No ADCFileFormat line: the columns are unknown.
+        let hdr2 = copy_bin(tmp.path());
+        let text = std::fs::read_to_string(&hdr2).unwrap();
+        let without: String = text
+            .lines()
+            .filter(|l| !l.starts_with("ADCFileFormat"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&hdr2, without).unwrap();
+        let e = Bin::open(&hdr2).unwrap_err().to_string();
+        assert!(e.contains("unknown header format"), "{e}");
+        // A missing .adc.
+        let hdr3 = copy_bin(tmp.path());
+        std::fs::remove_file(hdr3.with_extension("adc")).unwrap();
+        let e = Bin::open(&hdr3).unwrap_err().to_string();
+        assert!(e.contains(".adc") && e.contains("missing"), "{e}");
+        // A row whose numbers are not numbers.
+        let hdr4 = copy_bin(tmp.path());
+        let adc = std::fs::read_to_string(hdr4.with_extension("adc")).unwrap();
+        let mut lines: Vec<String> = adc.lines().map(String::from).collect();
+        let mut fields: Vec<&str> = lines[6].split(',').collect(); // ROI 7, the first image
+        fields[15] = "wide";
+        lines[6] = fields.join(",");
+        std::fs::write(hdr4.with_extension("adc"), lines.join("\n")).unwrap();
+        let e = Bin::open(&hdr4).unwrap_err().to_string();
+        assert!(e.contains("row 7: width `wide` is not a number"), "{e}");
+    }
+}
