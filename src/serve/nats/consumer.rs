@@ -666,7 +666,7 @@ impl Incoming {
             Some(g) => match spool::sanitize_id(g) {
                 Ok(id) => id,
                 Err(e) => {
-                    tracing::warn!(id = %crate::serve::one_line(g), error = %e, fallback = %fallback, "nats: a message's id is not usable; the stream sequence names it");
+                    tracing::warn!(id = %crate::serve::one_line(g.chars().take(64).collect::<String>()), error = %e, fallback = %fallback, "nats: a message's id is not usable; the stream sequence names it");
                     fallback.clone()
                 }
             },

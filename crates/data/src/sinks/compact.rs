@@ -1,15 +1,16 @@
 //! `plankton compact`: one row per image from the daemons' rolling prediction files. Delivery is
 //! at-least-once (a daemon killed between writing a row and acking its message leaves the
 //! message to another daemon, which writes a second row), so the files of a group of daemons
-//! may hold an image twice. Compaction keeps, for each `image_id`, the first row that has a
-//! prediction (files in name order, rows in file order), else the first error row, and writes
-//! them to one Parquet file with the same columns. The DuckDB equivalent is in the README.
+//! may hold an image twice. Compaction keeps, for each `image_id`, the earliest accepted row
+//! (`received_at`) that has a prediction, else the earliest error row (files without
+//! `received_at`: the first in input order), and writes them to one Parquet file with the same
+//! columns. The DuckDB equivalent is in the README.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use arrow::array::{Array, BooleanArray, StringArray};
+use arrow::array::{Array, BooleanArray, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::SchemaRef;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
@@ -121,13 +122,24 @@ fn merge_metadata(a: Vec<(String, String)>, b: &[(String, String)]) -> Vec<(Stri
     out
 }
 
+/// The row an image id keeps so far.
+struct Kept {
+    file: usize,
+    row: usize,
+    /// It has a prediction (no error).
+    predicted: bool,
+    /// When the daemon accepted it (ms), i64::MIN without that column.
+    when: i64,
+    /// Rows of this id seen.
+    count: usize,
+}
+
 /// Compacts `files` into `out` (written atomically).
 pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactError> {
     // Pass 1: which row of which file each id keeps (two columns read).
     let mut schema: Option<(SchemaRef, PathBuf)> = None;
     let mut metadata: Option<Vec<(String, String)>> = None;
-    // id -> (file, row, has prediction, rows seen)
-    let mut keep: HashMap<String, (usize, usize, bool, usize)> = HashMap::new();
+    let mut keep: HashMap<String, Kept> = HashMap::new();
     let mut rows = 0usize;
     for (fi, path) in files.iter().enumerate() {
         let builder = open(path)?;
@@ -170,7 +182,7 @@ pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactE
             Some(m) => merge_metadata(m, &kv),
         });
         let fields = builder.schema().fields();
-        let columns: Vec<usize> = ["image_id", "error"]
+        let columns: Vec<usize> = ["image_id", "error", "received_at"]
             .iter()
             .filter_map(|c| fields.iter().position(|f| f.name() == c))
             .collect();
@@ -190,16 +202,35 @@ pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactE
             })?;
             let ids = strings(&batch, "image_id", path)?;
             let errors = strings(&batch, "error", path)?;
+            // The daemon's acceptance time; files without it (plankton predict) keep input order.
+            let received = batch
+                .column_by_name("received_at")
+                .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>());
             for i in 0..batch.num_rows() {
                 let predicted = errors.is_null(i);
+                let when = received.map_or(i64::MIN, |r| r.value(i));
                 keep.entry(ids.value(i).to_string())
                     .and_modify(|k| {
-                        k.3 += 1;
-                        if predicted && !k.2 {
-                            (k.0, k.1, k.2) = (fi, row, true);
+                        k.count += 1;
+                        if (predicted && !k.predicted)
+                            || (predicted == k.predicted && when < k.when)
+                        {
+                            *k = Kept {
+                                file: fi,
+                                row,
+                                predicted,
+                                when,
+                                count: k.count,
+                            };
                         }
                     })
-                    .or_insert((fi, row, predicted, 1));
+                    .or_insert(Kept {
+                        file: fi,
+                        row,
+                        predicted,
+                        when,
+                        count: 1,
+                    });
                 row += 1;
             }
         }
@@ -210,8 +241,8 @@ pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactE
     };
     // Pass 2: each file's kept rows, in order.
     let mut kept_rows: Vec<Vec<usize>> = vec![Vec::new(); files.len()];
-    for (f, r, _, _) in keep.values() {
-        kept_rows[*f].push(*r);
+    for k in keep.values() {
+        kept_rows[k.file].push(k.row);
     }
     let mut writer = ParquetFile::create(out, schema, metadata.unwrap_or_default(), None)?;
     for (fi, path) in files.iter().enumerate() {
@@ -252,7 +283,7 @@ pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactE
         files: files.len(),
         rows,
         kept: keep.len(),
-        duplicated_ids: keep.values().filter(|k| k.3 > 1).count(),
+        duplicated_ids: keep.values().filter(|k| k.count > 1).count(),
     })
 }
 
@@ -333,6 +364,46 @@ mod tests {
             ],
             "x: the first file's row; y: the later row with a prediction"
         );
+    }
+
+    #[test]
+    fn the_earliest_accepted_row_wins_whatever_the_order_of_the_inputs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let file = |name: &str, p: f32, received: u64| {
+            let path = d.join(name);
+            let mut w = PredictionWriter::create_served(
+                &path,
+                vec!["a".into(), "b".into()],
+                "m",
+                &serde_json::json!({}),
+                2,
+            )
+            .unwrap();
+            w.push_served(
+                PredictionRow {
+                    image_id: "x".into(),
+                    source_path: "nats".into(),
+                    label: None,
+                    probabilities: Some(vec![p, 1.0 - p]),
+                    views: 1,
+                    error: None,
+                },
+                ServeColumns {
+                    received_unix_ms: received,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            w.finish().unwrap();
+            path
+        };
+        let later = file("a-later.parquet", 0.9, 2_000);
+        let earlier = file("b-earlier.parquet", 0.8, 1_000);
+        compact(&[later, earlier], &d.join("o.parquet")).unwrap();
+        let back = Predictions::read(&d.join("o.parquet")).unwrap();
+        assert_eq!(back.rows.len(), 1);
+        assert_eq!(back.rows[0].probabilities.as_ref().unwrap()[0], 0.8);
     }
 
     #[test]
