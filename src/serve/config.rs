@@ -195,7 +195,7 @@ pub struct NatsConfig {
     pub credentials_file: Option<PathBuf>,
     /// Refuse to talk to a server without TLS.
     pub tls: bool,
-    /// CA certificates (PEM) to trust beyond the system's.
+    /// CA certificates (PEM) to trust beyond the system's (TLS is then required).
     pub ca_file: Option<PathBuf>,
     /// Client certificate and key (PEM) for mutual TLS.
     pub client_cert: Option<PathBuf>,

@@ -113,7 +113,8 @@ pub async fn connect(
                 message: format!("cannot read the NATS credentials: {e}"),
             })?;
     }
-    if cfg.tls {
+    // A CA or a client certificate means TLS: required, not silently unused on a plain server.
+    if cfg.tls || cfg.ca_file.is_some() || cfg.client_cert.is_some() {
         opts = opts.require_tls(true);
     }
     if let Some(ca) = &cfg.ca_file {
