@@ -5,7 +5,7 @@
 //! and nothing is stored twice. What still fails is listed with its reason.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
@@ -104,10 +104,12 @@ fn list_files(inputs: &[PathBuf]) -> Result<Vec<Item>, String> {
     for input in inputs {
         let meta = std::fs::metadata(input).map_err(|e| format!("{}: {e}", input.display()))?;
         if meta.is_dir() {
-            let mut files = Vec::new();
-            walk(input, &mut files).map_err(|e| format!("{}: {e}", input.display()))?;
-            files.sort();
-            for f in files {
+            let listing = crate::fsx::files_under(input).map_err(|e| e.to_string())?;
+            for p in listing.other {
+                // Said, not silent.
+                tracing::warn!(path = %p.display(), "not published: not a regular file (a symbolic link, FIFO, socket or device)");
+            }
+            for f in listing.files {
                 let rel = f.strip_prefix(input).unwrap_or(&f).to_path_buf();
                 items.push(Item {
                     id: id_for_path(&rel),
@@ -125,25 +127,6 @@ fn list_files(inputs: &[PathBuf]) -> Result<Vec<Item>, String> {
         }
     }
     Ok(items)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        if e.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let t = e.file_type()?;
-        if t.is_dir() {
-            walk(&e.path(), out)?;
-        } else if t.is_file() {
-            out.push(e.path());
-        } else {
-            // Said, not silent: a link may point anywhere, a FIFO would block the reader.
-            tracing::warn!(path = %e.path().display(), "not published: not a regular file (a symbolic link, FIFO, socket or device)");
-        }
-    }
-    Ok(())
 }
 
 /// A message on its way: what to send again if its ack does not come.
@@ -329,6 +312,7 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn stream_subjects_with_wildcards_cover_concrete_subjects() {

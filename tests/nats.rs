@@ -12,12 +12,11 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use plankton::config::PipelineConfig;
-use plankton::sources::synth::{generate, SynthOptions};
-use plankton::train::{self, TrainOptions};
+#[path = "common/tiny_serve.rs"]
+mod tiny_serve;
+use tiny_serve::trained;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const STREAM: &str = "IMAGES";
@@ -146,58 +145,6 @@ fn subscribe(url: &str, subject: &str) -> std::sync::Arc<std::sync::Mutex<Vec<St
 
 // ---------------------------------------------------------------------------------------------
 // The tiny run and the images
-
-struct Trained {
-    _dir: tempfile::TempDir,
-    run: PathBuf,
-    images: Vec<PathBuf>,
-}
-
-fn trained() -> &'static Trained {
-    static RUN: OnceLock<Trained> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        generate(
-            &SynthOptions {
-                classes: 4,
-                per_class: 8,
-                test: 12,
-                seed: 11,
-                threads: 1,
-            },
-            &data,
-        )
-        .unwrap();
-        let config = PipelineConfig::from_toml_str(
-            include_str!("../pipelines/tiny-serve.toml"),
-            Path::new("pipelines/tiny-serve.toml"),
-        )
-        .unwrap();
-        let run = dir.path().join("run");
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let opts = TrainOptions {
-            config,
-            data: data.clone(),
-            out: run.clone(),
-            resume: false,
-            device: tch::Device::Cpu,
-            split_file: None,
-            stop: None,
-        };
-        train::run(&opts, rt.handle(), &mut |_| {}).unwrap();
-        let mut images: Vec<PathBuf> = std::fs::read_dir(data.join("test"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        images.sort();
-        Trained {
-            _dir: dir,
-            run,
-            images,
-        }
-    })
-}
 
 /// The id `plankton publish` (and the folder source) gives a file at `relative`.
 fn id_of(relative: &str) -> String {

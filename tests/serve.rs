@@ -12,79 +12,20 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use plankton::config::PipelineConfig;
 use plankton::sinks::parquet::{PredictionRow, Predictions};
-use plankton::sources::synth::{generate, SynthOptions};
-use plankton::train::{self, TrainOptions};
+
+#[path = "common/tiny_serve.rs"]
+mod tiny_serve;
+use tiny_serve::trained;
 
 /// How long anything may take before a test gives up (generous: CI machines are slow).
 const DEADLINE: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
-// The shared tiny run.
-
-struct Trained {
-    _dir: tempfile::TempDir,
-    run: PathBuf,
-    /// The synthetic dataset's unlabelled test images (JPEG).
-    images: Vec<PathBuf>,
-}
-
-/// One small run shared by the tests of this file (pipelines/tiny-serve.toml: 4 classes, 23x23
-/// patches, a few steps; the daemon's behaviour, not the model's accuracy, is under test).
-fn trained() -> &'static Trained {
-    static RUN: OnceLock<Trained> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        generate(
-            &SynthOptions {
-                classes: 4,
-                per_class: 8,
-                test: 12,
-                seed: 11,
-                threads: 1,
-            },
-            &data,
-        )
-        .unwrap();
-        let config = PipelineConfig::from_toml_str(
-            include_str!("../pipelines/tiny-serve.toml"),
-            Path::new("pipelines/tiny-serve.toml"),
-        )
-        .unwrap();
-        let run = dir.path().join("run");
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let opts = TrainOptions {
-            config,
-            data: data.clone(),
-            out: run.clone(),
-            resume: false,
-            device: tch::Device::Cpu,
-            split_file: None,
-            stop: None,
-        };
-        train::run(&opts, rt.handle(), &mut |_| {}).unwrap();
-        assert!(
-            run.join("best.safetensors").is_file(),
-            "the run has best weights"
-        );
-        let mut images: Vec<PathBuf> = std::fs::read_dir(data.join("test"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        images.sort();
-        assert!(images.len() >= 12, "{images:?}");
-        Trained {
-            _dir: dir,
-            run,
-            images,
-        }
-    })
-}
+// The shared tiny run (tests/common/tiny_serve.rs) and the binary.
 
 /// The binary under test: this build's, or `PLANKTON_SERVE_BIN` (to run these tests against
 /// another build, e.g. to show that a test fails on the build before its fix).

@@ -164,6 +164,70 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
     }
 }
 
+/// What is under a folder, recursively, hidden entries (a leading dot) left out: the regular
+/// files, sorted, and the other entries met (symbolic links, FIFOs, sockets, devices), which
+/// are not followed: a link may point anywhere, a FIFO would block its reader.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FilesUnder {
+    pub files: Vec<PathBuf>,
+    pub other: Vec<PathBuf>,
+}
+
+/// See [`FilesUnder`]; an error's message names the entry that could not be read.
+pub fn files_under(dir: &Path) -> io::Result<FilesUnder> {
+    let named = |p: &Path| {
+        let p = p.display().to_string();
+        move |e: io::Error| io::Error::new(e.kind(), format!("{p}: {e}"))
+    };
+    let mut out = FilesUnder::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(named(&d))? {
+            let e = e.map_err(named(&d))?;
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let t = e.file_type().map_err(named(&e.path()))?;
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                out.files.push(e.path());
+            } else {
+                out.other.push(e.path());
+            }
+        }
+    }
+    out.files.sort();
+    out.other.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod files_under_tests {
+    #[test]
+    fn regular_files_sorted_links_and_fifos_apart_hidden_left_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir_all(d.join("b/c")).unwrap();
+        std::fs::create_dir_all(d.join(".hidden")).unwrap();
+        for f in ["z.jpg", "b/c/a.png", "b/y.jpg", ".dot", ".hidden/h.jpg"] {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        std::os::unix::fs::symlink(d.join("z.jpg"), d.join("link.jpg")).unwrap();
+        std::os::unix::fs::symlink(d, d.join("b/loop")).unwrap();
+        let l = super::files_under(d).unwrap();
+        let rel = |v: &[std::path::PathBuf]| -> Vec<String> {
+            v.iter()
+                .map(|p| p.strip_prefix(d).unwrap().display().to_string())
+                .collect()
+        };
+        assert_eq!(rel(&l.files), ["b/c/a.png", "b/y.jpg", "z.jpg"]);
+        assert_eq!(rel(&l.other), ["b/loop", "link.jpg"], "links not followed");
+        let e = super::files_under(&d.join("missing")).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+}
+
 /// Flushes a folder's entries (a no-op where folders cannot be opened, i.e. not on Unix).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]

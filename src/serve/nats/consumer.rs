@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -532,6 +532,7 @@ impl NatsInput {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut last_progress = Instant::now();
         let mut last_sample = Instant::now();
+        let mut handle: Option<PullConsumer> = None;
         loop {
             tokio::select! {
                 s = settled.recv() => match s {
@@ -550,7 +551,7 @@ impl NatsInput {
                     }
                     if last_sample.elapsed() >= Duration::from_millis(500) && self.connected() {
                         last_sample = Instant::now();
-                        let _ = tokio::time::timeout(Duration::from_secs(2), self.sample(&js)).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(2), self.sample(&js, &mut handle)).await;
                     }
                 }
             }
@@ -602,14 +603,23 @@ impl NatsInput {
         metrics::counter!(counter).increment(1);
     }
 
-    async fn sample(&self, js: &jetstream::Context) {
-        let Ok(mut consumer) = js
-            .get_consumer_from_stream::<pull::Config, _, _>(&self.cfg.consumer, &self.cfg.stream)
-            .await
-        else {
+    /// Samples the consumer's counts (one request; the handle is looked up once and again
+    /// only after a failed sample, e.g. when the consumer was re-created).
+    async fn sample(&self, js: &jetstream::Context, handle: &mut Option<PullConsumer>) {
+        if handle.is_none() {
+            *handle = js
+                .get_consumer_from_stream(&self.cfg.consumer, &self.cfg.stream)
+                .await
+                .ok();
+        }
+        let Some(consumer) = handle.as_mut() else {
             return;
         };
-        if let Ok(info) = consumer.info().await {
+        let info = consumer.info().await.cloned();
+        if info.is_err() {
+            *handle = None;
+        }
+        if let Ok(info) = info {
             metrics::gauge!(CONSUMER_PENDING).set(info.num_pending as f64);
             metrics::gauge!(CONSUMER_ACK_PENDING).set(info.num_ack_pending as f64);
             metrics::gauge!(CONSUMER_REDELIVERED).set(info.num_redelivered as f64);

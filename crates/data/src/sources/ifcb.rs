@@ -260,24 +260,16 @@ impl Bin {
 /// The headers of the bins under `dir` (nested by date as labs store them), sorted; files
 /// that are not bin headers are left alone.
 pub fn find_bins(dir: &Path) -> Result<Vec<PathBuf>, IfcbError> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let listing = std::fs::read_dir(&d).map_err(|e| bad(&d, e.to_string()))?;
-        for e in listing.flatten() {
-            let p = e.path();
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "hdr")
+    let listing = plankton_core::fsx::files_under(dir).map_err(|e| bad(dir, e.to_string()))?;
+    Ok(listing
+        .files
+        .into_iter()
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "hdr")
                 && p.file_stem()
                     .is_some_and(|s| generation(&s.to_string_lossy()).is_some())
-            {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+        })
+        .collect())
 }
 
 #[cfg(test)]
