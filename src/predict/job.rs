@@ -22,7 +22,7 @@ use crate::model::Network;
 use crate::scoring::{self, Scores};
 use crate::sinks::parquet::{ParquetSinkError, PredictionRow, PredictionWriter};
 use crate::sinks::submission::{self, SubmissionRow, SubmissionSummary};
-use crate::sources::{Dataset, ImageRecord};
+use crate::sources::{is_dataset, Dataset, ImageRecord};
 use crate::split::Split;
 use crate::stages::batch::Batch;
 use crate::stages::normalise::ZmuvStats;
@@ -60,7 +60,7 @@ pub enum PredictError {
 /// Which images of a competition-layout dataset folder to predict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Subset {
-    /// `test/` (what a submission needs).
+    /// `test/` (what a submission needs); of a folder of IFCB bins, the ROIs without a label.
     #[default]
     Test,
     /// The run's own validation images (its split.csv): for calibration and evaluation.
@@ -320,10 +320,6 @@ impl LoadedModel {
         self.cfg.compute.precision = precision;
         self.net.set_compute(&self.cfg.compute);
     }
-}
-
-fn is_dataset(dir: &Path) -> bool {
-    dir.join("train").is_dir() || dir.join("test").is_dir()
 }
 
 /// Files under `dir`, recursively, sorted, hidden entries skipped.

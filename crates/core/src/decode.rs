@@ -59,6 +59,8 @@ pub enum DecodeError {
     },
     #[error("{path}: corrupt or truncated image: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: IFCB ROI: {reason}")]
+    BadRoi { path: PathBuf, reason: String },
 }
 
 impl DecodeError {
@@ -72,6 +74,7 @@ impl DecodeError {
             DecodeError::NotAnImage { .. } => "not_an_image",
             DecodeError::TooManyPixels { .. } => "too_many_pixels",
             DecodeError::Corrupt { .. } => "corrupt",
+            DecodeError::BadRoi { .. } => "bad_roi",
         }
     }
 
@@ -83,18 +86,31 @@ impl DecodeError {
             | DecodeError::TooManyBytes { path, .. }
             | DecodeError::NotAnImage { path }
             | DecodeError::TooManyPixels { path, .. }
-            | DecodeError::Corrupt { path, .. } => path,
+            | DecodeError::Corrupt { path, .. }
+            | DecodeError::BadRoi { path, .. } => path,
         }
     }
 }
 
-/// Reads and decodes one file.
+/// Reads and decodes one file. A path that names an IFCB ROI (`<bin folder>/<roi pid>`, see
+/// [`crate::ifcb::Bin::roi_path`]) is read from its bin.
 pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<GrayImage, DecodeError> {
     let io = |source| DecodeError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
+    let meta = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return match crate::ifcb::read_roi(path, limits.max_pixels) {
+                Some(roi) => roi.map_err(|reason| DecodeError::BadRoi {
+                    path: path.to_path_buf(),
+                    reason,
+                }),
+                None => Err(io(e)),
+            }
+        }
+        other => other.map_err(io)?,
+    };
     // Opening a FIFO with no writer blocks forever; a device could be endless.
     if !meta.is_file() {
         return Err(DecodeError::NotAFile {

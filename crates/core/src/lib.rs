@@ -9,6 +9,7 @@ pub mod decode;
 pub mod features;
 pub mod fsx;
 pub mod halton;
+pub mod ifcb;
 pub mod imgproc;
 pub mod lbfgs;
 pub mod metrics;

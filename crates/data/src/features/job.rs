@@ -131,11 +131,11 @@ pub struct FeaturesSummary {
     pub seconds: f64,
 }
 
-/// Records of dataset folders (train then test), other folders (recursively) and files.
+/// Records of dataset folders (train then test; the competition layout or IFCB bins), other folders (recursively) and files.
 fn records(data: &[PathBuf]) -> Result<Vec<(ImageRecord, Option<String>)>, FeaturesError> {
     let mut out = Vec::new();
     for d in data {
-        if d.is_dir() && (d.join("train").is_dir() || d.join("test").is_dir()) {
+        if d.is_dir() && crate::sources::is_dataset(d) {
             let ds = Dataset::open(d)?;
             for r in ds.train.iter().chain(&ds.test) {
                 let label = r.label.map(|l| ds.class_names[l as usize].clone());

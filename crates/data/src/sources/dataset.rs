@@ -126,7 +126,7 @@ pub fn read_submission_classes(path: &Path) -> Result<Vec<String>, DatasetError>
     Ok(classes)
 }
 
-/// Reads `image,class` rows.
+/// Reads `image,class` rows (`pid,class` too: IFCB ROI pids).
 pub fn read_labels_csv(path: &Path) -> Result<Vec<(String, String)>, DatasetError> {
     let bad = |reason: String| DatasetError::BadCsv {
         path: path.to_path_buf(),
@@ -145,9 +145,9 @@ pub fn read_labels_csv(path: &Path) -> Result<Vec<(String, String)>, DatasetErro
         .iter()
         .map(|h| h.trim_start_matches('\u{feff}').trim())
         .collect();
-    if names != ["image", "class"] {
+    if names != ["image", "class"] && names != ["pid", "class"] {
         return Err(bad(format!(
-            "expected header `image,class`, found {:?}",
+            "expected header `image,class` (or `pid,class`), found {:?}",
             names.join(",")
         )));
     }
@@ -166,8 +166,14 @@ pub fn read_labels_csv(path: &Path) -> Result<Vec<(String, String)>, DatasetErro
     Ok(rows)
 }
 
+/// True when `dir` is a dataset: the competition layout or a folder of IFCB bins.
+pub fn is_dataset(dir: &Path) -> bool {
+    dir.join("train").is_dir() || dir.join("test").is_dir() || crate::sources::ifcb::has_bins(dir)
+}
+
 impl Dataset {
-    /// Lists a dataset folder. Fails only when the folder is not a dataset at all.
+    /// Lists a dataset folder: the competition layout, or IFCB bins (see [`Dataset::open_bins`]).
+    /// Fails only when the folder is not a dataset at all.
     pub fn open(root: &Path) -> Result<Dataset, DatasetError> {
         let not = |reason: &str| DatasetError::NotADataset {
             path: root.to_path_buf(),
@@ -178,7 +184,12 @@ impl Dataset {
         }
         let (train_dir, test_dir) = (root.join("train"), root.join("test"));
         if !train_dir.is_dir() && !test_dir.is_dir() {
-            return Err(not("expected a `train/<class>/` and/or a `test/` folder"));
+            if crate::sources::ifcb::has_bins(root) {
+                return Dataset::open_bins(root);
+            }
+            return Err(not(
+                "expected a `train/<class>/` and/or a `test/` folder, or IFCB bins",
+            ));
         }
         let mut problems = Vec::new();
         let submission = root.join("sampleSubmission.csv");
@@ -309,6 +320,152 @@ impl Dataset {
         })
     }
 
+    /// A folder of IFCB bins (nested by date as labs store them): every ROI is an image, its id
+    /// the ROI pid. Labels come from `labels.csv` (`pid,class`) and from EcoTaxa tables
+    /// (`ecotaxa*.tsv`: validated objects only, `object_id` = ROI pid) at the folder's top;
+    /// labelled ROIs are the training images, the rest test images. The class order is
+    /// `sampleSubmission.csv`'s when present, else the labels' names sorted. A bin that cannot
+    /// be read whole is a problem with its reason, and none of its ROIs is used.
+    pub fn open_bins(root: &Path) -> Result<Dataset, DatasetError> {
+        let listing =
+            crate::sources::ifcb::list_rois(root).map_err(|e| DatasetError::NotADataset {
+                path: root.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let mut problems: Vec<LayoutProblem> = listing
+            .refused
+            .into_iter()
+            .map(|(path, reason)| LayoutProblem {
+                path,
+                reason: format!("IFCB bin refused: {reason}"),
+            })
+            .collect();
+        // Label and class files at the top are ours to read, not strays.
+        let label_files: Vec<PathBuf> = listing
+            .other
+            .iter()
+            .filter(|p| p.parent() == Some(root))
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+                name == "labels.csv"
+                    || (name.starts_with("ecotaxa") && name.ends_with(".tsv"))
+            })
+            .cloned()
+            .collect();
+        for path in &listing.other {
+            let known = label_files.contains(path) || *path == root.join("sampleSubmission.csv");
+            if !known {
+                problems.push(LayoutProblem {
+                    path: path.clone(),
+                    reason: "not part of an IFCB bin: skipped".into(),
+                });
+            }
+        }
+        let mut labels: Vec<(String, String, PathBuf)> = Vec::new();
+        for path in &label_files {
+            if path.extension().is_some_and(|x| x == "csv") {
+                labels.extend(
+                    read_labels_csv(path)?
+                        .into_iter()
+                        .map(|(id, c)| (id, c, path.clone())),
+                );
+            } else {
+                let objects = crate::sources::ecotaxa::read_table(path).map_err(|e| {
+                    DatasetError::BadCsv {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                labels.extend(objects.iter().filter_map(|o| {
+                    o.validated_category()
+                        .map(|c| (o.object_id.clone(), c.to_string(), path.clone()))
+                }));
+            }
+        }
+        let submission = root.join("sampleSubmission.csv");
+        let class_names = if submission.is_file() {
+            read_submission_classes(&submission)?
+        } else {
+            let set: std::collections::BTreeSet<&str> =
+                labels.iter().map(|(_, c, _)| c.as_str()).collect();
+            set.into_iter().map(String::from).collect()
+        };
+        let index: HashMap<&str, u32> = class_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i as u32))
+            .collect();
+        let mut by_id: HashMap<&str, (&str, &Path)> = HashMap::new();
+        let mut conflicting = std::collections::BTreeSet::new();
+        for (id, class, path) in &labels {
+            match by_id.get(id.as_str()) {
+                Some((first, _)) if first != class => {
+                    conflicting.insert(id.as_str());
+                }
+                _ => {
+                    by_id.insert(id, (class, path));
+                }
+            }
+        }
+        for id in &conflicting {
+            by_id.remove(id);
+            problems.push(LayoutProblem {
+                path: root.to_path_buf(),
+                reason: format!("{id} is labelled with two classes: left unlabelled"),
+            });
+        }
+        let (mut train, mut test) = (Vec::new(), Vec::new());
+        let mut used = std::collections::HashSet::new();
+        for (id, path) in listing.rois {
+            let label = match by_id.get(id.as_str()) {
+                Some((class, from)) => match index.get(class) {
+                    Some(&l) => Some(l),
+                    None => {
+                        problems.push(LayoutProblem {
+                            path: from.to_path_buf(),
+                            reason: format!("label `{class}` of {id} is not a known class"),
+                        });
+                        None
+                    }
+                },
+                None => None,
+            };
+            used.insert(id.clone());
+            let rec = ImageRecord { id, path, label };
+            if label.is_some() {
+                train.push(rec);
+            } else {
+                test.push(rec);
+            }
+        }
+        let missing: Vec<&str> = by_id
+            .keys()
+            .filter(|id| !used.contains(**id))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            let mut missing = missing;
+            missing.sort();
+            problems.push(LayoutProblem {
+                path: root.to_path_buf(),
+                reason: format!(
+                    "{} labelled ids are not ROIs of these bins (first: {})",
+                    missing.len(),
+                    missing[0]
+                ),
+            });
+        }
+        // The competition layout's order: by class, then id.
+        train.sort_by(|a, b| (a.label, &a.id).cmp(&(b.label, &b.id)));
+        Ok(Dataset {
+            root: root.to_path_buf(),
+            class_names,
+            train,
+            test,
+            problems,
+        })
+    }
+
     /// Per-class counts of the labelled images.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.class_names.len()];
@@ -381,4 +538,72 @@ mod csv_tests {
             ds.problems
         );
     }
+
+    /// A lab's folder of bins: labels from a CSV and from an EcoTaxa export, the rest test
+    /// images; a refused bin and a stray file are named, a doubly labelled ROI left unlabelled.
+    #[test]
+    fn a_folder_of_ifcb_bins_is_a_dataset_labelled_from_csv_and_ecotaxa() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ifcb");
+        let dir = tempfile::tempdir().unwrap();
+        let mut all = Vec::new();
+        for hdr in crate::sources::ifcb::find_bins(&fixtures).unwrap() {
+            let rel = hdr.parent().unwrap().strip_prefix(&fixtures).unwrap();
+            let to = dir.path().join("data").join(rel);
+            std::fs::create_dir_all(&to).unwrap();
+            for e in ["hdr", "adc", "roi"] {
+                let f = hdr.with_extension(e);
+                std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+            }
+            let bin = crate::sources::ifcb::Bin::open(&hdr).unwrap();
+            all.extend(bin.rois.iter().map(|r| bin.roi_id(r)));
+        }
+        let root = dir.path().join("data");
+        assert!(is_dataset(&root));
+        let ds = Dataset::open(&root).unwrap();
+        assert!(ds.class_names.is_empty() && ds.train.is_empty());
+        assert_eq!(ds.test.len(), all.len());
+
+        std::fs::write(
+            root.join("labels.csv"),
+            format!("pid,class\n{},copepod\n{},diatom\n{},copepod\n", all[0], all[1], all[2]),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("ecotaxa_validated.tsv"),
+            format!(
+                "object_id\tobject_annotation_status\tobject_annotation_category\n\
+                 {}\tvalidated\tdiatom\n{}\tpredicted\tcopepod\n{}\tvalidated\tcopepod\n",
+                all[3], all[4], all[1]
+            ),
+        )
+        .unwrap();
+        std::fs::write(root.join("cruise.txt"), b"notes").unwrap();
+        let ds = Dataset::open(&root).unwrap();
+        assert_eq!(ds.class_names, vec!["copepod", "diatom"]);
+        let labelled: Vec<(&str, u32)> =
+            ds.train.iter().map(|r| (r.id.as_str(), r.label.unwrap())).collect();
+        assert_eq!(
+            labelled,
+            vec![(all[0].as_str(), 0), (all[2].as_str(), 0), (all[3].as_str(), 1)],
+            "all[1] has two classes, all[4] is only predicted"
+        );
+        assert_eq!(ds.test.len(), all.len() - 3);
+        let reasons: Vec<String> = ds.problems.iter().map(|p| p.to_string()).collect();
+        assert!(reasons.iter().any(|r| r.contains(&format!("{} is labelled with two classes", all[1]))), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("cruise.txt: not part of an IFCB bin")), "{reasons:?}");
+        // Every ROI path decodes through its bin.
+        for r in ds.train.iter().chain(&ds.test) {
+            plankton_core::decode::decode_file(&r.path, &Default::default()).unwrap();
+        }
+        // A bin cut short is refused whole: none of its ROIs is listed.
+        let old = crate::sources::ifcb::find_bins(&root).unwrap()[0].with_extension("roi");
+        std::fs::OpenOptions::new().write(true).open(&old).unwrap().set_len(100).unwrap();
+        let ds2 = Dataset::open(&root).unwrap();
+        assert!(ds2.train.len() + ds2.test.len() < all.len());
+        assert!(ds2
+            .problems
+            .iter()
+            .any(|p| p.reason.starts_with("IFCB bin refused") && p.reason.contains("past the end")));
+    }
 }
+

@@ -1,7 +1,8 @@
 //! Sources: where image records (id, path, label if any) come from.
 pub mod dataset;
-pub mod ifcb;
+pub mod ecotaxa;
+pub use plankton_core::ifcb;
 pub mod planktonclas;
 pub mod synth;
 
-pub use dataset::{Dataset, DatasetError, ImageRecord, LayoutProblem};
+pub use dataset::{is_dataset, Dataset, DatasetError, ImageRecord, LayoutProblem};

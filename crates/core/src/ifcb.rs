@@ -260,16 +260,158 @@ impl Bin {
 /// The headers of the bins under `dir` (nested by date as labs store them), sorted; files
 /// that are not bin headers are left alone.
 pub fn find_bins(dir: &Path) -> Result<Vec<PathBuf>, IfcbError> {
-    let listing = plankton_core::fsx::files_under(dir).map_err(|e| bad(dir, e.to_string()))?;
+    let listing = crate::fsx::files_under(dir).map_err(|e| bad(dir, e.to_string()))?;
     Ok(listing
         .files
         .into_iter()
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "hdr")
-                && p.file_stem()
-                    .is_some_and(|s| generation(&s.to_string_lossy()).is_some())
-        })
+        .filter(|p| is_bin_header(p))
         .collect())
+}
+
+/// Splits a ROI pid (`<bin pid>_<5-digit number>`) into the bin pid and the ROI number.
+pub fn parse_roi_pid(name: &str) -> Option<(&str, u32)> {
+    let (bin, number) = name.rsplit_once('_')?;
+    if number.len() != 5 || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    generation(bin)?;
+    Some((bin, number.parse().ok()?))
+}
+
+impl Bin {
+    /// Where a ROI is addressed as a file: `<bin folder>/<roi pid>` (no such file exists; the
+    /// decode stage reads the pixels from the bin), so every stage that takes a path takes ROIs.
+    pub fn roi_path(&self, r: &Roi) -> PathBuf {
+        self.hdr.with_file_name(self.roi_id(r))
+    }
+}
+
+/// What a folder of bins holds: every ROI (id, path) of the bins that open, the bins refused
+/// with their reason, and the files that belong to no bin.
+#[derive(Debug, Default)]
+pub struct BinListing {
+    pub rois: Vec<(String, PathBuf)>,
+    pub bins: usize,
+    pub refused: Vec<(PathBuf, String)>,
+    pub other: Vec<PathBuf>,
+}
+
+/// Lists the ROIs of the bins under `dir` (nested by date as labs store them), in bin then ADC
+/// order. A bin that does not open is refused whole, with its reason.
+pub fn list_rois(dir: &Path) -> Result<BinListing, IfcbError> {
+    let listing = crate::fsx::files_under(dir).map_err(|e| bad(dir, e.to_string()))?;
+    let mut out = BinListing::default();
+    let mut stems = std::collections::HashSet::new();
+    for hdr in listing.files.iter().filter(|p| is_bin_header(p)) {
+        stems.insert(hdr.with_extension(""));
+        match Bin::open(hdr) {
+            Ok(bin) => {
+                out.bins += 1;
+                out.rois
+                    .extend(bin.rois.iter().map(|r| (bin.roi_id(r), bin.roi_path(r))));
+            }
+            Err(IfcbError::Bin { path, reason }) => out.refused.push((path, reason)),
+        }
+    }
+    for f in listing.files {
+        let part_of_bin = f
+            .extension()
+            .is_some_and(|x| x == "hdr" || x == "adc" || x == "roi")
+            && stems.contains(&f.with_extension(""));
+        if !part_of_bin {
+            // An .adc or .roi whose header is missing is a bin that cannot be read.
+            if f.extension().is_some_and(|x| x == "adc" || x == "roi")
+                && f.file_stem()
+                    .is_some_and(|s| generation(&s.to_string_lossy()).is_some())
+            {
+                out.refused.push((
+                    f.with_extension("hdr"),
+                    "missing: a bin is its .hdr, .adc and .roi files".into(),
+                ));
+            } else {
+                out.other.push(f);
+            }
+        }
+    }
+    out.refused.sort();
+    out.refused.dedup();
+    Ok(out)
+}
+
+fn is_bin_header(p: &Path) -> bool {
+    p.extension().is_some_and(|x| x == "hdr")
+        && p.file_stem()
+            .is_some_and(|s| generation(&s.to_string_lossy()).is_some())
+}
+
+/// True when `dir` holds at least one bin header (at any depth).
+pub fn has_bins(dir: &Path) -> bool {
+    crate::fsx::files_under(dir).is_ok_and(|l| l.files.iter().any(|p| is_bin_header(p)))
+}
+
+/// Bins opened recently, so that reading a bin's ROIs one by one parses its ADC file once.
+/// Keyed by the header and the ADC and ROI files' sizes and times: a bin still being written
+/// is opened again.
+type BinKey = (PathBuf, u64, Option<std::time::SystemTime>, u64);
+static OPEN_BINS: std::sync::Mutex<Vec<(BinKey, std::sync::Arc<Bin>)>> =
+    std::sync::Mutex::new(Vec::new());
+const OPEN_BINS_KEPT: usize = 64;
+
+fn open_cached(hdr: &Path) -> Result<std::sync::Arc<Bin>, IfcbError> {
+    let stat = |p: &Path| std::fs::metadata(p).map_err(|e| bad(p, e.to_string()));
+    let (adc, roi) = (
+        stat(&hdr.with_extension("adc"))?,
+        stat(&hdr.with_extension("roi"))?,
+    );
+    let key = (hdr.to_path_buf(), adc.len(), adc.modified().ok(), roi.len());
+    if let Some((_, bin)) = OPEN_BINS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(k, _)| *k == key)
+    {
+        return Ok(bin.clone());
+    }
+    let bin = std::sync::Arc::new(Bin::open(hdr)?);
+    let mut open = OPEN_BINS.lock().unwrap_or_else(|e| e.into_inner());
+    if open.len() >= OPEN_BINS_KEPT {
+        open.remove(0);
+    }
+    open.push((key, bin.clone()));
+    Ok(bin)
+}
+
+/// Reads the ROI that `path` addresses (`<bin folder>/<roi pid>`, see [`Bin::roi_path`]);
+/// None when `path` does not name a ROI of a bin beside it. `max_pixels` refuses absurd sizes
+/// before reading.
+pub fn read_roi(path: &Path, max_pixels: u64) -> Option<Result<image::GrayImage, String>> {
+    let name = path.file_name()?.to_str()?;
+    let (bin_pid, number) = parse_roi_pid(name)?;
+    let hdr = path.with_file_name(format!("{bin_pid}.hdr"));
+    if !hdr.is_file() {
+        return None;
+    }
+    Some((|| {
+        let bin = open_cached(&hdr).map_err(|e| format!("bin not readable: {e}"))?;
+        let r = bin
+            .rois
+            .binary_search_by_key(&number, |r| r.number)
+            .map(|i| &bin.rois[i])
+            .map_err(|_| format!("bin {bin_pid} has no ROI {number} with an image"))?;
+        let pixels = r.width as u64 * r.height as u64;
+        if pixels > max_pixels {
+            return Err(format!(
+                "{}x{} pixels exceeds the limit of {max_pixels} pixels",
+                r.width, r.height
+            ));
+        }
+        let mut buf = vec![0u8; pixels as usize];
+        let file =
+            std::fs::File::open(&bin.roi).map_err(|e| format!("{}: {e}", bin.roi.display()))?;
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, r.start_byte)
+            .map_err(|e| format!("{}: ROI {number}: {e}", bin.roi.display()))?;
+        Ok(image::GrayImage::from_raw(r.width, r.height, buf).expect("width x height bytes"))
+    })())
 }
 
 #[cfg(test)]
@@ -323,7 +465,7 @@ mod tests {
                 assert_eq!(r.x as i64, want["x"].as_i64().unwrap());
                 assert_eq!(r.start_byte, want["start_byte"].as_u64().unwrap());
                 assert_eq!(id, &format!("{}_{:05}", bin.pid, r.number));
-                let hash = format!("{:016x}", plankton_core::rng::fnv1a64(img.as_raw()));
+                let hash = format!("{:016x}", crate::rng::fnv1a64(img.as_raw()));
                 assert_eq!(hash, want["fnv1a64"].as_str().unwrap(), "{id}");
             }
         }
@@ -383,5 +525,85 @@ mod tests {
         std::fs::write(hdr4.with_extension("adc"), lines.join("\n")).unwrap();
         let e = Bin::open(&hdr4).unwrap_err().to_string();
         assert!(e.contains("row 7: width `wide` is not a number"), "{e}");
+    }
+
+    /// A ROI addressed by its pid path decodes to the same pixels as the bin read whole; the
+    /// listing names a refused bin and leaves stray files apart.
+    #[test]
+    fn rois_read_by_pid_path_equal_the_bin_read_whole_and_bad_bins_are_listed_apart() {
+        use crate::decode::{decode_file, DecodeLimits};
+        let tmp = tempfile::tempdir().unwrap();
+        let day = tmp.path().join("2013/D20130526");
+        std::fs::create_dir_all(&day).unwrap();
+        let hdr = copy_bin(&day);
+        std::fs::write(tmp.path().join("notes.txt"), b"cruise log").unwrap();
+        let bin = Bin::open(&hdr).unwrap();
+        let listing = list_rois(tmp.path()).unwrap();
+        assert_eq!((listing.bins, listing.rois.len()), (1, bin.rois.len()));
+        assert_eq!(listing.other, vec![tmp.path().join("notes.txt")]);
+        for ((id, path), (want_id, want)) in listing.rois.iter().zip(bin.images().unwrap()) {
+            assert_eq!(id, &want_id);
+            assert_eq!(path, &day.join(&want_id));
+            let img = decode_file(path, &DecodeLimits::default()).unwrap();
+            assert_eq!(img, want, "{id}");
+        }
+        assert_eq!(
+            parse_roi_pid("D20130526T095207_IFCB013_00007"),
+            Some(("D20130526T095207_IFCB013", 7))
+        );
+        // A ROI number without an image, and a pid path whose bin is not there.
+        let e = decode_file(
+            &day.join("D20130526T095207_IFCB013_00001"),
+            &DecodeLimits::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("has no ROI 1 with an image"), "{e}");
+        let e = decode_file(
+            &day.join("D20990526T095207_IFCB013_00007"),
+            &DecodeLimits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), "io", "{e}");
+        // A second bin, truncated after listing: its ROIs fail with the bin's reason.
+        let other = tmp.path().join("2013/D20130527");
+        std::fs::create_dir_all(&other).unwrap();
+        for e in ["hdr", "adc", "roi"] {
+            std::fs::copy(
+                hdr.with_extension(e),
+                other.join(format!("D20130527T095207_IFCB013.{e}")),
+            )
+            .unwrap();
+        }
+        let roi = other.join("D20130527T095207_IFCB013.roi");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&roi)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        std::fs::remove_file(other.join("D20130527T095207_IFCB013.hdr")).unwrap();
+        let listing = list_rois(tmp.path()).unwrap();
+        assert_eq!(listing.bins, 1);
+        assert_eq!(listing.refused.len(), 1, "{:?}", listing.refused);
+        assert!(
+            listing.refused[0].1.contains("missing"),
+            "{:?}",
+            listing.refused
+        );
+        std::fs::copy(&hdr, other.join("D20130527T095207_IFCB013.hdr")).unwrap();
+        let listing = list_rois(tmp.path()).unwrap();
+        assert_eq!(listing.refused.len(), 1, "{:?}", listing.refused);
+        assert!(
+            listing.refused[0].1.contains("past the end"),
+            "{:?}",
+            listing.refused
+        );
+        let e = decode_file(
+            &other.join("D20130527T095207_IFCB013_00007"),
+            &DecodeLimits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), "bad_roi");
+        assert!(e.to_string().contains("past the end"), "{e}");
     }
 }
