@@ -250,6 +250,7 @@ async fn train_demo(
         resume: false,
         device: tch::Device::Cpu,
         split_file: None,
+        init_from: None,
         stop: None,
     };
     let handle = tokio::runtime::Handle::current();

@@ -84,6 +84,7 @@ transforms = 8
             resume: false,
             device: tch::Device::Cpu,
             split_file: None,
+            init_from: None,
             stop: None,
         };
         let summary = train::run(&opts, rt.handle(), &mut |_| {}).unwrap();

@@ -109,6 +109,7 @@ fn train(
         resume,
         device: tch::Device::Cpu,
         split_file: None,
+        init_from: None,
         stop: Some(stop.clone()),
     };
     let mut pseudo_images = usize::MAX;

@@ -280,6 +280,7 @@ fn bad_images_are_set_aside_and_training_goes_on() {
         resume: false,
         device: tch::Device::Cpu,
         split_file: None,
+        init_from: None,
         stop: None,
     };
     let summary = train::run(&opts, rt.handle(), &mut |_| {}).unwrap();
@@ -571,6 +572,7 @@ fn a_small_cyclic_net_learns_synthetic_classes() {
         resume: false,
         device: tch::Device::Cpu,
         split_file: None,
+        init_from: None,
         stop: None,
     };
     let s = train::run(&opts, rt.handle(), &mut |_| {}).unwrap();

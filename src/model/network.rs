@@ -468,6 +468,98 @@ impl Network {
     }
 }
 
+/// What [`Network::init_from`] carried over from an earlier run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InitFrom {
+    /// Classes of both runs: their output rows are the earlier run's.
+    pub kept: Vec<String>,
+    /// Classes only this run has: fresh output rows.
+    pub added: Vec<String>,
+    /// Classes only the earlier run had: their rows are left out.
+    pub dropped: Vec<String>,
+}
+
+impl Network {
+    /// Starts from an earlier run's weights (fine-tuning when the class list changes): every
+    /// layer but the classifier must match in name and shape and is copied; the classifier's
+    /// rows (weight and bias) are copied by class name, so classes of both runs keep what they
+    /// learned, new classes start from this network's fresh initialisation and classes the
+    /// earlier run alone had are dropped.
+    pub fn init_from(
+        &mut self,
+        path: &Path,
+        old_classes: &[String],
+        new_classes: &[String],
+    ) -> Result<InitFrom, ModelError> {
+        let err = |message: String| ModelError::Io {
+            path: path.to_path_buf(),
+            message,
+        };
+        let stored = Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?;
+        let by_name: std::collections::HashMap<String, Tensor> = stored.into_iter().collect();
+        let is_classifier = |n: &str| n == "classifier.weight" || n == "classifier.bias";
+        for p in &self.params {
+            let t = by_name.get(&p.name).ok_or_else(|| {
+                err(format!(
+                    "no tensor named {}: the earlier run's network is another architecture",
+                    p.name
+                ))
+            })?;
+            let (have, want) = (t.size(), p.tensor.size());
+            let same = if is_classifier(&p.name) {
+                have.first() == Some(&(old_classes.len() as i64)) && have[1..] == want[1..]
+            } else {
+                have == want
+            };
+            if !same {
+                return Err(err(format!(
+                    "{}: stored shape {have:?}, this network has {want:?} (with {} earlier classes): the networks differ",
+                    p.name,
+                    old_classes.len()
+                )));
+            }
+        }
+        let old_index: std::collections::HashMap<&str, i64> = old_classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i as i64))
+            .collect();
+        let _guard = tch::no_grad_guard();
+        for p in self.params.iter_mut() {
+            let t = &by_name[&p.name];
+            if !is_classifier(&p.name) {
+                p.tensor.copy_(t);
+                continue;
+            }
+            for (i, class) in new_classes.iter().enumerate() {
+                if let Some(&j) = old_index.get(class.as_str()) {
+                    p.tensor
+                        .get(i as i64)
+                        .copy_(&t.get(j).to_device(p.tensor.device()));
+                }
+            }
+        }
+        let new: std::collections::HashSet<&str> = new_classes.iter().map(String::as_str).collect();
+        Ok(InitFrom {
+            kept: new_classes
+                .iter()
+                .filter(|c| old_index.contains_key(c.as_str()))
+                .cloned()
+                .collect(),
+            added: new_classes
+                .iter()
+                .filter(|c| !old_index.contains_key(c.as_str()))
+                .cloned()
+                .collect(),
+            dropped: old_classes
+                .iter()
+                .filter(|c| !new.contains(c.as_str()))
+                .cloned()
+                .collect(),
+        })
+    }
+}
+
 fn build_branch(
     cfg: &ModelConfig,
     bi: usize,

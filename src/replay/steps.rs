@@ -320,6 +320,7 @@ fn train_member(
         resume,
         device,
         split_file: Some(split.to_path_buf()),
+        init_from: None,
         stop,
     };
     let summary = train::run(&opts, rt, &mut |event| {

@@ -86,6 +86,9 @@ pub struct TrainOptions {
     pub split_file: Option<PathBuf>,
     /// Set to stop after the current step; the run writes a checkpoint and returns.
     pub stop: Option<tokio_util::sync::CancellationToken>,
+    /// Fine-tune: start a new run from this earlier run's weights (best, else final), output
+    /// rows matched by class name (see `Network::init_from`).
+    pub init_from: Option<PathBuf>,
 }
 
 /// Progress reported while training.

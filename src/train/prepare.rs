@@ -91,6 +91,8 @@ pub(super) fn prepare(
         None => {
             if opts.resume {
                 tracing::warn!(run = %run.root.display(), "no checkpoint yet: starting from step 0");
+            } else if let Some(from) = &opts.init_from {
+                init_from(run, from, &ds, &mut net)?;
             }
             (TrainState::default(), Vec::new())
         }
@@ -176,6 +178,54 @@ fn resumed_config(
 fn write_pipeline(run: &RunDir, cfg: &PipelineConfig) -> Result<(), TrainError> {
     let text = toml::to_string_pretty(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
     run_dir::write_atomic(&run.pipeline(), text.as_bytes())?;
+    Ok(())
+}
+
+/// A new run starts from an earlier run's weights; what was carried over is kept in the run
+/// (`init_from.json`) and logged.
+fn init_from(run: &RunDir, from: &Path, ds: &Dataset, net: &mut Network) -> Result<(), TrainError> {
+    let earlier = RunDir::new(from);
+    let weights = [earlier.best_weights(), earlier.final_weights()]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            TrainError::Config(format!(
+                "--init-from {}: no weights (best.safetensors or model.safetensors): not a trained run",
+                from.display()
+            ))
+        })?;
+    let classes: Vec<String> = std::fs::read_to_string(earlier.classes())
+        .map_err(|e| TrainError::io(&earlier.classes(), e))?
+        .lines()
+        .map(str::to_string)
+        .filter(|c| !c.is_empty())
+        .collect();
+    let carried = net
+        .init_from(&weights, &classes, &ds.class_names)
+        .map_err(|e| TrainError::Config(format!("--init-from {}: {e}", from.display())))?;
+    if carried.kept.is_empty() {
+        tracing::warn!(from = %from.display(), "no class in common with the earlier run: only its features carry over");
+    }
+    tracing::info!(
+        from = %weights.display(),
+        kept = carried.kept.len(),
+        added = ?carried.added,
+        dropped = ?carried.dropped,
+        "fine-tuning from an earlier run"
+    );
+    let record = serde_json::json!({
+        "run": from.display().to_string(),
+        "weights": weights.display().to_string(),
+        "kept": carried.kept,
+        "added": carried.added,
+        "dropped": carried.dropped,
+    });
+    run_dir::write_atomic(
+        &run.root.join("init_from.json"),
+        serde_json::to_string_pretty(&record)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     Ok(())
 }
 

@@ -47,6 +47,7 @@ pub fn trained() -> &'static Trained {
             resume: false,
             device: tch::Device::Cpu,
             split_file: None,
+            init_from: None,
             stop: None,
         };
         train::run(&opts, rt.handle(), &mut |_| {}).unwrap();

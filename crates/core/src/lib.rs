@@ -5,6 +5,7 @@
 //! (`cargo test -p plankton-core`).
 pub mod aggregate;
 pub mod calibration;
+pub mod clock;
 pub mod decode;
 pub mod features;
 pub mod fsx;

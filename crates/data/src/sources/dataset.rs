@@ -346,9 +346,11 @@ impl Dataset {
             .iter()
             .filter(|p| p.parent() == Some(root))
             .filter(|p| {
-                let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-                name == "labels.csv"
-                    || (name.starts_with("ecotaxa") && name.ends_with(".tsv"))
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                name == "labels.csv" || (name.starts_with("ecotaxa") && name.ends_with(".tsv"))
             })
             .cloned()
             .collect();
@@ -565,7 +567,10 @@ mod csv_tests {
 
         std::fs::write(
             root.join("labels.csv"),
-            format!("pid,class\n{},copepod\n{},diatom\n{},copepod\n", all[0], all[1], all[2]),
+            format!(
+                "pid,class\n{},copepod\n{},diatom\n{},copepod\n",
+                all[0], all[1], all[2]
+            ),
         )
         .unwrap();
         std::fs::write(
@@ -580,30 +585,53 @@ mod csv_tests {
         std::fs::write(root.join("cruise.txt"), b"notes").unwrap();
         let ds = Dataset::open(&root).unwrap();
         assert_eq!(ds.class_names, vec!["copepod", "diatom"]);
-        let labelled: Vec<(&str, u32)> =
-            ds.train.iter().map(|r| (r.id.as_str(), r.label.unwrap())).collect();
+        let labelled: Vec<(&str, u32)> = ds
+            .train
+            .iter()
+            .map(|r| (r.id.as_str(), r.label.unwrap()))
+            .collect();
         assert_eq!(
             labelled,
-            vec![(all[0].as_str(), 0), (all[2].as_str(), 0), (all[3].as_str(), 1)],
+            vec![
+                (all[0].as_str(), 0),
+                (all[2].as_str(), 0),
+                (all[3].as_str(), 1)
+            ],
             "all[1] has two classes, all[4] is only predicted"
         );
         assert_eq!(ds.test.len(), all.len() - 3);
         let reasons: Vec<String> = ds.problems.iter().map(|p| p.to_string()).collect();
-        assert!(reasons.iter().any(|r| r.contains(&format!("{} is labelled with two classes", all[1]))), "{reasons:?}");
-        assert!(reasons.iter().any(|r| r.contains("cruise.txt: not part of an IFCB bin")), "{reasons:?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains(&format!("{} is labelled with two classes", all[1]))),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("cruise.txt: not part of an IFCB bin")),
+            "{reasons:?}"
+        );
         // Every ROI path decodes through its bin.
         for r in ds.train.iter().chain(&ds.test) {
             plankton_core::decode::decode_file(&r.path, &Default::default()).unwrap();
         }
         // A bin cut short is refused whole: none of its ROIs is listed.
         let old = crate::sources::ifcb::find_bins(&root).unwrap()[0].with_extension("roi");
-        std::fs::OpenOptions::new().write(true).open(&old).unwrap().set_len(100).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
         let ds2 = Dataset::open(&root).unwrap();
         assert!(ds2.train.len() + ds2.test.len() < all.len());
-        assert!(ds2
-            .problems
-            .iter()
-            .any(|p| p.reason.starts_with("IFCB bin refused") && p.reason.contains("past the end")));
+        assert!(
+            ds2.problems
+                .iter()
+                .any(|p| p.reason.starts_with("IFCB bin refused")
+                    && p.reason.contains("past the end"))
+        );
     }
 }
-

@@ -136,8 +136,15 @@ mod tests {
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0].img_file_name.as_deref(), Some("s1/a_1.png"));
         assert_eq!(rows[0].validated_category(), Some("Oncaeidae"));
-        assert_eq!(rows[1].validated_category(), None, "predicted is not a label");
-        assert_eq!((rows[2].category.as_deref(), rows[2].status.as_deref()), (None, None));
+        assert_eq!(
+            rows[1].validated_category(),
+            None,
+            "predicted is not a label"
+        );
+        assert_eq!(
+            (rows[2].category.as_deref(), rows[2].status.as_deref()),
+            (None, None)
+        );
 
         let package = dir.path().join("ecotaxa_pack.tsv");
         std::fs::write(
@@ -153,6 +160,9 @@ mod tests {
 
         std::fs::write(&package, "image\tclass\nx\ty\n").unwrap();
         let e = read_table(&package).unwrap_err().to_string();
-        assert!(e.contains("ecotaxa_pack.tsv") && e.contains("no `object_id`"), "{e}");
+        assert!(
+            e.contains("ecotaxa_pack.tsv") && e.contains("no `object_id`"),
+            "{e}"
+        );
     }
 }

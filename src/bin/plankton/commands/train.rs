@@ -28,6 +28,11 @@ pub struct TrainArgs {
     /// Write every step's training loss to this CSV (step,loss), e.g. to compare devices.
     #[arg(long)]
     loss_log: Option<PathBuf>,
+    /// Fine-tune: start this new run from an earlier run's weights (its best, else final).
+    /// The class list may grow or shrink: classes of both runs keep their output rows, new
+    /// ones start fresh. Without --pipeline the earlier run's pipeline.toml is used.
+    #[arg(long, value_name = "RUN", conflicts_with = "resume")]
+    init_from: Option<PathBuf>,
 }
 
 pub async fn run(a: TrainArgs) -> Result<()> {
@@ -35,8 +40,10 @@ pub async fn run(a: TrainArgs) -> Result<()> {
     use std::io::Write;
     // Resuming without --pipeline: the run's own pipeline, so that only --steps can differ.
     let own = a.out.join("pipeline.toml");
-    let mut config = match &a.pipeline.pipeline {
-        None if a.resume && own.exists() => PipelineConfig::load(&own)?,
+    let earlier = a.init_from.as_ref().map(|r| r.join("pipeline.toml"));
+    let mut config = match (&a.pipeline.pipeline, &earlier) {
+        (None, _) if a.resume && own.exists() => PipelineConfig::load(&own)?,
+        (None, Some(earlier)) => PipelineConfig::load(earlier).context("--init-from: the earlier run's pipeline (pass --pipeline to use another)")?,
         _ => a.pipeline.load()?,
     };
     if let Some(steps) = a.steps {
@@ -59,6 +66,7 @@ pub async fn run(a: TrainArgs) -> Result<()> {
         resume: a.resume,
         device: parse_device(&a.device)?,
         split_file: a.split,
+        init_from: a.init_from,
         stop: Some(stop),
     };
     // Opened once the run starts (the run folder exists then); a resumed run keeps the rows of
