@@ -64,6 +64,24 @@ fn sets_present<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
 }
 
 impl FeatureFile {
+    /// The feature sets (`<set>.<name>` column prefixes) a features file holds.
+    pub fn sets_of(path: &Path) -> Result<Vec<String>, FusionError> {
+        let file = File::open(path).map_err(|e| FusionError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| FusionError::Format {
+                path: path.to_path_buf(),
+                what: "features",
+                reason: format!("cannot read Parquet: {e}"),
+            })?;
+        let schema = builder.schema().clone();
+        Ok(sets_present(
+            schema.fields().iter().map(|f| f.name().as_str()),
+        ))
+    }
+
     /// Reads the identifying columns and the columns of `sets`. `wanted` optionally fixes a
     /// set's exact columns (a stored model's): every one must be present, extra ones are
     /// ignored.

@@ -70,6 +70,16 @@ enum Command {
     Publish(commands::publish::PublishArgs),
     /// One row per image from the daemons' prediction files (delivery is at-least-once).
     Compact(commands::compact::CompactArgs),
+    /// Predictions for other tools: per-bin class scores for IFCB tools, EcoTaxa packages.
+    Export {
+        #[command(subcommand)]
+        which: commands::export::ExportCommand,
+    },
+    /// Annotations from other tools: an EcoTaxa export to a dataset.
+    Import {
+        #[command(subcommand)]
+        which: commands::import::ImportCommand,
+    },
     /// Image features for late fusion (raw size, moments, Hu, Haralick) into a Parquet file.
     Features(commands::features::FeaturesArgs),
     /// Late fusion: fit per-feature-set nets on validation predictions (out-of-fold loss
@@ -128,6 +138,8 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Serve(a) => commands::serve::run(a).await,
         Command::Publish(a) => commands::publish::run(a).await,
         Command::Compact(a) => commands::compact::run(a),
+        Command::Export { which } => commands::export::run(which),
+        Command::Import { which } => commands::import::run(which),
         Command::Features(a) => commands::features::run(a).await,
         Command::Fuse(a) => commands::fuse::run(a).await,
     }

@@ -8,7 +8,7 @@
 //! | `output_classes` | float32, 0-based argmax | ROIs |
 //! | `class_labels` | variable-length strings | classes |
 //! | `roi_numbers` | uint16 (uint32 past 65,535) | ROIs: the 1-based ADC row |
-//! | `metadata` | attributes `version` = `v3`, `model_id`, `timestamp`, `bin_id` | |
+//! | `metadata` | attributes `version` = `v3`, `model_id`, `timestamp`, `bin_id` (fixed-width UTF-8: h5py reads them as bytes, the classifier's as str; no reader uses them) | |
 //!
 //! Files go where the classifier puts them and pyifcb looks: `D<YYYY>/D<YYYYMMDD>/` for
 //! current-generation bins, `<IFCBn_YYYY_DDD>/` for old ones. Optionally beside each, the CSV the

@@ -1,5 +1,6 @@
 //! Sinks: what the pipeline writes for people and downstream tools.
 pub mod compact;
+pub mod ecotaxa;
 pub mod ifcb_scores;
 pub mod parquet;
 pub mod parquet_file;

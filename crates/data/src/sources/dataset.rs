@@ -126,6 +126,51 @@ pub fn read_submission_classes(path: &Path) -> Result<Vec<String>, DatasetError>
     Ok(classes)
 }
 
+/// Reads a two-column CSV with the given header (e.g. `class,ecotaxa`), rows trimmed, blank
+/// rows skipped.
+pub fn read_pairs_csv(
+    path: &Path,
+    header: [&str; 2],
+) -> Result<Vec<(String, String)>, DatasetError> {
+    let bad = |reason: String| DatasetError::BadCsv {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .map_err(|e| match e.into_kind() {
+            csv::ErrorKind::Io(e) => io_err(path)(e),
+            other => bad(format!("{other:?}")),
+        })?;
+    let found: Vec<String> = reader
+        .headers()
+        .map_err(|e| bad(e.to_string()))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
+        .collect();
+    if found != header {
+        return Err(bad(format!(
+            "expected header `{}`, found `{}`",
+            header.join(","),
+            found.join(",")
+        )));
+    }
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| bad(e.to_string()))?;
+        let line = record.position().map_or(0, |p| p.line());
+        if record.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
+        if record.len() != 2 {
+            return Err(bad(format!("line {line}: expected `{}`", header.join(","))));
+        }
+        rows.push((record[0].trim().to_string(), record[1].trim().to_string()));
+    }
+    Ok(rows)
+}
+
 /// Reads `image,class` rows (`pid,class` too: IFCB ROI pids).
 pub fn read_labels_csv(path: &Path) -> Result<Vec<(String, String)>, DatasetError> {
     let bad = |reason: String| DatasetError::BadCsv {

@@ -114,6 +114,330 @@ pub fn read_table_bytes(bytes: &[u8], path: &Path) -> Result<Vec<EcotaxaObject>,
     Ok(objects)
 }
 
+/// How `import` maps EcoTaxa taxa to class folders.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// EcoTaxa category -> class folder; `None` leaves the category's objects out (a merge is
+    /// two categories to one class). Categories not listed keep their name.
+    pub mapping: std::collections::HashMap<String, Option<String>>,
+}
+
+/// Reads a mapping CSV: `ecotaxa,class` (an empty class leaves the category out).
+pub fn read_mapping(
+    path: &Path,
+) -> Result<std::collections::HashMap<String, Option<String>>, EcotaxaError> {
+    let bad = |reason: String| EcotaxaError::Table {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .map_err(|e| bad(e.to_string()))?;
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| bad(e.to_string()))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
+        .collect();
+    if header != ["ecotaxa", "class"] {
+        return Err(bad(format!(
+            "expected header `ecotaxa,class`, found `{}`",
+            header.join(",")
+        )));
+    }
+    let mut map = std::collections::HashMap::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| bad(e.to_string()))?;
+        let line = record.position().map_or(0, |p| p.line());
+        if record.len() != 2 {
+            return Err(bad(format!("line {line}: expected `ecotaxa,class`")));
+        }
+        let (from, to) = (record[0].trim(), record[1].trim());
+        if from.is_empty() {
+            continue;
+        }
+        if map
+            .insert(from.to_string(), (!to.is_empty()).then(|| to.to_string()))
+            .is_some()
+        {
+            return Err(bad(format!("line {line}: `{from}` is mapped twice")));
+        }
+    }
+    Ok(map)
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ImportSummary {
+    /// Validated objects, per class folder.
+    pub labelled: std::collections::BTreeMap<String, usize>,
+    /// Objects without a validated category (test images).
+    pub unlabelled: usize,
+    /// Objects of categories the mapping leaves out.
+    pub left_out: usize,
+    /// Objects set aside: (object id, reason).
+    pub problems: Vec<(String, String)>,
+    pub tables: usize,
+}
+
+/// Where an import's tables and images are read from.
+enum Package {
+    Folder(PathBuf),
+    Zip(zip::ZipArchive<std::fs::File>),
+}
+
+impl Package {
+    fn tables(&mut self) -> Vec<String> {
+        let is_table = |name: &str| {
+            let file = name.rsplit('/').next().unwrap_or(name);
+            file.starts_with("ecotaxa") && (file.ends_with(".tsv") || file.ends_with(".txt"))
+        };
+        match self {
+            Package::Folder(root) => plankton_core::fsx::files_under(root)
+                .map(|l| l.files)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|p| {
+                    p.strip_prefix(&*root)
+                        .ok()
+                        .map(|r| r.to_string_lossy().into_owned())
+                })
+                .filter(|n| is_table(n))
+                .collect(),
+            Package::Zip(z) => {
+                let mut names: Vec<String> = z
+                    .file_names()
+                    .filter(|n| is_table(n))
+                    .map(String::from)
+                    .collect();
+                names.sort();
+                names
+            }
+        }
+    }
+
+    fn read(&mut self, name: &str) -> std::io::Result<Vec<u8>> {
+        match self {
+            Package::Folder(root) => std::fs::read(root.join(name)),
+            Package::Zip(z) => {
+                let mut f = z.by_name(name).map_err(std::io::Error::other)?;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut bytes)?;
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+/// A class folder name: path separators and a leading dot made harmless.
+fn folder_name(category: &str) -> String {
+    let clean: String = category
+        .chars()
+        .map(|c| {
+            if matches!(c, '/' | '\\' | '\0') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    match clean.strip_prefix('.') {
+        Some(rest) => format!("_{rest}"),
+        None => clean,
+    }
+}
+
+/// An EcoTaxa export or package (a `.zip`, a folder, or one `ecotaxa*.tsv`) to a dataset in the
+/// competition layout under `out` (which must not exist or be empty): validated objects to
+/// `train/<class>/`, the others to `test/`, each image named after its object id; `objects.csv`
+/// keeps the link back (`image,object_id,category,status`). An object whose image is missing
+/// or not an image is set aside with the reason; nothing else is lost.
+pub fn import(
+    input: &Path,
+    out: &Path,
+    opts: &ImportOptions,
+) -> Result<ImportSummary, EcotaxaError> {
+    let bad = |path: &Path, reason: String| EcotaxaError::Table {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut package = if input.is_dir() {
+        Package::Folder(input.to_path_buf())
+    } else if input
+        .extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("zip"))
+    {
+        let f = std::fs::File::open(input).map_err(|source| EcotaxaError::Io {
+            path: input.to_path_buf(),
+            source,
+        })?;
+        Package::Zip(
+            zip::ZipArchive::new(f).map_err(|e| bad(input, format!("not a readable zip: {e}")))?,
+        )
+    } else if input.is_file() {
+        let parent = input.parent().map(Path::to_path_buf).unwrap_or_default();
+        let name = input
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return import_tables(Package::Folder(parent), vec![name], input, out, opts);
+    } else {
+        return Err(bad(input, "no such file or folder".into()));
+    };
+    let tables = package.tables();
+    if tables.is_empty() {
+        return Err(bad(input, "no EcoTaxa table (ecotaxa*.tsv) in it".into()));
+    }
+    import_tables(package, tables, input, out, opts)
+}
+
+fn import_tables(
+    mut package: Package,
+    tables: Vec<String>,
+    input: &Path,
+    out: &Path,
+    opts: &ImportOptions,
+) -> Result<ImportSummary, EcotaxaError> {
+    let bad = |path: &Path, reason: String| EcotaxaError::Table {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(bad(
+            out,
+            "exists and is not empty: give a new folder for the dataset".into(),
+        ));
+    }
+    let mut summary = ImportSummary {
+        tables: tables.len(),
+        ..Default::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut taken = std::collections::HashSet::new();
+    let mut objects_csv = vec![vec![
+        "image".to_string(),
+        "object_id".into(),
+        "category".into(),
+        "status".into(),
+    ]];
+    std::fs::create_dir_all(out.join("test")).map_err(|source| EcotaxaError::Io {
+        path: out.join("test"),
+        source,
+    })?;
+    for table in tables {
+        let table_path = input.join(&table);
+        let bytes = package.read(&table).map_err(|source| EcotaxaError::Io {
+            path: table_path.clone(),
+            source,
+        })?;
+        let base = table
+            .rsplit_once('/')
+            .map_or("", |(dir, _)| dir)
+            .to_string();
+        for object in read_table_bytes(&bytes, &table_path)? {
+            // An object with several images has a row per image: its first one is used.
+            if !seen.insert(object.object_id.clone()) {
+                continue;
+            }
+            let Some(img) = object.img_file_name.as_deref() else {
+                summary
+                    .problems
+                    .push((object.object_id.clone(), "no img_file_name".into()));
+                continue;
+            };
+            let img_name = if base.is_empty() {
+                img.to_string()
+            } else {
+                format!("{base}/{img}")
+            };
+            let class = match object.validated_category() {
+                Some(c) => match opts.mapping.get(c) {
+                    Some(None) => {
+                        summary.left_out += 1;
+                        continue;
+                    }
+                    Some(Some(to)) => Some(folder_name(to)),
+                    None => Some(folder_name(c)),
+                },
+                None => None,
+            };
+            let pixels = match package.read(&img_name) {
+                Ok(b) => b,
+                Err(e) => {
+                    summary
+                        .problems
+                        .push((object.object_id.clone(), format!("image {img_name}: {e}")));
+                    continue;
+                }
+            };
+            if let Err(e) = plankton_core::decode::decode_bytes(
+                &pixels,
+                Path::new(&img_name),
+                &Default::default(),
+            ) {
+                summary
+                    .problems
+                    .push((object.object_id.clone(), e.to_string()));
+                continue;
+            }
+            let ext = Path::new(img)
+                .extension()
+                .map(|x| x.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_else(|| "png".into());
+            let stem: String = object
+                .object_id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let mut file = format!("{stem}.{ext}");
+            let mut n = 1;
+            while !taken.insert(file.clone()) {
+                n += 1;
+                file = format!("{stem}_{n}.{ext}");
+            }
+            let dest = match &class {
+                Some(c) => out.join("train").join(c).join(&file),
+                None => out.join("test").join(&file),
+            };
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| EcotaxaError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+            plankton_core::fsx::write_atomic(&dest, &pixels)
+                .map_err(|e| bad(&dest, e.to_string()))?;
+            match &class {
+                Some(c) => *summary.labelled.entry(c.clone()).or_default() += 1,
+                None => summary.unlabelled += 1,
+            }
+            objects_csv.push(vec![
+                file,
+                object.object_id.clone(),
+                object.category.clone().unwrap_or_default(),
+                object.status.clone().unwrap_or_default(),
+            ]);
+        }
+    }
+    let csv = crate::table::csv_bytes(
+        &["image", "object_id", "category", "status"],
+        objects_csv.into_iter().skip(1),
+    );
+    let p = out.join("objects.csv");
+    plankton_core::fsx::write_atomic(&p, &csv).map_err(|e| bad(&p, e.to_string()))?;
+    Ok(summary)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,7 +43,8 @@ pub async fn run(a: TrainArgs) -> Result<()> {
     let earlier = a.init_from.as_ref().map(|r| r.join("pipeline.toml"));
     let mut config = match (&a.pipeline.pipeline, &earlier) {
         (None, _) if a.resume && own.exists() => PipelineConfig::load(&own)?,
-        (None, Some(earlier)) => PipelineConfig::load(earlier).context("--init-from: the earlier run's pipeline (pass --pipeline to use another)")?,
+        (None, Some(earlier)) => PipelineConfig::load(earlier)
+            .context("--init-from: the earlier run's pipeline (pass --pipeline to use another)")?,
         _ => a.pipeline.load()?,
     };
     if let Some(steps) = a.steps {

@@ -1,0 +1,269 @@
+//! Predictions as an EcoTaxa import package (what experts validate; EcoTaxa's import reads it
+//! as written): one `ecotaxa_<name>.tsv` and the images beside it, in a folder or a `.zip`.
+//!
+//! The table: UTF-8 with a byte-order mark (EcoTaxa reads a table without one as Latin-1), a
+//! row of lowercase `<table>_<field>` names, then the row of types (`[t]` text, `[f]` float),
+//! then one object per row:
+//!
+//! | column | type | value |
+//! |---|---|---|
+//! | `img_file_name` | [t] | the image, PNG, beside the table |
+//! | `img_rank` | [f] | 0 |
+//! | `object_id` | [t] | our image id (an IFCB ROI pid for bins) |
+//! | `object_annotation_status` | [t] | `predicted` |
+//! | `object_annotation_category` | [t] | the top class, renamed by the mapping if given |
+//! | `object_plankton_p1`, `object_plankton_margin` | [f] | top probability, top minus second |
+//! | `object_plankton_second` | [t] | the second class |
+//! | `object_plankton_model` | [t] | the model id |
+//! | `object_<feature>` | [f] | feature columns, if given |
+//! | `sample_id` | [t] | the IFCB bin, else `plankton` |
+//!
+//! Images are decoded from their source (files or IFCB ROIs) and written as PNG, losslessly.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use plankton_core::decode::{decode_file, DecodeLimits};
+
+use super::parquet::{top_k, Predictions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EcotaxaExportError {
+    #[error("{path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Options(String),
+}
+
+/// Extra numeric columns per image id (e.g. the features of `plankton features`).
+#[derive(Debug, Clone, Default)]
+pub struct ExtraColumns {
+    /// Column names as given (made into `object_<name>` lowercase).
+    pub names: Vec<String>,
+    pub by_id: HashMap<String, Vec<f64>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EcotaxaExportOptions {
+    /// Least confident (lowest top probability) first, for validation where it helps most.
+    pub least_confident_first: bool,
+    /// At most this many objects.
+    pub limit: Option<usize>,
+    /// Our class name -> EcoTaxa taxon name (classes not listed keep their name).
+    pub rename: HashMap<String, String>,
+    pub extra: ExtraColumns,
+    pub decode: DecodeLimits,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EcotaxaExportSummary {
+    pub objects: usize,
+    /// Rows of images that failed to predict (no probabilities): not exported.
+    pub failed_rows: usize,
+    /// Images that could not be read back: (id, reason); their objects are left out.
+    pub unreadable: Vec<(String, String)>,
+    pub table: PathBuf,
+}
+
+/// `object_<name>`, lowercase, other characters than letters, digits and `_` as `_`.
+fn column_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("object_{clean}")
+}
+
+/// A file name for an object's image: its id with path separators and odd characters as `_`.
+fn image_name(id: &str, taken: &mut std::collections::HashSet<String>) -> String {
+    let stem: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut name = format!("{stem}.png");
+    let mut n = 1;
+    while !taken.insert(name.clone()) {
+        n += 1;
+        name = format!("{stem}_{n}.png");
+    }
+    name
+}
+
+/// A TSV field: tabs and line breaks would split the row.
+fn field(v: &str) -> String {
+    v.replace(['\t', '\n', '\r'], " ")
+}
+
+/// Writes the package to `out`: a folder, or a zip when `out` ends in `.zip`.
+pub fn export(
+    preds: &Predictions,
+    out: &Path,
+    opts: &EcotaxaExportOptions,
+) -> Result<EcotaxaExportSummary, EcotaxaExportError> {
+    let fail = |path: &Path, reason: String| EcotaxaExportError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let name = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plankton".into());
+    let table_name = format!("ecotaxa_{name}.tsv");
+    let mut summary = EcotaxaExportSummary::default();
+    let mut rows: Vec<(&super::parquet::PredictionRow, &[f32])> = Vec::new();
+    for r in &preds.rows {
+        match &r.probabilities {
+            Some(p) => rows.push((r, p.as_slice())),
+            None => summary.failed_rows += 1,
+        }
+    }
+    let top = |p: &[f32]| p.iter().copied().fold(f32::MIN, f32::max);
+    if opts.least_confident_first {
+        rows.sort_by(|a, b| top(a.1).total_cmp(&top(b.1)));
+    }
+    if let Some(limit) = opts.limit {
+        rows.truncate(limit);
+    }
+    let renamed = |c: usize| {
+        let class = &preds.class_names[c];
+        opts.rename.get(class).unwrap_or(class).clone()
+    };
+    let extra_cols: Vec<String> = opts.extra.names.iter().map(|n| column_name(n)).collect();
+    let mut header = vec![
+        "img_file_name",
+        "img_rank",
+        "object_id",
+        "object_annotation_status",
+        "object_annotation_category",
+        "object_plankton_p1",
+        "object_plankton_margin",
+        "object_plankton_second",
+        "object_plankton_model",
+    ];
+    let mut types = vec![
+        "[t]", "[f]", "[t]", "[t]", "[t]", "[f]", "[f]", "[t]", "[t]",
+    ];
+    header.extend(extra_cols.iter().map(String::as_str));
+    types.extend(extra_cols.iter().map(|_| "[f]"));
+    header.push("sample_id");
+    types.push("[t]");
+    let mut table = String::from("\u{feff}");
+    table.push_str(&header.join("\t"));
+    table.push('\n');
+    table.push_str(&types.join("\t"));
+    table.push('\n');
+    let model = preds.model_ids.join(",");
+    let mut taken = std::collections::HashSet::new();
+    let mut images: Vec<(String, Vec<u8>)> = Vec::new();
+    for (r, p) in rows {
+        let img = match decode_file(Path::new(&r.source_path), &opts.decode) {
+            Ok(img) => img,
+            Err(e) => {
+                summary.unreadable.push((r.image_id.clone(), e.to_string()));
+                continue;
+            }
+        };
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(|e| fail(Path::new(&r.source_path), format!("PNG: {e}")))?;
+        let file = image_name(&r.image_id, &mut taken);
+        let best = top_k(p, 2);
+        let p1 = p[best[0]];
+        let p2 = best.get(1).map_or(0.0, |&j| p[j]);
+        let mut cells = vec![
+            field(&file),
+            "0".into(),
+            field(&r.image_id),
+            "predicted".into(),
+            field(&renamed(best[0])),
+            format!("{p1}"),
+            format!("{}", p1 - p2),
+            best.get(1).map(|&j| field(&renamed(j))).unwrap_or_default(),
+            field(&model),
+        ];
+        let values = opts.extra.by_id.get(&r.image_id);
+        for k in 0..extra_cols.len() {
+            // EcoTaxa stores an empty [f] value as missing.
+            cells.push(
+                values
+                    .and_then(|v| v.get(k))
+                    .filter(|v| v.is_finite())
+                    .map(|v| format!("{v}"))
+                    .unwrap_or_default(),
+            );
+        }
+        let sample = plankton_core::ifcb::parse_roi_pid(&r.image_id)
+            .map_or("plankton", |(bin, _)| bin)
+            .to_string();
+        cells.push(sample);
+        table.push_str(&cells.join("\t"));
+        table.push('\n');
+        images.push((file, png));
+        summary.objects += 1;
+    }
+    let zip = out
+        .extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("zip"));
+    if zip {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail(dir, e.to_string()))?;
+        }
+        let written = plankton_core::fsx::write_atomic_with(out, |f| {
+            let mut z = zip::ZipWriter::new(f);
+            // PNGs are compressed already.
+            let stored = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored);
+            let deflated = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated);
+            z.start_file(table_name.as_str(), deflated)?;
+            z.write_all(table.as_bytes())?;
+            for (name, png) in &images {
+                z.start_file(name.as_str(), stored)?;
+                z.write_all(png)?;
+            }
+            z.finish()?;
+            Ok(())
+        });
+        written.map_err(|e| fail(out, e.to_string()))?;
+        summary.table = out.join(&table_name);
+    } else {
+        std::fs::create_dir_all(out).map_err(|e| fail(out, e.to_string()))?;
+        for (name, png) in &images {
+            let p = out.join(name);
+            plankton_core::fsx::write_atomic(&p, png).map_err(|e| fail(&p, e.to_string()))?;
+        }
+        // The table last: a package with a table is whole.
+        let p = out.join(&table_name);
+        plankton_core::fsx::write_atomic(&p, table.as_bytes())
+            .map_err(|e| fail(&p, e.to_string()))?;
+        summary.table = p;
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_ecotaxa_columns_and_unique_files() {
+        assert_eq!(column_name("moments.Hu 1"), "object_moments_hu_1");
+        let mut taken = Default::default();
+        assert_eq!(image_name("a/b.jpg", &mut taken), "a_b.jpg.png");
+        assert_eq!(image_name("a b.jpg", &mut taken), "a_b.jpg_2.png");
+        assert_eq!(field("x\ty\nz"), "x y z");
+    }
+}
