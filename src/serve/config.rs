@@ -111,6 +111,10 @@ pub struct WatchConfig {
     pub poll_interval_ms: u64,
     /// A file is taken once its size and modification time have not changed for this long.
     pub settle_ms: u64,
+    /// An IFCB bin (`<bin>.hdr`, `.adc`, `.roi`) is taken once all three files are present and
+    /// none has changed for this long: the instrument writes a bin over minutes, pausing
+    /// between triggers. Its ROIs are then predicted one by one (ids: the ROI pids).
+    pub ifcb_settle_ms: u64,
     /// Files still being written under a temporary name (rename-into-place convention).
     pub ignore_suffixes: Vec<String>,
     pub backpressure: Backpressure,
@@ -127,6 +131,7 @@ impl Default for WatchConfig {
             mode: WatchMode::Notify,
             poll_interval_ms: 1000,
             settle_ms: 500,
+            ifcb_settle_ms: 60_000,
             ignore_suffixes: vec![".tmp".into(), ".part".into(), ".partial".into()],
             backpressure: Backpressure::Block,
             symlinks: SymlinkPolicy::Skip,

@@ -260,14 +260,15 @@ pub async fn run(
         sources.clone(),
     )));
     if cfg.watch.enabled {
-        let (wcfg, sp, tx, stop) = (
+        let (wcfg, sp, q, tx, stop) = (
             cfg.watch.clone(),
             spool.clone(),
+            cfg.quarantine.clone(),
             ingest_tx.clone(),
             sources.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            watch::run_watch(wcfg, sp, spooled_files, tx, stop)
+            watch::run_watch(wcfg, sp, q, spooled_files, tx, stop)
                 .await
                 .map_err(|e| e.to_string())
         }));

@@ -13,6 +13,15 @@
 //! a second time. After the ledger line but before the send, the spool replays it. While a file's id is still pending in the spool, the file is
 //! not taken again (a rewritten file waits for its previous version to finish).
 //!
+//! IFCB bins: the three files of a bin (`<bin>.hdr`, `.adc`, `.roi`) are taken together, once
+//! all three are present and none has changed for `ifcb_settle_ms`. The bin is read whole
+//! ([`crate::sources::ifcb::Bin`]); each ROI is spooled as a PNG under its ROI pid, then the
+//! three ledger lines are written. A bin that does not read whole (an ADC row past the end of
+//! the .roi, an unknown header) is spooled as one entry under the bin pid and quarantined at
+//! once with the reason: one error row, never some of its ROIs. A crash in the middle of a bin
+//! takes it again at the next start (ROIs still pending are not spooled twice; ones already
+//! written give a second row, which `plankton compact` removes).
+//!
 //! Notify mode: filesystem events trigger an early rescan; a rescan every `poll_interval_ms`
 //! (and at the moment the next candidate settles) is the safety net. Poll mode: rescans only.
 
@@ -95,6 +104,37 @@ struct Scan {
     skipped_links: Vec<(PathBuf, &'static str)>,
     /// Folders that could not be listed (then nothing is forgotten on this scan's evidence).
     errors: Vec<(PathBuf, String)>,
+}
+
+/// The bin pid of an IFCB bin's file (`<bin>.hdr`, `.adc` or `.roi`), with the folder.
+fn bin_part(rel: &Path) -> Option<PathBuf> {
+    let ext = rel.extension()?;
+    if ext != "hdr" && ext != "adc" && ext != "roi" {
+        return None;
+    }
+    let stem = rel.file_stem()?.to_str()?;
+    crate::sources::ifcb::generation(stem)?;
+    Some(rel.with_extension(""))
+}
+
+/// Splits settled files into whole IFCB bins (all three files settled) and other files; the
+/// parts of a bin not yet whole are left for a later scan.
+fn whole_bins(
+    ready: Vec<(String, SeenFile)>,
+) -> (Vec<Vec<(String, SeenFile)>>, Vec<(String, SeenFile)>) {
+    let mut bins: std::collections::BTreeMap<PathBuf, Vec<(String, SeenFile)>> = Default::default();
+    let mut other = Vec::new();
+    for (key, f) in ready {
+        match bin_part(&f.rel) {
+            Some(stem) => bins.entry(stem).or_default().push((key, f)),
+            None => other.push((key, f)),
+        }
+    }
+    let whole = bins
+        .into_values()
+        .filter(|parts| parts.len() == 3)
+        .collect();
+    (whole, other)
 }
 
 fn ignored(name: &str, ignore_suffixes: &[String]) -> bool {
@@ -415,6 +455,7 @@ fn make_watcher(
 pub async fn run_watch(
     cfg: WatchConfig,
     spool: Arc<Spool>,
+    quarantine: PathBuf,
     spooled: Vec<WatchedFile>,
     tx: async_channel::Sender<SpoolEntry>,
     shutdown: CancellationToken,
@@ -438,6 +479,8 @@ pub async fn run_watch(
     tracing::info!(dir = %root.display(), mode = ?cfg.mode, events, recursive = cfg.recursive, "watch: started");
     let mut watch = FolderWatch {
         settle: Duration::from_millis(cfg.settle_ms),
+        bin_settle: Duration::from_millis(cfg.ifcb_settle_ms),
+        quarantine,
         cfg,
         spool,
         ledger,
@@ -500,6 +543,10 @@ async fn open_ledger(
 struct FolderWatch {
     cfg: WatchConfig,
     settle: Duration,
+    /// How long the three files of an IFCB bin must be unchanged.
+    bin_settle: Duration,
+    /// Where a refused bin's header goes, with its reason.
+    quarantine: PathBuf,
     spool: Arc<Spool>,
     ledger: Arc<Mutex<Ledger>>,
     tx: async_channel::Sender<SpoolEntry>,
@@ -581,16 +628,21 @@ impl FolderWatch {
                 state: f.state,
                 since: now,
             };
+            let settle = if bin_part(&f.rel).is_some() {
+                self.bin_settle
+            } else {
+                self.settle
+            };
             match self.candidates.get_mut(&key) {
                 Some(c) if c.state == f.state => {
-                    if now.duration_since(c.since) >= self.settle {
+                    if now.duration_since(c.since) >= settle {
                         ready.push((key, f));
                     }
                 }
                 Some(c) => *c = seen,
                 None => {
                     self.candidates.insert(key.clone(), seen);
-                    if self.settle.is_zero() {
+                    if settle.is_zero() {
                         ready.push((key, f));
                     }
                 }
@@ -618,6 +670,13 @@ impl FolderWatch {
     /// Takes the settled files in order until shutdown (or, under `backpressure = "reject"`, a
     /// full queue: the rest stay settled candidates, taken on a later scan).
     async fn take_ready(&mut self, ready: Vec<(String, SeenFile)>) -> Result<(), WatchError> {
+        let (bins, ready) = whole_bins(ready);
+        for parts in bins {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            self.take_bin(parts).await?;
+        }
         for (key, f) in ready {
             if self.shutdown.is_cancelled() {
                 break;
@@ -643,6 +702,118 @@ impl FolderWatch {
             metrics::counter!(STAGE_RECEIVED, "stage" => "watch").increment(1);
             tracing::debug!(file = %one_line(f.abs.display()), id = %entry.id, seq = entry.seq, "watch: taken");
             // Block policy: wait for room. A cancelled wait loses nothing: the entry is spooled.
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                sent = self.tx.send(entry) => {
+                    if sent.is_err() {
+                        if self.shutdown.is_cancelled() {
+                            break;
+                        }
+                        return Err(WatchError::Closed);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes one IFCB bin whose three files are settled: its ROIs, or one quarantined entry.
+    async fn take_bin(&mut self, parts: Vec<(String, SeenFile)>) -> Result<(), WatchError> {
+        let hdr = parts
+            .iter()
+            .find(|(_, f)| f.abs.extension().is_some_and(|x| x == "hdr"))
+            .map(|(_, f)| f.abs.clone())
+            .expect("a whole bin has its header");
+        let read = {
+            let hdr = hdr.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<(String, Vec<u8>)>, String> {
+                let bin = crate::sources::ifcb::Bin::open(&hdr).map_err(|e| e.to_string())?;
+                let images = bin.images().map_err(|e| e.to_string())?;
+                images
+                    .into_iter()
+                    .map(|(id, img)| {
+                        let mut png = Vec::new();
+                        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                            .map_err(|e| format!("{id}: PNG: {e}"))?;
+                        Ok((id, png))
+                    })
+                    .collect()
+            })
+            .await
+            .expect("bin read panicked")
+        };
+        let roi_path = hdr.with_extension("roi").to_string_lossy().into_owned();
+        let entries: Vec<SpoolEntry> = match read {
+            Ok(rois) => {
+                let spool = self.spool.clone();
+                let stored = tokio::task::spawn_blocking(move || {
+                    rois.iter()
+                        .map(|(id, png)| spool.accept(id, &roi_path, id, png))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await
+                .expect("spool accept panicked");
+                match stored {
+                    Ok(entries) => {
+                        tracing::info!(bin = %one_line(hdr.display()), rois = entries.len(), "watch: IFCB bin taken");
+                        entries
+                    }
+                    Err(e) => {
+                        // A full spool: the bin stays a candidate, retried at the next scan.
+                        error_metric("spool");
+                        tracing::error!(bin = %one_line(hdr.display()), error = %one_line(&e), "watch: cannot store the bin's ROIs in the spool; retrying");
+                        return Ok(());
+                    }
+                }
+            }
+            Err(reason) => {
+                error_metric("bad_bin");
+                tracing::warn!(bin = %one_line(hdr.display()), reason = %one_line(&reason), "watch: IFCB bin refused whole (quarantined)");
+                let (spool, q, hdr_file) =
+                    (self.spool.clone(), self.quarantine.clone(), hdr.clone());
+                let pid = hdr
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let refused = tokio::task::spawn_blocking(move || {
+                    let entry = spool.accept_file(&pid, &hdr_file, &format!("{pid}.hdr"), None)?;
+                    spool.quarantine(&entry, &format!("IFCB bin refused: {reason}"), &q)
+                })
+                .await
+                .expect("spool quarantine panicked");
+                match refused {
+                    Ok(record) => vec![record],
+                    Err(e) => {
+                        error_metric("spool");
+                        tracing::error!(bin = %one_line(hdr.display()), error = %one_line(&e), "watch: cannot quarantine the bin; retrying");
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        // The bin is durable in the spool: only now is it marked taken.
+        {
+            let ledger = self.ledger.clone();
+            let marks: Vec<(String, FileState)> =
+                parts.iter().map(|(k, f)| (k.clone(), f.state)).collect();
+            let recorded = tokio::task::spawn_blocking(move || {
+                let mut l = lock(&ledger);
+                marks.into_iter().try_for_each(|(k, s)| l.record(k, s))
+            })
+            .await
+            .expect("ledger write panicked");
+            if let Err(e) = recorded {
+                tracing::error!(error = %e, "watch: cannot append to the ledger");
+                error_metric("ledger");
+            }
+        }
+        for (key, _) in &parts {
+            self.candidates.remove(key);
+        }
+        for entry in entries {
+            self.taken += 1;
+            metrics::counter!(STAGE_RECEIVED, "stage" => "watch").increment(1);
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
@@ -777,7 +948,15 @@ mod tests {
             .into_iter()
             .filter_map(|e| e.watched)
             .collect();
-        let task = tokio::spawn(run_watch(cfg, spool.clone(), spooled, tx, shutdown.clone()));
+        let quarantine = spool.dir().join("quarantine");
+        let task = tokio::spawn(run_watch(
+            cfg,
+            spool.clone(),
+            quarantine,
+            spooled,
+            tx,
+            shutdown.clone(),
+        ));
         Running { task, rx, shutdown }
     }
 
@@ -1061,5 +1240,86 @@ mod tests {
                 && ignored("a.tmp", &[".tmp".into()])
                 && !ignored("a.jpg", &[".tmp".into(), String::new()])
         );
+    }
+
+    /// A bin is taken once its three files are all there and settled: its ROIs under their
+    /// pids, pixel for pixel; a bin cut short is one quarantined entry with the reason; a
+    /// restart takes neither again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ifcb_bins_are_taken_whole_or_quarantined_whole() {
+        let (tmp, dir, spool) = setup();
+        let day = dir.join("D2024/D20240611");
+        fs::create_dir_all(&day).unwrap();
+        let staging = tmp.path().join("staging");
+        fs::create_dir_all(&staging).unwrap();
+        let images: Vec<image::GrayImage> = (0..6u32)
+            .map(|i| {
+                image::GrayImage::from_fn(10 + i, 8, |x, y| {
+                    image::Luma([(x * 13 + y * 3 + i) as u8])
+                })
+            })
+            .collect();
+        let pid = "D20240611T010000_IFCB104";
+        crate::sources::ifcb::write_bin(&staging, pid, &images).unwrap();
+        let mut cfg = config(&dir, WatchMode::Poll);
+        cfg.ifcb_settle_ms = 300;
+        let w = start(cfg.clone(), &spool, 64);
+        // The header and the ADC file alone: not a bin yet.
+        for e in ["hdr", "adc"] {
+            fs::copy(
+                staging.join(format!("{pid}.{e}")),
+                day.join(format!("{pid}.{e}")),
+            )
+            .unwrap();
+        }
+        w.none_for(Duration::from_millis(800)).await;
+        fs::copy(
+            staging.join(format!("{pid}.roi")),
+            day.join(format!("{pid}.roi")),
+        )
+        .unwrap();
+        for (i, want) in images.iter().enumerate() {
+            let e = w.next().await;
+            assert_eq!(e.id, format!("{pid}_{:05}", i + 1));
+            let img = image::load_from_memory(&fs::read(&e.bytes_path).unwrap())
+                .unwrap()
+                .to_luma8();
+            assert_eq!(&img, want, "{}", e.id);
+        }
+        // A second bin whose .roi is cut short: refused whole.
+        let cut = "D20240611T020000_IFCB104";
+        crate::sources::ifcb::write_bin(&staging, cut, &images).unwrap();
+        for e in ["hdr", "adc", "roi"] {
+            fs::copy(
+                staging.join(format!("{cut}.{e}")),
+                day.join(format!("{cut}.{e}")),
+            )
+            .unwrap();
+        }
+        let roi = day.join(format!("{cut}.roi"));
+        let len = fs::metadata(&roi).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&roi)
+            .unwrap()
+            .set_len(len - 50)
+            .unwrap();
+        let e = w.next().await;
+        assert_eq!(e.id, cut);
+        let q = e.quarantined.as_ref().expect("quarantined at once");
+        assert!(
+            q.reason.contains("IFCB bin refused") && q.reason.contains("past the end"),
+            "{}",
+            q.reason
+        );
+        assert!(PathBuf::from(format!("{}.reason", q.path.display())).is_file());
+        w.none_for(QUIET).await;
+        assert_eq!(w.stop().await, 7);
+        // Restarted with the entries finished: nothing is taken again.
+        let keys: Vec<_> = spool.pending().unwrap().iter().map(|e| e.key()).collect();
+        spool.complete(&keys).unwrap();
+        let w = start(cfg, &spool, 64);
+        w.none_for(Duration::from_millis(800)).await;
+        assert_eq!(w.stop().await, 0);
     }
 }

@@ -419,7 +419,8 @@ const ADC_FILE_FORMAT: &str = "trigger#, ADC_time, PMTA, PMTB, PMTC, PMTD, peakA
 
 /// Writes images as a current-generation bin `<dir>/<pid>.{roi,adc,hdr}` (the header last, so
 /// a reader that finds the header finds the bin whole): for tests, benchmarks and synthetic
-/// instrument streams. ROI `i` is ADC row `i + 1`; other ADC fields are zero.
+/// instrument streams. ROI `i` is ADC row `i + 1` at x = y = 1 (libifcb 0.8.1 skips rows whose
+/// ROIx is 0); other ADC fields are zero.
 pub fn write_bin(dir: &Path, pid: &str, images: &[image::GrayImage]) -> Result<PathBuf, IfcbError> {
     if generation(pid) != Some(Generation::Current) {
         return Err(bad(
@@ -433,7 +434,7 @@ pub fn write_bin(dir: &Path, pid: &str, images: &[image::GrayImage]) -> Result<P
         let start = roi.len();
         roi.extend_from_slice(img.as_raw());
         adc.push_str(&format!(
-            "{},{:.6},0,0,0,0,0,0,0,0,0,0,0,0,0,{},{},{start},0,0,0,0,0,0\n",
+            "{},{:.6},0,0,0,0,0,0,0,0,0,0,0,0,1,1,{},{},{start},0,0,0,0,0,0\n",
             i + 1,
             i as f64 * 0.25,
             img.width(),
