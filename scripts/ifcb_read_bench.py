@@ -70,7 +70,7 @@ def make(out_dir, n, seed):
     start = 0
     for i in range(n):
         w, h = int(widths[i]), int(heights[i])
-        rows.append(f"{i+1},{i*0.25:.6f},0,0,0,0,0,0,0,0,0,0,0,0,1,1,{w},{h},{start},0,0,0,0,0,0\n")
+        rows.append(f"{i+1},{i*0.25:.6f},0,0,0,0,0,0,0,0,0,0,0,1,1,{w},{h},{start},0,0,0,0,0,0\n")
         start += w * h
     base = out_dir / PID
     # Same order as the Rust writer: .roi, .adc, then the header.

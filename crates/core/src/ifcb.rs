@@ -434,7 +434,7 @@ pub fn write_bin(dir: &Path, pid: &str, images: &[image::GrayImage]) -> Result<P
         let start = roi.len();
         roi.extend_from_slice(img.as_raw());
         adc.push_str(&format!(
-            "{},{:.6},0,0,0,0,0,0,0,0,0,0,0,0,1,1,{},{},{start},0,0,0,0,0,0\n",
+            "{},{:.6},0,0,0,0,0,0,0,0,0,0,0,1,1,{},{},{start},0,0,0,0,0,0\n",
             i + 1,
             i as f64 * 0.25,
             img.width(),
@@ -665,6 +665,11 @@ mod tests {
             bin.images().unwrap().into_iter().map(|(_, i)| i).collect();
         assert_eq!(read, images);
         assert_eq!(bin.roi_id(&bin.rois[4]), "D20240102T030405_IFCB999_00005");
+        assert_eq!((bin.rois[2].x, bin.rois[2].y, bin.rois[2].width), (1, 1, 5));
+        // Every ADC row has exactly the columns the header names (other readers go by position).
+        let names = ADC_FILE_FORMAT.split(',').count();
+        let adc = std::fs::read_to_string(hdr.with_extension("adc")).unwrap();
+        assert!(adc.lines().all(|l| l.split(',').count() == names), "{adc}");
         assert!(write_bin(tmp.path(), "img_1", &images).is_err());
     }
 }
