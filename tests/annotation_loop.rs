@@ -218,6 +218,20 @@ with h5py.File(sys.argv[1], 'r') as f:
         assert_eq!(v["classes"][0].as_u64(), Some(argmax as u64));
     }
 
+    // Features of the bins' ROIs, for the package's feature columns.
+    let features = root.join("features.parquet");
+    plankton(&[
+        "features",
+        "--data",
+        s(&bins),
+        "--set",
+        "moments,hu",
+        "--out",
+        s(&features),
+        "--threads",
+        "1",
+    ]);
+
     // The 12 least confident to EcoTaxa.
     let pack = root.join("pack.zip");
     plankton(&[
@@ -230,6 +244,8 @@ with h5py.File(sys.argv[1], 'r') as f:
         "--least-confident-first",
         "--limit",
         "12",
+        "--features",
+        s(&features),
     ]);
     let mut zip = zip::ZipArchive::new(std::fs::File::open(&pack).unwrap()).unwrap();
     let mut table = String::new();
@@ -259,6 +275,15 @@ with h5py.File(sys.argv[1], 'r') as f:
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
     let objects: Vec<Vec<&str>> = lines[2..].iter().map(|l| l.split('\t').collect()).collect();
     assert_eq!(objects.len(), 12);
+    let hu = header
+        .iter()
+        .position(|h| h.starts_with("object_hu_"))
+        .unwrap_or_else(|| panic!("feature columns in {header:?}"));
+    assert_eq!(types[hu], "[f]");
+    assert!(
+        objects.iter().all(|o| o[hu].parse::<f64>().is_ok()),
+        "every object has its features"
+    );
     let p1s: Vec<f64> = objects
         .iter()
         .map(|o| o[col("object_plankton_p1")].parse().unwrap())
@@ -390,6 +415,27 @@ with h5py.File(sys.argv[1], 'r') as f:
     ]);
     let preds2 = Predictions::read(&p2).unwrap();
     assert_eq!(preds2.rows.len(), 64 + 32);
+    // Scored against the bins' own labels (labels.csv): the labelled ROIs of the classes the
+    // fine-tuned run knows (the validated images may not cover every class).
+    let report = root.join("report");
+    let out = plankton(&[
+        "evaluate",
+        "--predictions",
+        s(&p2),
+        "--data",
+        s(&bins),
+        "--out",
+        s(&report),
+    ]);
+    let scorable = truth
+        .iter()
+        .filter(|(pid, c)| pid.contains("T010000") && preds2.class_names.contains(c))
+        .count();
+    assert!(
+        out.contains(&format!("{scorable} images: log loss")),
+        "{out}"
+    );
+    assert!(report.join("report.json").is_file());
     let (before, after) = (
         log_loss(&preds1, &validated_ids, &truth),
         log_loss(&preds2, &validated_ids, &truth),
