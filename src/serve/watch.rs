@@ -117,12 +117,13 @@ fn bin_part(rel: &Path) -> Option<PathBuf> {
     Some(rel.with_extension(""))
 }
 
+/// A settled file with its ledger key.
+type Ready = (String, SeenFile);
+
 /// Splits settled files into whole IFCB bins (all three files settled) and other files; the
 /// parts of a bin not yet whole are left for a later scan.
-fn whole_bins(
-    ready: Vec<(String, SeenFile)>,
-) -> (Vec<Vec<(String, SeenFile)>>, Vec<(String, SeenFile)>) {
-    let mut bins: std::collections::BTreeMap<PathBuf, Vec<(String, SeenFile)>> = Default::default();
+fn whole_bins(ready: Vec<Ready>) -> (Vec<Vec<Ready>>, Vec<Ready>) {
+    let mut bins: std::collections::BTreeMap<PathBuf, Vec<Ready>> = Default::default();
     let mut other = Vec::new();
     for (key, f) in ready {
         match bin_part(&f.rel) {

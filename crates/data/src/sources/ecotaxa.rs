@@ -40,7 +40,7 @@ impl EcotaxaObject {
 
 /// True for a row of EcoTaxa column types (`[t]`, `[f]`) rather than data.
 fn is_types_row(record: &csv::StringRecord) -> bool {
-    record.len() > 0
+    !record.is_empty()
         && record
             .iter()
             .all(|v| matches!(v.trim(), "[t]" | "[f]" | "[i]" | ""))
