@@ -120,9 +120,10 @@ fn bin_part(rel: &Path) -> Option<PathBuf> {
 /// A settled file with its ledger key.
 type Ready = (String, SeenFile);
 
-/// Splits settled files into whole IFCB bins (all three files settled) and other files; the
-/// parts of a bin not yet whole are left for a later scan.
-fn whole_bins(ready: Vec<Ready>) -> (Vec<Vec<Ready>>, Vec<Ready>) {
+/// Splits settled files into whole IFCB bins (all three files settled), the bins (folder and
+/// pid) whose settled files are not all there, and other files; the parts of a bin not yet
+/// whole are left for a later scan.
+fn whole_bins(ready: Vec<Ready>) -> (Vec<Vec<Ready>>, Vec<PathBuf>, Vec<Ready>) {
     let mut bins: std::collections::BTreeMap<PathBuf, Vec<Ready>> = Default::default();
     let mut other = Vec::new();
     for (key, f) in ready {
@@ -131,11 +132,13 @@ fn whole_bins(ready: Vec<Ready>) -> (Vec<Vec<Ready>>, Vec<Ready>) {
             None => other.push((key, f)),
         }
     }
-    let whole = bins
-        .into_values()
-        .filter(|parts| parts.len() == 3)
-        .collect();
-    (whole, other)
+    let (whole, incomplete): (Vec<_>, Vec<_>) =
+        bins.into_iter().partition(|(_, parts)| parts.len() == 3);
+    (
+        whole.into_iter().map(|(_, parts)| parts).collect(),
+        incomplete.into_iter().map(|(stem, _)| stem).collect(),
+        other,
+    )
 }
 
 fn ignored(name: &str, ignore_suffixes: &[String]) -> bool {
@@ -481,6 +484,7 @@ pub async fn run_watch(
     let mut watch = FolderWatch {
         settle: Duration::from_millis(cfg.settle_ms),
         bin_settle: Duration::from_millis(cfg.ifcb_settle_ms),
+        incomplete_bins: HashSet::new(),
         quarantine,
         cfg,
         spool,
@@ -546,6 +550,8 @@ struct FolderWatch {
     settle: Duration,
     /// How long the three files of an IFCB bin must be unchanged.
     bin_settle: Duration,
+    /// Bins found incomplete or in conflict (each logged once).
+    incomplete_bins: HashSet<PathBuf>,
     /// Where a refused bin's header goes, with its reason.
     quarantine: PathBuf,
     spool: Arc<Spool>,
@@ -617,11 +623,14 @@ impl FolderWatch {
         for f in files {
             let key = ledger_key(&f.rel);
             present.insert(key.clone());
-            if ledger.taken(&key, f.state) {
+            // A bin's files stay candidates: whether the bin is taken is decided for the three
+            // together (one that changes after the bin was refused half-written takes it again).
+            let bin = bin_part(&f.rel).is_some();
+            if !bin && ledger.taken(&key, f.state) {
                 self.candidates.remove(&key);
                 continue;
             }
-            if self.failed.get(&key) == Some(&f.state) {
+            if !bin && self.failed.get(&key) == Some(&f.state) {
                 continue;
             }
             self.failed.remove(&key);
@@ -671,12 +680,29 @@ impl FolderWatch {
     /// Takes the settled files in order until shutdown (or, under `backpressure = "reject"`, a
     /// full queue: the rest stay settled candidates, taken on a later scan).
     async fn take_ready(&mut self, ready: Vec<(String, SeenFile)>) -> Result<(), WatchError> {
-        let (bins, ready) = whole_bins(ready);
+        let (bins, incomplete, ready) = whole_bins(ready);
+        for stem in incomplete {
+            let base = self.cfg.dir.join(&stem);
+            // All three there, some still changing: an instrument writing, nothing to say.
+            let writing = ["hdr", "adc", "roi"]
+                .iter()
+                .all(|e| base.with_extension(e).is_file());
+            if !writing && self.incomplete_bins.insert(stem.clone()) {
+                tracing::warn!(bin = %one_line(self.cfg.dir.join(&stem).display()), "watch: IFCB bin incomplete (its .hdr, .adc and .roi are not all regular files here): waiting for the rest");
+                error_metric("incomplete_bin");
+            }
+        }
         for parts in bins {
             if self.shutdown.is_cancelled() {
                 break;
             }
-            self.take_bin(parts).await?;
+            let taken = {
+                let ledger = lock(&self.ledger);
+                parts.iter().all(|(k, f)| ledger.taken(k, f.state))
+            };
+            if !taken {
+                self.take_bin(parts).await?;
+            }
         }
         for (key, f) in ready {
             if self.shutdown.is_cancelled() {
@@ -760,6 +786,16 @@ impl FolderWatch {
                         tracing::info!(bin = %one_line(hdr.display()), rois = entries.len(), "watch: IFCB bin taken");
                         entries
                     }
+                    Err(SpoolError::Conflict { id, .. }) => {
+                        // The pid is pending with other pixels: a second bin of that pid in another
+                        // folder, or the bin rewritten before its rows were written. Taken once
+                        // those rows are written (the spool frees the ids); logged once.
+                        if self.incomplete_bins.insert(hdr.clone()) {
+                            error_metric("bin_conflict");
+                            tracing::warn!(bin = %one_line(hdr.display()), roi = %id, "watch: the bin's ROI ids are pending with other pixels (the same bin pid in two folders, or the bin rewritten): taken once those are written");
+                        }
+                        return Ok(());
+                    }
                     Err(e) => {
                         // A full spool: the bin stays a candidate, retried at the next scan.
                         error_metric("spool");
@@ -808,9 +844,6 @@ impl FolderWatch {
                 tracing::error!(error = %e, "watch: cannot append to the ledger");
                 error_metric("ledger");
             }
-        }
-        for (key, _) in &parts {
-            self.candidates.remove(key);
         }
         for entry in entries {
             self.taken += 1;
@@ -1315,7 +1348,13 @@ mod tests {
         );
         assert!(PathBuf::from(format!("{}.reason", q.path.display())).is_file());
         w.none_for(QUIET).await;
-        assert_eq!(w.stop().await, 7);
+        // The instrument finishes writing it: the whole bin is taken after all.
+        fs::copy(staging.join(format!("{cut}.roi")), &roi).unwrap();
+        for i in 0..images.len() {
+            assert_eq!(w.next().await.id, format!("{cut}_{:05}", i + 1));
+        }
+        w.none_for(QUIET).await;
+        assert_eq!(w.stop().await, 13);
         // Restarted with the entries finished: nothing is taken again.
         let keys: Vec<_> = spool.pending().unwrap().iter().map(|e| e.key()).collect();
         spool.complete(&keys).unwrap();

@@ -28,6 +28,10 @@ fn bad(path: &Path, reason: impl Into<String>) -> IfcbError {
     }
 }
 
+/// No ROI is larger than this: an IFCB camera frame is 1380 x 1034 pixels (1.4 Mpx); a bigger
+/// ROI is a corrupt ADC row, refused before anything is read (a sparse .roi can claim gigabytes).
+pub const MAX_ROI_PIXELS: u64 = 16 << 20;
+
 /// Which instrument generation wrote a bin (from its pid).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Generation {
@@ -184,14 +188,26 @@ impl Bin {
                 value(columns.width, "width")?,
                 value(columns.height, "height")?,
             );
-            if w <= 0.0 || h <= 0.0 {
+            if w < 0.0 || h < 0.0 {
+                return Err(bad(
+                    &adc,
+                    format!("row {number}: negative size {w} x {h}: a corrupt ADC file"),
+                ));
+            }
+            if w == 0.0 || h == 0.0 {
                 continue; // a trigger without an image
+            }
+            if w * h > MAX_ROI_PIXELS as f64 {
+                return Err(bad(
+                    &adc,
+                    format!("row {number}: a {w} x {h} ROI is larger than any IFCB camera frame (limit {MAX_ROI_PIXELS} pixels): a corrupt ADC file"),
+                ));
             }
             let whole = |v: f64, what: &str| -> Result<u64, IfcbError> {
                 if v < 0.0 || v.fract() != 0.0 || v > u32::MAX as f64 {
                     return Err(bad(
                         &adc,
-                        format!("row {number}: {what} {v} is not a pixel count or offset"),
+                        format!("row {number}: {what} {v:.0} is not a pixel count or offset"),
                     ));
                 }
                 Ok(v as u64)
@@ -232,24 +248,24 @@ impl Bin {
         format!("{}_{:05}", self.pid, r.number)
     }
 
-    /// Every ROI's pixels, in ADC order, read in one pass over the .roi file.
+    /// Every ROI's pixels, in ADC order: each read straight into its image (one `pread`).
     pub fn images(&self) -> Result<Vec<(String, image::GrayImage)>, IfcbError> {
-        let bytes = std::fs::read(&self.roi).map_err(|e| bad(&self.roi, e.to_string()))?;
+        let file = std::fs::File::open(&self.roi).map_err(|e| bad(&self.roi, e.to_string()))?;
         self.rois
             .iter()
             .map(|r| {
-                let start = r.start_byte as usize;
-                let end = start + r.width as usize * r.height as usize;
-                let pixels = bytes.get(start..end).ok_or_else(|| {
-                    bad(
-                        &self.roi,
-                        format!(
-                            "ROI {} ends past the file (changed since it was opened)",
-                            r.number
-                        ),
-                    )
-                })?;
-                let img = image::GrayImage::from_raw(r.width, r.height, pixels.to_vec())
+                let mut pixels = vec![0u8; r.width as usize * r.height as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut pixels, r.start_byte)
+                    .map_err(|e| {
+                        bad(
+                            &self.roi,
+                            format!(
+                                "ROI {}: {e} (the file changed since the bin was opened)",
+                                r.number
+                            ),
+                        )
+                    })?;
+                let img = image::GrayImage::from_raw(r.width, r.height, pixels)
                     .expect("width x height bytes");
                 Ok((self.roi_id(r), img))
             })
@@ -268,10 +284,12 @@ pub fn find_bins(dir: &Path) -> Result<Vec<PathBuf>, IfcbError> {
         .collect())
 }
 
-/// Splits a ROI pid (`<bin pid>_<5-digit number>`) into the bin pid and the ROI number.
+/// Splits a ROI pid (`<bin pid>_<number>`, 5 digits, more past 99999 as pyifcb writes them)
+/// into the bin pid and the ROI number.
 pub fn parse_roi_pid(name: &str) -> Option<(&str, u32)> {
     let (bin, number) = name.rsplit_once('_')?;
-    if number.len() != 5 || !number.bytes().all(|b| b.is_ascii_digit()) {
+    let canonical = number.len() == 5 || (number.len() > 5 && !number.starts_with('0'));
+    if !canonical || !number.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     generation(bin)?;
@@ -302,8 +320,22 @@ pub fn list_rois(dir: &Path) -> Result<BinListing, IfcbError> {
     let listing = crate::fsx::files_under(dir).map_err(|e| bad(dir, e.to_string()))?;
     let mut out = BinListing::default();
     let mut stems = std::collections::HashSet::new();
+    let mut first_of: std::collections::HashMap<std::ffi::OsString, &PathBuf> = Default::default();
     for hdr in listing.files.iter().filter(|p| is_bin_header(p)) {
         stems.insert(hdr.with_extension(""));
+        let pid = hdr.file_stem().unwrap_or_default().to_os_string();
+        if let Some(first) = first_of.get(&pid) {
+            // Two bins with one pid would give their ROIs the same ids.
+            out.refused.push((
+                hdr.clone(),
+                format!(
+                    "a bin with the same pid is at {}: its ROIs would have the same ids",
+                    first.display()
+                ),
+            ));
+            continue;
+        }
+        first_of.insert(pid, hdr);
         match Bin::open(hdr) {
             Ok(bin) => {
                 out.bins += 1;
@@ -567,6 +599,23 @@ mod tests {
         std::fs::write(hdr4.with_extension("adc"), lines.join("\n")).unwrap();
         let e = Bin::open(&hdr4).unwrap_err().to_string();
         assert!(e.contains("row 7: width `wide` is not a number"), "{e}");
+        // A negative size, and a ROI no camera makes (refused before anything is read: a sparse
+        // .roi could claim gigabytes).
+        for (value, why) in [
+            ("-40", "negative size"),
+            ("100000", "larger than any IFCB camera frame"),
+        ] {
+            let hdr5 = copy_bin(tmp.path());
+            let adc = std::fs::read_to_string(hdr5.with_extension("adc")).unwrap();
+            let mut lines: Vec<String> = adc.lines().map(String::from).collect();
+            let mut fields: Vec<String> = lines[6].split(',').map(String::from).collect();
+            fields[15] = value.into();
+            fields[16] = value.trim_start_matches('-').into();
+            lines[6] = fields.join(",");
+            std::fs::write(hdr5.with_extension("adc"), lines.join("\n")).unwrap();
+            let e = Bin::open(&hdr5).unwrap_err().to_string();
+            assert!(e.contains("row 7") && e.contains(why), "{e}");
+        }
     }
 
     /// A ROI addressed by its pid path decodes to the same pixels as the bin read whole; the
@@ -593,6 +642,13 @@ mod tests {
             parse_roi_pid("D20130526T095207_IFCB013_00007"),
             Some(("D20130526T095207_IFCB013", 7))
         );
+        // Past 99999 the number has six digits (pyifcb's pids); a padded six is not a pid.
+        assert_eq!(
+            parse_roi_pid("D20130526T095207_IFCB013_100001"),
+            Some(("D20130526T095207_IFCB013", 100_001))
+        );
+        assert_eq!(parse_roi_pid("D20130526T095207_IFCB013_000007"), None);
+        assert_eq!(parse_roi_pid("D20130526T095207_IFCB013_0007"), None);
         // A ROI number without an image, and a pid path whose bin is not there.
         let e = decode_file(
             &day.join("D20130526T095207_IFCB013_00001"),
@@ -647,6 +703,20 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.kind(), "bad_roi");
         assert!(e.to_string().contains("past the end"), "{e}");
+        // The same pid in a second folder: refused, naming the first.
+        let twin = tmp.path().join("copy");
+        std::fs::create_dir_all(&twin).unwrap();
+        copy_bin(&twin);
+        let listing = list_rois(tmp.path()).unwrap();
+        assert!(
+            listing
+                .refused
+                .iter()
+                .any(|(_, r)| r.contains("a bin with the same pid is at")),
+            "{:?}",
+            listing.refused
+        );
+        assert_eq!(listing.bins, 1);
     }
 
     #[test]
