@@ -392,6 +392,41 @@ with h5py.File(sys.argv[1], 'r') as f:
         "--steps",
         "30",
     ]);
+    assert_eq!(
+        std::fs::read_to_string(run2.join("zmuv.json")).unwrap(),
+        std::fs::read_to_string(run1.join("zmuv.json")).unwrap(),
+        "the carried-over weights keep the input statistics they were trained with"
+    );
+    // Another architecture is refused before anything is written.
+    let wide = root.join("wide.toml");
+    std::fs::write(
+        &wide,
+        common::tiny_net_toml("tiny-wide", 7, 0.25) + "[train]\nsteps = 4\nthreads = 1\n",
+    )
+    .unwrap();
+    let run3 = root.join("run3");
+    let out = Command::new(env!("CARGO_BIN_EXE_plankton"))
+        .args([
+            "train",
+            "--init-from",
+            s(&run1),
+            "--pipeline",
+            s(&wide),
+            "--data",
+            s(&ds2),
+            "--out",
+            s(&run3),
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the networks differ"),
+        "{err}"
+    );
+    assert!(!run3.exists(), "no half-made run");
     let carried: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run2.join("init_from.json")).unwrap())
             .unwrap();

@@ -58,6 +58,19 @@ pub(super) fn prepare(
         // First: another dataset would otherwise fail on a split line, less clearly.
         check_classes(run, &ds)?;
     }
+    if let (false, Some(from)) = (opts.resume, &opts.init_from) {
+        // Checked before anything is written: an earlier run whose network does not fit leaves
+        // no half-made run behind (on a throwaway CPU network; the real one is seeded below).
+        let mut probe = Network::new(&cfg.model, &sizes, ds.class_names.len(), tch::Device::Cpu)?;
+        carry_weights(from, &ds, &mut probe)?;
+        let zmuv = RunDir::new(from).zmuv();
+        if !zmuv.is_file() {
+            return Err(TrainError::Config(format!(
+                "--init-from {}: no zmuv.json: not a trained run",
+                from.display()
+            )));
+        }
+    }
     let split = run_split(opts, run, &ds, &cfg)?;
     let pseudo = pseudo::load(&cfg.pseudo, &ds)?;
     if !opts.resume {
@@ -118,7 +131,7 @@ fn open_dataset(opts: &TrainOptions) -> Result<Dataset, TrainError> {
     }
     if ds.train.is_empty() {
         return Err(TrainError::Config(format!(
-            "{}: no labelled training images (train/<class>/...)",
+            "{}: no labelled training images (train/<class>/..., or for IFCB bins labels.csv `pid,class` / validated ecotaxa*.tsv objects)",
             opts.data.display()
         )));
     }
@@ -184,25 +197,7 @@ fn write_pipeline(run: &RunDir, cfg: &PipelineConfig) -> Result<(), TrainError> 
 /// A new run starts from an earlier run's weights; what was carried over is kept in the run
 /// (`init_from.json`) and logged.
 fn init_from(run: &RunDir, from: &Path, ds: &Dataset, net: &mut Network) -> Result<(), TrainError> {
-    let earlier = RunDir::new(from);
-    let weights = [earlier.best_weights(), earlier.final_weights()]
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            TrainError::Config(format!(
-                "--init-from {}: no weights (best.safetensors or model.safetensors): not a trained run",
-                from.display()
-            ))
-        })?;
-    let classes: Vec<String> = std::fs::read_to_string(earlier.classes())
-        .map_err(|e| TrainError::io(&earlier.classes(), e))?
-        .lines()
-        .map(str::to_string)
-        .filter(|c| !c.is_empty())
-        .collect();
-    let carried = net
-        .init_from(&weights, &classes, &ds.class_names)
-        .map_err(|e| TrainError::Config(format!("--init-from {}: {e}", from.display())))?;
+    let (weights, carried) = carry_weights(from, ds, net)?;
     if carried.kept.is_empty() {
         tracing::warn!(from = %from.display(), "no class in common with the earlier run: only its features carry over");
     }
@@ -227,6 +222,34 @@ fn init_from(run: &RunDir, from: &Path, ds: &Dataset, net: &mut Network) -> Resu
             .as_bytes(),
     )?;
     Ok(())
+}
+
+/// Copies an earlier run's weights into `net` (see `Network::init_from`).
+fn carry_weights(
+    from: &Path,
+    ds: &Dataset,
+    net: &mut Network,
+) -> Result<(std::path::PathBuf, crate::model::network::InitFrom), TrainError> {
+    let earlier = RunDir::new(from);
+    let weights = [earlier.best_weights(), earlier.final_weights()]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            TrainError::Config(format!(
+                "--init-from {}: no weights (best.safetensors or model.safetensors): not a trained run",
+                from.display()
+            ))
+        })?;
+    let classes: Vec<String> = std::fs::read_to_string(earlier.classes())
+        .map_err(|e| TrainError::io(&earlier.classes(), e))?
+        .lines()
+        .map(str::to_string)
+        .filter(|c| !c.is_empty())
+        .collect();
+    let carried = net
+        .init_from(&weights, &classes, &ds.class_names)
+        .map_err(|e| TrainError::Config(format!("--init-from {}: {e}", from.display())))?;
+    Ok((weights, carried))
 }
 
 fn class_list(ds: &Dataset) -> String {
@@ -283,6 +306,12 @@ fn run_zmuv(
 ) -> Result<Vec<Zmuv>, TrainError> {
     let zmuv = if opts.resume {
         ZmuvStats::load(&run.zmuv())?
+    } else if let Some(from) = &opts.init_from {
+        // The earlier run's weights expect its input statistics: re-estimating them on the new
+        // data would feed the carried-over layers inputs on another scale.
+        let stats = ZmuvStats::load(&RunDir::new(from).zmuv())?;
+        stats.save(&run.zmuv())?;
+        stats
     } else {
         let (stats, _) = rt.block_on(crate::data_path::estimate_zmuv(cfg, train.clone()))?;
         stats.save(&run.zmuv())?;

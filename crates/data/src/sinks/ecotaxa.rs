@@ -117,6 +117,21 @@ pub fn export(
         path: path.to_path_buf(),
         reason,
     };
+    let zip = out
+        .extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("zip"));
+    // Never over an earlier package: stale images would sit beside the new table.
+    let occupied = if zip || out.is_file() {
+        out.exists()
+    } else {
+        std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some())
+    };
+    if occupied {
+        return Err(fail(
+            out,
+            "exists: give a new .zip file or a new (or empty) folder for the package".into(),
+        ));
+    }
     let name = out
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -238,7 +253,7 @@ pub fn export(
             Ok(())
         });
         written.map_err(|e| fail(out, e.to_string()))?;
-        summary.table = out.join(&table_name);
+        summary.table = out.to_path_buf();
     } else {
         std::fs::create_dir_all(out).map_err(|e| fail(out, e.to_string()))?;
         for (name, png) in &images {

@@ -37,6 +37,9 @@ pub struct IfcbScoresSummary {
     pub failed: usize,
     /// Rows whose id is not an IFCB ROI pid.
     pub not_rois: usize,
+    /// Bins (pid, ROIs exported, ROIs with an image in the bin) whose file lists fewer ROIs
+    /// than the bin holds, where the bin was found beside the rows' source paths.
+    pub partial: Vec<(String, usize, usize)>,
     pub files: Vec<PathBuf>,
 }
 
@@ -108,6 +111,7 @@ pub fn write_class_scores(
 ) -> Result<IfcbScoresSummary, IfcbScoresError> {
     let mut summary = IfcbScoresSummary::default();
     let mut bins: BTreeMap<&str, Vec<(u32, &[f32])>> = BTreeMap::new();
+    let mut sources: BTreeMap<&str, &str> = BTreeMap::new();
     for row in &preds.rows {
         let Some((bin, number)) = parse_roi_pid(&row.image_id) else {
             summary.not_rois += 1;
@@ -118,6 +122,7 @@ pub fn write_class_scores(
             continue;
         };
         bins.entry(bin).or_default().push((number, p.as_slice()));
+        sources.entry(bin).or_insert(row.source_path.as_str());
     }
     let model_id = preds.model_ids.join(",");
     let timestamp = plankton_core::clock::utc_iso8601(std::time::SystemTime::now());
@@ -156,6 +161,21 @@ pub fn write_class_scores(
         }
         summary.bins += 1;
         summary.rois += rois.len();
+        // The bin itself, where its source is here: `<folder>/<roi pid>` (predict) or
+        // `<folder>/<bin>.roi` (the daemon).
+        if let Some(source) = sources.get(bin).map(Path::new) {
+            let hdr = match source.extension() {
+                Some(x) if x == "roi" => source.with_extension("hdr"),
+                _ => source.with_file_name(format!("{bin}.hdr")),
+            };
+            if let Ok(whole) = plankton_core::ifcb::Bin::open(&hdr) {
+                if whole.rois.len() > rois.len() {
+                    summary
+                        .partial
+                        .push((bin.to_string(), rois.len(), whole.rois.len()));
+                }
+            }
+        }
     }
     Ok(summary)
 }

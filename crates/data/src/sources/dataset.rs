@@ -417,11 +417,10 @@ impl Dataset {
                         .map(|(id, c)| (id, c, path.clone())),
                 );
             } else {
-                let objects = crate::sources::ecotaxa::read_table(path).map_err(|e| {
-                    DatasetError::BadCsv {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    }
+                use crate::sources::ecotaxa::{read_table, EcotaxaError};
+                let objects = read_table(path).map_err(|e| match e {
+                    EcotaxaError::Table { path, reason } => DatasetError::BadCsv { path, reason },
+                    EcotaxaError::Io { path, source } => DatasetError::Io { path, source },
                 })?;
                 labels.extend(objects.iter().filter_map(|o| {
                     o.validated_category()
@@ -494,7 +493,7 @@ impl Dataset {
             let mut missing = missing;
             missing.sort();
             problems.push(LayoutProblem {
-                path: root.to_path_buf(),
+                path: by_id[missing[0]].1.to_path_buf(),
                 reason: format!(
                     "{} labelled ids are not ROIs of these bins (first: {})",
                     missing.len(),

@@ -27,6 +27,8 @@ pub struct EcotaxaObject {
     pub category: Option<String>,
     /// `predicted`, `validated`, `dubious`, `discarded` (lowercased), if any.
     pub status: Option<String>,
+    /// The row's line in the table (for messages).
+    pub line: u64,
 }
 
 impl EcotaxaObject {
@@ -64,10 +66,21 @@ pub fn read_table_bytes(bytes: &[u8], path: &Path) -> Result<Vec<EcotaxaObject>,
         reason,
     };
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+    // EcoTaxa itself reads a table without a byte-order mark as Latin-1: text that is not UTF-8
+    // is taken as Latin-1 here (every byte is a character), UTF-8 as UTF-8.
+    let text: std::borrow::Cow<'_, [u8]> = match std::str::from_utf8(bytes) {
+        Ok(_) => bytes.into(),
+        Err(_) => bytes
+            .iter()
+            .map(|&b| b as char)
+            .collect::<String>()
+            .into_bytes()
+            .into(),
+    };
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(b'\t')
         .flexible(true)
-        .from_reader(bytes);
+        .from_reader(text.as_ref());
     let header: Vec<String> = reader
         .headers()
         .map_err(|e| bad(e.to_string()))?
@@ -102,13 +115,13 @@ pub fn read_table_bytes(bytes: &[u8], path: &Path) -> Result<Vec<EcotaxaObject>,
                 .filter(|v| !v.is_empty())
                 .map(String::from)
         };
-        let object_id =
-            get(Some(id_col)).ok_or_else(|| bad(format!("line {line}: no object_id")))?;
+        // An empty id is kept (empty): `import` sets that object aside with its line.
         objects.push(EcotaxaObject {
-            object_id,
+            object_id: get(Some(id_col)).unwrap_or_default(),
             img_file_name: get(img_col),
             category: get(cat_col),
             status: get(status_col).map(|s| s.to_ascii_lowercase()),
+            line,
         });
     }
     Ok(objects)
@@ -216,18 +229,56 @@ impl Package {
         }
     }
 
-    fn read(&mut self, name: &str) -> std::io::Result<Vec<u8>> {
+    /// Reads an entry of at most `limit` bytes (checked before reading: a zip entry's declared
+    /// size, a file's length; and while reading, as a zip can lie).
+    fn read(&mut self, name: &str, limit: u64) -> std::io::Result<Vec<u8>> {
+        let too_big = |size: u64| {
+            std::io::Error::other(format!(
+                "{size} bytes, over the limit of {limit} bytes (a zip bomb, or not an image)"
+            ))
+        };
+        let mut bytes = Vec::new();
         match self {
-            Package::Folder(root) => std::fs::read(root.join(name)),
+            Package::Folder(root) => {
+                let path = root.join(name);
+                let size = std::fs::metadata(&path)?.len();
+                if size > limit {
+                    return Err(too_big(size));
+                }
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(std::fs::File::open(&path)?, limit + 1),
+                    &mut bytes,
+                )?;
+            }
             Package::Zip(z) => {
-                let mut f = z.by_name(name).map_err(std::io::Error::other)?;
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut f, &mut bytes)?;
-                Ok(bytes)
+                let f = z.by_name(name).map_err(std::io::Error::other)?;
+                if f.size() > limit {
+                    return Err(too_big(f.size()));
+                }
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut bytes)?;
             }
         }
+        if bytes.len() as u64 > limit {
+            return Err(too_big(bytes.len() as u64));
+        }
+        Ok(bytes)
     }
 }
+
+/// An image path that stays inside the package: relative, no `..`.
+fn inside_package(name: &str) -> bool {
+    let p = Path::new(name);
+    !name.contains('\\')
+        && p.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+}
+
+/// The largest table read (a project export of millions of objects is a few hundred MB).
+const MAX_TABLE_BYTES: u64 = 4 << 30;
 
 /// A class folder name: path separators and a leading dot made harmless.
 fn folder_name(category: &str) -> String {
@@ -280,7 +331,13 @@ pub fn import(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        return import_tables(Package::Folder(parent), vec![name], input, out, opts);
+        return import_tables(
+            Package::Folder(parent.clone()),
+            vec![name],
+            &parent,
+            out,
+            opts,
+        );
     } else {
         return Err(bad(input, "no such file or folder".into()));
     };
@@ -294,7 +351,7 @@ pub fn import(
 fn import_tables(
     mut package: Package,
     tables: Vec<String>,
-    input: &Path,
+    base: &Path,
     out: &Path,
     opts: &ImportOptions,
 ) -> Result<ImportSummary, EcotaxaError> {
@@ -302,57 +359,118 @@ fn import_tables(
         path: path.to_path_buf(),
         reason,
     };
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EcotaxaError::Io { path, source }
+    };
+    let occupied = |p: &Path| {
+        p.exists()
+            && std::fs::read_dir(p)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+    };
+    if occupied(out) {
         return Err(bad(
             out,
             "exists and is not empty: give a new folder for the dataset".into(),
         ));
     }
+    // Every table is read first: nothing is created for a package that is not one.
+    let mut parsed = Vec::new();
+    for table in tables {
+        let table_path = base.join(&table);
+        let bytes = package
+            .read(&table, MAX_TABLE_BYTES)
+            .map_err(io(&table_path))?;
+        parsed.push((table.clone(), read_table_bytes(&bytes, &table_path)?));
+    }
+    // Written into a staging folder beside `out` and renamed into place at the end: a failed
+    // or killed import leaves no dataset that looks complete.
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dataset".into());
+    let staging = out.with_file_name(format!(".{name}.importing-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
+    std::fs::create_dir_all(staging.join("test")).map_err(io(&staging))?;
+    let result = fill(&mut package, parsed, base, &staging, opts);
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        // Empty (checked above); another import may have filled it meanwhile.
+        std::fs::remove_dir(out).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&staging);
+            bad(out, format!("was filled while importing: {e}"))
+        })?;
+    }
+    std::fs::rename(&staging, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staging);
+        bad(
+            out,
+            format!("cannot move the imported dataset into place: {e}"),
+        )
+    })?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+    }
+    Ok(summary)
+}
+
+/// Writes the objects' images under `dir` (a staging folder) and `objects.csv`. An object that
+/// cannot be imported is set aside with the reason; only a failure to write `objects.csv` stops.
+fn fill(
+    package: &mut Package,
+    parsed: Vec<(String, Vec<EcotaxaObject>)>,
+    base: &Path,
+    dir: &Path,
+    opts: &ImportOptions,
+) -> Result<ImportSummary, EcotaxaError> {
+    let image_limit = plankton_core::decode::DecodeLimits::default().max_bytes;
     let mut summary = ImportSummary {
-        tables: tables.len(),
+        tables: parsed.len(),
         ..Default::default()
     };
     let mut seen = std::collections::HashSet::new();
     let mut taken = std::collections::HashSet::new();
-    let mut objects_csv = vec![vec![
-        "image".to_string(),
-        "object_id".into(),
-        "category".into(),
-        "status".into(),
-    ]];
-    std::fs::create_dir_all(out.join("test")).map_err(|source| EcotaxaError::Io {
-        path: out.join("test"),
-        source,
-    })?;
-    for table in tables {
-        let table_path = input.join(&table);
-        let bytes = package.read(&table).map_err(|source| EcotaxaError::Io {
-            path: table_path.clone(),
-            source,
-        })?;
-        let base = table
-            .rsplit_once('/')
-            .map_or("", |(dir, _)| dir)
-            .to_string();
-        for object in read_table_bytes(&bytes, &table_path)? {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (table, objects) in parsed {
+        let table_dir = table.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+        for object in objects {
+            let mut set_aside = |reason: String| {
+                let who = if object.object_id.is_empty() {
+                    format!("{table} line {}", object.line)
+                } else {
+                    object.object_id.clone()
+                };
+                summary.problems.push((who, reason));
+            };
+            if object.object_id.is_empty() {
+                set_aside("no object_id".into());
+                continue;
+            }
             // An object with several images has a row per image: its first one is used.
             if !seen.insert(object.object_id.clone()) {
                 continue;
             }
             let Some(img) = object.img_file_name.as_deref() else {
-                summary
-                    .problems
-                    .push((object.object_id.clone(), "no img_file_name".into()));
+                set_aside("no img_file_name".into());
                 continue;
             };
-            let img_name = if base.is_empty() {
+            if !inside_package(img) {
+                set_aside(format!("image path `{img}` leaves the package: not read"));
+                continue;
+            }
+            let img_name = if table_dir.is_empty() {
                 img.to_string()
             } else {
-                format!("{base}/{img}")
+                format!("{table_dir}/{img}")
             };
             let class = match object.validated_category() {
                 Some(c) => match opts.mapping.get(c) {
@@ -365,23 +483,19 @@ fn import_tables(
                 },
                 None => None,
             };
-            let pixels = match package.read(&img_name) {
+            let pixels = match package.read(&img_name, image_limit) {
                 Ok(b) => b,
                 Err(e) => {
-                    summary
-                        .problems
-                        .push((object.object_id.clone(), format!("image {img_name}: {e}")));
+                    set_aside(format!("image {}: {e}", base.join(&img_name).display()));
                     continue;
                 }
             };
             if let Err(e) = plankton_core::decode::decode_bytes(
                 &pixels,
-                Path::new(&img_name),
+                &base.join(&img_name),
                 &Default::default(),
             ) {
-                summary
-                    .problems
-                    .push((object.object_id.clone(), e.to_string()));
+                set_aside(e.to_string());
                 continue;
             }
             let ext = Path::new(img)
@@ -406,22 +520,25 @@ fn import_tables(
                 file = format!("{stem}_{n}.{ext}");
             }
             let dest = match &class {
-                Some(c) => out.join("train").join(c).join(&file),
-                None => out.join("test").join(&file),
+                Some(c) => dir.join("train").join(c).join(&file),
+                None => dir.join("test").join(&file),
             };
-            if let Some(dir) = dest.parent() {
-                std::fs::create_dir_all(dir).map_err(|source| EcotaxaError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
+            let written = dest
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    plankton_core::fsx::write_atomic(&dest, &pixels).map_err(|e| e.to_string())
+                });
+            if let Err(e) = written {
+                set_aside(format!("cannot write {}: {e}", dest.display()));
+                continue;
             }
-            plankton_core::fsx::write_atomic(&dest, &pixels)
-                .map_err(|e| bad(&dest, e.to_string()))?;
             match &class {
                 Some(c) => *summary.labelled.entry(c.clone()).or_default() += 1,
                 None => summary.unlabelled += 1,
             }
-            objects_csv.push(vec![
+            rows.push(vec![
                 file,
                 object.object_id.clone(),
                 object.category.clone().unwrap_or_default(),
@@ -429,12 +546,12 @@ fn import_tables(
             ]);
         }
     }
-    let csv = crate::table::csv_bytes(
-        &["image", "object_id", "category", "status"],
-        objects_csv.into_iter().skip(1),
-    );
-    let p = out.join("objects.csv");
-    plankton_core::fsx::write_atomic(&p, &csv).map_err(|e| bad(&p, e.to_string()))?;
+    let csv = crate::table::csv_bytes(&["image", "object_id", "category", "status"], rows);
+    let p = dir.join("objects.csv");
+    plankton_core::fsx::write_atomic(&p, &csv).map_err(|e| EcotaxaError::Table {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
     Ok(summary)
 }
 
@@ -488,5 +605,94 @@ mod tests {
             e.contains("ecotaxa_pack.tsv") && e.contains("no `object_id`"),
             "{e}"
         );
+    }
+
+    fn png(v: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::GrayImage::from_pixel(6, 5, image::Luma([v]))
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    /// What a hostile or broken package holds is set aside object by object with the reason;
+    /// nothing outside the package is read; a zip bomb is refused by its declared size; the
+    /// dataset appears whole or not at all.
+    #[test]
+    fn import_sets_bad_objects_aside_and_reads_nothing_outside_the_package() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret.png"), png(9)).unwrap();
+        let zip_path = dir.path().join("export.zip");
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&zip_path).unwrap());
+        let deflated = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        // Latin-1 (no BOM), as EcoTaxa itself would read it.
+        let mut table: Vec<u8> =
+            b"object_id\timg_file_name\tobject_annotation_status\tobject_annotation_category\n"
+                .to_vec();
+        table.extend_from_slice(b"a\ts/a.png\tvalidated\tcop\xe9pode\n");
+        table.extend_from_slice(b"b\ts/b.png\tpredicted\tdetritus\n");
+        table.extend_from_slice(b"c\t../secret.png\tvalidated\tcop\xe9pode\n");
+        table.extend_from_slice(b"\ts/a.png\tvalidated\tx\n");
+        table.extend_from_slice(b"d\ts/missing.png\tvalidated\tx\n");
+        table.extend_from_slice(b"e\ts/bomb.png\tvalidated\tx\n");
+        z.start_file("ecotaxa_export.tsv", deflated).unwrap();
+        z.write_all(&table).unwrap();
+        for (name, bytes) in [("s/a.png", png(1)), ("s/b.png", png(2))] {
+            z.start_file(name, deflated).unwrap();
+            z.write_all(&bytes).unwrap();
+        }
+        z.start_file("s/bomb.png", deflated).unwrap();
+        z.write_all(&vec![0u8; 65 << 20]).unwrap();
+        z.finish().unwrap();
+
+        let out = dir.path().join("ds");
+        let s = import(&zip_path, &out, &ImportOptions::default()).unwrap();
+        assert_eq!(s.labelled.get("copépode"), Some(&1), "{s:?}");
+        assert_eq!(s.unlabelled, 1);
+        let reasons: Vec<String> = s
+            .problems
+            .iter()
+            .map(|(w, r)| format!("{w}: {r}"))
+            .collect();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(
+            reasons[0].starts_with("c: image path `../secret.png` leaves the package"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[1].starts_with("ecotaxa_export.tsv line 5: no object_id"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[2].starts_with("d: image") && reasons[2].contains("missing.png"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[3].starts_with("e: image") && reasons[3].contains("over the limit"),
+            "{reasons:?}"
+        );
+        assert_eq!(
+            std::fs::read(out.join("train/copépode/a.png")).unwrap(),
+            png(1)
+        );
+        assert!(out.join("test/b.png").is_file() && out.join("objects.csv").is_file());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("importing"))
+            .collect();
+        assert!(left.is_empty(), "no staging folder left: {left:?}");
+        // A second import into it is refused; a package that is not one creates nothing.
+        let e = import(&zip_path, &out, &ImportOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exists and is not empty"), "{e}");
+        let not = dir.path().join("ecotaxa_bad.tsv");
+        std::fs::write(&not, "image\tclass\n").unwrap();
+        let out2 = dir.path().join("ds2");
+        assert!(import(&not, &out2, &ImportOptions::default()).is_err());
+        assert!(!out2.exists());
     }
 }

@@ -32,7 +32,7 @@ pub struct EcotaxaArgs {
     /// Predictions (Parquet); the images are read back from their source paths.
     #[arg(long)]
     predictions: PathBuf,
-    /// The package: a folder, or a zip file (EcoTaxa imports either).
+    /// The package: a new folder, or a new .zip file (EcoTaxa imports either).
     #[arg(long)]
     out: PathBuf,
     /// Least confident first (the images validation helps most).
@@ -61,6 +61,9 @@ pub fn run(which: ExportCommand) -> Result<()> {
                     preds.rows.len()
                 );
             }
+            for (bin, exported, total) in &s.partial {
+                tracing::warn!(%bin, exported, total, "the predictions hold only some of the bin's ROIs: its class-score file lists only those (export the predictions of the whole bin, e.g. after `plankton compact` of the daemon's files)");
+            }
             println!(
                 "{} bin(s), {} ROI(s) -> {} ({} failed row(s) and {} row(s) of other images left out)",
                 s.bins,
@@ -84,8 +87,22 @@ fn ecotaxa(a: EcotaxaArgs) -> Result<()> {
         ..Default::default()
     };
     if let Some(m) = &a.mapping {
-        let rows = plankton::sources::dataset::read_pairs_csv(m, ["class", "ecotaxa"])?;
-        opts.rename = rows.into_iter().collect();
+        for (class, taxon) in plankton::sources::dataset::read_pairs_csv(m, ["class", "ecotaxa"])? {
+            if !preds.class_names.contains(&class) {
+                bail!(
+                    "{}: `{class}` is not a class of {} (its classes: {})",
+                    m.display(),
+                    a.predictions.display(),
+                    preds.class_names.join(", ")
+                );
+            }
+            if taxon.is_empty() {
+                bail!("{}: `{class}` has no EcoTaxa name", m.display());
+            }
+            if opts.rename.insert(class.clone(), taxon).is_some() {
+                bail!("{}: `{class}` is mapped twice", m.display());
+            }
+        }
     }
     if let Some(f) = &a.features {
         let sets = plankton::fusion::features::FeatureFile::sets_of(f)?;
