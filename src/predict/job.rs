@@ -427,8 +427,30 @@ pub fn resolve_inputs(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            let stem = d.file_stem().map(|n| n.to_string_lossy().into_owned());
+            if d.extension()
+                .is_some_and(|x| x == "hdr" || x == "adc" || x == "roi")
+                && stem.is_some_and(|s| crate::sources::ifcb::generation(&s).is_some())
+            {
+                return Err(PredictError::Input(format!(
+                    "{}: a file of an IFCB bin: pass the folder that holds the bin (its ROIs are the images)",
+                    d.display()
+                )));
+            }
             records.push(ImageRecord {
                 id,
+                path: d.clone(),
+                label: None,
+            });
+        } else if let Some(id) = d
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| crate::sources::ifcb::parse_roi_pid(n).is_some())
+            .filter(|_| crate::stages::decode::decode_file(d, &Default::default()).is_ok())
+        {
+            // One ROI by its pid path (`<bin folder>/<roi pid>`).
+            records.push(ImageRecord {
+                id: id.to_string(),
                 path: d.clone(),
                 label: None,
             });

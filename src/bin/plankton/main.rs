@@ -41,7 +41,8 @@ enum Command {
     Split(commands::split::SplitArgs),
     /// Estimate the global ZMUV mean/std on augmented training patches.
     Zmuv(commands::zmuv::ZmuvArgs),
-    /// Train a network (or resume a run) on a dataset in the competition layout.
+    /// Train a network (or resume or fine-tune a run) on a dataset: the competition layout or a
+    /// folder of IFCB bins with labels.
     Train(commands::train::TrainArgs),
     /// Print a pipeline's network: layers, shapes, parameters, multiply-accumulates.
     Model(commands::model::ModelArgs),

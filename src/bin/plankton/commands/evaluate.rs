@@ -4,6 +4,7 @@ use super::prelude::*;
 
 #[derive(Args)]
 pub struct EvaluateArgs {
+    /// The predictions Parquet file (from predict, blend, fuse, compact or the daemon).
     #[arg(long)]
     predictions: PathBuf,
     /// Dataset folder(s) holding the true classes (default: the file's `label` column).

@@ -7,6 +7,7 @@ pub struct FeaturesArgs {
     /// Dataset folders (train and test images), folders of images, or image files.
     #[arg(long, required = true, num_args = 1..)]
     data: Vec<PathBuf>,
+    /// The features Parquet file to write (image_id, source_path, error, <set>.<name> columns).
     #[arg(long)]
     out: PathBuf,
     /// Comma-separated: moments, hu, haralick, zernike, lbp, tas.

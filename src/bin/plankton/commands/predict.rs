@@ -7,7 +7,7 @@ pub struct PredictArgs {
     /// The run directory written by `plankton train`.
     #[arg(long)]
     model: PathBuf,
-    /// A dataset folder (competition layout), folders of images, or image files.
+    /// A dataset folder (competition layout, or IFCB bins), folders of images, or image files.
     #[arg(long, required = true, num_args = 1..)]
     data: Vec<PathBuf>,
     /// The predictions Parquet file to write.

@@ -6,6 +6,8 @@ use super::prelude::*;
 pub struct TrainArgs {
     #[command(flatten)]
     pipeline: PipelineArg,
+    /// The dataset: the competition layout (train/<class>/, test/), or a folder of IFCB bins
+    /// labelled by labels.csv (pid,class) and/or validated EcoTaxa tables (ecotaxa*.tsv).
     #[arg(long)]
     data: PathBuf,
     /// The run directory (config, split, ZMUV, checkpoints, weights, history, learning curve).
