@@ -752,35 +752,32 @@ impl FolderWatch {
             .find(|(_, f)| f.abs.extension().is_some_and(|x| x == "hdr"))
             .map(|(_, f)| f.abs.clone())
             .expect("a whole bin has its header");
-        let read = {
-            let hdr = hdr.clone();
-            tokio::task::spawn_blocking(move || -> Result<Vec<(String, Vec<u8>)>, String> {
-                let bin = crate::sources::ifcb::Bin::open(&hdr).map_err(|e| e.to_string())?;
-                let images = bin.images().map_err(|e| e.to_string())?;
-                images
-                    .into_iter()
-                    .map(|(id, img)| {
-                        let mut png = Vec::new();
-                        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                            .map_err(|e| format!("{id}: PNG: {e}"))?;
-                        Ok((id, png))
-                    })
-                    .collect()
-            })
-            .await
-            .expect("bin read panicked")
-        };
-        let roi_path = hdr.with_extension("roi").to_string_lossy().into_owned();
+        // One ROI at a time, read, encoded and spooled: a bin of any size in little memory.
+        let (spool, bin_hdr) = (self.spool.clone(), hdr.clone());
+        let read = tokio::task::spawn_blocking(
+            move || -> Result<Result<Vec<SpoolEntry>, SpoolError>, String> {
+                let bin = crate::sources::ifcb::Bin::open(&bin_hdr).map_err(|e| e.to_string())?;
+                let file = bin.open_roi_file().map_err(|e| e.to_string())?;
+                let source = bin.roi.to_string_lossy().into_owned();
+                let mut entries = Vec::with_capacity(bin.rois.len());
+                for r in &bin.rois {
+                    let img = bin.read_roi(&file, r).map_err(|e| e.to_string())?;
+                    let id = bin.roi_id(r);
+                    let mut png = Vec::new();
+                    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                        .map_err(|e| format!("{id}: PNG: {e}"))?;
+                    match spool.accept(&id, &source, &id, &png) {
+                        Ok(e) => entries.push(e),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                Ok(Ok(entries))
+            },
+        )
+        .await
+        .expect("bin read panicked");
         let entries: Vec<SpoolEntry> = match read {
-            Ok(rois) => {
-                let spool = self.spool.clone();
-                let stored = tokio::task::spawn_blocking(move || {
-                    rois.iter()
-                        .map(|(id, png)| spool.accept(id, &roi_path, id, png))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .await
-                .expect("spool accept panicked");
+            Ok(stored) => {
                 match stored {
                     Ok(entries) => {
                         tracing::info!(bin = %one_line(hdr.display()), rois = entries.len(), "watch: IFCB bin taken");

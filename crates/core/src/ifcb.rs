@@ -248,27 +248,38 @@ impl Bin {
         format!("{}_{:05}", self.pid, r.number)
     }
 
-    /// Every ROI's pixels, in ADC order: each read straight into its image (one `pread`).
+    /// One ROI's pixels from the bin's open .roi file, read straight into its image.
+    pub fn read_roi(
+        &self,
+        roi_file: &std::fs::File,
+        r: &Roi,
+    ) -> Result<image::GrayImage, IfcbError> {
+        let mut pixels = vec![0u8; r.width as usize * r.height as usize];
+        std::os::unix::fs::FileExt::read_exact_at(roi_file, &mut pixels, r.start_byte).map_err(
+            |e| {
+                bad(
+                    &self.roi,
+                    format!(
+                        "ROI {}: {e} (the file changed since the bin was opened)",
+                        r.number
+                    ),
+                )
+            },
+        )?;
+        Ok(image::GrayImage::from_raw(r.width, r.height, pixels).expect("width x height bytes"))
+    }
+
+    /// Opens the bin's .roi file for [`Bin::read_roi`].
+    pub fn open_roi_file(&self) -> Result<std::fs::File, IfcbError> {
+        std::fs::File::open(&self.roi).map_err(|e| bad(&self.roi, e.to_string()))
+    }
+
+    /// Every ROI's pixels, in ADC order (each read with one `pread`).
     pub fn images(&self) -> Result<Vec<(String, image::GrayImage)>, IfcbError> {
-        let file = std::fs::File::open(&self.roi).map_err(|e| bad(&self.roi, e.to_string()))?;
+        let file = self.open_roi_file()?;
         self.rois
             .iter()
-            .map(|r| {
-                let mut pixels = vec![0u8; r.width as usize * r.height as usize];
-                std::os::unix::fs::FileExt::read_exact_at(&file, &mut pixels, r.start_byte)
-                    .map_err(|e| {
-                        bad(
-                            &self.roi,
-                            format!(
-                                "ROI {}: {e} (the file changed since the bin was opened)",
-                                r.number
-                            ),
-                        )
-                    })?;
-                let img = image::GrayImage::from_raw(r.width, r.height, pixels)
-                    .expect("width x height bytes");
-                Ok((self.roi_id(r), img))
-            })
+            .map(|r| Ok((self.roi_id(r), self.read_roi(&file, r)?)))
             .collect()
     }
 }
@@ -437,12 +448,8 @@ pub fn read_roi(path: &Path, max_pixels: u64) -> Option<Result<image::GrayImage,
                 r.width, r.height
             ));
         }
-        let mut buf = vec![0u8; pixels as usize];
-        let file =
-            std::fs::File::open(&bin.roi).map_err(|e| format!("{}: {e}", bin.roi.display()))?;
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, r.start_byte)
-            .map_err(|e| format!("{}: ROI {number}: {e}", bin.roi.display()))?;
-        Ok(image::GrayImage::from_raw(r.width, r.height, buf).expect("width x height bytes"))
+        let file = bin.open_roi_file().map_err(|e| e.to_string())?;
+        bin.read_roi(&file, r).map_err(|e| e.to_string())
     })())
 }
 
