@@ -728,21 +728,25 @@ impl FolderWatch {
             self.taken += 1;
             metrics::counter!(STAGE_RECEIVED, "stage" => "watch").increment(1);
             tracing::debug!(file = %one_line(f.abs.display()), id = %entry.id, seq = entry.seq, "watch: taken");
-            // Block policy: wait for room. A cancelled wait loses nothing: the entry is spooled.
-            tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => break,
-                sent = self.tx.send(entry) => {
-                    if sent.is_err() {
-                        if self.shutdown.is_cancelled() {
-                            break;
-                        }
-                        return Err(WatchError::Closed);
-                    }
-                }
+            if !self.send(entry).await? {
+                break;
             }
         }
         Ok(())
+    }
+
+    /// Sends a spooled entry on the queue, waiting for room (the block policy); false once
+    /// shutdown is asked for. A cancelled wait loses nothing: the entry is spooled.
+    async fn send(&self, entry: SpoolEntry) -> Result<bool, WatchError> {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Ok(false),
+            sent = self.tx.send(entry) => match sent {
+                Ok(()) => Ok(true),
+                Err(_) if self.shutdown.is_cancelled() => Ok(false),
+                Err(_) => Err(WatchError::Closed),
+            }
+        }
     }
 
     /// Takes one IFCB bin whose three files are settled: its ROIs, or one quarantined entry.
@@ -845,17 +849,8 @@ impl FolderWatch {
         for entry in entries {
             self.taken += 1;
             metrics::counter!(STAGE_RECEIVED, "stage" => "watch").increment(1);
-            tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => break,
-                sent = self.tx.send(entry) => {
-                    if sent.is_err() {
-                        if self.shutdown.is_cancelled() {
-                            break;
-                        }
-                        return Err(WatchError::Closed);
-                    }
-                }
+            if !self.send(entry).await? {
+                break;
             }
         }
         Ok(())

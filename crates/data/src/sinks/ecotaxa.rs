@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use plankton_core::decode::{decode_file, DecodeLimits};
 
 use super::parquet::{top_k, Predictions};
+use crate::sources::ecotaxa::object_file_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EcotaxaExportError {
@@ -79,27 +80,6 @@ fn column_name(name: &str) -> String {
         })
         .collect();
     format!("object_{clean}")
-}
-
-/// A file name for an object's image: its id with path separators and odd characters as `_`.
-fn image_name(id: &str, taken: &mut std::collections::HashSet<String>) -> String {
-    let stem: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let mut name = format!("{stem}.png");
-    let mut n = 1;
-    while !taken.insert(name.clone()) {
-        n += 1;
-        name = format!("{stem}_{n}.png");
-    }
-    name
 }
 
 /// A TSV field: tabs and line breaks would split the row.
@@ -194,7 +174,7 @@ pub fn export(
         let mut png = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .map_err(|e| fail(Path::new(&r.source_path), format!("PNG: {e}")))?;
-        let file = image_name(&r.image_id, &mut taken);
+        let file = object_file_name(&r.image_id, "png", &mut taken);
         let best = top_k(p, 2);
         let p1 = p[best[0]];
         let p2 = best.get(1).map_or(0.0, |&j| p[j]);
@@ -232,6 +212,14 @@ pub fn export(
     let zip = out
         .extension()
         .is_some_and(|x| x.eq_ignore_ascii_case("zip"));
+    if summary.objects == 0 {
+        if let Some((id, reason)) = summary.unreadable.first() {
+            return Err(EcotaxaExportError::Options(format!(
+                "none of the {} images could be read back (first: {id}: {reason}); the predictions name them by the paths predict was given: run export where predict ran, or predict with absolute --data paths",
+                summary.unreadable.len()
+            )));
+        }
+    }
     if zip {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| fail(dir, e.to_string()))?;
@@ -277,8 +265,14 @@ mod tests {
     fn names_are_ecotaxa_columns_and_unique_files() {
         assert_eq!(column_name("moments.Hu 1"), "object_moments_hu_1");
         let mut taken = Default::default();
-        assert_eq!(image_name("a/b.jpg", &mut taken), "a_b.jpg.png");
-        assert_eq!(image_name("a b.jpg", &mut taken), "a_b.jpg_2.png");
+        assert_eq!(
+            object_file_name("a/b.jpg", "png", &mut taken),
+            "a_b.jpg.png"
+        );
+        assert_eq!(
+            object_file_name("a b.jpg", "png", &mut taken),
+            "a_b.jpg_2.png"
+        );
         assert_eq!(field("x\ty\nz"), "x y z");
     }
 }

@@ -126,16 +126,17 @@ pub fn read_submission_classes(path: &Path) -> Result<Vec<String>, DatasetError>
     Ok(classes)
 }
 
-/// Reads a two-column CSV with the given header (e.g. `class,ecotaxa`), rows trimmed, blank
-/// rows skipped.
+/// Reads a two-column CSV whose header is one of `headers` (e.g. `image,class`), rows trimmed,
+/// blank rows skipped; fields may be quoted (names with commas and quotes read back whole).
 pub fn read_pairs_csv(
     path: &Path,
-    header: [&str; 2],
+    headers: &[[&str; 2]],
 ) -> Result<Vec<(String, String)>, DatasetError> {
     let bad = |reason: String| DatasetError::BadCsv {
         path: path.to_path_buf(),
         reason,
     };
+    let shown = |h: &[&str; 2]| format!("`{}`", h.join(","));
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_path(path)
@@ -149,10 +150,16 @@ pub fn read_pairs_csv(
         .iter()
         .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
         .collect();
-    if found != header {
+    if !headers.iter().any(|h| found == *h) {
+        let alternatives: Vec<String> = headers[1..].iter().map(shown).collect();
+        let or = if alternatives.is_empty() {
+            String::new()
+        } else {
+            format!(" (or {})", alternatives.join(", "))
+        };
         return Err(bad(format!(
-            "expected header `{}`, found `{}`",
-            header.join(","),
+            "expected header {}{or}, found {:?}",
+            shown(&headers[0]),
             found.join(",")
         )));
     }
@@ -164,7 +171,7 @@ pub fn read_pairs_csv(
             continue;
         }
         if record.len() != 2 {
-            return Err(bad(format!("line {line}: expected `{}`", header.join(","))));
+            return Err(bad(format!("line {line}: expected {}", shown(&headers[0]))));
         }
         rows.push((record[0].trim().to_string(), record[1].trim().to_string()));
     }
@@ -173,42 +180,7 @@ pub fn read_pairs_csv(
 
 /// Reads `image,class` rows (`pid,class` too: IFCB ROI pids).
 pub fn read_labels_csv(path: &Path) -> Result<Vec<(String, String)>, DatasetError> {
-    let bad = |reason: String| DatasetError::BadCsv {
-        path: path.to_path_buf(),
-        reason,
-    };
-    // Through the csv crate: an image name may hold commas and quotes.
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(path)
-        .map_err(|e| match e.into_kind() {
-            csv::ErrorKind::Io(e) => io_err(path)(e),
-            other => bad(format!("{other:?}")),
-        })?;
-    let header = reader.headers().map_err(|e| bad(e.to_string()))?.clone();
-    let names: Vec<&str> = header
-        .iter()
-        .map(|h| h.trim_start_matches('\u{feff}').trim())
-        .collect();
-    if names != ["image", "class"] && names != ["pid", "class"] {
-        return Err(bad(format!(
-            "expected header `image,class` (or `pid,class`), found {:?}",
-            names.join(",")
-        )));
-    }
-    let mut rows = Vec::new();
-    for record in reader.records() {
-        let record = record.map_err(|e| bad(e.to_string()))?;
-        let line = record.position().map_or(0, |p| p.line());
-        if record.iter().all(|f| f.trim().is_empty()) {
-            continue;
-        }
-        if record.len() != 2 {
-            return Err(bad(format!("line {line}: expected `image,class`")));
-        }
-        rows.push((record[0].trim().to_string(), record[1].trim().to_string()));
-    }
-    Ok(rows)
+    read_pairs_csv(path, &[["image", "class"], ["pid", "class"]])
 }
 
 /// True when `dir` is a dataset: the competition layout or a folder of IFCB bins.
@@ -243,7 +215,7 @@ impl Dataset {
         } else {
             Vec::new()
         };
-        let class_names = if submission.is_file() {
+        let mut class_names: Vec<String> = if submission.is_file() {
             read_submission_classes(&submission)?
         } else {
             class_folders
@@ -252,7 +224,18 @@ impl Dataset {
                 .map(|(n, _, _)| n.clone())
                 .collect()
         };
-        if class_names.is_empty() {
+        let labels_path = root.join("test_labels.csv");
+        if class_names.is_empty() && test_dir.is_dir() {
+            // A folder of test images only (what a trained run predicts; its classes are the
+            // run's): the classes its labels name, if any, sorted.
+            if labels_path.is_file() {
+                let named: std::collections::BTreeSet<String> = read_labels_csv(&labels_path)?
+                    .into_iter()
+                    .map(|(_, c)| c)
+                    .collect();
+                class_names = named.into_iter().collect();
+            }
+        } else if class_names.is_empty() {
             return Err(not(
                 "no classes: `train/` has no class folders and there is no sampleSubmission.csv",
             ));
@@ -313,7 +296,6 @@ impl Dataset {
                 }
             }
         }
-        let labels_path = root.join("test_labels.csv");
         if labels_path.is_file() {
             let mut labels: HashMap<String, String> = HashMap::new();
             let mut conflicting = std::collections::BTreeMap::<String, Vec<String>>::new();
@@ -583,6 +565,28 @@ mod csv_tests {
             "{:?}",
             ds.problems
         );
+    }
+
+    /// A folder of test images only (what a trained run predicts) is a dataset: its classes
+    /// are those its labels name, or none.
+    #[test]
+    fn a_test_only_folder_is_a_dataset_with_the_classes_its_labels_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("test")).unwrap();
+        for image in ["x.jpg", "y.jpg"] {
+            std::fs::write(dir.path().join("test").join(image), b"x").unwrap();
+        }
+        let ds = Dataset::open(dir.path()).unwrap();
+        assert!(ds.class_names.is_empty() && ds.train.is_empty());
+        assert_eq!(ds.test.len(), 2);
+        std::fs::write(
+            dir.path().join("test_labels.csv"),
+            "image,class\nx.jpg,diatom\ny.jpg,copepod\n",
+        )
+        .unwrap();
+        let ds = Dataset::open(dir.path()).unwrap();
+        assert_eq!(ds.class_names, vec!["copepod", "diatom"]);
+        assert_eq!(ds.test[0].label, Some(1));
     }
 
     /// A lab's folder of bins: labels from a CSV and from an EcoTaxa export, the rest test

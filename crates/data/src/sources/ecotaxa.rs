@@ -139,42 +139,30 @@ pub struct ImportOptions {
 pub fn read_mapping(
     path: &Path,
 ) -> Result<std::collections::HashMap<String, Option<String>>, EcotaxaError> {
-    let bad = |reason: String| EcotaxaError::Table {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(path)
-        .map_err(|e| bad(e.to_string()))?;
-    let header: Vec<String> = reader
-        .headers()
-        .map_err(|e| bad(e.to_string()))?
-        .iter()
-        .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
-        .collect();
-    if header != ["ecotaxa", "class"] {
-        return Err(bad(format!(
-            "expected header `ecotaxa,class`, found `{}`",
-            header.join(",")
-        )));
-    }
+    use crate::sources::dataset::{read_pairs_csv, DatasetError};
+    let rows = read_pairs_csv(path, &[["ecotaxa", "class"]]).map_err(|e| match e {
+        DatasetError::Io { path, source } => EcotaxaError::Io { path, source },
+        other => EcotaxaError::Table {
+            path: path.to_path_buf(),
+            reason: match other {
+                DatasetError::BadCsv { reason, .. } => reason,
+                e => e.to_string(),
+            },
+        },
+    })?;
     let mut map = std::collections::HashMap::new();
-    for record in reader.records() {
-        let record = record.map_err(|e| bad(e.to_string()))?;
-        let line = record.position().map_or(0, |p| p.line());
-        if record.len() != 2 {
-            return Err(bad(format!("line {line}: expected `ecotaxa,class`")));
-        }
-        let (from, to) = (record[0].trim(), record[1].trim());
+    for (from, to) in rows {
         if from.is_empty() {
             continue;
         }
         if map
-            .insert(from.to_string(), (!to.is_empty()).then(|| to.to_string()))
+            .insert(from.clone(), (!to.is_empty()).then_some(to))
             .is_some()
         {
-            return Err(bad(format!("line {line}: `{from}` is mapped twice")));
+            return Err(EcotaxaError::Table {
+                path: path.to_path_buf(),
+                reason: format!("`{from}` is mapped twice"),
+            });
         }
     }
     Ok(map)
@@ -279,6 +267,32 @@ fn inside_package(name: &str) -> bool {
 
 /// The largest table read (a project export of millions of objects is a few hundred MB).
 const MAX_TABLE_BYTES: u64 = 4 << 30;
+
+/// A file name for an object's image, unique among `taken`: its id with path separators and
+/// other odd characters as `_`, then `.ext` (`_2`, `_3`... before it when taken).
+pub fn object_file_name(
+    id: &str,
+    ext: &str,
+    taken: &mut std::collections::HashSet<String>,
+) -> String {
+    let stem: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut name = format!("{stem}.{ext}");
+    let mut n = 1;
+    while !taken.insert(name.clone()) {
+        n += 1;
+        name = format!("{stem}_{n}.{ext}");
+    }
+    name
+}
 
 /// A class folder name: path separators and a leading dot made harmless.
 fn folder_name(category: &str) -> String {
@@ -502,23 +516,7 @@ fn fill(
                 .extension()
                 .map(|x| x.to_string_lossy().to_ascii_lowercase())
                 .unwrap_or_else(|| "png".into());
-            let stem: String = object
-                .object_id
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            let mut file = format!("{stem}.{ext}");
-            let mut n = 1;
-            while !taken.insert(file.clone()) {
-                n += 1;
-                file = format!("{stem}_{n}.{ext}");
-            }
+            let file = object_file_name(&object.object_id, &ext, &mut taken);
             let dest = match &class {
                 Some(c) => dir.join("train").join(c).join(&file),
                 None => dir.join("test").join(&file),

@@ -87,7 +87,9 @@ fn ecotaxa(a: EcotaxaArgs) -> Result<()> {
         ..Default::default()
     };
     if let Some(m) = &a.mapping {
-        for (class, taxon) in plankton::sources::dataset::read_pairs_csv(m, ["class", "ecotaxa"])? {
+        for (class, taxon) in
+            plankton::sources::dataset::read_pairs_csv(m, &[["class", "ecotaxa"]])?
+        {
             if !preds.class_names.contains(&class) {
                 bail!(
                     "{}: `{class}` is not a class of {} (its classes: {})",
