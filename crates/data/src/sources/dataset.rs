@@ -386,7 +386,7 @@ impl Dataset {
             if !known {
                 problems.push(LayoutProblem {
                     path: path.clone(),
-                    reason: "not part of an IFCB bin: skipped".into(),
+                    reason: "not part of an IFCB bin".into(),
                 });
             }
         }
