@@ -102,10 +102,19 @@ pub(super) fn prepare(
     let (state, history) = match checkpoint {
         Some(dir) => restore(run, &cfg, &dir, &mut net, &mut optimizer)?,
         None => {
-            if opts.resume {
-                tracing::warn!(run = %run.root.display(), "no checkpoint yet: starting from step 0");
-            } else if let Some(from) = &opts.init_from {
-                init_from(run, from, &ds, &mut net)?;
+            // A fine-tuning run stopped before its first checkpoint starts again from the
+            // earlier run it names (init_from.json), not from random weights.
+            let recorded = std::fs::read_to_string(run.root.join("init_from.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["run"].as_str().map(std::path::PathBuf::from));
+            match (&opts.init_from, opts.resume, recorded) {
+                (Some(from), false, _) => init_from(run, from, &ds, &mut net)?,
+                (_, true, Some(from)) => init_from(run, &from, &ds, &mut net)?,
+                _ if opts.resume => {
+                    tracing::warn!(run = %run.root.display(), "no checkpoint yet: starting from step 0")
+                }
+                _ => {}
             }
             (TrainState::default(), Vec::new())
         }
