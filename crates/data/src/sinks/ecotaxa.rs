@@ -47,7 +47,7 @@ pub struct ExtraColumns {
 
 #[derive(Debug, Clone, Default)]
 pub struct EcotaxaExportOptions {
-    /// Least confident (lowest top probability) first, for validation where it helps most.
+    /// Least confident (lowest top probability) first.
     pub least_confident_first: bool,
     /// At most this many objects.
     pub limit: Option<usize>,

@@ -35,7 +35,8 @@ pub struct EcotaxaArgs {
     /// The package: a new folder, or a new .zip file (EcoTaxa imports either).
     #[arg(long)]
     out: PathBuf,
-    /// Least confident first (the images validation helps most).
+    /// Least confident first (lowest top probability; with --limit, the least confident N: see
+    /// docs/RESULTS.md on how that compares with a random pick).
     #[arg(long)]
     least_confident_first: bool,
     /// At most this many objects.
