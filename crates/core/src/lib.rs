@@ -20,3 +20,4 @@ pub mod rng;
 pub mod rows;
 pub mod scoring;
 pub mod tta;
+pub mod unknown;
