@@ -7,6 +7,7 @@ pub mod aggregate;
 pub mod calibration;
 pub mod clock;
 pub mod decode;
+pub mod drift;
 pub mod features;
 pub mod fsx;
 pub mod halton;

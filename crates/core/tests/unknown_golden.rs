@@ -1,4 +1,4 @@
-//! The unknown-image scores against numpy / scipy / scikit-learn
+//! The unknown-image scores and the drift divergence against numpy / scipy / scikit-learn
 //! (tests/fixtures/unknown/gen_unknown_fixtures.py).
 
 use plankton_core::unknown::{auroc, energy, max_probability, FeatureSpace};
@@ -88,4 +88,15 @@ fn auroc_matches_scikit_learn_with_ties() {
         .collect();
     let got = auroc(&floats(&f["scores"]), &unknown).unwrap();
     assert!((got - f["auroc"].as_f64().unwrap()).abs() < 1e-12, "{got}");
+}
+
+#[test]
+fn js_divergence_matches_scipy() {
+    let f = fixture();
+    for pair in f["js_pairs"].as_array().unwrap() {
+        let got =
+            plankton_core::drift::js_divergence(&floats(&pair["p"]), &floats(&pair["q"])).unwrap();
+        let want = pair["js"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    }
 }
