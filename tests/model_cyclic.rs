@@ -1758,3 +1758,30 @@ fn leaky_relu_shim_matches_its_definition() {
         .double_value(&[]);
     assert!(diff < 1e-7);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. Penultimate features (for the unknown-image scores).
+// ---------------------------------------------------------------------------------------------
+
+/// The features the classifier reads, and logits equal to the plain forward pass's.
+#[test]
+fn forward_features_gives_the_classifier_input_and_the_same_logits() {
+    let cfg = plankton::config::PipelineConfig::from_toml_str(
+        "name = \"f\"\n[[patch]]\nrows = 23\ncols = 23\n[model]\npreset = \"convroll4\"\nwidth = 0.125\ndense_units = 16\n",
+        std::path::Path::new("f.toml"),
+    )
+    .unwrap();
+    let net = build(&cfg.model, &[23], 5, 3);
+    let x = randn(&[3, 1, 23, 23]);
+    let (features, logits) = net.forward_features(std::slice::from_ref(&x));
+    let plain = net.forward_t(&[x], false);
+    assert_eq!(logits.size(), vec![3, 5]);
+    let w = net
+        .params
+        .iter()
+        .find(|p| p.name == "classifier.weight")
+        .unwrap();
+    assert_eq!(features.size(), vec![3, w.tensor.size()[1]]);
+    let diff = f64::try_from((logits - plain).abs().max()).unwrap();
+    assert!(diff < 1e-5, "{diff}");
+}

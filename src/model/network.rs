@@ -292,7 +292,34 @@ impl Network {
         self.forward_layers(inputs, train)
     }
 
+    /// The penultimate features (B x F, fp32: what the classifier reads, before its dropout)
+    /// and the logits (B x classes, fp32) of one batch in evaluation mode: what the
+    /// unknown-image scores need (`plankton_core::unknown`).
+    pub fn forward_features(&self, inputs: &[Tensor]) -> (Tensor, Tensor) {
+        let run = || {
+            let features = self.features(inputs, false);
+            let logits = self.classify(&features, false);
+            (features.to_kind(Kind::Float), logits.to_kind(Kind::Float))
+        };
+        if self.precision == Precision::Bf16 {
+            let _autocast = device::Autocast::enter(self.device);
+            return run();
+        }
+        run()
+    }
+
     fn forward_layers(&self, inputs: &[Tensor], train: bool) -> Tensor {
+        let features = self.features(inputs, train);
+        self.classify(&features, train)
+    }
+
+    fn classify(&self, features: &Tensor, train: bool) -> Tensor {
+        let x = features.dropout(self.classifier_dropout, train);
+        let (w, b) = self.classifier;
+        x.linear(&self.params[w].tensor, Some(&self.params[b].tensor))
+    }
+
+    fn features(&self, inputs: &[Tensor], train: bool) -> Tensor {
         let feats: Vec<Tensor> = self
             .branches
             .iter()
@@ -309,14 +336,11 @@ impl Network {
                 }
             })
             .collect();
-        let x = if feats.len() == 1 {
+        if feats.len() == 1 {
             feats.into_iter().next().unwrap()
         } else {
             Tensor::cat(&feats, 1)
-        };
-        let x = x.dropout(self.classifier_dropout, train);
-        let (w, b) = self.classifier;
-        x.linear(&self.params[w].tensor, Some(&self.params[b].tensor))
+        }
     }
 
     fn activate(&self, x: Tensor, act: Activation) -> Tensor {
