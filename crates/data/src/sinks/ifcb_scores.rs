@@ -196,4 +196,91 @@ mod tests {
             Path::new("/o/IFCB5_2012_028/IFCB5_2012_028_081515_class.h5")
         );
     }
+
+    /// The real bins of both generations: files where the classifier puts them, rows sorted by
+    /// ROI number, scores and labels as given (read back with hdf5-pure's reader; h5py reads
+    /// them in tests/annotation_loop.rs), a failed row left out, a bin held in part reported.
+    #[test]
+    fn the_fixture_bins_round_trip_and_a_partial_bin_is_reported() {
+        use super::super::parquet::PredictionRow;
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ifcb");
+        let classes = vec!["diatom".to_string(), "ciliate".to_string()];
+        let mut rows = Vec::new();
+        let mut expected = BTreeMap::new();
+        for hdr in plankton_core::ifcb::find_bins(&fixtures).unwrap() {
+            let bin = plankton_core::ifcb::Bin::open(&hdr).unwrap();
+            // In reverse order, and the current bin's first ROI failed to decode.
+            for (k, r) in bin.rois.iter().enumerate().rev() {
+                let p = (k as f32 + 1.0) / (bin.rois.len() as f32 + 2.0);
+                let failed = bin.generation == plankton_core::ifcb::Generation::Current && k == 0;
+                rows.push(PredictionRow {
+                    image_id: bin.roi_id(r),
+                    source_path: bin.roi_path(r).display().to_string(),
+                    label: None,
+                    probabilities: (!failed).then(|| vec![p, 1.0 - p]),
+                    views: 1,
+                    error: failed.then(|| "corrupt".to_string()),
+                });
+                if !failed {
+                    expected
+                        .entry(bin.pid.clone())
+                        .or_insert_with(Vec::new)
+                        .push((r.number, p));
+                }
+            }
+        }
+        rows.push(PredictionRow {
+            image_id: "not_a_roi.jpg".into(),
+            source_path: "x".into(),
+            label: None,
+            probabilities: Some(vec![0.5, 0.5]),
+            views: 1,
+            error: None,
+        });
+        let preds = Predictions {
+            class_names: classes.clone(),
+            model: serde_json::Value::Null,
+            rows,
+            model_ids: vec!["m@1".into()],
+        };
+        let out = tempfile::tempdir().unwrap();
+        let s = write_class_scores(&preds, out.path(), true).unwrap();
+        assert_eq!((s.bins, s.failed, s.not_rois), (2, 1, 1));
+        for (pid, mut want) in expected {
+            want.sort_by_key(|(n, _)| *n);
+            let path = class_file(out.path(), &pid);
+            assert!(path.is_file(), "{}", path.display());
+            let f = hdf5_pure::File::from_bytes(std::fs::read(&path).unwrap()).unwrap();
+            let numbers: Vec<u32> = f
+                .dataset("roi_numbers")
+                .unwrap()
+                .read_u16()
+                .unwrap()
+                .into_iter()
+                .map(u32::from)
+                .collect();
+            assert_eq!(
+                numbers,
+                want.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+                "{pid}"
+            );
+            let scores = f.dataset("output_scores").unwrap();
+            assert_eq!(scores.shape().unwrap(), vec![want.len() as u64, 2]);
+            let values = scores.read_f32().unwrap();
+            for (i, (_, p)) in want.iter().enumerate() {
+                assert_eq!(
+                    (values[2 * i], values[2 * i + 1]),
+                    (*p, 1.0 - p),
+                    "{pid} row {i}"
+                );
+            }
+            assert!(path
+                .with_file_name(format!("{pid}_class_scores.csv"))
+                .is_file());
+        }
+        // The current-generation bin lost its first ROI: reported as held in part.
+        assert_eq!(s.partial.len(), 1, "{:?}", s.partial);
+        assert_eq!(s.partial[0].0, "D20130526T095207_IFCB013");
+        assert_eq!(s.partial[0].1 + 1, s.partial[0].2);
+    }
 }
