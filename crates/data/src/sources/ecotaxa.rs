@@ -89,9 +89,16 @@ pub fn read_table_bytes(bytes: &[u8], path: &Path) -> Result<Vec<EcotaxaObject>,
         .collect();
     let column = |name: &str| header.iter().position(|h| h == name);
     let Some(id_col) = column("object_id") else {
+        // A file that is no table at all (an image given by mistake) has a header of junk.
+        let shown: Vec<String> = header
+            .iter()
+            .take(8)
+            .map(|h| h.chars().filter(|c| !c.is_control()).take(40).collect())
+            .collect();
         return Err(bad(format!(
-            "not an EcoTaxa table: no `object_id` column (header: {})",
-            header.join(", ")
+            "not an EcoTaxa table: no `object_id` column (header: {}{})",
+            shown.join(", "),
+            if header.len() > 8 { ", ..." } else { "" }
         )));
     };
     let (img_col, cat_col, status_col) = (
