@@ -442,12 +442,10 @@ pub fn resolve_inputs(
                 path: d.clone(),
                 label: None,
             });
-        } else if let Some(id) = d
-            .file_name()
-            .and_then(|n| n.to_str())
-            .filter(|n| crate::sources::ifcb::parse_roi_pid(n).is_some())
-            .filter(|_| crate::stages::decode::decode_file(d, &Default::default()).is_ok())
-        {
+        } else if let Some(id) = d.file_name().and_then(|n| n.to_str()).filter(|n| {
+            crate::sources::ifcb::parse_roi_pid(n)
+                .is_some_and(|(bin, _)| d.with_file_name(format!("{bin}.hdr")).is_file())
+        }) {
             // One ROI by its pid path (`<bin folder>/<roi pid>`).
             records.push(ImageRecord {
                 id: id.to_string(),

@@ -183,6 +183,44 @@ pub fn read_labels_csv(path: &Path) -> Result<Vec<(String, String)>, DatasetErro
     read_pairs_csv(path, &[["image", "class"], ["pid", "class"]])
 }
 
+/// Labels by image id from `(id, class, file it came from)` rows. An id given two classes keeps
+/// neither (which one is right is not ours to guess; the last one used to win silently) and is a
+/// problem naming its classes; a repeated identical row is fine.
+fn merge_labels(
+    rows: impl IntoIterator<Item = (String, String, PathBuf)>,
+    problems: &mut Vec<LayoutProblem>,
+) -> HashMap<String, (String, PathBuf)> {
+    let mut labels: HashMap<String, (String, PathBuf)> = HashMap::new();
+    let mut conflicting = std::collections::BTreeMap::<String, (Vec<String>, PathBuf)>::new();
+    for (id, class, from) in rows {
+        match labels.get(&id) {
+            Some((first, first_from)) if *first != class => {
+                let (seen, _) = conflicting
+                    .entry(id.clone())
+                    .or_insert_with(|| (vec![first.clone()], first_from.clone()));
+                if !seen.contains(&class) {
+                    seen.push(class);
+                }
+            }
+            _ => {
+                labels.insert(id, (class, from));
+            }
+        }
+    }
+    for (id, (classes, from)) in conflicting {
+        labels.remove(&id);
+        problems.push(LayoutProblem {
+            path: from,
+            reason: format!(
+                "{id} is listed with {} classes ({}): left unlabelled",
+                classes.len(),
+                classes.join(", ")
+            ),
+        });
+    }
+    labels
+}
+
 /// True when `dir` is a dataset: the competition layout or a folder of IFCB bins.
 pub fn is_dataset(dir: &Path) -> bool {
     dir.join("train").is_dir() || dir.join("test").is_dir() || crate::sources::ifcb::has_bins(dir)
@@ -297,38 +335,12 @@ impl Dataset {
             }
         }
         if labels_path.is_file() {
-            let mut labels: HashMap<String, String> = HashMap::new();
-            let mut conflicting = std::collections::BTreeMap::<String, Vec<String>>::new();
-            for (image, class) in read_labels_csv(&labels_path)? {
-                match labels.get(&image) {
-                    Some(first) if *first != class => {
-                        let seen = conflicting
-                            .entry(image.clone())
-                            .or_insert_with(|| vec![first.clone()]);
-                        if !seen.contains(&class) {
-                            seen.push(class);
-                        }
-                    }
-                    _ => {
-                        labels.insert(image, class);
-                    }
-                }
-            }
-            // An image listed with two classes keeps neither: which one is right is not ours
-            // to guess (the last one used to win silently).
-            for (image, classes) in conflicting {
-                labels.remove(&image);
-                problems.push(LayoutProblem {
-                    path: labels_path.clone(),
-                    reason: format!(
-                        "{image} is listed with {} classes ({}): left unlabelled",
-                        classes.len(),
-                        classes.join(", ")
-                    ),
-                });
-            }
+            let rows = read_labels_csv(&labels_path)?
+                .into_iter()
+                .map(|(image, class)| (image, class, labels_path.clone()));
+            let labels = merge_labels(rows, &mut problems);
             for rec in &mut test {
-                match labels.get(&rec.id).map(|c| (c, index.get(c.as_str()))) {
+                match labels.get(&rec.id).map(|(c, _)| (c, index.get(c.as_str()))) {
                     Some((_, Some(&l))) => rec.label = Some(l),
                     Some((c, None)) => problems.push(LayoutProblem {
                         path: labels_path.clone(),
@@ -423,30 +435,12 @@ impl Dataset {
             .enumerate()
             .map(|(i, n)| (n.as_str(), i as u32))
             .collect();
-        let mut by_id: HashMap<&str, (&str, &Path)> = HashMap::new();
-        let mut conflicting = std::collections::BTreeSet::new();
-        for (id, class, path) in &labels {
-            match by_id.get(id.as_str()) {
-                Some((first, _)) if first != class => {
-                    conflicting.insert(id.as_str());
-                }
-                _ => {
-                    by_id.insert(id, (class, path));
-                }
-            }
-        }
-        for id in &conflicting {
-            by_id.remove(id);
-            problems.push(LayoutProblem {
-                path: root.to_path_buf(),
-                reason: format!("{id} is labelled with two classes: left unlabelled"),
-            });
-        }
+        let by_id = merge_labels(labels, &mut problems);
         let (mut train, mut test) = (Vec::new(), Vec::new());
         let mut used = std::collections::HashSet::new();
         for (id, path) in listing.rois {
             let label = match by_id.get(id.as_str()) {
-                Some((class, from)) => match index.get(class) {
+                Some((class, from)) => match index.get(class.as_str()) {
                     Some(&l) => Some(l),
                     None => {
                         problems.push(LayoutProblem {
@@ -468,8 +462,8 @@ impl Dataset {
         }
         let missing: Vec<&str> = by_id
             .keys()
-            .filter(|id| !used.contains(**id))
-            .copied()
+            .map(String::as_str)
+            .filter(|id| !used.contains(*id))
             .collect();
         if !missing.is_empty() {
             let mut missing = missing;
@@ -650,9 +644,10 @@ mod csv_tests {
         assert_eq!(ds.test.len(), all.len() - 3);
         let reasons: Vec<String> = ds.problems.iter().map(|p| p.to_string()).collect();
         assert!(
-            reasons
-                .iter()
-                .any(|r| r.contains(&format!("{} is labelled with two classes", all[1]))),
+            reasons.iter().any(|r| r.contains(&format!(
+                "{} is listed with 2 classes (copepod, diatom)",
+                all[1]
+            ))),
             "{reasons:?}"
         );
         assert!(
