@@ -31,16 +31,18 @@ pub enum UnknownError {
     Fit(String),
 }
 
-/// Class means and the shared precision matrix of penultimate features, stored with a run.
+/// Class means and the shared covariance of penultimate features, stored with a run, kept in
+/// whitened form: with the covariance `S = L L'` (Cholesky), `W = L^-1` maps a feature vector to
+/// coordinates where the Mahalanobis distance is the Euclidean one, so scoring an image costs one
+/// triangular product (dim^2 / 2) plus classes x dim, not classes x dim^2.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeatureSpace {
     pub dim: usize,
-    /// One mean per class (row-major, classes x dim); a class without training images has none
-    /// and is skipped when scoring.
-    pub means: Vec<Option<Vec<f64>>>,
-    /// The inverse of the shared (pooled within-class) covariance plus `ridge` on its diagonal,
-    /// dim x dim row-major.
-    pub precision: Vec<f64>,
+    /// `W = L^-1`, dim x dim row-major, lower triangular.
+    pub whiten: Vec<f64>,
+    /// `W mu_c` for each class; a class without training images has none and is skipped.
+    pub centres: Vec<Option<Vec<f64>>>,
+    /// Added to the covariance's diagonal, relative to the mean variance.
     pub ridge: f64,
 }
 
@@ -115,44 +117,82 @@ impl FeatureSpace {
         for a in 0..dim {
             cov[a * dim + a] += added;
         }
-        let precision = invert_spd(&cov, dim).ok_or_else(|| {
+        let whiten = inverse_cholesky(&cov, dim).ok_or_else(|| {
             UnknownError::Fit(
                 "the feature covariance is singular even with the ridge: a larger ridge is needed"
                     .into(),
             )
         })?;
+        let centres = means
+            .iter()
+            .map(|m| m.as_ref().map(|m| lower_times(&whiten, m, dim)))
+            .collect();
         Ok(FeatureSpace {
             dim,
-            means,
-            precision,
+            whiten,
+            centres,
             ridge,
         })
+    }
+
+    /// Classes the space has a centre for.
+    pub fn classes(&self) -> usize {
+        self.centres.len()
     }
 
     /// The smallest squared Mahalanobis distance of `x` to a class mean.
     pub fn mahalanobis(&self, x: &[f32]) -> f64 {
         assert_eq!(x.len(), self.dim, "feature dimension");
-        let mut best = f64::INFINITY;
-        let mut d = vec![0f64; self.dim];
-        for mu in self.means.iter().flatten() {
-            for ((di, &xi), m) in d.iter_mut().zip(x).zip(mu) {
-                *di = xi as f64 - m;
-            }
-            let mut q = 0f64;
-            for a in 0..self.dim {
-                let row = &self.precision[a * self.dim..(a + 1) * self.dim];
-                let s: f64 = row.iter().zip(&d).map(|(p, v)| p * v).sum();
-                q += d[a] * s;
-            }
-            best = best.min(q);
+        let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let z = lower_times(&self.whiten, &x, self.dim);
+        self.centres
+            .iter()
+            .flatten()
+            .map(|c| z.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum::<f64>())
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Checks a space read from a file: sizes consistent, values finite.
+    pub fn validate(&self) -> Result<(), UnknownError> {
+        let bad = |m: String| Err(UnknownError::Fit(m));
+        if self.dim == 0 || self.whiten.len() != self.dim * self.dim {
+            return bad(format!(
+                "whitening matrix of {} values for dimension {}",
+                self.whiten.len(),
+                self.dim
+            ));
         }
-        best
+        if self.centres.iter().flatten().any(|c| c.len() != self.dim) {
+            return bad(format!("a class centre is not of dimension {}", self.dim));
+        }
+        if self.centres.iter().all(Option::is_none) {
+            return bad("no class has a centre".into());
+        }
+        let finite = self.whiten.iter().all(|v| v.is_finite())
+            && self.centres.iter().flatten().flatten().all(|v| v.is_finite());
+        if !finite {
+            return bad("non-finite values".into());
+        }
+        Ok(())
     }
 }
 
-/// Inverse of a symmetric positive-definite matrix by Cholesky; None if it is not one.
-fn invert_spd(m: &[f64], n: usize) -> Option<Vec<f64>> {
-    // L L' = m
+/// `L x` for a lower-triangular `L` (n x n row-major).
+fn lower_times(l: &[f64], x: &[f64], n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| {
+            l[i * n..i * n + i + 1]
+                .iter()
+                .zip(x)
+                .map(|(a, b)| a * b)
+                .sum()
+        })
+        .collect()
+}
+
+/// `L^-1` where `L L' = m` (Cholesky) for a symmetric positive-definite `m`; None if it is not
+/// one.
+fn inverse_cholesky(m: &[f64], n: usize) -> Option<Vec<f64>> {
     let mut l = vec![0f64; n * n];
     for i in 0..n {
         for j in 0..=i {
@@ -168,7 +208,7 @@ fn invert_spd(m: &[f64], n: usize) -> Option<Vec<f64>> {
             }
         }
     }
-    // inv(L) by forward substitution, then inv(m) = inv(L)' inv(L).
+    // Forward substitution, one column of the identity at a time.
     let mut li = vec![0f64; n * n];
     for c in 0..n {
         for i in c..n {
@@ -177,15 +217,7 @@ fn invert_spd(m: &[f64], n: usize) -> Option<Vec<f64>> {
             li[i * n + c] = (rhs - s) / l[i * n + i];
         }
     }
-    let mut inv = vec![0f64; n * n];
-    for a in 0..n {
-        for b in 0..=a {
-            let s: f64 = (a.max(b)..n).map(|k| li[k * n + a] * li[k * n + b]).sum();
-            inv[a * n + b] = s;
-            inv[b * n + a] = s;
-        }
-    }
-    Some(inv)
+    Some(li)
 }
 
 /// AUROC of `scores` for telling unknown (`true`) from known images: the probability that a
@@ -237,6 +269,191 @@ pub fn threshold_for(known: &[f64], false_unknown_rate: f64) -> Option<f64> {
     Some(s[s.len() - 1 - allowed])
 }
 
+/// The scores, by name as stored in a run's `unknown.json` and in predictions files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Score {
+    /// `1 - max p` of the (temperature-scaled) TTA-aggregated probabilities.
+    MaxProbability,
+    /// `-logsumexp` of the logits averaged over the TTA views.
+    Energy,
+    /// Squared Mahalanobis distance of the penultimate features averaged over the TTA views.
+    Mahalanobis,
+}
+
+impl Score {
+    pub const ALL: [Score; 3] = [Score::MaxProbability, Score::Energy, Score::Mahalanobis];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Score::MaxProbability => "max_probability",
+            Score::Energy => "energy",
+            Score::Mahalanobis => "mahalanobis",
+        }
+    }
+}
+
+impl std::fmt::Display for Score {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Score {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let snake = s.replace('-', "_");
+        Score::ALL
+            .into_iter()
+            .find(|x| x.name() == snake)
+            .ok_or_else(|| {
+                format!("unknown score `{s}`: expected max-probability, energy or mahalanobis")
+            })
+    }
+}
+
+/// One image's unknown scores (higher = more unknown for each).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ImageScores {
+    pub max_probability: f64,
+    pub energy: f64,
+    /// None without a fitted feature space.
+    pub mahalanobis: Option<f64>,
+}
+
+impl ImageScores {
+    /// From an image's TTA aggregate: probabilities, mean logits, and mean features when the
+    /// run has a feature space.
+    pub fn of(
+        probabilities: &[f32],
+        mean_logits: &[f32],
+        features: Option<(&FeatureSpace, &[f32])>,
+    ) -> ImageScores {
+        ImageScores {
+            max_probability: max_probability(probabilities),
+            energy: energy(mean_logits),
+            mahalanobis: features.map(|(space, x)| space.mahalanobis(x)),
+        }
+    }
+
+    pub fn get(&self, score: Score) -> Option<f64> {
+        match score {
+            Score::MaxProbability => Some(self.max_probability),
+            Score::Energy => Some(self.energy),
+            Score::Mahalanobis => self.mahalanobis,
+        }
+    }
+}
+
+/// What `plankton calibrate --unknown` stores in a run (`unknown.json`): the feature space fitted
+/// on the run's training images and, for each score, the threshold that calls at most
+/// `false_unknown_rate` of its validation images unknown. `score` is the one that decides the
+/// `unknown` column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnknownCalibration {
+    pub score: Score,
+    pub false_unknown_rate: f64,
+    /// By score name; a score without a threshold is absent.
+    pub thresholds: std::collections::BTreeMap<Score, f64>,
+    /// The validation images' false-unknown rate at each threshold (ties can push it under the
+    /// target).
+    pub valid_false_unknown: std::collections::BTreeMap<Score, f64>,
+    pub feature_space: Option<FeatureSpace>,
+    /// The temperature the probabilities had when `max_probability` was thresholded.
+    pub temperature: Option<f64>,
+    /// TTA views per image when fitted (predictions with other views score differently).
+    pub views: usize,
+    pub train_images: usize,
+    pub valid_images: usize,
+}
+
+impl UnknownCalibration {
+    /// Checks a calibration read from a file.
+    pub fn validate(&self, classes: usize) -> Result<(), UnknownError> {
+        let bad = |m: String| Err(UnknownError::Fit(m));
+        if !self.thresholds.contains_key(&self.score) {
+            return bad(format!("no threshold for its deciding score `{}`", self.score));
+        }
+        if self.thresholds.values().any(|t| t.is_nan()) {
+            return bad("a threshold is NaN".into());
+        }
+        if !(0.0..1.0).contains(&self.false_unknown_rate) {
+            return bad(format!(
+                "false_unknown_rate {} is not in [0, 1)",
+                self.false_unknown_rate
+            ));
+        }
+        match &self.feature_space {
+            Some(space) => {
+                space.validate()?;
+                if space.classes() != classes {
+                    return bad(format!(
+                        "its feature space has {} classes, the run {classes}",
+                        space.classes()
+                    ));
+                }
+            }
+            None if self.thresholds.contains_key(&Score::Mahalanobis) => {
+                return bad("a mahalanobis threshold without a feature space".into())
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the deciding score calls the image unknown (None when the image lacks it).
+    pub fn is_unknown(&self, s: &ImageScores) -> Option<bool> {
+        let t = self.thresholds.get(&self.score)?;
+        s.get(self.score).map(|v| v > *t)
+    }
+}
+
+/// Per-record means of view rows that arrive contiguously (a record's views one after another,
+/// as the data path delivers them): what the TTA aggregate of logits and features is.
+#[derive(Debug, Clone)]
+pub struct ViewMean {
+    width: usize,
+    views: usize,
+    record: Option<usize>,
+    count: usize,
+    sums: Vec<f64>,
+}
+
+impl ViewMean {
+    pub fn new(width: usize, views: usize) -> Self {
+        assert!(views > 0, "ViewMean: views must be > 0");
+        ViewMean {
+            width,
+            views,
+            record: None,
+            count: 0,
+            sums: vec![0.0; width],
+        }
+    }
+
+    /// Adds one view row of `record`; the mean once the record has all its views. A row of
+    /// another record discards the incomplete one (the aggregator reports that case).
+    pub fn push(&mut self, record: usize, row: &[f32]) -> Option<Vec<f32>> {
+        assert_eq!(row.len(), self.width, "ViewMean: row width");
+        if self.record != Some(record) {
+            self.record = Some(record);
+            self.count = 0;
+            self.sums.iter_mut().for_each(|s| *s = 0.0);
+        }
+        for (s, &v) in self.sums.iter_mut().zip(row) {
+            *s += v as f64;
+        }
+        self.count += 1;
+        if self.count < self.views {
+            return None;
+        }
+        self.record = None;
+        let n = self.count as f64;
+        Some(self.sums.iter().map(|s| (s / n) as f32).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +495,45 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("label 5"));
+    }
+
+    #[test]
+    fn view_means_and_the_unknown_rule() {
+        let mut m = ViewMean::new(2, 3);
+        assert_eq!(m.push(4, &[1.0, 0.0]), None);
+        assert_eq!(m.push(4, &[2.0, 3.0]), None);
+        assert_eq!(m.push(4, &[3.0, 6.0]), Some(vec![2.0, 3.0]));
+        // An interrupted record starts over.
+        assert_eq!(m.push(5, &[1.0, 1.0]), None);
+        assert_eq!(m.push(6, &[1.0, 1.0]), None);
+        let features = [0.0f32, 0.0, 0.1, 0.0, 5.0, 5.0, 5.1, 5.0, 0.0, 0.2, 5.0, 5.2];
+        let space = FeatureSpace::fit(&features, &[0, 0, 1, 1, 0, 1], 2, 2, 1e-3).unwrap();
+        let mut thresholds = std::collections::BTreeMap::new();
+        thresholds.insert(Score::Energy, -2.0);
+        let mut cal = UnknownCalibration {
+            score: Score::Energy,
+            false_unknown_rate: 0.05,
+            thresholds,
+            valid_false_unknown: Default::default(),
+            feature_space: Some(space.clone()),
+            temperature: None,
+            views: 1,
+            train_images: 6,
+            valid_images: 0,
+        };
+        assert!(cal.validate(2).is_ok());
+        assert!(cal.validate(3).unwrap_err().to_string().contains("2 classes"));
+        let sure = ImageScores::of(&[0.99, 0.01], &[6.0, -1.0], Some((&space, &[0.0, 0.1])));
+        let vague = ImageScores::of(&[0.5, 0.5], &[-3.0, -3.0], Some((&space, &[20.0, -9.0])));
+        assert_eq!(cal.is_unknown(&sure), Some(false));
+        assert_eq!(cal.is_unknown(&vague), Some(true));
+        assert!(vague.mahalanobis.unwrap() > 100.0 * sure.mahalanobis.unwrap());
+        cal.score = Score::Mahalanobis;
+        assert!(cal.validate(2).unwrap_err().to_string().contains("no threshold"));
+        let json = serde_json::to_string(&cal).unwrap();
+        let back: UnknownCalibration = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cal);
+        assert_eq!("max-probability".parse::<Score>(), Ok(Score::MaxProbability));
+        assert!("maxp".parse::<Score>().is_err());
     }
 }
