@@ -17,6 +17,6 @@ pub mod train;
 
 pub use plankton_core::{fsx, imgproc, npy, par, rng, rows, scoring};
 pub use plankton_data::{
-    blend, config, data_path, evaluate, features, sinks, sources, split, stages, telemetry,
+    blend, config, data_path, drift, evaluate, features, sinks, sources, split, stages, telemetry,
     topology,
 };

@@ -197,6 +197,7 @@ fn write_member(
             probabilities: Some(p.clone()),
             views: 1,
             error: None,
+            unknown: Default::default(),
         })
         .unwrap();
     }
@@ -450,6 +451,7 @@ fn rows_failing_in_any_member_become_error_rows() {
             probabilities: (i != 5).then(|| p.clone()),
             views: if i == 5 { 0 } else { 1 },
             error: (i == 5).then(|| "corrupt JPEG".to_string()),
+            unknown: Default::default(),
         })
         .unwrap();
     }

@@ -89,6 +89,7 @@ fn write_case_in(dir: &Path, case: &Case, layout: &Layout) -> (PathBuf, PathBuf)
             probabilities: Some(softmax(&z)),
             views: 1,
             error: None,
+            unknown: Default::default(),
         })
         .unwrap();
         ids.append_value(&id);

@@ -82,11 +82,20 @@ fn the_docker_nats_daemon_config_is_valid() {
 #[test]
 fn the_docker_prometheus_configs_pass_promtool() {
     for file in ["prometheus.yml", "prometheus-nats.yml"] {
-        promtool_check_config(file);
+        promtool(&["check", "config", file]);
     }
 }
 
-fn promtool_check_config(file: &str) {
+/// The drift alert rules are valid, and promtool's own rule tests (a steady camera and a
+/// shifted one) fire every alert for the shifted camera only.
+#[test]
+fn the_drift_alert_rules_pass_promtool_and_their_unit_tests() {
+    promtool(&["check", "rules", "alerts.yml"]);
+    promtool(&["test", "rules", "alerts_test.yml"]);
+}
+
+/// Runs promtool in docker/prometheus.
+fn promtool(args: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let local = root.join(".tools/bin/promtool");
     let promtool = if local.is_file() {
@@ -95,13 +104,13 @@ fn promtool_check_config(file: &str) {
         std::path::PathBuf::from("promtool")
     };
     let out = std::process::Command::new(&promtool)
-        .args(["check", "config"])
-        .arg(root.join("docker/prometheus").join(file))
+        .args(args)
+        .current_dir(root.join("docker/prometheus"))
         .output();
     match out {
         Ok(o) => assert!(
             o.status.success(),
-            "promtool: {}{}",
+            "promtool {args:?}: {}{}",
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         ),

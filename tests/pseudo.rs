@@ -71,6 +71,7 @@ fn write_predictions(
             probabilities: Some(target(i)),
             views: 1,
             error: None,
+            unknown: Default::default(),
         })
         .unwrap();
     }

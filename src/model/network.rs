@@ -292,6 +292,11 @@ impl Network {
         self.forward_layers(inputs, train)
     }
 
+    /// Width of the penultimate features (what the classifier reads).
+    pub fn feature_dim(&self) -> usize {
+        self.params[self.classifier.0].tensor.size()[1] as usize
+    }
+
     /// The penultimate features (B x F, fp32: what the classifier reads, before its dropout)
     /// and the logits (B x classes, fp32) of one batch in evaluation mode: what the
     /// unknown-image scores need (`plankton_core::unknown`).

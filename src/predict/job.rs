@@ -20,7 +20,7 @@ use crate::evaluate::calibration::{apply_temperature, TemperatureFit};
 use crate::imgproc::Augmentation;
 use crate::model::Network;
 use crate::scoring::{self, Scores};
-use crate::sinks::parquet::{ParquetSinkError, PredictionRow, PredictionWriter};
+use crate::sinks::parquet::{ParquetSinkError, PredictionRow, PredictionWriter, UnknownColumns};
 use crate::sinks::submission::{self, SubmissionRow, SubmissionSummary};
 use crate::sources::{is_dataset, Dataset, ImageRecord};
 use crate::split::Split;
@@ -28,6 +28,7 @@ use crate::stages::batch::Batch;
 use crate::stages::normalise::ZmuvStats;
 use crate::topology::{Loader, LoaderSpec, SamplePlan};
 use crate::train::{patch_sizes, RunDir, TrainError};
+use plankton_core::unknown::{ImageScores, UnknownCalibration, ViewMean};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
@@ -71,6 +72,10 @@ pub enum Subset {
     Labelled,
     /// Labelled and test images.
     All,
+    /// The run's validation images and every labelled image of a class the run was not trained
+    /// on: known against held-out classes, for judging the unknown scores (`plankton evaluate
+    /// --data` with the full dataset names the held-out classes).
+    HeldOut,
 }
 
 /// Which weights of the run.
@@ -177,6 +182,9 @@ pub struct PredictSummary {
     /// Scores on the images whose class the source knows.
     pub scores: Option<Scores>,
     pub submission: Option<(PathBuf, SubmissionSummary)>,
+    /// Images the run's unknown rule called unknown, and the rule's score (None without
+    /// `unknown.json`).
+    pub unknown: Option<(usize, plankton_core::unknown::Score)>,
 }
 
 /// A loaded model: everything needed to turn patches into class probabilities.
@@ -188,6 +196,8 @@ pub struct LoadedModel {
     pub weights_path: PathBuf,
     pub model_id: String,
     pub calibration: Option<TemperatureFit>,
+    /// The run's unknown-image rule (`unknown.json`), if calibrated.
+    pub unknown: Option<UnknownCalibration>,
 }
 
 /// FNV-1a over the weights file: a content id that changes whenever the weights do.
@@ -242,7 +252,58 @@ pub fn read_calibration(run: &RunDir) -> Result<Option<TemperatureFit>, PredictE
     Ok(Some(fit))
 }
 
+/// Reads a run's unknown.json, if any, checked against the run's classes and network.
+pub fn read_unknown(
+    run: &RunDir,
+    classes: usize,
+    feature_dim: usize,
+) -> Result<Option<UnknownCalibration>, PredictError> {
+    let path = run.unknown();
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| PredictError::Io {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let bad = |reason: String| PredictError::RunDir {
+        path: path.clone(),
+        reason,
+    };
+    let cal: UnknownCalibration =
+        serde_json::from_str(&text).map_err(|e| bad(format!("bad unknown-image rule: {e}")))?;
+    cal.validate(classes).map_err(|e| bad(e.to_string()))?;
+    if let Some(space) = &cal.feature_space {
+        if space.dim != feature_dim {
+            return Err(bad(format!(
+                "its feature space has dimension {}, the network's features {feature_dim}: fitted for other weights? run `plankton calibrate --unknown` again",
+                space.dim
+            )));
+        }
+    }
+    Ok(Some(cal))
+}
+
 impl LoadedModel {
+    /// Whether a forward pass must return the penultimate features too.
+    pub fn wants_features(&self) -> bool {
+        self.unknown
+            .as_ref()
+            .is_some_and(|u| u.feature_space.is_some())
+    }
+
+    /// The unknown columns of one image from its TTA aggregate.
+    pub fn unknown_columns(&self, out: &ImageOutputs) -> UnknownColumns {
+        let space = self.unknown.as_ref().and_then(|u| u.feature_space.as_ref());
+        let features = space.zip(out.mean_features.as_deref());
+        let scores = ImageScores::of(&out.probabilities, &out.mean_logits, features);
+        UnknownColumns {
+            energy: Some(scores.energy as f32),
+            mahalanobis: scores.mahalanobis.map(|d| d as f32),
+            unknown: self.unknown.as_ref().and_then(|u| u.is_unknown(&scores)),
+        }
+    }
+
     pub fn load(
         model: &Path,
         weights: &Weights,
@@ -299,11 +360,23 @@ impl LoadedModel {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "run".into());
         let model_id = format!("{run_name}/{kind}@{:08x}", hash >> 32);
-        let calibration = if calibrate {
-            read_calibration(&run)?
+        let (calibration, unknown) = if calibrate {
+            (
+                read_calibration(&run)?,
+                read_unknown(&run, class_names.len(), net.feature_dim())?,
+            )
         } else {
-            None
+            (None, None)
         };
+        if let Some(u) = &unknown {
+            let t = calibration.map(|c| c.temperature);
+            if u.score == plankton_core::unknown::Score::MaxProbability && u.temperature != t {
+                tracing::warn!(
+                    fitted = ?u.temperature, now = ?t,
+                    "the unknown rule's max-probability threshold was fitted at another temperature: run `plankton calibrate --unknown` again"
+                );
+            }
+        }
         Ok(LoadedModel {
             cfg,
             class_names,
@@ -312,6 +385,7 @@ impl LoadedModel {
             weights_path,
             model_id,
             calibration,
+            unknown,
         })
     }
 
@@ -392,6 +466,28 @@ pub fn resolve_inputs(
                     };
                     idx.iter().map(|&i| remap(&ds.train[i])).collect()
                 }
+                Subset::HeldOut => {
+                    let split = Split::load(&ds, &run.split())?;
+                    let unseen = ds.train.iter().filter(|r| {
+                        r.label.is_some_and(|l| {
+                            !model_index.contains_key(ds.class_names[l as usize].as_str())
+                        })
+                    });
+                    let picked: Vec<ImageRecord> = split
+                        .valid
+                        .iter()
+                        .map(|&i| &ds.train[i])
+                        .chain(unseen)
+                        .map(remap)
+                        .collect();
+                    if picked.iter().all(|r| r.label.is_some()) {
+                        return Err(PredictError::Input(format!(
+                            "{}: every labelled class is one the run knows: give the dataset that still holds the held-out classes' folders",
+                            d.display()
+                        )));
+                    }
+                    picked
+                }
             };
             if picked.is_empty() {
                 return Err(PredictError::Input(format!(
@@ -462,9 +558,10 @@ pub fn resolve_inputs(
     Ok((records, sample_submission))
 }
 
-/// Training-set class frequencies of the run (the fallback answer for an unreadable image),
-/// uniform when the split is not available.
-fn class_prior(run: &RunDir, class_names: &[String]) -> Vec<f64> {
+/// Training-set class frequencies of the run (the fallback answer for an unreadable image, and
+/// what the daemon's drift gauges compare the class mix with), uniform when the split is not
+/// available.
+pub fn class_prior(run: &RunDir, class_names: &[String]) -> Vec<f64> {
     let mut counts = vec![1.0f64; class_names.len()]; // add-one: no class gets probability 0
     if let Ok(rows) = crate::split::read_rows(&run.split()) {
         for (_, row) in rows.iter().filter(|(_, r)| r.subset == "train") {
@@ -520,20 +617,36 @@ pub fn run(
         views,
         model_id: model_id.clone(),
     });
+    if let Some(u) = &model.unknown {
+        if u.views != views {
+            tracing::warn!(
+                fitted = u.views,
+                now = views,
+                "the unknown rule was fitted with another number of TTA views; its false-unknown rate may differ"
+            );
+        }
+    }
     let records = Arc::new(records);
-    let mut job = Predicting {
-        model: &model,
-        records: records.clone(),
-        aggregator: Aggregator::new(model.class_names.len(), views, tta.aggregation),
-        views,
-        writer: &mut writer,
-        probabilities: vec![None; records.len()],
-        done: 0,
-        started,
-        last_event: Instant::now(),
-    };
-    let failures = job.predict(&cfg, transforms, rt, on_event)?;
-    let (probabilities, done) = (job.probabilities, job.done);
+    let mut probabilities: Vec<Option<Vec<f32>>> = vec![None; records.len()];
+    let mut job = Predicting::new(&model, records.clone(), views, tta.aggregation, started);
+    let mut unknown_images = 0usize;
+    let failures = job.predict(&cfg, transforms, rt, on_event, &mut |rec, out| {
+        let r = &records[rec];
+        let unknown = model.unknown_columns(&out);
+        unknown_images += usize::from(unknown.unknown == Some(true));
+        writer.push(PredictionRow {
+            image_id: r.id.clone(),
+            source_path: r.path.display().to_string(),
+            label: r.label.map(|l| model.class_names[l as usize].clone()),
+            probabilities: Some(out.probabilities.clone()),
+            views: views as u16,
+            error: None,
+            unknown,
+        })?;
+        probabilities[rec] = Some(out.probabilities);
+        Ok(())
+    })?;
+    let done = job.done;
     let failed: Vec<(PathBuf, String)> = failures
         .iter()
         .map(|f| (f.path.clone(), f.reason.clone()))
@@ -572,6 +685,7 @@ pub fn run(
         patches_per_second: (done * views) as f64 / seconds,
         scores,
         submission,
+        unknown: model.unknown.as_ref().map(|u| (unknown_images, u.score)),
     })
 }
 
@@ -579,7 +693,7 @@ pub fn run(
 /// the views, and a data path sized for them: each record in flight holds all of its views, so
 /// just enough records stay in flight to fill the next batches and memory does not grow with
 /// the transform count.
-fn job_config(
+pub(crate) fn job_config(
     opts: &PredictOptions,
     model: &LoadedModel,
 ) -> Result<(PipelineConfig, TtaConfig, Arc<Vec<Augmentation>>), PredictError> {
@@ -633,6 +747,13 @@ fn output_metadata(
         "views": views,
         "temperature": model.calibration.map(|c| c.temperature),
         "calibration": model.calibration,
+        "unknown": model.unknown.as_ref().map(|u| serde_json::json!({
+            "score": u.score,
+            "false_unknown_rate": u.false_unknown_rate,
+            "thresholds": u.thresholds,
+            "valid_false_unknown": u.valid_false_unknown,
+            "views": u.views,
+        })),
         "device": crate::device::name(model.net.device),
         "precision": model.net.precision(),
         "plankton_version": env!("CARGO_PKG_VERSION"),
@@ -640,30 +761,73 @@ fn output_metadata(
     })
 }
 
-/// A prediction job in progress: views come back per batch, each image's row is written once
-/// all of its views are in.
-struct Predicting<'a> {
+/// One image's outputs, aggregated over its views.
+#[derive(Debug, Clone)]
+pub struct ImageOutputs {
+    /// Aggregated (and temperature-scaled, when the run is calibrated) probabilities.
+    pub probabilities: Vec<f32>,
+    /// The logits averaged over the views.
+    pub mean_logits: Vec<f32>,
+    /// The penultimate features averaged over the views, when the job asked for them.
+    pub mean_features: Option<Vec<f32>>,
+}
+
+/// A prediction job in progress: views come back per batch, each image's outputs go to the
+/// caller once all of its views are in.
+pub struct Predicting<'a> {
     model: &'a LoadedModel,
     records: Arc<Vec<ImageRecord>>,
     aggregator: Aggregator,
-    views: usize,
-    writer: &'a mut PredictionWriter,
-    /// Kept for the submission and the summary scores (C floats per image).
-    probabilities: Vec<Option<Vec<f32>>>,
-    done: usize,
+    /// Per-view logits (and features) averaged per image.
+    view_mean: ViewMean,
+    feature_dim: Option<usize>,
+    pub done: usize,
     started: Instant,
     last_event: Instant,
 }
 
-impl Predicting<'_> {
+impl<'a> Predicting<'a> {
+    /// Features are computed when the model's unknown rule needs them.
+    pub fn new(
+        model: &'a LoadedModel,
+        records: Arc<Vec<ImageRecord>>,
+        views: usize,
+        aggregation: Aggregation,
+        started: Instant,
+    ) -> Self {
+        let mut job = Predicting {
+            model,
+            records,
+            aggregator: Aggregator::new(model.class_names.len(), views, aggregation),
+            view_mean: ViewMean::new(model.class_names.len(), views),
+            feature_dim: None,
+            done: 0,
+            started,
+            last_event: Instant::now(),
+        };
+        if model.wants_features() {
+            job = job.with_features();
+        }
+        job
+    }
+
+    /// Also averages the penultimate features of each image's views.
+    pub fn with_features(mut self) -> Self {
+        let d = self.model.net.feature_dim();
+        self.feature_dim = Some(d);
+        self.view_mean = ViewMean::new(self.model.class_names.len() + d, self.aggregator.views());
+        self
+    }
+
     /// Runs every view of every record through the network; returns the images the data path
     /// set aside.
-    fn predict(
+    pub fn predict(
         &mut self,
         cfg: &PipelineConfig,
         transforms: Arc<Vec<Augmentation>>,
         rt: &tokio::runtime::Handle,
         on_event: &mut dyn FnMut(PredictEvent),
+        on_image: &mut dyn FnMut(usize, ImageOutputs) -> Result<(), PredictError>,
     ) -> Result<Vec<crate::topology::Failure>, PredictError> {
         let _enter = rt.enter();
         let spec = LoaderSpec {
@@ -686,7 +850,7 @@ impl Predicting<'_> {
             let launched = rt
                 .block_on(loader.next_batch())
                 .map(|batch| self.launch(batch));
-            let Some((batch, log_probs, t_batch)) = std::mem::replace(&mut in_flight, launched)
+            let Some((batch, outputs, t_batch)) = std::mem::replace(&mut in_flight, launched)
             else {
                 if in_flight.is_none() {
                     break;
@@ -694,10 +858,10 @@ impl Predicting<'_> {
                 continue;
             };
             let flat: Vec<f32> =
-                Vec::try_from(log_probs.wait().flatten(0, -1)).expect("float tensor");
+                Vec::try_from(outputs.wait().flatten(0, -1)).expect("float tensor");
             batch_seconds.record(t_batch.elapsed().as_secs_f64());
             patches_total.increment(batch.len as u64);
-            self.take(&batch, &flat)?;
+            self.take(&batch, &flat, on_image)?;
             if self.last_event.elapsed().as_secs_f64() > 0.2 {
                 self.last_event = Instant::now();
                 on_event(PredictEvent::Progress {
@@ -710,41 +874,55 @@ impl Predicting<'_> {
         Ok(rt.block_on(loader.finish())?.failures)
     }
 
-    /// Enqueues the batch's forward pass; its log probabilities are read back later.
+    /// Enqueues the batch's forward pass; its logits (and features: one row of C + F values per
+    /// view) are read back later.
     fn launch(&self, batch: Batch) -> (Batch, Download, Instant) {
         let t_batch = Instant::now();
         let net = &self.model.net;
         let inputs: Vec<tch::Tensor> = (0..batch.inputs.len())
             .map(|k| net.upload(&batch.input_tensor(k)))
             .collect();
-        let log_probs = download(&net.forward_t(&inputs, false).log_softmax(-1, Kind::Float));
-        (batch, log_probs, t_batch)
+        let outputs = if self.feature_dim.is_some() {
+            let (features, logits) = net.forward_features(&inputs);
+            tch::Tensor::cat(&[logits, features], 1)
+        } else {
+            net.forward_t(&inputs, false).to_kind(Kind::Float)
+        };
+        (batch, download(&outputs), t_batch)
     }
 
-    /// Aggregates the batch's views; writes the row of every image whose views are all in.
-    fn take(&mut self, batch: &Batch, log_probs: &[f32]) -> Result<(), PredictError> {
+    /// Aggregates the batch's views; hands on every image whose views are all in.
+    fn take(
+        &mut self,
+        batch: &Batch,
+        outputs: &[f32],
+        on_image: &mut dyn FnMut(usize, ImageOutputs) -> Result<(), PredictError>,
+    ) -> Result<(), PredictError> {
         let classes = self.model.class_names.len();
+        let width = classes + self.feature_dim.unwrap_or(0);
         let temperature = self.model.calibration.map(|c| c.temperature);
         let images_total = metrics::counter!(crate::telemetry::PREDICT_IMAGES);
         for (i, &record) in batch.record_indices[..batch.len].iter().enumerate() {
-            let view = &log_probs[i * classes..(i + 1) * classes];
-            let Some((rec, p)) = self.aggregator.push(record, view) else {
+            let row = &outputs[i * width..(i + 1) * width];
+            // The aggregator renormalises each view: logits serve as log-probabilities.
+            let aggregated = self.aggregator.push(record, &row[..classes]);
+            let mean = self.view_mean.push(record, row);
+            let (Some((rec, p)), Some(mut mean)) = (aggregated, mean) else {
                 continue;
             };
             let mut p: Vec<f32> = p.into_iter().map(|v| v as f32).collect();
             if let Some(t) = temperature {
                 p = apply_temperature(&p, classes, t);
             }
-            let r = &self.records[rec];
-            self.writer.push(PredictionRow {
-                image_id: r.id.clone(),
-                source_path: r.path.display().to_string(),
-                label: r.label.map(|l| self.model.class_names[l as usize].clone()),
-                probabilities: Some(p.clone()),
-                views: self.views as u16,
-                error: None,
-            })?;
-            self.probabilities[rec] = Some(p);
+            let mean_features = self.feature_dim.map(|_| mean.split_off(classes));
+            on_image(
+                rec,
+                ImageOutputs {
+                    probabilities: p,
+                    mean_logits: mean,
+                    mean_features,
+                },
+            )?;
             self.done += 1;
             images_total.increment(1);
         }
@@ -779,6 +957,7 @@ fn write_unpredicted(
             probabilities: None,
             views: 0,
             error: Some(reason.to_string()),
+            unknown: Default::default(),
         })?;
     }
     Ok(())

@@ -3,3 +3,4 @@
 
 pub use plankton_core::{aggregate, halton, tta};
 pub mod job;
+pub mod unknown;

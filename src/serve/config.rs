@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub queue: QueueConfig,
     pub output: OutputConfig,
     pub checks: ImageChecks,
+    /// Rolling drift windows per source, exported as gauges (`serve::drift`).
+    pub drift: super::drift::DriftConfig,
     /// Durable copy of every accepted image until its prediction is in a finished file.
     pub spool: PathBuf,
     /// Bad input goes here, with a `.reason` file beside it.
@@ -76,6 +78,7 @@ impl Default for ServeConfig {
             queue: QueueConfig::default(),
             output: OutputConfig::default(),
             checks: ImageChecks::default(),
+            drift: super::drift::DriftConfig::default(),
             spool: PathBuf::from("serve/spool"),
             quarantine: PathBuf::from("serve/quarantine"),
         }
@@ -500,6 +503,7 @@ impl ServeConfig {
         if !self.watch.enabled && !self.http.enabled && !self.nats.enabled {
             return Err("no source: enable [watch], [http] and/or [nats]".into());
         }
+        self.drift.validate()?;
         if self.nats.enabled {
             self.nats.validate()?;
         }

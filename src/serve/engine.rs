@@ -25,12 +25,13 @@ use crate::features::job::FeatureSet;
 use crate::features::writer::{FeatureRow, FeatureWriter};
 use crate::imgproc::Augmentation;
 use crate::predict::aggregate::aggregate;
-use crate::predict::job::{LoadedModel, PredictError, Weights};
+use crate::predict::job::{ImageOutputs, LoadedModel, PredictError, Weights};
 use crate::predict::tta::quasi_random_transforms;
-use crate::sinks::parquet::{top_k, PredictionRow, PredictionWriter, ServeColumns};
+use crate::sinks::parquet::{top_k, PredictionRow, PredictionWriter, ServeColumns, UnknownColumns};
 use crate::stages::decode::decode_bytes;
 use crate::stages::warp::make_patch;
 use crate::telemetry;
+use plankton_core::unknown::ViewMean;
 
 use crate::telemetry::{
     PROCESS_RESIDENT_BYTES, SERVE_BATCH_IMAGES, SERVE_FILES, SERVE_LATENCY_SECONDS,
@@ -105,6 +106,8 @@ struct PatchSet {
     entry: SpoolEntry,
     /// (height, width) of the decoded image, and its flag (`too_small`, `blank`).
     size: (u32, u32),
+    /// Mean grey level of the decoded image (0-255).
+    brightness: f32,
     flag: Option<&'static str>,
     features: Option<Features>,
     /// views x inputs x pixels.
@@ -120,8 +123,10 @@ pub struct OutRow {
     pub error: Option<String>,
     pub views: u16,
     pub size: Option<(u32, u32)>,
+    pub brightness: Option<f32>,
     pub flag: Option<&'static str>,
     features: Option<Features>,
+    pub unknown: UnknownColumns,
 }
 
 impl OutRow {
@@ -134,8 +139,10 @@ impl OutRow {
             error: Some(reason),
             views: 0,
             size: None,
+            brightness: None,
             flag: None,
             features: None,
+            unknown: UnknownColumns::default(),
         }
     }
 }
@@ -224,6 +231,14 @@ impl Engine {
         describe();
         set_model_info(None, &self.model.model_id);
         let class_names = self.model.class_names.clone();
+        super::drift::describe();
+        let drift = super::drift::DriftTracker::new(
+            self.cfg.drift.clone(),
+            crate::predict::job::class_prior(
+                &crate::train::RunDir::new(&self.cfg.model),
+                &class_names,
+            ),
+        );
         let feature_sets: Arc<Vec<FeatureSet>> =
             Arc::new(self.cfg.feature_sets().map_err(|e| e.to_string())?);
         let (patches_tx, patches_rx) = async_channel::bounded::<PatchSet>(self.cfg.queue.patches);
@@ -281,6 +296,7 @@ impl Engine {
             in_flight: self.in_flight.clone(),
             class_names,
             feature_sets,
+            drift,
             settled: self.settled,
             roll_now: self.roll_now.clone(),
             results_out: self.results_out,
@@ -492,11 +508,15 @@ impl WorkerCtx {
                     metrics::counter!(telemetry::STAGE_SENT, "stage" => "decode").increment(1);
                     telemetry::busy_since("decode", decode_started);
                     let size = (img.height(), img.width());
+                    let raw = img.as_raw();
+                    let brightness = (raw.iter().map(|&v| u64::from(v)).sum::<u64>() as f64
+                        / raw.len().max(1) as f64) as f32;
                     if self
                         .patches
                         .send_blocking(PatchSet {
                             entry,
                             size,
+                            brightness,
                             flag,
                             features,
                             views,
@@ -621,27 +641,48 @@ impl ModelCtx {
                     ]))
                 })
                 .collect();
-            let log_probs = model
-                .net
-                .forward_t(&inputs, false)
-                .log_softmax(-1, Kind::Float)
-                .to_device(Device::Cpu);
-            let flat: Vec<f32> = Vec::try_from(log_probs.flatten(0, -1)).expect("float tensor");
+            // Logits (and the penultimate features when the unknown rule needs them): one row
+            // of C + F values per view.
+            let feature_dim = model.wants_features().then(|| model.net.feature_dim());
+            let outputs = match feature_dim {
+                Some(_) => {
+                    let (features, logits) = model.net.forward_features(&inputs);
+                    tch::Tensor::cat(&[logits, features], 1)
+                }
+                None => model.net.forward_t(&inputs, false).to_kind(Kind::Float),
+            }
+            .to_device(Device::Cpu);
+            let flat: Vec<f32> = Vec::try_from(outputs.flatten(0, -1)).expect("float tensor");
             forward_seconds.record(t0.elapsed().as_secs_f64());
             telemetry::busy_since("model", t0);
             metrics::counter!(telemetry::PREDICT_PATCHES).increment((batch.len() * views) as u64);
+            let width = classes + feature_dim.unwrap_or(0);
             let mut out = vec![0f64; classes];
+            let mut logits = Vec::with_capacity(views * classes);
             for (i, set) in batch.into_iter().enumerate() {
-                aggregate(
-                    &flat[i * views * classes..(i + 1) * views * classes],
-                    classes,
-                    self.cfg.aggregation,
-                    &mut out,
-                );
+                let block = &flat[i * views * width..(i + 1) * views * width];
+                let mut mean = ViewMean::new(width, views);
+                let mut averaged = None;
+                logits.clear();
+                for row in block.chunks_exact(width) {
+                    logits.extend_from_slice(&row[..classes]);
+                    averaged = mean.push(0, row);
+                }
+                let mut averaged = averaged.expect("every view of the image");
+                // The aggregation renormalises each view: logits serve as log-probabilities.
+                aggregate(&logits, classes, self.cfg.aggregation, &mut out);
                 let mut p: Vec<f32> = out.iter().map(|&v| v as f32).collect();
                 if let Some(c) = &model.calibration {
                     p = crate::evaluate::calibration::apply_temperature(&p, classes, c.temperature);
                 }
+                let mean_features = feature_dim.map(|_| averaged.split_off(classes));
+                let image = ImageOutputs {
+                    probabilities: p,
+                    mean_logits: averaged,
+                    mean_features,
+                };
+                let unknown = model.unknown_columns(&image);
+                let p = image.probabilities;
                 // From the moment the image was spooled (acknowledged), not from when a worker
                 // picked it up: queueing is part of what a client waits for.
                 let waited_ms = unix_ms().saturating_sub(set.entry.received_unix_ms) as f64;
@@ -654,8 +695,10 @@ impl ModelCtx {
                     error: None,
                     views: views as u16,
                     size: Some(set.size),
+                    brightness: Some(set.brightness),
                     flag: set.flag,
                     features: set.features,
+                    unknown,
                 };
                 if self.rows.send_blocking(row).is_err() {
                     return;
@@ -673,6 +716,7 @@ struct WriterCtx {
     in_flight: Arc<InFlight>,
     class_names: Vec<String>,
     feature_sets: Arc<Vec<FeatureSet>>,
+    drift: super::drift::DriftTracker,
     settled: Option<async_channel::Sender<Settled>>,
     roll_now: Arc<AtomicBool>,
     results_out: Option<async_channel::Sender<ServedPrediction>>,
@@ -898,7 +942,7 @@ impl WriterCtx {
         }
     }
 
-    fn run(self) {
+    fn run(mut self) {
         if let Err(e) = std::fs::create_dir_all(&self.cfg.output.dir) {
             tracing::error!(error = %e, dir = %self.cfg.output.dir.display(), "cannot create the output folder");
         }
@@ -960,6 +1004,19 @@ impl WriterCtx {
                 }
             }
             let f = open.as_mut().expect("open");
+            if let Some(p) = &row.probabilities {
+                let top = top_k(p, 1)[0];
+                self.drift.observe(
+                    super::drift::source_label(&row.entry.source, &self.cfg.watch.dir),
+                    &plankton_core::drift::Observation {
+                        predicted: top,
+                        confidence: f64::from(p[top]),
+                        unknown: row.unknown.unknown,
+                        pixels: row.size.map(|(h, w)| u64::from(h) * u64::from(w)),
+                        brightness: row.brightness.map(f64::from),
+                    },
+                );
+            }
             let served = ServedPrediction {
                 id: row.entry.id.clone(),
                 seq: row.entry.seq,
@@ -989,6 +1046,9 @@ impl WriterCtx {
                 error: row.error.clone(),
                 received_unix_ms: row.entry.received_unix_ms,
                 latency_ms: unix_ms().saturating_sub(row.entry.received_unix_ms) as f64,
+                unknown: row.unknown.unknown,
+                energy: row.unknown.energy,
+                mahalanobis: row.unknown.mahalanobis,
             };
             if let Some(fw) = f.features.as_mut() {
                 let (size, values) = row
@@ -1016,11 +1076,13 @@ impl WriterCtx {
                     probabilities: row.probabilities,
                     views: row.views,
                     error: row.error,
+                    unknown: row.unknown,
                 },
                 ServeColumns {
                     seq: row.entry.seq,
                     received_unix_ms: row.entry.received_unix_ms,
                     image_size: row.size,
+                    brightness: row.brightness,
                     flag: row.flag.map(str::to_string),
                     stream_seq: row.entry.delivery.as_ref().map(|d| d.stream_seq),
                     captured_unix_ms: row.entry.delivery.as_ref().and_then(|d| d.captured_unix_ms),

@@ -1104,6 +1104,9 @@ mod tests {
             error: None,
             received_unix_ms: 5,
             latency_ms: 1.5,
+            unknown: None,
+            energy: None,
+            mahalanobis: None,
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod drift;
 pub mod engine;
 pub mod http;
 pub mod nats;

@@ -32,6 +32,14 @@ pub struct ServedPrediction {
     pub received_unix_ms: u64,
     /// From acceptance to prediction.
     pub latency_ms: f64,
+    /// The run's unknown rule says no trained class fits (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<bool>,
+    /// Unknown scores (see the predictions file's columns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mahalanobis: Option<f32>,
 }
 
 struct Waiter {
@@ -209,6 +217,9 @@ mod tests {
             error: None,
             received_unix_ms: 1,
             latency_ms: 2.0,
+            unknown: None,
+            energy: None,
+            mahalanobis: None,
         }
     }
 

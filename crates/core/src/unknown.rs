@@ -169,7 +169,12 @@ impl FeatureSpace {
             return bad("no class has a centre".into());
         }
         let finite = self.whiten.iter().all(|v| v.is_finite())
-            && self.centres.iter().flatten().flatten().all(|v| v.is_finite());
+            && self
+                .centres
+                .iter()
+                .flatten()
+                .flatten()
+                .all(|v| v.is_finite());
         if !finite {
             return bad("non-finite values".into());
         }
@@ -373,7 +378,10 @@ impl UnknownCalibration {
     pub fn validate(&self, classes: usize) -> Result<(), UnknownError> {
         let bad = |m: String| Err(UnknownError::Fit(m));
         if !self.thresholds.contains_key(&self.score) {
-            return bad(format!("no threshold for its deciding score `{}`", self.score));
+            return bad(format!(
+                "no threshold for its deciding score `{}`",
+                self.score
+            ));
         }
         if self.thresholds.values().any(|t| t.is_nan()) {
             return bad("a threshold is NaN".into());
@@ -506,7 +514,9 @@ mod tests {
         // An interrupted record starts over.
         assert_eq!(m.push(5, &[1.0, 1.0]), None);
         assert_eq!(m.push(6, &[1.0, 1.0]), None);
-        let features = [0.0f32, 0.0, 0.1, 0.0, 5.0, 5.0, 5.1, 5.0, 0.0, 0.2, 5.0, 5.2];
+        let features = [
+            0.0f32, 0.0, 0.1, 0.0, 5.0, 5.0, 5.1, 5.0, 0.0, 0.2, 5.0, 5.2,
+        ];
         let space = FeatureSpace::fit(&features, &[0, 0, 1, 1, 0, 1], 2, 2, 1e-3).unwrap();
         let mut thresholds = std::collections::BTreeMap::new();
         thresholds.insert(Score::Energy, -2.0);
@@ -522,18 +532,29 @@ mod tests {
             valid_images: 0,
         };
         assert!(cal.validate(2).is_ok());
-        assert!(cal.validate(3).unwrap_err().to_string().contains("2 classes"));
+        assert!(cal
+            .validate(3)
+            .unwrap_err()
+            .to_string()
+            .contains("2 classes"));
         let sure = ImageScores::of(&[0.99, 0.01], &[6.0, -1.0], Some((&space, &[0.0, 0.1])));
         let vague = ImageScores::of(&[0.5, 0.5], &[-3.0, -3.0], Some((&space, &[20.0, -9.0])));
         assert_eq!(cal.is_unknown(&sure), Some(false));
         assert_eq!(cal.is_unknown(&vague), Some(true));
         assert!(vague.mahalanobis.unwrap() > 100.0 * sure.mahalanobis.unwrap());
         cal.score = Score::Mahalanobis;
-        assert!(cal.validate(2).unwrap_err().to_string().contains("no threshold"));
+        assert!(cal
+            .validate(2)
+            .unwrap_err()
+            .to_string()
+            .contains("no threshold"));
         let json = serde_json::to_string(&cal).unwrap();
         let back: UnknownCalibration = serde_json::from_str(&json).unwrap();
         assert_eq!(back, cal);
-        assert_eq!("max-probability".parse::<Score>(), Ok(Score::MaxProbability));
+        assert_eq!(
+            "max-probability".parse::<Score>(),
+            Ok(Score::MaxProbability)
+        );
         assert!("maxp".parse::<Score>().is_err());
     }
 }

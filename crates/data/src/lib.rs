@@ -6,6 +6,7 @@
 pub mod blend;
 pub mod config;
 pub mod data_path;
+pub mod drift;
 pub mod evaluate;
 pub mod features;
 pub mod run_dir;

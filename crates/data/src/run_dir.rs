@@ -10,6 +10,7 @@
 //!         model.safetensors              final weights
 //!         learning_curve.png
 //!         calibration.json  temperature fitted on validation predictions (optional)
+//!         unknown.json      unknown-image rule: feature space + thresholds (optional, `calibrate --unknown`)
 //!         checkpoints/step-00001234/{model,optimizer}.safetensors, state.json, history.csv
 //!         checkpoints/LATEST             name of the newest complete checkpoint
 //! ```
@@ -155,6 +156,10 @@ impl RunDir {
     /// Temperature fitted on validation predictions (`plankton calibrate`), applied by predict.
     pub fn calibration(&self) -> PathBuf {
         self.root.join("calibration.json")
+    }
+    /// `plankton calibrate --unknown`'s feature space and thresholds.
+    pub fn unknown(&self) -> PathBuf {
+        self.root.join("unknown.json")
     }
     pub fn learning_curve(&self) -> PathBuf {
         self.root.join("learning_curve.png")

@@ -54,8 +54,12 @@ enum Command {
     /// Score a predictions file: log loss, top-k, per-class precision/recall, confusion matrix,
     /// reliability diagram, and the least confident images.
     Evaluate(commands::evaluate::EvaluateArgs),
-    /// Fit a temperature on validation predictions and store it in the run (predict applies it).
+    /// Fit a temperature on validation predictions, and (--unknown) the unknown-image rule on the
+    /// run's training and validation images; both are stored in the run (predict applies them).
     Calibrate(commands::calibrate::CalibrateArgs),
+    /// How a stream of predictions moved from a reference: class mix, confidence, unknown rate,
+    /// image size and brightness per window of images, with plots
+    Drift(commands::drift::DriftArgs),
     /// Blend members' predictions: fit weights (softmax, L-BFGS on the validation log loss)
     /// with members chosen by cross-validation, or apply the weights of an earlier fit.
     Blend(commands::blend::BlendArgs),
@@ -134,6 +138,7 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Predict(a) => commands::predict::run(a).await,
         Command::Evaluate(a) => commands::evaluate::run(a).await,
         Command::Calibrate(a) => commands::calibrate::run(a).await,
+        Command::Drift(a) => commands::drift::run(a).await,
         Command::Blend(a) => commands::blend::run(a).await,
         Command::Replay(a) => commands::replay::run(a).await,
         Command::Serve(a) => commands::serve::run(a).await,

@@ -369,6 +369,7 @@ fn write_blend(
             },
             probabilities,
             error,
+            unknown: Default::default(),
         })?;
     }
     Ok(Written {

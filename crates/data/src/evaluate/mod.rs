@@ -3,6 +3,7 @@
 //! Parquet file and the true classes (from the file's `label` column or a dataset folder).
 
 pub use plankton_core::{calibration, metrics};
+pub mod unknown;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,15 @@ pub struct Labelled {
     pub failed: usize,
     /// Predicted rows whose class is unknown.
     pub unlabelled: usize,
+    /// Predicted rows whose true class is known but not one of the model's (held out), counted
+    /// in `unlabelled` too.
+    pub held_out: usize,
+    /// Every predicted row with a true class, known to the model or not, with its unknown
+    /// scores.
+    pub scored: Vec<unknown::ScoredRow>,
+    /// The run's unknown thresholds and deciding score, from the file's `plankton.model`.
+    pub unknown_thresholds: std::collections::BTreeMap<plankton_core::unknown::Score, f64>,
+    pub unknown_rule: Option<plankton_core::unknown::Score>,
     /// The temperature already applied to the stored probabilities, if any.
     pub temperature: Option<f64>,
     pub model_ids: Vec<String>,
@@ -100,6 +110,17 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
         unlabelled: 0,
         temperature: p.model.get("temperature").and_then(|t| t.as_f64()),
         model_ids: p.model_ids.clone(),
+        held_out: 0,
+        scored: Vec::new(),
+        unknown_thresholds: p
+            .model
+            .pointer("/unknown/thresholds")
+            .and_then(|t| serde_json::from_value(t.clone()).ok())
+            .unwrap_or_default(),
+        unknown_rule: p
+            .model
+            .pointer("/unknown/score")
+            .and_then(|t| serde_json::from_value(t.clone()).ok()),
     };
     let (mut disagree, mut example) = (0usize, None);
     for row in &p.rows {
@@ -118,6 +139,20 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
                 disagree += 1;
                 example.get_or_insert_with(|| (row.image_id.clone(), own.clone(), given.clone()));
             }
+        }
+        if let Some(c) = &class {
+            let max_p = probs.iter().copied().fold(f32::MIN, f32::max) as f64;
+            out.scored.push(unknown::ScoredRow {
+                held_out: !index.contains_key(c.as_str()),
+                class: c.clone(),
+                scores: [
+                    Some(1.0 - max_p),
+                    row.unknown.energy.map(f64::from),
+                    row.unknown.mahalanobis.map(f64::from),
+                ],
+                flagged: row.unknown.unknown,
+            });
+            out.held_out += usize::from(!index.contains_key(c.as_str()));
         }
         match class.as_deref().and_then(|c| index.get(c)) {
             Some(&l) => {
@@ -158,6 +193,8 @@ pub struct EvaluateSummary {
     pub files: Option<ReportFiles>,
     pub failed: usize,
     pub unlabelled: usize,
+    /// Known against held-out classes, when the file holds images of classes the model lacks.
+    pub unknown: Option<unknown::UnknownEvaluation>,
 }
 
 /// Scores a predictions file and (with `out`) writes the report folder.
@@ -183,11 +220,31 @@ pub fn run(
         }
         None => None,
     };
+    let unknown_eval = unknown::evaluate_unknown(&l.scored, &l.unknown_thresholds, l.unknown_rule);
+    if let (Some(files), Some(u)) = (&files, &unknown_eval) {
+        let dir = files.summary_md.parent().unwrap_or(Path::new("."));
+        unknown::render_unknown_histograms(&unknown::unknown_png(dir), &l.scored, u)
+            .map_err(ReportError::from)?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: std::io::Error| EvaluateError::Io {
+                path,
+                message: e.to_string(),
+            }
+        };
+        let json = dir.join("unknown.json");
+        std::fs::write(&json, serde_json::to_vec_pretty(u).expect("serialisable"))
+            .map_err(io(&json))?;
+        let mut md = std::fs::read_to_string(&files.summary_md).map_err(io(&files.summary_md))?;
+        md.push_str(&unknown::summary_markdown(u));
+        std::fs::write(&files.summary_md, md).map_err(io(&files.summary_md))?;
+    }
     Ok(EvaluateSummary {
         evaluation,
         files,
         failed: l.failed,
         unlabelled: l.unlabelled,
+        unknown: unknown_eval,
     })
 }
 

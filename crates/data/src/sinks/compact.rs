@@ -309,6 +309,7 @@ mod tests {
                     probabilities: p.map(|p| vec![p, 1.0 - p]),
                     views: 1,
                     error: p.is_none().then(|| "bad image".to_string()),
+                    unknown: Default::default(),
                 },
                 ServeColumns {
                     seq: *seq,
@@ -388,6 +389,7 @@ mod tests {
                     probabilities: Some(vec![p, 1.0 - p]),
                     views: 1,
                     error: None,
+                    unknown: Default::default(),
                 },
                 ServeColumns {
                     received_unix_ms: received,
@@ -458,6 +460,7 @@ mod tests {
             probabilities: Some(vec![0.2, 0.3, 0.5]),
             views: 1,
             error: None,
+            unknown: Default::default(),
         })
         .unwrap();
         w.finish().unwrap();

@@ -220,6 +220,7 @@ mod tests {
                     probabilities: (!failed).then(|| vec![p, 1.0 - p]),
                     views: 1,
                     error: failed.then(|| "corrupt".to_string()),
+                    unknown: Default::default(),
                 });
                 if !failed {
                     expected
@@ -236,6 +237,7 @@ mod tests {
             probabilities: Some(vec![0.5, 0.5]),
             views: 1,
             error: None,
+            unknown: Default::default(),
         });
         let preds = Predictions {
             class_names: classes.clone(),

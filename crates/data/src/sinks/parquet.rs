@@ -16,8 +16,13 @@
 //! | `top_probabilities` | list<float32>, nullable | their probabilities |
 //! | `views` | uint16 | test-time transforms averaged (0 for an image that failed) |
 //! | `error` | utf8, nullable | why an image has no prediction (unreadable, too large...) |
+//! | `energy` | float32, nullable | unknown score: `-logsumexp` of the logits averaged over the views (higher = less like any class) |
+//! | `mahalanobis` | float32, nullable | unknown score: squared Mahalanobis distance of the view-averaged penultimate features to the nearest training class mean (null unless the run has `unknown.json`) |
+//! | `unknown` | bool, nullable | the run's unknown rule (`plankton calibrate --unknown`) says no trained class fits (null without one) |
 //!
-//! The daemon (`plankton serve`) adds seven columns after these:
+//! The third unknown score, `1 - max p`, is `1 - confidence`.
+//!
+//! The daemon (`plankton serve`) adds eight columns after these:
 //!
 //! | column | type | |
 //! |---|---|---|
@@ -27,6 +32,7 @@
 //! | `flag` | utf8, nullable | `too_small` or `blank` ([serve] `[checks]`): predicted, but not an organism |
 //! | `stream_seq` | uint64, nullable | NATS input: the JetStream stream sequence of the message (two rows with one `stream_seq` are one message delivered twice, e.g. after a `kill -9`; `plankton compact` keeps one) |
 //! | `captured_at` | timestamp[ms, UTC], nullable | NATS input: the capture time the message's `Plankton-Captured` header gave |
+//! | `image_brightness` | float32, nullable | mean grey level (0-255) of the decoded image (what `plankton drift` and the drift gauges watch) |
 //!
 //! An image that could not be read keeps its row, with null predictions and the reason in
 //! `error`, so nothing is silently lost. The file is written under a temporary name and renamed
@@ -37,9 +43,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, FixedSizeListArray, FixedSizeListBuilder, Float32Array, Float32Builder,
-    ListBuilder, StringArray, StringBuilder, TimestampMillisecondBuilder, UInt16Array,
-    UInt16Builder, UInt32Builder, UInt64Builder,
+    Array, ArrayRef, BooleanArray, BooleanBuilder, FixedSizeListArray, FixedSizeListBuilder,
+    Float32Array, Float32Builder, ListBuilder, StringArray, StringBuilder,
+    TimestampMillisecondBuilder, UInt16Array, UInt16Builder, UInt32Builder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
@@ -83,6 +89,15 @@ pub struct PredictionRow {
     pub probabilities: Option<Vec<f32>>,
     pub views: u16,
     pub error: Option<String>,
+    pub unknown: UnknownColumns,
+}
+
+/// The unknown-image columns of a row (`plankton_core::unknown`); all None when not computed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct UnknownColumns {
+    pub energy: Option<f32>,
+    pub mahalanobis: Option<f32>,
+    pub unknown: Option<bool>,
 }
 
 /// What the daemon records of each image beside its prediction (see the module's table).
@@ -98,6 +113,8 @@ pub struct ServeColumns {
     pub stream_seq: Option<u64>,
     /// When the instrument captured the image, if its source said (NATS `Plankton-Captured`).
     pub captured_unix_ms: Option<u64>,
+    /// Mean grey level (0-255) of the decoded image.
+    pub brightness: Option<f32>,
 }
 
 /// Indices of the `k` largest entries, largest first (ties: lower index first).
@@ -125,6 +142,7 @@ fn serve_fields() -> Vec<Field> {
             DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
             true,
         ),
+        Field::new("image_brightness", DataType::Float32, true),
     ]
 }
 
@@ -163,6 +181,9 @@ fn schema_with(
         ),
         Field::new("views", DataType::UInt16, false),
         Field::new("error", DataType::Utf8, true),
+        Field::new("energy", DataType::Float32, true),
+        Field::new("mahalanobis", DataType::Float32, true),
+        Field::new("unknown", DataType::Boolean, true),
     ];
     if serve_columns {
         fields.extend(serve_fields());
@@ -310,7 +331,13 @@ impl PredictionWriter {
         let mut top_probs = ListBuilder::new(Float32Builder::new());
         let mut views = UInt16Builder::new();
         let mut errors = StringBuilder::new();
+        let mut energies = Float32Builder::new();
+        let mut distances = Float32Builder::new();
+        let mut unknown = BooleanBuilder::new();
         for r in &self.rows {
+            energies.append_option(r.unknown.energy);
+            distances.append_option(r.unknown.mahalanobis);
+            unknown.append_option(r.unknown.unknown);
             ids.append_value(&r.image_id);
             paths.append_value(&r.source_path);
             models.append_value(&self.model_id);
@@ -357,6 +384,9 @@ impl PredictionWriter {
             Arc::new(top_probs.finish()),
             Arc::new(views.finish()),
             Arc::new(errors.finish()),
+            Arc::new(energies.finish()),
+            Arc::new(distances.finish()),
+            Arc::new(unknown.finish()),
         ];
         if let Some(serve) = &self.serve {
             let mut seq = UInt64Builder::new();
@@ -366,7 +396,9 @@ impl PredictionWriter {
             let mut flags = StringBuilder::new();
             let mut stream_seqs = UInt64Builder::new();
             let mut captured = TimestampMillisecondBuilder::new().with_timezone("UTC");
+            let mut brightness = Float32Builder::new();
             for s in serve {
+                brightness.append_option(s.brightness);
                 seq.append_value(s.seq);
                 received.append_value(s.received_unix_ms as i64);
                 heights.append_option(s.image_size.map(|(h, _)| h));
@@ -382,6 +414,7 @@ impl PredictionWriter {
             columns.push(Arc::new(flags.finish()));
             columns.push(Arc::new(stream_seqs.finish()));
             columns.push(Arc::new(captured.finish()));
+            columns.push(Arc::new(brightness.finish()));
         }
         RecordBatch::try_new(self.schema.clone(), columns).expect("columns match the schema")
     }
@@ -539,8 +572,34 @@ impl Predictions {
                 .downcast_ref::<UInt16Array>()
                 .cloned()
                 .ok_or_else(|| bad("`views` is not uint16".into()))?;
+            // Files written before the unknown columns existed have none of them.
+            let floats = |name: &str| -> Result<Option<Float32Array>, ParquetSinkError> {
+                batch
+                    .column_by_name(name)
+                    .map(|c| {
+                        c.as_any()
+                            .downcast_ref::<Float32Array>()
+                            .cloned()
+                            .ok_or_else(|| bad(format!("`{name}` is not float32")))
+                    })
+                    .transpose()
+            };
+            let energies = floats("energy")?;
+            let distances = floats("mahalanobis")?;
+            let unknown = batch
+                .column_by_name("unknown")
+                .map(|c| {
+                    c.as_any()
+                        .downcast_ref::<BooleanArray>()
+                        .cloned()
+                        .ok_or_else(|| bad("`unknown` is not bool".into()))
+                })
+                .transpose()?;
             let c = class_names.len();
             for i in 0..batch.num_rows() {
+                let float_at = |a: &Option<Float32Array>| {
+                    a.as_ref().and_then(|a| (!a.is_null(i)).then(|| a.value(i)))
+                };
                 let opt = |a: &StringArray| (!a.is_null(i)).then(|| a.value(i).to_string());
                 rows.push(PredictionRow {
                     image_id: ids.value(i).to_string(),
@@ -552,6 +611,13 @@ impl Predictions {
                     }),
                     views: views.value(i),
                     error: opt(&errors),
+                    unknown: UnknownColumns {
+                        energy: float_at(&energies),
+                        mahalanobis: float_at(&distances),
+                        unknown: unknown
+                            .as_ref()
+                            .and_then(|a| (!a.is_null(i)).then(|| a.value(i))),
+                    },
                 });
                 let m = models.value(i);
                 if !model_ids.iter().any(|x| x == m) {

@@ -40,12 +40,46 @@ fn evaluation_text(s: &plankton::evaluate::EvaluateSummary) -> String {
     ));
     if s.failed > 0 || s.unlabelled > 0 {
         t.push_str(&format!(
-            "not scored: {} unreadable image(s), {} without a known class\n",
-            s.failed, s.unlabelled
+            "not scored: {} unreadable image(s), {} without a class the model knows{}\n",
+            s.failed,
+            s.unlabelled,
+            s.unknown.as_ref().map_or(String::new(), |u| format!(
+                " ({} of them of held-out classes)",
+                u.held_out
+            ))
         ));
     }
+    if let Some(u) = &s.unknown {
+        t.push_str(&format!(
+            "unknown scores, {} images of known classes vs {} of held-out classes ({}):\n",
+            u.known,
+            u.held_out,
+            u.held_out_classes
+                .iter()
+                .map(|c| c.class.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let pct = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.1}%", 100.0 * v));
+        for sc in &u.scores {
+            t.push_str(&format!(
+                "  {:<16} AUROC {}  at the run's threshold: known called unknown {}, held-out caught {}\n",
+                sc.score.to_string(),
+                sc.auroc.map_or("n/a".into(), |a| format!("{a:.3}")),
+                pct(sc.false_unknown_rate),
+                pct(sc.held_out_detected)
+            ));
+        }
+        if let Some(rule) = u.rule {
+            t.push_str(&format!(
+                "  `unknown` column ({rule} rule): known {}, held-out {}\n",
+                pct(u.rule_false_unknown_rate),
+                pct(u.rule_held_out_detected)
+            ));
+        }
+    }
     if let Some(f) = &s.files {
-        t.push_str(&format!("report: {} (summary.md, report.json, confusion_matrix.png, reliability.png, least_confident.csv)\n", f.summary_md.parent().unwrap_or(Path::new(".")).display()));
+        t.push_str(&format!("report: {} (summary.md, report.json, confusion_matrix.png, reliability.png, least_confident.csv{})\n", f.summary_md.parent().unwrap_or(Path::new(".")).display(), if s.unknown.is_some() { ", unknown.png, unknown.json" } else { "" }));
     }
     t
 }

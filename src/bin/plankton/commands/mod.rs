@@ -6,6 +6,7 @@ pub mod compact;
 pub mod data;
 pub mod demo;
 pub mod devices;
+pub mod drift;
 pub mod evaluate;
 pub mod export;
 pub mod features;

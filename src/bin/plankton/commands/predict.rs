@@ -125,6 +125,12 @@ fn predict_text(s: &plankton::predict::job::PredictSummary) -> String {
     if let Some(temp) = s.temperature {
         t.push_str(&format!("calibrated with temperature {temp:.3}\n"));
     }
+    if let Some((n, score)) = s.unknown {
+        t.push_str(&format!(
+            "{n} of {} predicted images called unknown by the run's {score} rule (column `unknown`)\n",
+            s.predicted
+        ));
+    }
     if !s.failed.is_empty() {
         t.push_str(&format!(
             "{} image(s) set aside (rows kept with the reason in `error`):\n",
