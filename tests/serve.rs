@@ -74,6 +74,8 @@ struct Cfg {
     sync_timeout_ms: u64,
     /// `[output] features`, as a TOML array.
     features: &'static str,
+    /// Extra TOML sections appended to the config.
+    extra: &'static str,
 }
 
 impl Cfg {
@@ -93,6 +95,7 @@ impl Cfg {
             retry_after_seconds: 1,
             sync_timeout_ms: 20_000,
             features: "[]",
+            extra: "",
         }
     }
 }
@@ -153,6 +156,7 @@ roll_rows = {roll_rows}
 roll_seconds = {roll_seconds}
 top_k = 3
 features = {features}
+{extra}
 "#,
             run = q(&cfg.run),
             tta = cfg.tta,
@@ -171,6 +175,7 @@ features = {features}
             roll_rows = cfg.roll_rows,
             roll_seconds = cfg.roll_seconds,
             features = cfg.features,
+            extra = cfg.extra,
         );
         std::fs::write(site.config(), text).unwrap();
         site
@@ -1988,5 +1993,83 @@ fn a_full_spool_disk_answers_507_and_the_daemon_keeps_serving() {
             .any(|l| l.contains("reason=\"disk_full\"") && !l.starts_with('#')),
         "no disk_full error counted:\n{metrics}"
     );
+    d.stop();
+}
+
+/// The drift gauges of the daemon, per camera folder: a camera whose stream stays the same keeps
+/// its gauges exactly; one that turns to a single organism in darker images moves its class-mix
+/// divergence and brightness. Only the two camera labels appear.
+#[test]
+fn a_shifted_camera_moves_its_drift_gauges_and_a_stationary_one_does_not() {
+    let site = Site::new(&Cfg {
+        watch: true,
+        extra: "[drift]\nwindow_images = 24\nmin_images = 24\nmax_sources = 4\n",
+        ..Cfg::new()
+    });
+    let d = site.start();
+    let images = &trained().images;
+    let put = |camera: &str, first: usize, bytes: &dyn Fn(usize) -> Vec<u8>| {
+        let dir = site.input().join(camera);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in first..first + 24 {
+            let tmp = site.root().join(format!("{camera}-{i}.tmp"));
+            std::fs::write(&tmp, bytes(i)).unwrap();
+            std::fs::rename(&tmp, dir.join(format!("{camera}-{i:03}.jpg"))).unwrap();
+        }
+    };
+    let gauges = |camera: &str, seen: f64| {
+        poll(
+            &format!("{camera}: {seen} images in the drift counter"),
+            || {
+                let text = d.get("/metrics").text();
+                let v = |name: &str| metric_value(&text, &format!("{name}{{source=\"{camera}\"}}"));
+                (v("plankton_drift_images_total") == Some(seen)).then(|| {
+                    [
+                        "plankton_drift_class_divergence_bits",
+                        "plankton_drift_mean_confidence",
+                        "plankton_drift_mean_brightness",
+                        "plankton_drift_mean_image_pixels",
+                        "plankton_drift_window_images",
+                    ]
+                    .map(|n| v(n).unwrap_or_else(|| panic!("{camera}: no {n}:\n{text}")))
+                })
+            },
+        )
+    };
+    let same = |i: usize| std::fs::read(&images[i % images.len()]).unwrap();
+    put("cam_a", 0, &same);
+    put("cam_b", 0, &same);
+    let (a1, b1) = (gauges("cam_a", 24.0), gauges("cam_b", 24.0));
+    assert_eq!(a1[4], 24.0);
+    // One organism, darker: every image of cam_b's second window.
+    let dark = |_| {
+        let img = image::open(&images[0]).unwrap().to_luma8();
+        let dark = image::GrayImage::from_fn(img.width(), img.height(), |x, y| {
+            image::Luma([(f32::from(img.get_pixel(x, y)[0]) * 0.35) as u8])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        dark.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    put("cam_a", 24, &same);
+    put("cam_b", 24, &dark);
+    let (a2, b2) = (gauges("cam_a", 48.0), gauges("cam_b", 48.0));
+    for (k, (x, y)) in a1.iter().zip(&a2).enumerate() {
+        assert!(
+            (x - y).abs() < 1e-9,
+            "stationary camera gauge {k} moved: {a1:?} -> {a2:?}"
+        );
+    }
+    // Against the training prior (4 classes, equally frequent), a window of one predicted class
+    // diverges by 0.549 bits, the most any window can.
+    assert!(b2[0] > 0.5 && b2[0] >= b1[0] - 1e-9, "{b1:?} -> {b2:?}");
+    assert!(b2[2] < 0.5 * b1[2], "brightness {b1:?} -> {b2:?}");
+    let text = d.get("/metrics").text();
+    let labels: BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("plankton_drift_"))
+        .filter_map(|l| l.split("source=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(labels, BTreeSet::from(["cam_a", "cam_b"]), "{text}");
     d.stop();
 }

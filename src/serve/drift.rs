@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use plankton_core::drift::{DriftWindow, Observation};
 
+pub const DRIFT_IMAGES: &str = "plankton_drift_images_total";
 pub const DRIFT_WINDOW_IMAGES: &str = "plankton_drift_window_images";
 pub const DRIFT_DIVERGENCE: &str = "plankton_drift_class_divergence_bits";
 pub const DRIFT_CONFIDENCE: &str = "plankton_drift_mean_confidence";
@@ -139,6 +140,7 @@ impl DriftTracker {
             .entry(label.clone())
             .or_insert_with(|| DriftWindow::new(classes, capacity));
         window.push(o);
+        metrics::counter!(DRIFT_IMAGES, "source" => label.clone()).increment(1);
         let stats = window.stats(&self.prior);
         metrics::gauge!(DRIFT_WINDOW_IMAGES, "source" => label.clone()).set(stats.images as f64);
         if (stats.images as usize) < self.cfg.min_images {
@@ -159,7 +161,11 @@ impl DriftTracker {
 
 /// Describes the gauges (HELP lines).
 pub fn describe() {
-    use metrics::describe_gauge;
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        DRIFT_IMAGES,
+        "Predicted images per source (a camera that stops sending shows here first)"
+    );
     describe_gauge!(
         DRIFT_WINDOW_IMAGES,
         "Images in the source's rolling drift window"

@@ -80,7 +80,7 @@ fn io(path: &Path) -> impl Fn(String) -> ParquetSinkError + '_ {
 }
 
 /// One image's prediction.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct PredictionRow {
     pub image_id: String,
     pub source_path: String,
