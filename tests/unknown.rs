@@ -218,6 +218,73 @@ fn a_held_out_class_is_called_unknown_more_often_than_the_known_ones() {
         "held-out called unknown {held_rate:.3}, known {known_rate:.3}"
     );
 
+    // The EcoTaxa export routes the flagged images: only them (for experts to place), under a
+    // category of their own, or everything else.
+    let flagged_ids: Vec<&str> = p
+        .rows
+        .iter()
+        .filter(|r| r.unknown.unknown == Some(true))
+        .map(|r| r.image_id.as_str())
+        .collect();
+    let only = root.join("unknowns");
+    plankton(&[
+        "export",
+        "ecotaxa",
+        "--predictions",
+        s(&preds),
+        "--out",
+        s(&only),
+        "--unknowns",
+        "only",
+        "--unknown-category",
+        "other<living",
+    ]);
+    let table = std::fs::read_to_string(only.join("ecotaxa_unknowns.tsv")).unwrap();
+    let header: Vec<&str> = table.lines().next().unwrap().split('\t').collect();
+    let col = |name: &str| header.iter().position(|h| h.ends_with(name)).unwrap();
+    let objects: Vec<Vec<&str>> = table
+        .lines()
+        .skip(2)
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(objects.len(), flagged_ids.len());
+    assert!(objects
+        .iter()
+        .all(|o| o[col("object_annotation_category")] == "other<living"
+            && o[col("object_plankton_unknown")] == "yes"
+            && known.contains(&o[col("object_plankton_predicted")].to_string())
+            && flagged_ids.contains(&o[col("object_id")])));
+    let out = plankton(&[
+        "export",
+        "ecotaxa",
+        "--predictions",
+        s(&preds),
+        "--out",
+        s(&root.join("rest")),
+        "--unknowns",
+        "exclude",
+    ]);
+    assert!(
+        out.contains(&format!("{} object(s)", p.rows.len() - flagged_ids.len())),
+        "{out}"
+    );
+    // Without a rule there is nothing to route by.
+    let out = run(&[
+        "export",
+        "ecotaxa",
+        "--predictions",
+        s(&before),
+        "--out",
+        s(&root.join("none")),
+        "--unknowns",
+        "only",
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("calibrate --unknown"),
+        "{}",
+        text(&out)
+    );
+
     let report = root.join("report");
     let out = plankton(&[
         "evaluate",

@@ -45,6 +45,30 @@ pub struct ExtraColumns {
     pub by_id: HashMap<String, Vec<f64>>,
 }
 
+/// Which objects go into the package by the predictions' `unknown` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownRouting {
+    /// Every predicted object.
+    #[default]
+    All,
+    /// Only the objects the run's unknown rule flagged (for experts to place).
+    Only,
+    /// Leave the flagged objects out.
+    Exclude,
+}
+
+impl std::str::FromStr for UnknownRouting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(UnknownRouting::All),
+            "only" => Ok(UnknownRouting::Only),
+            "exclude" => Ok(UnknownRouting::Exclude),
+            _ => Err(format!("`{s}`: expected all, only or exclude")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct EcotaxaExportOptions {
     /// Least confident (lowest top probability) first.
@@ -55,6 +79,10 @@ pub struct EcotaxaExportOptions {
     pub rename: HashMap<String, String>,
     pub extra: ExtraColumns,
     pub decode: DecodeLimits,
+    pub unknowns: UnknownRouting,
+    /// The category of objects flagged unknown (e.g. EcoTaxa's `other<living`), instead of
+    /// their predicted class (still in `object_plankton_predicted`).
+    pub unknown_category: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -62,6 +90,8 @@ pub struct EcotaxaExportSummary {
     pub objects: usize,
     /// Rows of images that failed to predict (no probabilities): not exported.
     pub failed_rows: usize,
+    /// Predicted rows left out by `unknowns`.
+    pub routed_out: usize,
     /// Images that could not be read back: (id, reason); their objects are left out.
     pub unreadable: Vec<(String, String)>,
     pub table: PathBuf,
@@ -118,10 +148,23 @@ pub fn export(
         .unwrap_or_else(|| "plankton".into());
     let table_name = format!("ecotaxa_{name}.tsv");
     let mut summary = EcotaxaExportSummary::default();
+    let has_rule = preds.rows.iter().any(|r| r.unknown.unknown.is_some());
+    if !has_rule && (opts.unknowns != UnknownRouting::All || opts.unknown_category.is_some()) {
+        return Err(EcotaxaExportError::Options(
+            "the predictions have no `unknown` values: fit the run's rule (`plankton calibrate --unknown`) and predict again".into(),
+        ));
+    }
     let mut rows: Vec<(&super::parquet::PredictionRow, &[f32])> = Vec::new();
     for r in &preds.rows {
+        let flagged = r.unknown.unknown == Some(true);
+        let wanted = match opts.unknowns {
+            UnknownRouting::All => true,
+            UnknownRouting::Only => flagged,
+            UnknownRouting::Exclude => !flagged,
+        };
         match &r.probabilities {
-            Some(p) => rows.push((r, p.as_slice())),
+            Some(p) if wanted => rows.push((r, p.as_slice())),
+            Some(_) => summary.routed_out += 1,
             None => summary.failed_rows += 1,
         }
     }
@@ -151,6 +194,15 @@ pub fn export(
     let mut types = vec![
         "[t]", "[f]", "[t]", "[t]", "[t]", "[f]", "[f]", "[t]", "[t]",
     ];
+    if has_rule {
+        header.extend([
+            "object_plankton_predicted",
+            "object_plankton_unknown",
+            "object_plankton_energy",
+            "object_plankton_mahalanobis",
+        ]);
+        types.extend(["[t]", "[t]", "[f]", "[f]"]);
+    }
     header.extend(extra_cols.iter().map(String::as_str));
     types.extend(extra_cols.iter().map(|_| "[f]"));
     header.push("sample_id");
@@ -178,17 +230,38 @@ pub fn export(
         let best = top_k(p, 2);
         let p1 = p[best[0]];
         let p2 = best.get(1).map_or(0.0, |&j| p[j]);
+        let flagged = r.unknown.unknown == Some(true);
+        let category = match (&opts.unknown_category, flagged) {
+            (Some(c), true) => c.clone(),
+            _ => renamed(best[0]),
+        };
         let mut cells = vec![
             field(&file),
             "0".into(),
             field(&r.image_id),
             "predicted".into(),
-            field(&renamed(best[0])),
+            field(&category),
             format!("{p1}"),
             format!("{}", p1 - p2),
             best.get(1).map(|&j| field(&renamed(j))).unwrap_or_default(),
             field(&model),
         ];
+        if has_rule {
+            let num = |v: Option<f32>| {
+                v.filter(|v| v.is_finite())
+                    .map_or(String::new(), |v| format!("{v}"))
+            };
+            cells.extend([
+                field(&renamed(best[0])),
+                match r.unknown.unknown {
+                    Some(true) => "yes".into(),
+                    Some(false) => "no".into(),
+                    None => String::new(),
+                },
+                num(r.unknown.energy),
+                num(r.unknown.mahalanobis),
+            ]);
+        }
         let values = opts.extra.by_id.get(&r.image_id);
         for k in 0..extra_cols.len() {
             // EcoTaxa stores an empty [f] value as missing.

@@ -48,6 +48,14 @@ pub struct EcotaxaArgs {
     /// Add feature columns (object_<set>_<name>, [f]) from a `plankton features` Parquet file.
     #[arg(long)]
     features: Option<PathBuf>,
+    /// Which objects by the run's unknown rule (the predictions' `unknown` column): all, only
+    /// the flagged ones (a package for experts to place), or exclude them.
+    #[arg(long, default_value = "all")]
+    unknowns: plankton::sinks::ecotaxa::UnknownRouting,
+    /// The EcoTaxa category of objects flagged unknown (e.g. `other<living`), instead of their
+    /// predicted class (kept in object_plankton_predicted).
+    #[arg(long)]
+    unknown_category: Option<String>,
 }
 
 pub fn run(which: ExportCommand) -> Result<()> {
@@ -85,8 +93,16 @@ fn ecotaxa(a: EcotaxaArgs) -> Result<()> {
     let mut opts = EcotaxaExportOptions {
         least_confident_first: a.least_confident_first,
         limit: a.limit,
+        unknowns: a.unknowns,
+        unknown_category: a.unknown_category.clone(),
         ..Default::default()
     };
+    if a.unknown_category
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        bail!("--unknown-category: give a category name");
+    }
     if let Some(m) = &a.mapping {
         for (class, taxon) in
             plankton::sources::dataset::read_pairs_csv(m, &[["class", "ecotaxa"]])?
@@ -128,11 +144,16 @@ fn ecotaxa(a: EcotaxaArgs) -> Result<()> {
         tracing::warn!(image = %id, %reason, "image not readable: left out of the package");
     }
     println!(
-        "{} object(s) -> {} ({} failed prediction row(s), {} unreadable image(s) left out)",
+        "{} object(s) -> {} ({} failed prediction row(s), {} unreadable image(s){} left out)",
         s.objects,
         s.table.display(),
         s.failed_rows,
-        s.unreadable.len()
+        s.unreadable.len(),
+        if s.routed_out > 0 {
+            format!(", {} by --unknowns", s.routed_out)
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }
