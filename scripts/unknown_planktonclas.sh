@@ -89,68 +89,38 @@ w, data, classes = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 count = {c: sum(1 for p in (data / "train" / c).iterdir() if p.is_file()) for c in classes}
 SCORES = ["max_probability", "energy", "mahalanobis"]
 
-def find(d, *names):
-    """First value under one of these keys anywhere in a JSON tree."""
-    if isinstance(d, dict):
-        for n in names:
-            if n in d:
-                return d[n]
-        for v in d.values():
-            r = find(v, *names)
-            if r is not None:
-                return r
-    elif isinstance(d, list):
-        for v in d:
-            r = find(v, *names)
-            if r is not None:
-                return r
-    return None
-
-def auroc(rep, s):
-    a = find(rep, "auroc")
-    if isinstance(a, dict) and s in a:
-        return a[s]
-    sc = find(rep, "scores")
-    if isinstance(sc, dict) and s in sc:
-        return find(sc[s], "auroc")
-    if isinstance(sc, list):
-        for e in sc:
-            if isinstance(e, dict) and e.get("score") == s:
-                return find(e, "auroc")
-    return None
-
 def fmt(x):
     return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
 def table(suffix, title):
-    print(f"# {title}")
-    print("\t".join(["fold", "known", "held_out", "steps", "train_s", "valid_top1", *[f"auroc_{s}" for s in SCORES], "held_out_caught", "known_flagged"]))
+    print(f"# {title}; caught/flagged: the `unknown` column (mahalanobis rule) on held-out / known images")
+    print("\t".join(["fold", "known_images", "known_scored", "held_out", "steps", "train_s", "valid_top1",
+                     *[f"auroc_{s}" for s in SCORES], "held_out_caught", "known_flagged"]))
     means = {s: [] for s in SCORES}
     for c in classes:
-        run = w / f"run_{c}{suffix}"
-        base = w / f"run_{c}"
+        run, base = w / f"run_{c}{suffix}", w / f"run_{c}"
         steps = top1 = secs = None
         if (base / "history.csv").exists():
             rows = list(csv.DictReader(open(base / "history.csv")))
             if rows:
-                steps, top1 = rows[-1].get("step"), rows[-1].get("valid_top1")
-                top1 = float(top1) if top1 not in (None, "") else None
+                steps, top1 = rows[-1]["step"], float(rows[-1]["valid_top1"])
         if (base / "train.time").exists():
-            secs = base.joinpath("train.time").read_text().split()[-1]
-        rep = {}
-        if (run / "report" / "unknown.json").exists():
-            rep = json.load(open(run / "report" / "unknown.json"))
-        au = [auroc(rep, s) for s in SCORES]
-        for s, a in zip(SCORES, au):
-            if isinstance(a, (int, float)):
-                means[s].append(a)
-        caught = find(rep, "held_out_caught", "held_out_unknown_rate", "caught")
-        flagged = find(rep, "known_flagged", "known_unknown_rate", "known_called_unknown", "flagged")
-        known = sum(v for k, v in count.items() if k != c)
-        print("\t".join(map(fmt, [c, known, count[c], steps, secs, top1, *au, caught, flagged])))
-    print("\t".join(["mean", "", "", "", "", "", *[fmt(statistics.mean(means[s])) if means[s] else "-" for s in SCORES], "", ""]))
+            secs = float(base.joinpath("train.time").read_text().split()[-1])
+        rep = run / "report" / "unknown.json"
+        rep = json.load(open(rep)) if rep.exists() else {"scores": []}
+        au = {e["score"]: e.get("auroc") for e in rep["scores"]}
+        for s in SCORES:
+            if au.get(s) is not None:
+                means[s].append(au[s])
+        # known images: the run's validation images in the predictions (evaluate's count)
+        print("\t".join(map(fmt, [c, sum(v for k, v in count.items() if k != c), rep.get("known"), rep.get("held_out", count[c]), steps,
+                                  secs, top1, *[au.get(s) for s in SCORES],
+                                  rep.get("rule_held_out_detected"),
+                                  rep.get("rule_false_unknown_rate")])))
+    print("\t".join(["mean", "", "", "", "", "", "",
+                     *[fmt(statistics.mean(means[s])) if means[s] else "-" for s in SCORES], "", ""]))
 
-table("", "ridge 0.01 (default)")
-for r in sorted({p.name.split("-ridge", 1)[1] for p in w.glob("run_*-ridge*")}):
+table("", "ridge 0.01 (calibrate's default)")
+for r in sorted({p.name.split("-ridge", 1)[1] for p in w.glob("run_*-ridge*")}, key=float):
     table(f"-ridge{r}", f"ridge {r}")
 EOF

@@ -229,20 +229,32 @@ pub fn read_class_names(path: &Path) -> Result<Vec<String>, PredictError> {
     Ok(names)
 }
 
-/// Reads a run's calibration.json, if any.
-pub fn read_calibration(run: &RunDir) -> Result<Option<TemperatureFit>, PredictError> {
-    let path = run.calibration();
+/// A JSON file of a run, if it exists; a file that does not parse is an error naming it.
+fn read_run_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> Result<Option<T>, PredictError> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| PredictError::Io {
-        path: path.clone(),
+    let text = std::fs::read_to_string(path).map_err(|e| PredictError::Io {
+        path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let fit: TemperatureFit = serde_json::from_str(&text).map_err(|e| PredictError::RunDir {
-        path: path.clone(),
-        reason: format!("bad calibration file: {e}"),
-    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| PredictError::RunDir {
+            path: path.to_path_buf(),
+            reason: format!("bad {what}: {e}"),
+        })
+}
+
+/// Reads a run's calibration.json, if any.
+pub fn read_calibration(run: &RunDir) -> Result<Option<TemperatureFit>, PredictError> {
+    let path = run.calibration();
+    let Some(fit) = read_run_json::<TemperatureFit>(&path, "calibration file")? else {
+        return Ok(None);
+    };
     if !(fit.temperature > 0.0 && fit.temperature.is_finite()) {
         return Err(PredictError::RunDir {
             path,
@@ -259,19 +271,13 @@ pub fn read_unknown(
     feature_dim: usize,
 ) -> Result<Option<UnknownCalibration>, PredictError> {
     let path = run.unknown();
-    if !path.exists() {
+    let Some(cal) = read_run_json::<UnknownCalibration>(&path, "unknown-image rule")? else {
         return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| PredictError::Io {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    };
     let bad = |reason: String| PredictError::RunDir {
         path: path.clone(),
         reason,
     };
-    let cal: UnknownCalibration =
-        serde_json::from_str(&text).map_err(|e| bad(format!("bad unknown-image rule: {e}")))?;
     cal.validate(classes).map_err(|e| bad(e.to_string()))?;
     if let Some(space) = &cal.feature_space {
         if space.dim != feature_dim {
