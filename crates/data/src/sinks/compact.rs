@@ -4,7 +4,8 @@
 //! may hold an image twice. Compaction keeps, for each `image_id`, the earliest accepted row
 //! (`received_at`) that has a prediction, else the earliest error row (files without
 //! `received_at`: the first in input order), and writes them to one Parquet file with the same
-//! columns. The DuckDB equivalent is in the README.
+//! columns (files of an older version, lacking columns added since, compact with newer ones:
+//! their rows are null there). The DuckDB equivalent is in the README.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -97,6 +98,65 @@ fn strings<'a>(
         })
 }
 
+/// Every column of `narrow` is in `wide` with its type, and every column `narrow` lacks may be
+/// null.
+fn within(narrow: &SchemaRef, wide: &SchemaRef) -> bool {
+    narrow.fields().iter().all(|f| {
+        wide.field_with_name(f.name())
+            .is_ok_and(|w| w.data_type() == f.data_type())
+    }) && wide
+        .fields()
+        .iter()
+        .all(|w| w.is_nullable() || narrow.field_with_name(w.name()).is_ok())
+}
+
+/// The columns of the compacted file: the widest file's, when every other file's columns are
+/// among them (same types) and those it lacks may be null. Files written before a version added
+/// nullable columns (the unknown scores, `image_brightness`) compact with newer ones; their rows
+/// get nulls there.
+fn common_schema(
+    schemas: &[SchemaRef],
+    files: &[PathBuf],
+    first: &Path,
+) -> Result<SchemaRef, CompactError> {
+    let widest = schemas
+        .iter()
+        .max_by_key(|s| s.fields().len())
+        .expect("at least one file")
+        .clone();
+    for (s, path) in schemas.iter().zip(files) {
+        if !within(s, &widest) {
+            return Err(CompactError::Schema {
+                path: path.clone(),
+                first: first.to_path_buf(),
+            });
+        }
+    }
+    Ok(widest)
+}
+
+/// `batch` in the columns of `schema`, nulls where it lacks one.
+fn widen(
+    batch: &arrow::record_batch::RecordBatch,
+    schema: &SchemaRef,
+) -> arrow::record_batch::RecordBatch {
+    if batch.schema().fields() == schema.fields() {
+        return batch.clone();
+    }
+    let columns: Vec<arrow::array::ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            batch
+                .column_by_name(f.name())
+                .cloned()
+                .unwrap_or_else(|| arrow::array::new_null_array(f.data_type(), batch.num_rows()))
+        })
+        .collect();
+    arrow::record_batch::RecordBatch::try_new(schema.clone(), columns)
+        .expect("columns checked against the schema")
+}
+
 /// The key-value metadata two files share: a key with one value in both is kept; a key whose
 /// values are JSON objects (the model description, which names the daemon and its spool) keeps
 /// the fields they agree on; any other key is left out.
@@ -138,15 +198,17 @@ struct Kept {
 pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactError> {
     // Pass 1: which row of which file each id keeps (two columns read).
     let mut schema: Option<(SchemaRef, PathBuf)> = None;
+    let mut schemas: Vec<SchemaRef> = Vec::with_capacity(files.len());
     let mut metadata: Option<Vec<(String, String)>> = None;
     let mut keep: HashMap<String, Kept> = HashMap::new();
     let mut rows = 0usize;
     for (fi, path) in files.iter().enumerate() {
         let builder = open(path)?;
+        schemas.push(builder.schema().clone());
         match &schema {
             None => schema = Some((builder.schema().clone(), path.clone())),
             Some((s, first)) => {
-                if s.fields() != builder.schema().fields() {
+                if !(within(s, builder.schema()) || within(builder.schema(), s)) {
                     return Err(CompactError::Schema {
                         path: path.clone(),
                         first: first.clone(),
@@ -236,15 +298,16 @@ pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactE
         }
         rows += row;
     }
-    let Some((schema, _)) = schema else {
+    let Some((_, first)) = schema else {
         return Err(CompactError::Empty("no files".into()));
     };
+    let schema = common_schema(&schemas, files, &first)?;
     // Pass 2: each file's kept rows, in order.
     let mut kept_rows: Vec<Vec<usize>> = vec![Vec::new(); files.len()];
     for k in keep.values() {
         kept_rows[k.file].push(k.row);
     }
-    let mut writer = ParquetFile::create(out, schema, metadata.unwrap_or_default(), None)?;
+    let mut writer = ParquetFile::create(out, schema.clone(), metadata.unwrap_or_default(), None)?;
     for (fi, path) in files.iter().enumerate() {
         let mut wanted = std::mem::take(&mut kept_rows[fi]);
         if wanted.is_empty() {
@@ -274,7 +337,7 @@ pub fn compact(files: &[PathBuf], out: &Path) -> Result<CompactSummary, CompactE
                     message: e.to_string(),
                 })?;
             if picked.num_rows() > 0 {
-                writer.write(&picked)?;
+                writer.write(&widen(&picked, &schema))?;
             }
         }
     }
@@ -437,6 +500,89 @@ mod tests {
         assert_eq!(m[0], b[0]);
         let model: serde_json::Value = serde_json::from_str(&m[1].1).unwrap();
         assert_eq!(model, serde_json::json!({"model_id": "m1", "tta": 1}));
+    }
+
+    /// A daemon upgraded mid-day: its older files lack the columns added since (all nullable);
+    /// they compact with the newer ones, their rows null there.
+    #[test]
+    fn files_of_an_older_version_compact_with_newer_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let newer = d.join("predictions-2.parquet");
+        let mut w = PredictionWriter::create_served(
+            &newer,
+            vec!["a".into(), "b".into()],
+            "m",
+            &serde_json::json!({}),
+            2,
+        )
+        .unwrap();
+        w.push_served(
+            PredictionRow {
+                image_id: "new".into(),
+                probabilities: Some(vec![0.7, 0.3]),
+                views: 1,
+                unknown: crate::sinks::parquet::UnknownColumns {
+                    energy: Some(-3.5),
+                    mahalanobis: Some(12.0),
+                    unknown: Some(true),
+                },
+                ..Default::default()
+            },
+            ServeColumns {
+                seq: 2,
+                brightness: Some(99.0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        w.finish().unwrap();
+        // The older file: the same columns without the ones added since.
+        let older = d.join("predictions-1.parquet");
+        write(&older, &[("old", Some(0.9), 1)]);
+        let added = ["energy", "mahalanobis", "unknown", "image_brightness"];
+        let b = open(&older).unwrap();
+        let kv = b.metadata().file_metadata().key_value_metadata().cloned();
+        let keep: Vec<usize> = b
+            .schema()
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !added.contains(&f.name().as_str()))
+            .map(|(i, _)| i)
+            .collect();
+        let batches: Vec<_> = b
+            .build()
+            .unwrap()
+            .map(|r| r.unwrap().project(&keep).unwrap())
+            .collect();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_key_value_metadata(kv)
+            .build();
+        let mut aw = parquet::arrow::ArrowWriter::try_new(
+            File::create(&older).unwrap(),
+            batches[0].schema(),
+            Some(props),
+        )
+        .unwrap();
+        for batch in &batches {
+            aw.write(batch).unwrap();
+        }
+        aw.close().unwrap();
+        assert!(open(&older)
+            .unwrap()
+            .schema()
+            .field_with_name("energy")
+            .is_err());
+
+        let out = d.join("all.parquet");
+        let s = compact(&[older, newer], &out).unwrap();
+        assert_eq!(s.kept, 2);
+        let rows = Predictions::read(&out).unwrap().rows;
+        let by_id = |id: &str| rows.iter().find(|r| r.image_id == id).unwrap().clone();
+        assert_eq!(by_id("old").unknown, Default::default());
+        assert_eq!(by_id("new").unknown.energy, Some(-3.5));
+        assert_eq!(by_id("new").unknown.unknown, Some(true));
     }
 
     #[test]
