@@ -124,6 +124,20 @@ pub fn calibrate(
     let classes = model.class_names.len();
 
     let (train, _) = resolve_inputs(&opts.data, Subset::Train, &run, &model.class_names)?;
+    let (valid, _) = resolve_inputs(&opts.data, Subset::Valid, &run, &model.class_names)?;
+    // Before the passes over the network: a split too small is known from the listing.
+    let too_few = |n: usize| {
+        PredictError::Input(format!(
+            "{}: only {n} validation images; thresholds fitted on fewer than {} follow their noise (at a false-unknown rate of {}, the threshold is the {}-th largest validation score): validate on more images or pass a lower --min-images",
+            opts.model.display(),
+            opts.min_images,
+            opts.false_unknown_rate,
+            (opts.false_unknown_rate * n as f64).floor() as usize + 1
+        ))
+    };
+    if valid.len() < opts.min_images {
+        return Err(too_few(valid.len()));
+    }
     let (train, outputs, failed_train) = outputs_of(&model, train, &popts, true, rt, on_event)?;
     let dim = model.net.feature_dim();
     let mut features = Vec::new();
@@ -144,7 +158,6 @@ pub fn calibrate(
     })?;
     drop(features);
 
-    let (valid, _) = resolve_inputs(&opts.data, Subset::Valid, &run, &model.class_names)?;
     let (_, outputs, failed_valid) = outputs_of(&model, valid, &popts, true, rt, on_event)?;
     let scores: Vec<ImageScores> = outputs
         .iter()
@@ -158,12 +171,7 @@ pub fn calibrate(
         })
         .collect();
     if scores.len() < opts.min_images {
-        return Err(PredictError::Input(format!(
-            "{}: only {} validation images; thresholds fitted on fewer than {} follow their noise: validate on more images or pass a lower --min-images",
-            opts.model.display(),
-            scores.len(),
-            opts.min_images
-        )));
+        return Err(too_few(scores.len()));
     }
     let mut thresholds = BTreeMap::new();
     let mut valid_false_unknown = BTreeMap::new();

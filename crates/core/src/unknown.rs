@@ -326,18 +326,25 @@ pub struct ImageScores {
     pub mahalanobis: Option<f64>,
 }
 
+/// A score as predictions files store it (float32), back in f64: thresholds are fitted on, and
+/// rules compare, exactly the values a reader of the file sees, so a threshold equal to the
+/// largest validation score is not crossed by that image's own rounding.
+pub fn as_stored(v: f64) -> f64 {
+    v as f32 as f64
+}
+
 impl ImageScores {
     /// From an image's TTA aggregate: probabilities, mean logits, and mean features when the
-    /// run has a feature space.
+    /// run has a feature space. Each score is rounded as stored ([`as_stored`]).
     pub fn of(
         probabilities: &[f32],
         mean_logits: &[f32],
         features: Option<(&FeatureSpace, &[f32])>,
     ) -> ImageScores {
         ImageScores {
-            max_probability: max_probability(probabilities),
-            energy: energy(mean_logits),
-            mahalanobis: features.map(|(space, x)| space.mahalanobis(x)),
+            max_probability: as_stored(max_probability(probabilities)),
+            energy: as_stored(energy(mean_logits)),
+            mahalanobis: features.map(|(space, x)| as_stored(space.mahalanobis(x))),
         }
     }
 

@@ -141,12 +141,12 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
             }
         }
         if let Some(c) = &class {
-            let max_p = probs.iter().copied().fold(f32::MIN, f32::max) as f64;
+            use plankton_core::unknown::{as_stored, max_probability};
             out.scored.push(unknown::ScoredRow {
                 held_out: !index.contains_key(c.as_str()),
                 class: c.clone(),
                 scores: [
-                    Some(1.0 - max_p),
+                    Some(as_stored(max_probability(probs))),
                     row.unknown.energy.map(f64::from),
                     row.unknown.mahalanobis.map(f64::from),
                 ],

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Leave-one-class-out test of the unknown-image scores (max_probability, energy, mahalanobis) on
-# the 105 real planktonclas images: per fold, train the small cyclic net on 5 classes (a
-# sampleSubmission.csv without the held-out class makes train skip its folder), fit the unknown
+# a dataset (default: the 105 real planktonclas images; any competition-layout folder with a
+# sampleSubmission.csv as DATA, with PIPELINE for its network): per fold, train on all classes
+# but one (a sampleSubmission.csv without the held-out class makes train skip its folder), fit the unknown
 # rule (calibrate --unknown), predict the run's validation images plus every image of the held-out
 # class (predict --subset held-out) and score them (evaluate: AUROC per score, and at the run's
 # thresholds the held-out images caught and the known ones flagged). Idempotent: finished steps
 # are kept. RIDGES="0.1 1.0" also re-fits the rule (no retraining) with those --ridge values in
 # copies of each run. Prints a TSV.
-# Usage: BIN=... scripts/unknown_planktonclas.sh WORK [DATA]   (DATA: a competition-layout folder
-# with all classes; default WORK/data, built by scripts/planktonclas_all.sh)
+# Usage: BIN=... [PIPELINE=...] [MIN_IMAGES=...] scripts/unknown_heldout.sh WORK [DATA]
+# (DATA: a competition-layout folder with all classes; default WORK/data, the planktonclas images
+# built by scripts/planktonclas_all.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=${1:?usage: unknown_planktonclas.sh WORK [DATA]}
+WORK=${1:?usage: unknown_heldout.sh WORK [DATA]}
 BIN=${BIN:-./target/release/plankton}
 PIPELINE=${PIPELINE:-pipelines/planktonclas-cyclic.toml}
 RIDGES=${RIDGES:-}
