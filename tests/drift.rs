@@ -133,6 +133,45 @@ fn a_shifted_stream_stands_out_and_a_stationary_one_stays_in_the_noise() {
         "{md}"
     );
 
+    // A short last window is judged against the noise of its own size; a window beyond the
+    // data is the data (the noise draws no larger than it).
+    let (ok, text) = plankton(&[
+        "drift",
+        "--reference",
+        &s(&d.join("reference.parquet")),
+        "--current",
+        &s(&d.join("day1.parquet")),
+        "--out",
+        &s(&d.join("tail")),
+        "--window",
+        "700",
+    ]);
+    assert!(ok, "{text}");
+    let t: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("tail/drift.json")).unwrap()).unwrap();
+    let noise: Vec<f64> = t["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["noise_95"].as_f64().unwrap())
+        .collect();
+    assert!(noise.len() == 2 && noise[1] > noise[0], "{noise:?}");
+    let (ok, text) = plankton(&[
+        "drift",
+        "--reference",
+        &s(&d.join("reference.parquet")),
+        "--current",
+        &s(&d.join("day1.parquet")),
+        "--out",
+        &s(&d.join("huge")),
+        "--window",
+        "1000000000000",
+    ]);
+    assert!(
+        ok && text.contains("800 current images in 1 window(s) of 800"),
+        "{text}"
+    );
+
     // Refusals name the problem.
     let names: Vec<String> = ["x", "y"].iter().map(|c| c.to_string()).collect();
     let other = d.join("other.parquet");

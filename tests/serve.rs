@@ -2025,7 +2025,7 @@ fn a_shifted_camera_moves_its_drift_gauges_and_a_stationary_one_does_not() {
                 let v = |name: &str| metric_value(&text, &format!("{name}{{source=\"{camera}\"}}"));
                 (v("plankton_drift_images_total") == Some(seen)).then(|| {
                     [
-                        "plankton_drift_class_divergence_bits",
+                        "plankton_drift_class_divergence",
                         "plankton_drift_mean_confidence",
                         "plankton_drift_mean_brightness",
                         "plankton_drift_mean_image_pixels",
@@ -2039,7 +2039,7 @@ fn a_shifted_camera_moves_its_drift_gauges_and_a_stationary_one_does_not() {
     let same = |i: usize| std::fs::read(&images[i % images.len()]).unwrap();
     put("cam_a", 0, &same);
     put("cam_b", 0, &same);
-    let (a1, b1) = (gauges("cam_a", 24.0), gauges("cam_b", 24.0));
+    let (a1, b1) = (gauges("watch:cam_a", 24.0), gauges("watch:cam_b", 24.0));
     assert_eq!(a1[4], 24.0);
     // One organism, darker: every image of cam_b's second window.
     let dark = |_| {
@@ -2053,7 +2053,7 @@ fn a_shifted_camera_moves_its_drift_gauges_and_a_stationary_one_does_not() {
     };
     put("cam_a", 24, &same);
     put("cam_b", 24, &dark);
-    let (a2, b2) = (gauges("cam_a", 48.0), gauges("cam_b", 48.0));
+    let (a2, b2) = (gauges("watch:cam_a", 48.0), gauges("watch:cam_b", 48.0));
     for (k, (x, y)) in a1.iter().zip(&a2).enumerate() {
         assert!(
             (x - y).abs() < 1e-9,
@@ -2070,6 +2070,10 @@ fn a_shifted_camera_moves_its_drift_gauges_and_a_stationary_one_does_not() {
         .filter(|l| l.starts_with("plankton_drift_"))
         .filter_map(|l| l.split("source=\"").nth(1)?.split('"').next())
         .collect();
-    assert_eq!(labels, BTreeSet::from(["cam_a", "cam_b"]), "{text}");
+    assert_eq!(
+        labels,
+        BTreeSet::from(["watch:cam_a", "watch:cam_b"]),
+        "{text}"
+    );
     d.stop();
 }

@@ -301,6 +301,71 @@ fn a_held_out_class_is_called_unknown_more_often_than_the_known_ones() {
     let md = std::fs::read_to_string(report.join("summary.md")).unwrap();
     assert!(md.contains("## Unknown images") && md.contains(&held_out_class));
 
+    // predict writes the held-out images' true classes in `label`: evaluate needs no --data.
+    let out = plankton(&["evaluate", "--predictions", s(&preds)]);
+    assert!(out.contains("vs 60 of held-out classes"), "{out}");
+    assert!(rule["model_id"]
+        .as_str()
+        .is_some_and(|m| m.contains("best@")));
+    // Only held-out images: said as such, not as missing labels.
+    let only_held = root.join("only_held.parquet");
+    plankton(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--data",
+        s(&full.join("train").join(&held_out_class)),
+        "--out",
+        s(&only_held),
+        "--device",
+        "cpu",
+    ]);
+    let out = run(&[
+        "evaluate",
+        "--predictions",
+        s(&only_held),
+        "--data",
+        s(&full),
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("not trained on (held out)"),
+        "{}",
+        text(&out)
+    );
+    // A class folder given where the dataset's root is wanted.
+    let out = run(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--unknown",
+        "--data",
+        s(&held.join("train")),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("not a dataset folder"),
+        "{}",
+        text(&out)
+    );
+    let out = run(&[
+        "export",
+        "ecotaxa",
+        "--predictions",
+        s(&preds),
+        "--out",
+        s(&root.join("both")),
+        "--unknowns",
+        "exclude",
+        "--unknown-category",
+        "x",
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("drop one"),
+        "{}",
+        text(&out)
+    );
+
     // A rule that does not fit the run is refused, naming the file.
     let rule_path = model.join("unknown.json");
     let mut broken = rule.clone();

@@ -36,6 +36,9 @@ pub enum PredictError {
     Io { path: PathBuf, message: String },
     #[error("{path}: not a usable run directory: {reason}")]
     RunDir { path: PathBuf, reason: String },
+    /// A file of a run (calibration.json, unknown.json) that cannot be used.
+    #[error("{path}: {reason}")]
+    RunFile { path: PathBuf, reason: String },
     #[error("{0}")]
     Input(String),
     #[error(transparent)]
@@ -235,6 +238,12 @@ fn read_run_json<T: serde::de::DeserializeOwned>(
     what: &str,
 ) -> Result<Option<T>, PredictError> {
     if !path.exists() {
+        if path.symlink_metadata().is_ok() {
+            return Err(PredictError::RunFile {
+                path: path.to_path_buf(),
+                reason: format!("a link to nothing: the run's {what} is missing"),
+            });
+        }
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| PredictError::Io {
@@ -243,7 +252,7 @@ fn read_run_json<T: serde::de::DeserializeOwned>(
     })?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| PredictError::RunDir {
+        .map_err(|e| PredictError::RunFile {
             path: path.to_path_buf(),
             reason: format!("bad {what}: {e}"),
         })
@@ -256,7 +265,7 @@ pub fn read_calibration(run: &RunDir) -> Result<Option<TemperatureFit>, PredictE
         return Ok(None);
     };
     if !(fit.temperature > 0.0 && fit.temperature.is_finite()) {
-        return Err(PredictError::RunDir {
+        return Err(PredictError::RunFile {
             path,
             reason: format!("temperature {} must be > 0", fit.temperature),
         });
@@ -274,7 +283,7 @@ pub fn read_unknown(
     let Some(cal) = read_run_json::<UnknownCalibration>(&path, "unknown-image rule")? else {
         return Ok(None);
     };
-    let bad = |reason: String| PredictError::RunDir {
+    let bad = |reason: String| PredictError::RunFile {
         path: path.clone(),
         reason,
     };
@@ -291,6 +300,22 @@ pub fn read_unknown(
 }
 
 impl LoadedModel {
+    /// Warns when the unknown rule was fitted with another number of TTA views: averaging fewer
+    /// views spreads the features and logits more, so far more known images cross thresholds
+    /// fitted on more views (a reviewer saw 5 of 7 confident training images flagged at 1 view
+    /// against a rule fitted at 2).
+    pub fn check_unknown_views(&self, views: usize) {
+        if let Some(u) = &self.unknown {
+            if u.views != views {
+                tracing::warn!(
+                    fitted = u.views,
+                    now = views,
+                    "the unknown rule was fitted with another number of TTA views: its false-unknown rate will differ; fit it with `plankton calibrate --unknown --tta {views}`"
+                );
+            }
+        }
+    }
+
     /// Whether a forward pass must return the penultimate features too.
     pub fn wants_features(&self) -> bool {
         self.unknown
@@ -382,6 +407,16 @@ impl LoadedModel {
                     "the unknown rule's max-probability threshold was fitted at another temperature: run `plankton calibrate --unknown` again"
                 );
             }
+            // The content hash: the run's folder name may differ where it was fitted.
+            let hash = |id: &str| id.rsplit('@').next().map(str::to_string);
+            if let Some(fitted) = &u.model_id {
+                if hash(fitted) != hash(&model_id) {
+                    tracing::warn!(
+                        fitted = %fitted, now = %model_id,
+                        "the unknown rule was fitted with other weights (their features differ): run `plankton calibrate --unknown` again for these"
+                    );
+                }
+            }
         }
         Ok(LoadedModel {
             cfg,
@@ -427,13 +462,24 @@ fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), PredictError> {
     Ok(())
 }
 
-/// The images to predict, with labels in the model's class order where the source knows them.
+/// The images a job predicts.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// Labels in the model's class order where the source knows a class the model has.
+    pub records: Vec<ImageRecord>,
+    /// By record: the true class as the dataset names it, also one the model lacks (held out).
+    pub true_classes: Vec<Option<String>>,
+    /// The dataset's sampleSubmission.csv, if any.
+    pub sample_submission: Option<PathBuf>,
+}
+
+/// The images to predict.
 pub fn resolve_inputs(
     data: &[PathBuf],
     subset: Subset,
     run: &RunDir,
     class_names: &[String],
-) -> Result<(Vec<ImageRecord>, Option<PathBuf>), PredictError> {
+) -> Result<Inputs, PredictError> {
     if data.is_empty() {
         return Err(PredictError::Input("no --data given".into()));
     }
@@ -443,8 +489,16 @@ pub fn resolve_inputs(
         .map(|(i, c)| (c.as_str(), i as u32))
         .collect();
     let mut records = Vec::new();
+    let mut true_classes = Vec::new();
     let mut sample_submission = None;
     for d in data {
+        let plain = !(d.is_dir() && is_dataset(d));
+        if plain && !matches!(subset, Subset::Test | Subset::All) {
+            return Err(PredictError::Input(format!(
+                "{}: not a dataset folder (train/<class>/, test/, or IFCB bins with labels), so it has no {subset:?} images; give the dataset's root folder",
+                d.display()
+            )));
+        }
         if d.is_dir() && is_dataset(d) {
             let ds = Dataset::open(d)?;
             for p in &ds.problems {
@@ -459,10 +513,10 @@ pub fn resolve_inputs(
                 });
                 r
             };
-            let picked: Vec<ImageRecord> = match subset {
-                Subset::Test => ds.test.iter().map(remap).collect(),
-                Subset::Labelled => ds.train.iter().map(remap).collect(),
-                Subset::All => ds.train.iter().chain(&ds.test).map(remap).collect(),
+            let picked: Vec<&ImageRecord> = match subset {
+                Subset::Test => ds.test.iter().collect(),
+                Subset::Labelled => ds.train.iter().collect(),
+                Subset::All => ds.train.iter().chain(&ds.test).collect(),
                 Subset::Valid | Subset::Train => {
                     let split = Split::load(&ds, &run.split())?;
                     let idx = if subset == Subset::Valid {
@@ -470,29 +524,31 @@ pub fn resolve_inputs(
                     } else {
                         &split.train
                     };
-                    idx.iter().map(|&i| remap(&ds.train[i])).collect()
+                    idx.iter().map(|&i| &ds.train[i]).collect()
                 }
                 Subset::HeldOut => {
                     let split = Split::load(&ds, &run.split())?;
-                    let unseen = ds.train.iter().filter(|r| {
-                        r.label.is_some_and(|l| {
-                            !model_index.contains_key(ds.class_names[l as usize].as_str())
-                        })
-                    });
-                    let picked: Vec<ImageRecord> = split
-                        .valid
+                    let unseen: Vec<&ImageRecord> = ds
+                        .train
                         .iter()
-                        .map(|&i| &ds.train[i])
-                        .chain(unseen)
-                        .map(remap)
+                        .filter(|r| {
+                            r.label.is_some_and(|l| {
+                                !model_index.contains_key(ds.class_names[l as usize].as_str())
+                            })
+                        })
                         .collect();
-                    if picked.iter().all(|r| r.label.is_some()) {
+                    if unseen.is_empty() {
                         return Err(PredictError::Input(format!(
                             "{}: every labelled class is one the run knows: give the dataset that still holds the held-out classes' folders",
                             d.display()
                         )));
                     }
-                    picked
+                    split
+                        .valid
+                        .iter()
+                        .map(|&i| &ds.train[i])
+                        .chain(unseen)
+                        .collect()
                 }
             };
             if picked.is_empty() {
@@ -501,7 +557,10 @@ pub fn resolve_inputs(
                     d.display()
                 )));
             }
-            records.extend(picked);
+            for r in picked {
+                true_classes.push(r.label.map(|l| ds.class_names[l as usize].clone()));
+                records.push(remap(r));
+            }
             let sub = d.join("sampleSubmission.csv");
             if sub.is_file() {
                 sample_submission = Some(sub);
@@ -561,7 +620,12 @@ pub fn resolve_inputs(
             )));
         }
     }
-    Ok((records, sample_submission))
+    true_classes.resize(records.len(), None);
+    Ok(Inputs {
+        records,
+        true_classes,
+        sample_submission,
+    })
 }
 
 /// Training-set class frequencies of the run (the fallback answer for an unreadable image, and
@@ -602,8 +666,11 @@ pub fn run(
         model.set_precision(precision);
     }
     let run_dir = RunDir::new(&opts.model);
-    let (records, found_sample) =
-        resolve_inputs(&opts.data, opts.subset, &run_dir, &model.class_names)?;
+    let Inputs {
+        records,
+        true_classes,
+        sample_submission: found_sample,
+    } = resolve_inputs(&opts.data, opts.subset, &run_dir, &model.class_names)?;
     let (cfg, tta, transforms) = job_config(opts, &model)?;
     let views = transforms.len();
     let model_id = opts
@@ -623,15 +690,7 @@ pub fn run(
         views,
         model_id: model_id.clone(),
     });
-    if let Some(u) = &model.unknown {
-        if u.views != views {
-            tracing::warn!(
-                fitted = u.views,
-                now = views,
-                "the unknown rule was fitted with another number of TTA views; its false-unknown rate may differ"
-            );
-        }
-    }
+    model.check_unknown_views(views);
     let records = Arc::new(records);
     let mut probabilities: Vec<Option<Vec<f32>>> = vec![None; records.len()];
     let mut job = Predicting::new(&model, records.clone(), views, tta.aggregation, started);
@@ -643,7 +702,7 @@ pub fn run(
         writer.push(PredictionRow {
             image_id: r.id.clone(),
             source_path: r.path.display().to_string(),
-            label: r.label.map(|l| model.class_names[l as usize].clone()),
+            label: true_classes[rec].clone(),
             probabilities: Some(out.probabilities.clone()),
             views: views as u16,
             error: None,

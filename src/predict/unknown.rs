@@ -123,8 +123,8 @@ pub fn calibrate(
     popts.device = opts.device;
     let classes = model.class_names.len();
 
-    let (train, _) = resolve_inputs(&opts.data, Subset::Train, &run, &model.class_names)?;
-    let (valid, _) = resolve_inputs(&opts.data, Subset::Valid, &run, &model.class_names)?;
+    let train = resolve_inputs(&opts.data, Subset::Train, &run, &model.class_names)?.records;
+    let valid = resolve_inputs(&opts.data, Subset::Valid, &run, &model.class_names)?.records;
     // Before the passes over the network: a split too small is known from the listing.
     let too_few = |n: usize| {
         PredictError::Input(format!(
@@ -194,6 +194,7 @@ pub fn calibrate(
         views: transforms.len(),
         train_images: labels.len(),
         valid_images: scores.len(),
+        model_id: Some(model.model_id.clone()),
     };
     calibration
         .validate(classes)

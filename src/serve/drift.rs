@@ -13,7 +13,7 @@ use plankton_core::drift::{DriftWindow, Observation};
 
 pub const DRIFT_IMAGES: &str = "plankton_drift_images_total";
 pub const DRIFT_WINDOW_IMAGES: &str = "plankton_drift_window_images";
-pub const DRIFT_DIVERGENCE: &str = "plankton_drift_class_divergence_bits";
+pub const DRIFT_DIVERGENCE: &str = "plankton_drift_class_divergence";
 pub const DRIFT_CONFIDENCE: &str = "plankton_drift_mean_confidence";
 pub const DRIFT_UNKNOWN_RATE: &str = "plankton_drift_unknown_rate";
 pub const DRIFT_PIXELS: &str = "plankton_drift_mean_image_pixels";
@@ -62,10 +62,11 @@ impl DriftConfig {
     }
 }
 
-/// The drift label of an image's source: `http` for uploads, the subject's last token for NATS
-/// messages (`nats:<subject>`), for watched files the first folder below the watched one (a
-/// camera per folder) else `watch`, and a publisher's own `Plankton-Source` header as given
-/// (at most 64 characters).
+/// The drift label of an image's source: `http` for uploads, `nats:<last subject token>` for NATS
+/// messages, `watch:<first folder below the watched one>` for watched files (a camera per
+/// folder; `watch` for files at its top), and a publisher's own `Plankton-Source` header as
+/// given (at most 64 characters). The prefixes keep a camera folder named `http` or `other` apart
+/// from those buckets.
 pub fn source_label(source: &str, watch_dir: &std::path::Path) -> String {
     if source == "http" || source.starts_with("http:") {
         return "http".into();
@@ -84,7 +85,10 @@ pub fn source_label(source: &str, watch_dir: &std::path::Path) -> String {
         Ok(rel) if rel.components().count() > 1 => rel
             .components()
             .next()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .map(|c| {
+                let name: String = c.as_os_str().to_string_lossy().chars().take(64).collect();
+                format!("watch:{name}")
+            })
             .unwrap_or_else(|| "watch".into()),
         Ok(_) => "watch".into(),
         Err(_) if path.is_absolute() => "other".into(),
@@ -196,7 +200,8 @@ mod tests {
         let w = Path::new("/data/in");
         assert_eq!(source_label("http", w), "http");
         assert_eq!(source_label("http:IMG_1.jpg", w), "http");
-        assert_eq!(source_label("/data/in/cam2/2026/x.png", w), "cam2");
+        assert_eq!(source_label("/data/in/cam2/2026/x.png", w), "watch:cam2");
+        assert_eq!(source_label("/data/in/other/x.png", w), "watch:other");
         assert_eq!(source_label("/data/in/x.png", w), "watch");
         assert_eq!(source_label("/elsewhere/x.png", w), "other");
         assert_eq!(source_label("nats:plankton.images.cam7", w), "nats:cam7");

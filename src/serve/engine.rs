@@ -213,6 +213,7 @@ pub fn load_model(cfg: &ServeConfig) -> Result<LoadedModel, PredictError> {
     if let Some(precision) = cfg.precision {
         model.set_precision(precision);
     }
+    model.check_unknown_views(cfg.tta);
     tracing::info!(model = %model.model_id, device = %crate::device::name(device), precision = ?model.net.precision(), "model loaded");
     Ok(model)
 }

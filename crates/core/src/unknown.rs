@@ -165,6 +165,9 @@ impl FeatureSpace {
         if self.centres.iter().flatten().any(|c| c.len() != self.dim) {
             return bad(format!("a class centre is not of dimension {}", self.dim));
         }
+        if !(self.ridge >= 0.0 && self.ridge.is_finite()) {
+            return bad(format!("ridge {} must be >= 0", self.ridge));
+        }
         if self.centres.iter().all(Option::is_none) {
             return bad("no class has a centre".into());
         }
@@ -300,7 +303,7 @@ impl Score {
 
 impl std::fmt::Display for Score {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 
@@ -378,6 +381,10 @@ pub struct UnknownCalibration {
     pub views: usize,
     pub train_images: usize,
     pub valid_images: usize,
+    /// The model (run/weights@content hash) the features and thresholds came from: other
+    /// weights give other features.
+    #[serde(default)]
+    pub model_id: Option<String>,
 }
 
 impl UnknownCalibration {
@@ -392,6 +399,29 @@ impl UnknownCalibration {
         }
         if self.thresholds.values().any(|t| t.is_nan()) {
             return bad("a threshold is NaN".into());
+        }
+        if self.views == 0 {
+            return bad("views must be at least 1".into());
+        }
+        if self
+            .temperature
+            .is_some_and(|t| !(t > 0.0 && t.is_finite()))
+        {
+            return bad("temperature must be > 0".into());
+        }
+        if self
+            .thresholds
+            .get(&Score::Mahalanobis)
+            .is_some_and(|t| *t < 0.0)
+            || self
+                .thresholds
+                .get(&Score::MaxProbability)
+                .is_some_and(|t| !(0.0..=1.0).contains(t))
+        {
+            return bad(
+                "a threshold out of its score's range (mahalanobis >= 0, max_probability in [0, 1])"
+                    .into(),
+            );
         }
         if !(0.0..1.0).contains(&self.false_unknown_rate) {
             return bad(format!(
@@ -537,6 +567,7 @@ mod tests {
             views: 1,
             train_images: 6,
             valid_images: 0,
+            model_id: None,
         };
         assert!(cal.validate(2).is_ok());
         assert!(cal

@@ -187,6 +187,9 @@ pub struct WindowReport {
     pub end_ms: Option<i64>,
     #[serde(flatten)]
     pub stats: WindowStats,
+    /// The divergence a window of this many images drawn from the reference mix stays under
+    /// 95% of the time: a short last window diverges more by chance alone.
+    pub noise_95: Option<f64>,
     /// The three classes whose share changed most, largest change first.
     pub moved: Vec<ClassShift>,
 }
@@ -198,7 +201,8 @@ pub struct DriftReport {
     pub window: usize,
     /// The reference itself, as one window (its divergence from itself is 0).
     pub reference: WindowStats,
-    /// 95th percentile of the divergence of windows drawn at random from the reference mix.
+    /// 95th percentile of the divergence of windows of `window` images drawn at random from the
+    /// reference mix.
     pub noise_divergence_95: Option<f64>,
     pub windows: Vec<WindowReport>,
     /// Whether the current rows were ordered by time (else file order).
@@ -259,16 +263,23 @@ pub fn run(opts: &DriftOptions) -> Result<DriftReport, DriftError> {
             opts.reference[0].display()
         )));
     }
-    if reference.is_empty() {
-        return Err(DriftError::Input(
-            "the reference files hold no predicted image".into(),
-        ));
+    let names = |paths: &[PathBuf]| {
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (rows, paths) in [(&reference, &opts.reference), (&current, &opts.current)] {
+        if rows.is_empty() {
+            return Err(DriftError::Input(format!(
+                "{}: no predicted image (every row is an error row, or there are none)",
+                names(paths)
+            )));
+        }
     }
-    if current.is_empty() {
-        return Err(DriftError::Input(
-            "the current files hold no predicted image".into(),
-        ));
-    }
+    // A window beyond the data is the data (and the noise draws stay as large as the data).
+    let window = opts.window.min(current.len());
     let time_ordered = current.iter().all(|r| r.time_ms.is_some());
     if time_ordered {
         current.sort_by_key(|r| r.time_ms);
@@ -282,7 +293,8 @@ pub fn run(opts: &DriftOptions) -> Result<DriftReport, DriftError> {
     let total: f64 = mix.iter().sum();
     let reference_share: Vec<f64> = mix.iter().map(|c| c / total).collect();
     let mut windows = Vec::new();
-    for (index, chunk) in current.chunks(opts.window).enumerate() {
+    let mut noise_by_size: std::collections::HashMap<usize, Option<f64>> = Default::default();
+    for (index, chunk) in current.chunks(window).enumerate() {
         let mut w = DriftWindow::new(classes.len(), chunk.len());
         for r in chunk {
             w.push(&r.observation);
@@ -304,21 +316,25 @@ pub fn run(opts: &DriftOptions) -> Result<DriftReport, DriftError> {
                 .total_cmp(&(a.share - a.reference_share).abs())
         });
         moved.truncate(3);
+        let noise_95 = *noise_by_size
+            .entry(chunk.len())
+            .or_insert_with(|| noise_floor(&mix, chunk.len(), 200));
         windows.push(WindowReport {
             index,
-            first_row: index * opts.window,
+            first_row: index * window,
             start_ms: chunk.first().and_then(|r| r.time_ms),
             end_ms: chunk.last().and_then(|r| r.time_ms),
             stats: w.stats(&mix),
+            noise_95,
             moved,
         });
     }
     let report = DriftReport {
         reference_images: reference.len(),
         current_images: current.len(),
-        window: opts.window,
+        window,
         reference: reference_stats,
-        noise_divergence_95: noise_floor(&mix, opts.window, 200),
+        noise_divergence_95: noise_by_size.get(&window).copied().flatten(),
         windows,
         time_ordered,
     };
@@ -340,16 +356,17 @@ fn write(dir: &Path, r: &DriftReport) -> Result<(), DriftError> {
         .map_err(io(&json))?;
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     let time = |v: Option<i64>| v.map_or(String::new(), iso_ms);
-    let mut csv = String::from("window,first_row,images,start,end,divergence_bits,mean_confidence,unknown_rate,mean_pixels,mean_brightness,moved_most\n");
+    let mut csv = String::from("window,first_row,images,start,end,divergence_bits,noise_95_bits,mean_confidence,unknown_rate,mean_pixels,mean_brightness,moved_most\n");
     for w in &r.windows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
             w.index,
             w.first_row,
             w.stats.images,
             time(w.start_ms),
             time(w.end_ms),
             opt(w.stats.divergence),
+            opt(w.noise_95),
             opt(w.stats.mean_confidence),
             opt(w.stats.unknown_rate),
             opt(w.stats.mean_pixels),
@@ -449,6 +466,17 @@ fn render(path: &Path, r: &DriftReport) -> Result<(), PlotError> {
     render_line_charts(path, &charts, width.max(900), 440)
 }
 
+/// The window furthest from the reference relative to its own sampling noise (a short last
+/// window diverges more by chance).
+pub fn furthest(r: &DriftReport) -> Option<&WindowReport> {
+    let excess = |w: &WindowReport| {
+        w.stats.divergence.unwrap_or(0.0) / w.noise_95.filter(|n| *n > 0.0).unwrap_or(1.0)
+    };
+    r.windows
+        .iter()
+        .max_by(|a, b| excess(a).total_cmp(&excess(b)))
+}
+
 fn summary(r: &DriftReport) -> String {
     let f = |v: Option<f64>, d: usize| v.map_or("n/a".to_string(), |v| format!("{v:.d$}"));
     let mut t = format!(
@@ -471,24 +499,20 @@ fn summary(r: &DriftReport) -> String {
     ));
     for w in &r.windows {
         t.push_str(&format!(
-            "| window {} ({} images{}) | {} | {} | {} | {} | {} |\n",
+            "| window {} ({} images{}) | {} (noise {}) | {} | {} | {} | {} |\n",
             w.index,
             w.stats.images,
             w.start_ms
                 .map_or(String::new(), |s| format!(", from {}", iso_ms(s))),
             f(w.stats.divergence, 3),
+            f(w.noise_95, 3),
             f(w.stats.mean_confidence, 3),
             f(w.stats.unknown_rate, 3),
             f(w.stats.mean_pixels, 0),
             f(w.stats.mean_brightness, 1)
         ));
     }
-    if let Some(w) = r.windows.iter().max_by(|a, b| {
-        a.stats
-            .divergence
-            .unwrap_or(0.0)
-            .total_cmp(&b.stats.divergence.unwrap_or(0.0))
-    }) {
+    if let Some(w) = furthest(r) {
         t.push_str(&format!(
             "\nFurthest window: {} ({} bits). Classes that moved most there:\n\n",
             w.index,

@@ -173,6 +173,15 @@ pub fn load_labelled(predictions: &Path, data: &[PathBuf]) -> Result<Labelled, E
             given,
         });
     }
+    if out.labels.is_empty() && out.held_out > 0 {
+        return Err(EvaluateError::NoLabels {
+            path: predictions.to_path_buf(),
+            reason: format!(
+                "all {} of its images with a true class are of classes the model was not trained on (held out): judging the unknown scores needs images of known classes beside them (`plankton predict --subset held-out` adds the run's validation images)",
+                out.held_out
+            ),
+        });
+    }
     if out.labels.is_empty() {
         return Err(EvaluateError::NoLabels {
             path: predictions.to_path_buf(),

@@ -154,6 +154,18 @@ pub fn export(
             "the predictions have no `unknown` values: fit the run's rule (`plankton calibrate --unknown`) and predict again".into(),
         ));
     }
+    if opts.unknowns == UnknownRouting::Exclude && opts.unknown_category.is_some() {
+        return Err(EcotaxaExportError::Options(
+            "an unknown category with the unknown images excluded names nothing: drop one of the two".into(),
+        ));
+    }
+    if let Some(c) = &opts.unknown_category {
+        if c.trim().is_empty() || c.chars().any(char::is_control) {
+            return Err(EcotaxaExportError::Options(format!(
+                "unknown category {c:?}: give a name without tabs, line breaks or other control characters"
+            )));
+        }
+    }
     let mut rows: Vec<(&super::parquet::PredictionRow, &[f32])> = Vec::new();
     for r in &preds.rows {
         let flagged = r.unknown.unknown == Some(true);
@@ -167,6 +179,11 @@ pub fn export(
             Some(_) => summary.routed_out += 1,
             None => summary.failed_rows += 1,
         }
+    }
+    if rows.is_empty() && opts.unknowns == UnknownRouting::Only {
+        return Err(EcotaxaExportError::Options(
+            "no predicted image is flagged unknown: nothing to export".into(),
+        ));
     }
     let top = |p: &[f32]| p.iter().copied().fold(f32::MIN, f32::max);
     if opts.least_confident_first {

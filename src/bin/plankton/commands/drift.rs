@@ -29,11 +29,6 @@ pub async fn run(a: DriftArgs) -> Result<()> {
     };
     let out = opts.out.clone();
     let r = tokio::task::spawn_blocking(move || plankton::drift::run(&opts)).await??;
-    let worst = r
-        .windows
-        .iter()
-        .filter_map(|w| w.stats.divergence.map(|d| (d, w.index)))
-        .max_by(|a, b| a.0.total_cmp(&b.0));
     println!(
         "{} current images in {} window(s) of {} against {} reference images{}",
         r.current_images,
@@ -46,11 +41,14 @@ pub async fn run(a: DriftArgs) -> Result<()> {
             " (file order: no times in the files)"
         }
     );
-    if let Some((d, i)) = worst {
+    if let Some(w) = plankton::drift::furthest(&r) {
+        let f = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.3}"));
         println!(
-            "largest class-mix divergence {d:.3} bits (window {i}); sampling noise alone reaches {} bits",
-            r.noise_divergence_95
-                .map_or("n/a".to_string(), |n| format!("{n:.3}"))
+            "furthest window {} ({} images): class-mix divergence {} bits, where sampling noise alone reaches {}",
+            w.index,
+            w.stats.images,
+            f(w.stats.divergence),
+            f(w.noise_95)
         );
     }
     println!(

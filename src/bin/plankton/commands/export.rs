@@ -97,12 +97,6 @@ fn ecotaxa(a: EcotaxaArgs) -> Result<()> {
         unknown_category: a.unknown_category.clone(),
         ..Default::default()
     };
-    if a.unknown_category
-        .as_deref()
-        .is_some_and(|c| c.trim().is_empty())
-    {
-        bail!("--unknown-category: give a category name");
-    }
     if let Some(m) = &a.mapping {
         for (class, taxon) in
             plankton::sources::dataset::read_pairs_csv(m, &[["class", "ecotaxa"]])?
