@@ -165,6 +165,11 @@ impl FeatureSpace {
         if self.centres.iter().flatten().any(|c| c.len() != self.dim) {
             return bad(format!("a class centre is not of dimension {}", self.dim));
         }
+        // L^-1 of a Cholesky factor has a positive diagonal (an all-zero matrix would give
+        // every image the same distance).
+        if (0..self.dim).any(|i| self.whiten[i * self.dim + i] <= 0.0) {
+            return bad("the whitening matrix's diagonal must be positive".into());
+        }
         if !(self.ridge >= 0.0 && self.ridge.is_finite()) {
             return bad(format!("ridge {} must be >= 0", self.ridge));
         }
@@ -570,6 +575,15 @@ mod tests {
             model_id: None,
         };
         assert!(cal.validate(2).is_ok());
+        let mut zeroed = cal.clone();
+        if let Some(space) = zeroed.feature_space.as_mut() {
+            space.whiten.iter_mut().for_each(|v| *v = 0.0);
+        }
+        assert!(zeroed
+            .validate(2)
+            .unwrap_err()
+            .to_string()
+            .contains("diagonal"));
         assert!(cal
             .validate(3)
             .unwrap_err()
