@@ -492,6 +492,9 @@ pub fn resolve_inputs(
     let mut true_classes = Vec::new();
     let mut sample_submission = None;
     for d in data {
+        // Records of plain folders and files have no true class: keep the two lists aligned
+        // whatever order the sources come in.
+        true_classes.resize(records.len(), None);
         let plain = !(d.is_dir() && is_dataset(d));
         if plain && !matches!(subset, Subset::Test | Subset::All) {
             return Err(PredictError::Input(format!(
@@ -1078,4 +1081,32 @@ fn write_submission_file(
         &rows,
         &class_prior(run_dir, &model.class_names),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain folder before a dataset: each record keeps its own true class.
+    #[test]
+    fn true_classes_stay_aligned_with_records_across_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        std::fs::write(plain.join("p.png"), b"x").unwrap();
+        let ds = dir.path().join("ds");
+        for (class, file) in [("a", "x.png"), ("b", "y.png")] {
+            std::fs::create_dir_all(ds.join("train").join(class)).unwrap();
+            std::fs::write(ds.join("train").join(class).join(file), b"x").unwrap();
+        }
+        let classes = vec!["a".to_string(), "b".to_string()];
+        let run = RunDir::new(dir.path());
+        let inputs = resolve_inputs(&[plain, ds], Subset::All, &run, &classes).unwrap();
+        assert_eq!(inputs.records.len(), 3);
+        assert_eq!(inputs.true_classes.len(), 3);
+        for (r, t) in inputs.records.iter().zip(&inputs.true_classes) {
+            assert_eq!(r.label.map(|l| classes[l as usize].clone()), *t, "{}", r.id);
+        }
+        assert_eq!(inputs.true_classes[0], None);
+    }
 }
